@@ -1,0 +1,366 @@
+"""
+The synthetic "seg2_shapes" dataset: textured images with overlapping circles, squares and
+triangles, written deterministically from a seed in the two real on-disk layouts:
+
+* COCO: ``coco/annotations/instances_{split}.json`` (polygons) and ``coco/{split}/*.jpg``;
+* Pascal VOC: ``VOC2012/JPEGImages``, palette PNGs in ``VOC2012/SegmentationClass`` and
+  ``VOC2012/SegmentationObject`` (255 on object borders, as VOC does) and
+  ``VOC2012/ImageSets/Segmentation/{split}.txt``.
+
+Both views describe the same objects: the VOC label maps are painted from the COCO polygons as
+pycocotools rasterises them, and every pixel where two rasterised polygons meet, or where the label
+changes, is 255 ("void") in both PNGs. Off those borders, each instance mask of the JSON equals
+its region of ``SegmentationObject`` exactly.
+
+The whole tree is generated into a temporary folder beside ``root`` and renamed into place, with
+a manifest written last, so two processes may start generation at once and an interrupted run
+never leaves a half-written cache behind.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from typing import Dict, Optional
+
+import cv2
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_util
+
+from ..utils import Seg2Error
+from .voc_palette import VOC_PALETTE
+
+logger = logging.getLogger(__name__)
+
+SHAPES_CLASSES = ("circle", "square", "triangle")
+# Instance colours lean on the class (hue) but vary per instance, so colour alone is a weak cue.
+_CLASS_HUES = {"circle": 0, "square": 60, "triangle": 120}  # OpenCV hue units (0-179)
+IGNORE_LABEL = 255
+MANIFEST = "manifest.json"
+# Bump when the generator's output changes, so old caches are regenerated.
+GENERATOR_VERSION = 1
+
+# What the registered names `seg2_shapes_{train,val}` use.
+DEFAULT_SPLITS = {"train": 320, "val": 64}
+DEFAULT_IMAGE_SIZE = 128
+DEFAULT_SEED = 0
+
+
+def default_shapes_root() -> str:
+    """``$SEG2_SHAPES_ROOT``, else ``$DETECTRON2_DATASETS/seg2_shapes`` (default ``datasets/``)."""
+    root = os.environ.get("SEG2_SHAPES_ROOT")
+    if root:
+        return root
+    return os.path.join(os.environ.get("DETECTRON2_DATASETS", "datasets"), "seg2_shapes")
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A textured background: a dull base colour, oriented stripes and pixel noise."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    base = rng.uniform(60, 190, size=3)
+    angle = rng.uniform(0, np.pi)
+    freq = rng.uniform(0.05, 0.3)
+    stripes = np.sin(freq * (xx * np.cos(angle) + yy * np.sin(angle)) + rng.uniform(0, 2 * np.pi))
+    amplitude = rng.uniform(10, 35, size=3)
+    noise = rng.normal(0, 8, size=(size, size, 3))
+    img = base[None, None, :] + stripes[..., None] * amplitude[None, None, :] + noise
+    return img
+
+
+def _shape_polygon(rng: np.random.Generator, cls: str, cx: float, cy: float, r: float) -> np.ndarray:
+    """Vertices (N, 2) of a convex shape of class ``cls`` centred at (cx, cy) with radius r."""
+    theta0 = rng.uniform(0, 2 * np.pi)
+    if cls == "circle":
+        n = 28
+    elif cls == "square":
+        n = 4
+    else:
+        n = 3
+    theta = theta0 + np.arange(n) * 2 * np.pi / n
+    return np.stack([cx + r * np.cos(theta), cy + r * np.sin(theta)], axis=1)
+
+
+def _rasterize(polygons, size: int) -> np.ndarray:
+    """The union of ``polygons`` (COCO format, flat xy lists) as pycocotools rasterises it."""
+    rles = mask_util.frPyObjects(polygons, size, size)
+    return mask_util.decode(mask_util.merge(rles)).astype(bool)
+
+
+def _mask_to_polygons(mask: np.ndarray):
+    """Outer contours of ``mask`` as COCO polygons in continuous pixel coordinates."""
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    polygons = []
+    for c in contours:
+        c = c.reshape(-1, 2).astype(np.float64) + 0.5  # pixel centres -> continuous coordinates
+        if len(c) >= 3:
+            polygons.append([round(float(v), 2) for v in c.reshape(-1)])
+    return polygons
+
+
+def _render_image(rng: np.random.Generator, size: int, max_instances: int):
+    """
+    One image and its instances.
+
+    Returns:
+        image (H, W, 3) uint8 RGB, instance label map (H, W) uint8 (0 background, k = k-th
+        instance, 255 void), class map (H, W) uint8 (0 background, 1.. classes, 255 void), and
+        the list of instances as (class index, COCO polygons).
+    """
+    img = _background(rng, size)
+    n = int(rng.integers(2, max_instances + 1))
+    full_masks, classes = [], []
+    for _ in range(n):
+        for _attempt in range(20):
+            cls = int(rng.integers(len(SHAPES_CLASSES)))
+            r = rng.uniform(0.1, 0.24) * size
+            cx, cy = rng.uniform(r * 0.6, size - r * 0.6, size=2)
+            # A later shape's centre lies outside every earlier shape, so no instance can end up
+            # with a hole (which COCO polygons cannot express).
+            if any(m[min(int(cy), size - 1), min(int(cx), size - 1)] for m in full_masks):
+                continue
+            poly = _shape_polygon(rng, SHAPES_CLASSES[cls], cx, cy, r)
+            poly = np.clip(poly, 0, size)
+            full = _rasterize([poly.reshape(-1).tolist()], size)
+            # Every earlier shape must keep at least half of its area visible.
+            ok = full.sum() >= 30
+            for i, m in enumerate(full_masks):
+                on_top = full.copy()
+                for later in full_masks[i + 1 :]:
+                    on_top |= later
+                if (m & ~on_top).sum() < 0.5 * m.sum():
+                    ok = False
+                    break
+            if ok:
+                full_masks.append(full)
+                classes.append(cls)
+                break
+
+    # Visible part of each instance (later ones are on top), as polygons.
+    instances = []
+    for i, m in enumerate(full_masks):
+        visible = m.copy()
+        for later in full_masks[i + 1 :]:
+            visible &= ~later
+        polygons = _mask_to_polygons(visible)
+        if polygons:
+            instances.append((classes[i], polygons))
+
+    # Label maps are painted from the polygons exactly as pycocotools rasterises them.
+    obj = np.zeros((size, size), dtype=np.uint8)
+    count = np.zeros((size, size), dtype=np.int32)
+    kept = []
+    for cls, polygons in instances:
+        m = _rasterize(polygons, size)
+        if m.sum() == 0:
+            continue
+        kept.append((cls, polygons))
+        count += m
+        obj[m] = len(kept)
+    instances = kept
+
+    # Paint the objects before marking borders, so the image shows whole objects.
+    for k, (cls, _) in enumerate(instances, start=1):
+        hue = (_CLASS_HUES[SHAPES_CLASSES[cls]] + rng.integers(-12, 13)) % 180
+        hsv = np.uint8([[[hue, rng.integers(150, 256), rng.integers(150, 256)]]])
+        colour = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0].astype(np.float32)
+        region = obj == k
+        img[region] = colour + rng.normal(0, 10, size=(int(region.sum()), 3))
+    img = np.clip(img, 0, 255).astype(np.uint8)
+
+    # Void border: wherever the label changes within a 3x3 neighbourhood, or polygons overlap.
+    kernel = np.ones((3, 3), np.uint8)
+    border = (cv2.dilate(obj, kernel) != cv2.erode(obj, kernel)) | (count >= 2)
+    cls_lut = np.zeros(256, dtype=np.uint8)
+    for k, (cls, _) in enumerate(instances, start=1):
+        cls_lut[k] = cls + 1
+    sem = cls_lut[obj]
+    obj[border] = IGNORE_LABEL
+    sem[border] = IGNORE_LABEL
+    return img, obj, sem, instances
+
+
+def _save_palette_png(arr: np.ndarray, path: str):
+    im = Image.fromarray(arr, mode="P")
+    im.putpalette(VOC_PALETTE)
+    im.save(path, optimize=False)
+
+
+def _generate_into(tmp: str, splits: Dict[str, int], image_size: int, seed: int, max_instances: int):
+    voc = os.path.join(tmp, "VOC2012")
+    for d in ("JPEGImages", "SegmentationClass", "SegmentationObject", "ImageSets/Segmentation"):
+        os.makedirs(os.path.join(voc, d), exist_ok=True)
+    os.makedirs(os.path.join(tmp, "coco", "annotations"), exist_ok=True)
+    categories = [
+        {"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(SHAPES_CLASSES)
+    ]
+    ann_id = 1
+    for split_index, (split, num_images) in enumerate(sorted(splits.items())):
+        os.makedirs(os.path.join(tmp, "coco", split), exist_ok=True)
+        images, annotations, names = [], [], []
+        for i in range(num_images):
+            # One generator per image: an image does not depend on how many come before it.
+            rng = np.random.default_rng([seed, split_index, i])
+            img, obj, sem, instances = _render_image(rng, image_size, max_instances)
+            name = f"shapes_{split}_{i:05d}"
+            names.append(name)
+            jpg = Image.fromarray(img)
+            jpg.save(os.path.join(voc, "JPEGImages", name + ".jpg"), quality=92)
+            jpg.save(os.path.join(tmp, "coco", split, name + ".jpg"), quality=92)
+            _save_palette_png(sem, os.path.join(voc, "SegmentationClass", name + ".png"))
+            _save_palette_png(obj, os.path.join(voc, "SegmentationObject", name + ".png"))
+            image_id = i + 1
+            images.append({"id": image_id, "file_name": name + ".jpg", "width": image_size, "height": image_size})
+            for cls, polygons in instances:
+                rle = mask_util.merge(mask_util.frPyObjects(polygons, image_size, image_size))
+                annotations.append(
+                    {
+                        "id": ann_id,
+                        "image_id": image_id,
+                        "category_id": cls + 1,
+                        "segmentation": polygons,
+                        "area": float(mask_util.area(rle)),
+                        "bbox": [round(float(v), 2) for v in mask_util.toBbox(rle)],
+                        "iscrowd": 0,
+                    }
+                )
+                ann_id += 1
+        with open(os.path.join(voc, "ImageSets", "Segmentation", split + ".txt"), "w") as f:
+            f.write("".join(n + "\n" for n in names))
+        coco = {
+            "info": {"description": f"seg2_shapes {split}, seed {seed}", "version": str(GENERATOR_VERSION)},
+            "images": images,
+            "annotations": annotations,
+            "categories": categories,
+        }
+        with open(os.path.join(tmp, "coco", "annotations", f"instances_{split}.json"), "w") as f:
+            json.dump(coco, f, sort_keys=True)
+
+
+def _params(splits, image_size, seed, max_instances):
+    return {
+        "generator_version": GENERATOR_VERSION,
+        "splits": dict(sorted(splits.items())),
+        "image_size": image_size,
+        "seed": seed,
+        "max_instances": max_instances,
+    }
+
+
+def _file_list(root: str):
+    files = {}
+    for dirpath, _, filenames in os.walk(root):
+        for fn in filenames:
+            path = os.path.join(dirpath, fn)
+            rel = os.path.relpath(path, root)
+            if rel != MANIFEST:
+                files[rel] = os.path.getsize(path)
+    return dict(sorted(files.items()))
+
+
+def check_shapes_cache(root: str, params: dict) -> Optional[str]:
+    """None if ``root`` holds a complete cache made with ``params``, else why it does not."""
+    manifest_path = os.path.join(root, MANIFEST)
+    if not os.path.isfile(manifest_path):
+        return f"{manifest_path} is missing (an interrupted or foreign generation)"
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"{manifest_path} is unreadable ({e})"
+    if manifest.get("params") != params:
+        return f"it was made with other parameters ({manifest.get('params')})"
+    for rel, size in manifest.get("files", {}).items():
+        path = os.path.join(root, rel)
+        if not os.path.isfile(path):
+            return f"{path} is missing"
+        if os.path.getsize(path) != size:
+            return f"{path} has {os.path.getsize(path)} bytes, the manifest says {size}"
+    return None
+
+
+def generate_shapes(
+    root: str,
+    splits: Optional[Dict[str, int]] = None,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    seed: int = DEFAULT_SEED,
+    max_instances: int = 5,
+) -> str:
+    """
+    Make sure ``root`` holds the shapes dataset for these parameters, generating it if needed.
+
+    A complete cache with the same parameters is reused as it is. A missing, incomplete or
+    damaged one (e.g. a file deleted by hand) is regenerated, with a warning. Generation writes to
+    a temporary folder beside ``root`` and renames it into place, so concurrent callers are safe.
+
+    Args:
+        root (str): the dataset folder (holds ``coco/``, ``VOC2012/`` and ``manifest.json``).
+        splits (dict[str, int]): number of images per split; default ``{"train": 320, "val": 64}``.
+        image_size (int): side of the square images, in pixels.
+        seed (int): the seed; the same seed gives byte-identical files.
+        max_instances (int): at most this many objects per image (at least 2 are tried).
+
+    Returns:
+        str: ``root``.
+    """
+    splits = dict(DEFAULT_SPLITS if splits is None else splits)
+    params = _params(splits, image_size, seed, max_instances)
+    problem = check_shapes_cache(root, params) if os.path.exists(root) else "it does not exist yet"
+    if problem is None:
+        return root
+
+    parent = os.path.dirname(os.path.abspath(root))
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(root) + "-", dir=parent)
+    except OSError as e:
+        raise Seg2Error(
+            f"cannot write the seg2_shapes cache under {parent!r}: {e.strerror or e}. Point "
+            "SEG2_SHAPES_ROOT (or DETECTRON2_DATASETS, or the config key SEG2.SHAPES_ROOT) at a "
+            "writable folder."
+        ) from e
+    if os.path.exists(root):
+        logger.warning(f"Regenerating the seg2_shapes cache at {root}: {problem}.")
+    else:
+        logger.info(f"Generating the seg2_shapes dataset into {root} ({params}) ...")
+    try:
+        _generate_into(tmp, splits, image_size, seed, max_instances)
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump({"params": params, "files": _file_list(tmp)}, f, indent=1, sort_keys=True)
+        _replace_dir(tmp, root, params)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def _replace_dir(tmp: str, root: str, params: dict):
+    """Move the finished ``tmp`` to ``root``, unless a concurrent run already put a good one there."""
+    if os.path.exists(root):
+        if check_shapes_cache(root, params) is None:
+            return  # another process finished first; its files are identical to ours
+        # Move the bad cache aside first: rename is atomic, rmtree is not.
+        trash = tempfile.mkdtemp(prefix=".trash-" + os.path.basename(root) + "-", dir=os.path.dirname(tmp))
+        try:
+            os.rename(root, os.path.join(trash, "old"))
+        except FileNotFoundError:
+            pass  # removed by a concurrent run
+        shutil.rmtree(trash, ignore_errors=True)
+    try:
+        os.rename(tmp, root)
+    except OSError:
+        # A concurrent run renamed its copy into place between our check and our rename.
+        if check_shapes_cache(root, params) is not None:
+            raise
+
+
+def shapes_digest(root: str) -> str:
+    """SHA-256 over every file of a generated tree (names and bytes), for determinism checks."""
+    h = hashlib.sha256()
+    for rel in sorted(_file_list(root)) + [MANIFEST]:
+        h.update(rel.encode())
+        with open(os.path.join(root, rel), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()

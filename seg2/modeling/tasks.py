@@ -1,0 +1,20 @@
+"""Which outputs ("instances", "sem_seg") a meta-architecture predicts, for picking evaluators."""
+
+# detectron2's own meta-architectures; seg2's add themselves where they are defined.
+META_ARCH_TASKS = {
+    "GeneralizedRCNN": frozenset({"instances"}),
+    "ProposalNetwork": frozenset(),
+    "SemanticSegmentor": frozenset({"sem_seg"}),
+    "PanopticFPN": frozenset({"instances", "sem_seg"}),
+}
+
+
+def model_tasks(cfg) -> frozenset:
+    """The outputs the model of ``cfg`` predicts; unknown meta-architectures are an error."""
+    name = cfg.MODEL.META_ARCHITECTURE
+    if name not in META_ARCH_TASKS:
+        raise KeyError(
+            f"MODEL.META_ARCHITECTURE={name!r}: seg2 does not know which outputs it predicts; add it "
+            "to seg2.modeling.META_ARCH_TASKS"
+        )
+    return META_ARCH_TASKS[name]

@@ -1,0 +1,31 @@
+#!/usr/bin/env python3
+"""seg2: semantic segmentation next to Mask R-CNN, as a Detectron2 plugin.
+
+detectron2 itself is not on PyPI: install it from source first (see README.md).
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="seg2",
+    version="0.1.0",
+    description="Detectron2 plugin: semantic heads, multi-task Mask R-CNN, COCO/VOC registry, evaluators",
+    packages=find_packages(include=("seg2", "seg2.*")),
+    python_requires=">=3.9",
+    install_requires=[
+        # torch and torchvision must be a matching pair: torchvision's compiled ops (nms,
+        # roi_align) fail to load against any other torch build.
+        "torch==2.13.0",
+        "torchvision==0.28.0",
+        "numpy",
+        "Pillow",
+        "opencv-python-headless",
+        "pycocotools>=2.0.2",
+        "fvcore>=0.1.5,<0.1.6",
+        "scipy",
+        "matplotlib",
+        "tqdm",
+        # detectron2.model_zoo imports pkg_resources, which setuptools 81 removed.
+        "setuptools<81",
+    ],
+    extras_require={"test": ["pytest"]},
+)
