@@ -39,8 +39,12 @@ class Trainer(DefaultTrainer):
 def setup(args):
     cfg = get_cfg()
     seg2.add_seg2_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    try:
+        cfg.merge_from_file(args.config_file)
+        cfg.merge_from_list(args.opts)
+    except (KeyError, AssertionError, ValueError, OSError) as e:
+        # yacs reports unknown keys, odd override lists and type mismatches this way.
+        raise seg2.Seg2Error(f"bad config ({args.config_file}, overrides {args.opts}): {e}") from e
     cfg.freeze()
     default_setup(cfg, args)
     if cfg.SEG2.SHAPES_ROOT:

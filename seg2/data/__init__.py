@@ -1,22 +1,68 @@
 """seg2's datasets: loaders, registration of built-in names, and the multi-task mapper."""
 
-from . import builtin  # noqa: F401  (registers seg2_shapes_{train,val})
-from .builtin import SHAPES_DATASETS, load_shapes, register_seg2_shapes
+from . import builtin  # noqa: F401  (registers seg2_shapes_*, voc_2012_*, coco_2017_sem_seg_* ...)
+from .builtin import (
+    COCO_2017_SEM_SEG_SPLITS,
+    SHAPES_DATASETS,
+    VOC_2012_INSTANCE_SPLITS,
+    VOC_2012_SEM_SEG_SPLITS,
+    load_shapes,
+    register_all_coco_2017_sem_seg,
+    register_all_voc_2012,
+    register_seg2_shapes,
+)
 from .catalog import check_dataset_names
-from .coco import load_coco_with_sem_seg
+from .coco import (
+    check_coco_json,
+    coco_sem_seg_map,
+    generate_coco_sem_seg,
+    load_coco_sem_seg,
+    load_coco_with_sem_seg,
+    register_coco_sem_seg,
+    register_coco_with_sem_seg,
+)
 from .dataset_mapper import MultiTaskDatasetMapper
-from .label_map import read_label_map
+from .label_map import check_label_values, read_label_map, write_label_map
 from .shapes import SHAPES_CLASSES, default_shapes_root, generate_shapes
+from .voc import (
+    VOC_CLASSES,
+    load_voc_instances,
+    load_voc_sem_seg,
+    load_voc_sem_seg_train_aug,
+    register_voc_instances,
+    register_voc_sem_seg,
+    voc_metadata,
+)
 
 __all__ = [
+    "COCO_2017_SEM_SEG_SPLITS",
     "SHAPES_CLASSES",
     "SHAPES_DATASETS",
+    "VOC_2012_INSTANCE_SPLITS",
+    "VOC_2012_SEM_SEG_SPLITS",
+    "VOC_CLASSES",
+    "check_coco_json",
     "check_dataset_names",
+    "check_label_values",
+    "coco_sem_seg_map",
     "MultiTaskDatasetMapper",
     "default_shapes_root",
+    "generate_coco_sem_seg",
     "generate_shapes",
+    "load_coco_sem_seg",
     "load_coco_with_sem_seg",
     "load_shapes",
+    "load_voc_instances",
+    "load_voc_sem_seg",
+    "load_voc_sem_seg_train_aug",
     "read_label_map",
+    "register_all_coco_2017_sem_seg",
+    "register_all_voc_2012",
+    "register_coco_sem_seg",
+    "register_coco_with_sem_seg",
     "register_seg2_shapes",
+    "register_voc_instances",
+    "register_voc_sem_seg",
+    "voc_metadata",
+    "write_label_map",
 ]

@@ -1,17 +1,29 @@
 """
-Registers seg2's built-in dataset names, in the style of detectron2's ``builtin.py``.
+Registers seg2's built-in dataset names, in the style of detectron2's ``builtin.py``. Data live
+under ``$DETECTRON2_DATASETS`` (default ``datasets/``); nothing is read at import time.
 
-``seg2_shapes_{train,val}``: the synthetic shapes dataset (see :mod:`seg2.data.shapes`), generated
-on first use into ``default_shapes_root()``. Records carry both ``annotations`` and
-``sem_seg_file_name``.
+* ``seg2_shapes_{train,val}``: the synthetic shapes dataset (see :mod:`seg2.data.shapes`),
+  generated on first use into ``default_shapes_root()``. Records carry both ``annotations`` and
+  ``sem_seg_file_name``.
+* ``voc_2012_sem_seg_{train,val}``, ``voc_2012_sem_seg_train_aug`` (VOC + SBD, 10,582 images),
+  ``voc_2012_instance_{train,val}`` (instances and class maps): Pascal VOC 2012 in
+  ``VOC2012/`` and SBD in ``SBD/`` (see :mod:`seg2.data.voc`).
+* ``coco_2017_sem_seg_{train,val}``, ``coco_2017_multitask_{train,val}``: COCO 2017 with
+  semantic maps derived from the instances, cached in ``coco/seg2_sem_seg/{train,val}2017``
+  (see :mod:`seg2.data.coco`). ``coco_2017_{train,val}`` stay detectron2's own registration
+  (instances only, so plain Mask R-CNN users never wait for the semantic cache); seg2 adds
+  ``stuff_classes`` and ``ignore_label`` to their metadata. ``coco_2017_multitask_*`` carry both.
 """
 
 import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
 
-from .coco import load_coco_with_sem_seg
+from .coco import IGNORE_LABEL as COCO_IGNORE_LABEL
+from .coco import load_coco_with_sem_seg, register_coco_sem_seg
 from .shapes import DEFAULT_SPLITS, IGNORE_LABEL, SHAPES_CLASSES, default_shapes_root, generate_shapes
+from .voc import register_voc_instances, register_voc_sem_seg
 from .voc_palette import VOC_PALETTE
 
 SHAPES_DATASETS = tuple(f"seg2_shapes_{split}" for split in sorted(DEFAULT_SPLITS))
@@ -63,4 +75,68 @@ def register_seg2_shapes(root: str = None):
         )
 
 
+# name -> (split, with_sem_seg)
+# VOC has both views for every segmentation image: the instance records carry the class map too,
+# so one name feeds Mask R-CNN, the semantic heads and the multi-task model.
+VOC_2012_INSTANCE_SPLITS = {
+    "voc_2012_instance_train": ("train", True),
+    "voc_2012_instance_val": ("val", True),
+}
+# name -> (split, uses SBD)
+VOC_2012_SEM_SEG_SPLITS = {
+    "voc_2012_sem_seg_train": ("train", False),
+    "voc_2012_sem_seg_val": ("val", False),
+    "voc_2012_sem_seg_train_aug": ("train", True),
+}
+# name -> (image folder, instances JSON, with_instances); maps cached in coco/seg2_sem_seg/<image folder>
+COCO_2017_SEM_SEG_SPLITS = {
+    "coco_2017_sem_seg_train": ("train2017", "instances_train2017.json", False),
+    "coco_2017_sem_seg_val": ("val2017", "instances_val2017.json", False),
+    "coco_2017_multitask_train": ("train2017", "instances_train2017.json", True),
+    "coco_2017_multitask_val": ("val2017", "instances_val2017.json", True),
+}
+
+
+def register_all_voc_2012(root: str):
+    """Register the Pascal VOC 2012 names with ``root/VOC2012`` and ``root/SBD``."""
+    voc_root, sbd_root = os.path.join(root, "VOC2012"), os.path.join(root, "SBD")
+    for name, (split, with_sbd) in VOC_2012_SEM_SEG_SPLITS.items():
+        register_voc_sem_seg(name, voc_root, split, sbd_root=sbd_root if with_sbd else None)
+    for name, (split, with_sem_seg) in VOC_2012_INSTANCE_SPLITS.items():
+        register_voc_instances(name, voc_root, split, with_sem_seg=with_sem_seg)
+
+
+def _coco_semantic_metadata():
+    meta = _get_builtin_metadata("coco")
+    return {
+        "stuff_classes": ["background"] + list(meta["thing_classes"]),
+        "stuff_colors": [(0, 0, 0)] + [tuple(c) for c in meta["thing_colors"]],
+        "ignore_label": COCO_IGNORE_LABEL,
+    }
+
+
+def register_all_coco_2017_sem_seg(root: str):
+    """Register the COCO 2017 semantic and multi-task names with ``root/coco``."""
+    semantic = _coco_semantic_metadata()
+    for name, (image_dir, json_name, with_instances) in COCO_2017_SEM_SEG_SPLITS.items():
+        register_coco_sem_seg(
+            name,
+            os.path.join(root, "coco", "annotations", json_name),
+            os.path.join(root, "coco", image_dir),
+            os.path.join(root, "coco", "seg2_sem_seg", image_dir),
+            with_instances=with_instances,
+            metadata=dict(_get_builtin_metadata("coco"), **semantic),
+            num_workers=min(8, os.cpu_count() or 1),
+        )
+    # detectron2's own instance names: same classes, so one model reads either.
+    for name in ("coco_2017_train", "coco_2017_val"):
+        meta = MetadataCatalog.get(name)
+        for key, value in semantic.items():
+            if key not in meta.as_dict():
+                setattr(meta, key, value)
+
+
 register_seg2_shapes()
+_root = os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
+register_all_voc_2012(_root)
+register_all_coco_2017_sem_seg(_root)

@@ -1,59 +1,154 @@
 """A DatasetMapper for records that carry instances, a semantic map, or both."""
 
 import copy
+import importlib.util
+import logging
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from detectron2.config import configurable
-from detectron2.data import DatasetMapper
+from detectron2.data import DatasetMapper, MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
+from detectron2.utils.logger import log_first_n
 
 from ..utils import Seg2Error
-from .label_map import read_label_map
+from .label_map import check_label_values, read_label_map
 
-__all__ = ["MultiTaskDatasetMapper"]
+__all__ = ["MultiTaskDatasetMapper", "CategoryAreaConstrainedCrop"]
+
+logger = logging.getLogger(__name__)
+
+# fvcore crops polygons with shapely, an optional dependency of detectron2 that DatasetMapper
+# fails without; without it, polygons of a cropped image are rasterised first.
+_HAS_SHAPELY = importlib.util.find_spec("shapely") is not None
+
+
+class CategoryAreaConstrainedCrop(T.RandomCrop_CategoryAreaConstraint):
+    """
+    detectron2's ``RandomCrop_CategoryAreaConstraint`` (re-draw a crop while one class covers more
+    than ``single_category_max_area`` of its labelled pixels, as DeepLab does), which also accepts
+    a record without semantic map: the crop is then a plain random crop (detectron2's fails).
+    """
+
+    def get_transform(self, image, sem_seg):
+        if sem_seg is None:
+            return self.crop_aug.get_transform(image)
+        return super().get_transform(image, sem_seg)
 
 
 class MultiTaskDatasetMapper(DatasetMapper):
     """
     Like detectron2's ``DatasetMapper``, for records with ``annotations`` (polygons, RLE or
     bitmasks), ``sem_seg_file_name``, or both. The image, the instances and the semantic map go
-    through the same geometric augmentations.
+    through the same geometric augmentations (resize, crop, flip, padding).
 
-    It differs from ``DatasetMapper`` where that falls short for semantic data:
+    It differs from ``DatasetMapper`` where that falls short for semantic and mixed data:
 
     * label maps are read as class indices (palette PNGs included; ``DatasetMapper`` converts
-      them to luminance), and a label map whose size differs from its image is an error naming
-      the file;
+      them to luminance; SBD ``.mat`` files too); a label map whose size differs from its image,
+      or that holds a value that is neither a class nor ``ignore_label``, is an error naming the
+      file;
     * the training crop can cap the share of a single class, as DeepLab does
-      (``SEG2.INPUT.SINGLE_CATEGORY_MAX_AREA``), ignoring ``ignore_label`` pixels.
+      (``SEG2.INPUT.SINGLE_CATEGORY_MAX_AREA``), ignoring ``ignore_label`` pixels, and works on
+      records without semantic map;
+    * crops can be padded to the full crop size (``SEG2.INPUT.PAD_TO_CROP_SIZE``): the image with
+      0, the semantic map with ``ignore_label``, instance masks with background;
+    * an image whose instances mix polygons with RLE or bitmasks gets ``BitMasks`` under
+      ``INPUT.MASK_FORMAT="polygon"`` (``DatasetMapper`` fails), and so does a cropped image
+      with polygons when shapely (which fvcore needs to crop polygons) is not installed.
     """
 
     @configurable
-    def __init__(self, is_train: bool, *, ignore_label: int = 255, **kwargs):
+    def __init__(
+        self,
+        is_train: bool,
+        *,
+        ignore_label: int = 255,
+        num_sem_seg_classes: Optional[int] = None,
+        dataset_names: Sequence[str] = (),
+        head_num_classes: Optional[int] = None,
+        pad_to_size: Optional[Tuple[int, int]] = None,
+        **kwargs,
+    ):
         """
         Args:
             is_train (bool): training (annotations kept and augmented) or inference.
             ignore_label (int): the label-map value that is excluded from losses and metrics.
+            num_sem_seg_classes (int or None): number of semantic classes, to check label values;
+                None: the length of ``stuff_classes`` in the metadata of ``dataset_names``.
+            dataset_names (list[str]): the datasets this mapper reads (for the class count).
+            head_num_classes (int or None): the class count when neither of the above gives one:
+                the semantic head's, whose loss a larger label value would break.
+            pad_to_size (tuple[int, int] or None): pad every training image to at least this
+                (height, width) at the bottom and right.
             kwargs: the arguments of detectron2's ``DatasetMapper``.
         """
         super().__init__(is_train, **kwargs)
         self.ignore_label = ignore_label
+        self.num_sem_seg_classes = num_sem_seg_classes
+        self.dataset_names = tuple(dataset_names)
+        self.head_num_classes = head_num_classes
+        self.pad_to_size = tuple(pad_to_size) if pad_to_size else None
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
         ret = super().from_config(cfg, is_train)
+        ret["pad_to_size"] = None
         if cfg.INPUT.CROP.ENABLED and is_train:
             # Replace DatasetMapper's plain RandomCrop by the class-area-constrained one.
-            ret["augmentations"][0] = T.RandomCrop_CategoryAreaConstraint(
+            ret["augmentations"][0] = CategoryAreaConstrainedCrop(
                 cfg.INPUT.CROP.TYPE,
                 cfg.INPUT.CROP.SIZE,
                 cfg.SEG2.INPUT.SINGLE_CATEGORY_MAX_AREA,
                 cfg.SEG2.INPUT.IGNORE_LABEL,
             )
+            if cfg.SEG2.INPUT.PAD_TO_CROP_SIZE:
+                if cfg.INPUT.CROP.TYPE != "absolute":
+                    raise ValueError(
+                        "SEG2.INPUT.PAD_TO_CROP_SIZE needs INPUT.CROP.TYPE='absolute' (a crop size in "
+                        f"pixels), got {cfg.INPUT.CROP.TYPE!r}"
+                    )
+                ret["pad_to_size"] = tuple(cfg.INPUT.CROP.SIZE)
         ret["ignore_label"] = cfg.SEG2.INPUT.IGNORE_LABEL
+        ret["num_sem_seg_classes"] = cfg.SEG2.INPUT.NUM_SEM_SEG_CLASSES or None
+        ret["dataset_names"] = tuple(cfg.DATASETS.TRAIN if is_train else cfg.DATASETS.TEST)
+        ret["head_num_classes"] = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
         return ret
+
+    def _num_classes(self, sem_seg_file: str) -> int:
+        """The semantic class count: ``num_sem_seg_classes``, else the datasets' ``stuff_classes``
+        (resolved on first use: a user's COCO dataset learns its classes when it is loaded), else
+        ``head_num_classes``."""
+        if self.num_sem_seg_classes is None:
+            counts = {}
+            for name in self.dataset_names:
+                stuff = MetadataCatalog.get(name).get("stuff_classes", None)
+                if stuff is not None:
+                    counts[name] = len(stuff)
+            if len(set(counts.values())) > 1:
+                raise Seg2Error(f"the datasets {counts} have different numbers of stuff_classes; they cannot be mixed")
+            if not counts and self.head_num_classes:
+                counts["MODEL.SEM_SEG_HEAD.NUM_CLASSES"] = self.head_num_classes
+            if not counts:
+                raise Seg2Error(
+                    f"{sem_seg_file}: cannot check its label values: no stuff_classes in the metadata of "
+                    f"{list(self.dataset_names)}; set SEG2.INPUT.NUM_SEM_SEG_CLASSES or the datasets' "
+                    "stuff_classes"
+                )
+            self.num_sem_seg_classes = next(iter(counts.values()))
+        return self.num_sem_seg_classes
+
+    def _read_sem_seg(self, path: str, image: np.ndarray, image_file: str) -> np.ndarray:
+        sem_seg = read_label_map(path)
+        if sem_seg.shape != image.shape[:2]:
+            raise Seg2Error(
+                f"{path}: label map is {sem_seg.shape[1]}x{sem_seg.shape[0]} (WxH) but its image "
+                f"{image_file} is {image.shape[1]}x{image.shape[0]}"
+            )
+        check_label_values(sem_seg, path, self._num_classes(path), self.ignore_label)
+        return sem_seg
 
     def __call__(self, dataset_dict):
         """
@@ -67,29 +162,84 @@ class MultiTaskDatasetMapper(DatasetMapper):
         dataset_dict = copy.deepcopy(dataset_dict)
         image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
         utils.check_image_size(dataset_dict, image)
+        orig_shape = image.shape[:2]
 
         sem_seg_gt = None
         sem_seg_file = dataset_dict.pop("sem_seg_file_name", None)
         if sem_seg_file is not None and self.is_train:
-            sem_seg_gt = read_label_map(sem_seg_file)
-            if sem_seg_gt.shape != image.shape[:2]:
-                raise Seg2Error(
-                    f"{sem_seg_file}: label map is {sem_seg_gt.shape[1]}x{sem_seg_gt.shape[0]} (WxH) but "
-                    f"its image {dataset_dict['file_name']} is {image.shape[1]}x{image.shape[0]}"
-                )
+            sem_seg_gt = self._read_sem_seg(sem_seg_file, image, dataset_dict["file_name"])
 
         aug_input = T.AugInput(image, sem_seg=sem_seg_gt)
         transforms = self.augmentations(aug_input)
         image, sem_seg_gt = aug_input.image, aug_input.sem_seg
         image_shape = image.shape[:2]
+        padded_shape = image_shape
+        if self.pad_to_size is not None and self.is_train:
+            padded_shape = tuple(max(a, b) for a, b in zip(image_shape, self.pad_to_size))
+            pad = ((0, padded_shape[0] - image_shape[0]), (0, padded_shape[1] - image_shape[1]))
+            image = np.pad(image, pad + ((0, 0),) * (image.ndim - 2), constant_values=0)
+            if sem_seg_gt is not None:
+                sem_seg_gt = np.pad(sem_seg_gt, pad, constant_values=self.ignore_label)
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
         if sem_seg_gt is not None:
             dataset_dict["sem_seg"] = torch.as_tensor(sem_seg_gt.astype("long"))
+
+        if self.proposal_topk is not None:
+            utils.transform_proposals(dataset_dict, image_shape, transforms, proposal_topk=self.proposal_topk)
 
         if not self.is_train:
             dataset_dict.pop("annotations", None)
             return dataset_dict
         if "annotations" in dataset_dict:
-            self._transform_annotations(dataset_dict, transforms, image_shape)
+            self._transform_annotations(dataset_dict, transforms, image_shape, padded_shape, orig_shape)
         return dataset_dict
 
+    def _transform_annotations(self, dataset_dict, transforms, image_shape, padded_shape=None, orig_shape=None):
+        padded_shape = padded_shape or image_shape
+        orig_shape = orig_shape or (dataset_dict["height"], dataset_dict["width"])
+        rasterise_polygons = not _HAS_SHAPELY and any(isinstance(t, T.CropTransform) for t in transforms)
+        if rasterise_polygons:
+            log_first_n(
+                logging.WARNING,
+                "shapely is not installed: polygons of cropped images are rasterised before the crop "
+                "(pip install shapely to crop them as polygons).",
+                n=1,
+                name=__name__,
+            )
+        annos = []
+        for obj in dataset_dict.pop("annotations"):
+            if obj.get("iscrowd", 0):
+                continue  # as DatasetMapper: crowd regions are no training instances
+            if not self.use_instance_mask:
+                obj.pop("segmentation", None)
+            if not self.use_keypoint:
+                obj.pop("keypoints", None)
+            segm = obj.get("segmentation")
+            if rasterise_polygons and isinstance(segm, list):
+                obj["segmentation"] = utils.polygons_to_bitmask(segm, *orig_shape)
+            bitmask = obj.pop("segmentation") if isinstance(obj.get("segmentation"), np.ndarray) else None
+            obj = utils.transform_instance_annotations(
+                obj, transforms, image_shape, keypoint_hflip_indices=self.keypoint_hflip_indices
+            )
+            if bitmask is not None:  # transform_instance_annotations handles polygons and RLE only
+                obj["segmentation"] = transforms.apply_segmentation(bitmask.astype(np.uint8))
+            annos.append(obj)
+
+        mask_format = self.instance_mask_format
+        if mask_format == "polygon" and any(not isinstance(a.get("segmentation", []), list) for a in annos):
+            log_first_n(
+                logging.INFO,
+                "Instances given as RLE or bitmasks are kept as BitMasks under INPUT.MASK_FORMAT='polygon'.",
+                n=1,
+                name=__name__,
+            )
+            mask_format = "bitmask"
+        if padded_shape != image_shape:
+            pad = ((0, padded_shape[0] - image_shape[0]), (0, padded_shape[1] - image_shape[1]))
+            for a in annos:
+                if isinstance(a.get("segmentation"), np.ndarray):
+                    a["segmentation"] = np.pad(a["segmentation"], pad)  # background
+        instances = utils.annotations_to_instances(annos, padded_shape, mask_format=mask_format)
+        if self.recompute_boxes and instances.has("gt_masks"):
+            instances.gt_boxes = instances.gt_masks.get_bounding_boxes()
+        dataset_dict["instances"] = utils.filter_empty_instances(instances)
