@@ -109,14 +109,15 @@ def test_cli_trains_resumes_and_evaluates(tmp_path, cli_shapes_root):
 
     r = _run_cli("--resume", *common, "SOLVER.MAX_ITER", "5", "DATASETS.TEST", "()")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "Starting training from iteration 3" in r.stderr
+    assert "Starting training from iteration 3" in r.stdout + r.stderr  # detectron2 logs to stdout
     with open(tmp_path / "metrics.json") as f:
         iters = [json.loads(line)["iteration"] for line in f if line.strip()]
     assert max(iters) == 4
 
     r = _run_cli("--eval-only", *common, "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "Evaluation results for segm" in r.stderr and "Evaluation results for bbox" in r.stderr
+    log = r.stdout + r.stderr
+    assert "Evaluation results for segm" in log and "Evaluation results for bbox" in log
 
 
 def test_cli_unknown_dataset_is_a_clear_error(tmp_path):

@@ -13,6 +13,8 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 import seg2
 from seg2.data import MultiTaskDatasetMapper, check_dataset_names, register_seg2_shapes
@@ -47,6 +49,8 @@ def setup(args):
         raise seg2.Seg2Error(f"bad config ({args.config_file}, overrides {args.opts}): {e}") from e
     cfg.freeze()
     default_setup(cfg, args)
+    # default_setup configures detectron2's loggers only; seg2's go to the same console and log file.
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="seg2")
     if cfg.SEG2.SHAPES_ROOT:
         register_seg2_shapes(cfg.SEG2.SHAPES_ROOT)
     check_dataset_names(cfg)

@@ -1,10 +1,12 @@
 """Pick evaluators from the dataset's ``evaluator_type`` and the outputs the model predicts."""
 
 from detectron2.data import MetadataCatalog
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, SemSegEvaluator
+from detectron2.evaluation import DatasetEvaluators
 
 from ..modeling.tasks import model_tasks
 from ..utils import Seg2Error
+from .coco_evaluation import MaskAPEvaluator
+from .sem_seg_evaluation import MIoUEvaluator
 
 # evaluator_type -> the targets a dataset of that type has.
 DATASET_TASKS = {
@@ -37,10 +39,27 @@ def build_evaluator(cfg, dataset_name: str, output_dir: str = None):
             f"dataset {dataset_name!r} ({evaluator_type}) has no target that "
             f"MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE!r} predicts"
         )
+    ev_cfg = cfg.SEG2.EVALUATION if "SEG2" in cfg and "EVALUATION" in cfg.SEG2 else None
     evaluators = []
     if "instances" in tasks:
         iou_types = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
-        evaluators.append(COCOEvaluator(dataset_name, tasks=iou_types, output_dir=output_dir))
+        evaluators.append(
+            MaskAPEvaluator(
+                dataset_name,
+                distributed=True,
+                output_dir=output_dir,
+                tasks=iou_types,
+                backend=ev_cfg.MASK_AP_BACKEND if ev_cfg else "detectron2_fast",
+                segm_area=ev_cfg.SEGM_AREA if ev_cfg else "box",
+            )
+        )
     if "sem_seg" in tasks:
-        evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_dir))
+        evaluators.append(
+            MIoUEvaluator(
+                dataset_name,
+                distributed=True,
+                output_dir=output_dir,
+                boundary_iou=bool(ev_cfg.BOUNDARY_IOU) if ev_cfg else False,
+            )
+        )
     return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)

@@ -1,0 +1,441 @@
+"""
+mIoU evaluation with a confusion matrix kept on the prediction's device.
+
+The metrics are those of detectron2's :class:`~detectron2.evaluation.SemSegEvaluator` (same keys,
+same formulas, percent), computed from the same confusion matrix. What differs is the cost:
+detectron2 keeps an RLE of every predicted class of every image in memory (for a JSON dump) and
+uses ``torch.argmax`` over channels, which is slow on the CPU; here nothing per image is kept
+unless asked, and the counting is one ``torch.bincount`` per image on the prediction's device.
+"""
+
+import itertools
+import json
+import logging
+import os
+from collections import OrderedDict
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.evaluation import DatasetEvaluator, SemSegEvaluator
+from detectron2.utils import comm
+from detectron2.utils.file_io import PathManager
+from detectron2.utils.logger import create_small_table
+
+from ..data.label_map import read_label_map
+from ..utils import Seg2Error
+from .plots import plot_confusion_matrix, plot_per_class_iou
+
+try:
+    import cv2
+except ImportError:  # the torch path of mask_to_boundary needs no OpenCV
+    cv2 = None
+
+logger = logging.getLogger(__name__)
+
+# detectron2's SemSegEvaluator._mask_to_boundary uses 2% of the image diagonal.
+BOUNDARY_DILATION_RATIO = 0.02
+
+
+def argmax_channels(logits: torch.Tensor):
+    """
+    ``logits.argmax(dim=0)`` (first maximum on ties, as ``torch.argmax``), as uint8 when there are
+    at most 256 channels, and whether any logit is NaN.
+
+    On the CPU, ``torch.argmax`` over the leading dimension of a (C, H, W) tensor is several times
+    slower than a channel-wise ``amax`` followed by one comparison per channel, which is what this
+    does there (the maximum also tells about NaN: ``amax`` propagates it).
+
+    Returns:
+        (Tensor, bool): (H, W) class indices, and True when a logit is NaN (indices then undefined).
+    """
+    num_channels = logits.shape[0]
+    floating = logits.is_floating_point()
+    if logits.device.type != "cpu" or num_channels > 256 or not floating:
+        pred = logits.argmax(dim=0)
+        has_nan = bool(torch.isnan(logits).any()) if floating else False
+        return (pred.to(torch.uint8) if num_channels <= 256 else pred), has_nan
+    best = logits.amax(dim=0)
+    # acc = max over channels c holding the maximum of (255 - c): the lowest such c wins ties.
+    # Three vectorised passes per channel (masked_fill_ would be twice as slow).
+    acc = torch.zeros(best.shape, dtype=torch.uint8, device=logits.device)
+    is_max = torch.empty(best.shape, dtype=torch.bool, device=logits.device)
+    weighted = torch.empty(best.shape, dtype=torch.uint8, device=logits.device)
+    for c in range(num_channels):
+        torch.eq(logits[c], best, out=is_max)
+        torch.mul(is_max.view(torch.uint8), 255 - c, out=weighted)
+        torch.maximum(acc, weighted, out=acc)
+    pred = torch.sub(255, acc, out=acc)
+    return pred, bool(torch.isnan(best).any())
+
+
+def _boundary_dilation(h: int, w: int, dilation_ratio: float) -> int:
+    return max(1, int(round(dilation_ratio * np.sqrt(h**2 + w**2))))
+
+
+def mask_to_boundary(mask: torch.Tensor, dilation_ratio: float = BOUNDARY_DILATION_RATIO, use_cv2=None):
+    """
+    detectron2's ``SemSegEvaluator._mask_to_boundary`` for an (H, W) uint8 label map:
+    ``mask - erode(mask)`` where the erosion is a (2d+1)-square minimum filter over the map
+    padded by one ring of zeros, d = 2% of the diagonal. Note that on a multi-class map this is a
+    difference of label values, not a class map; it is reproduced as detectron2 defines it.
+
+    Args:
+        mask (Tensor): (H, W) uint8.
+        dilation_ratio (float): d as a fraction of the image diagonal.
+        use_cv2 (bool or None): erode with OpenCV (what detectron2 does; fastest on the CPU) or with
+            separable max-pooling in torch (runs on the mask's device). None: OpenCV for CPU masks.
+    """
+    if mask.dim() != 2 or mask.dtype != torch.uint8:
+        raise ValueError(f"mask_to_boundary expects an (H, W) uint8 map, got {tuple(mask.shape)} {mask.dtype}")
+    h, w = mask.shape
+    d = _boundary_dilation(h, w, dilation_ratio)
+    if use_cv2 is None:
+        use_cv2 = cv2 is not None and mask.device.type == "cpu"
+    if use_cv2:
+        m = mask.cpu().numpy()
+        padded = cv2.copyMakeBorder(m, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+        eroded = cv2.erode(padded, np.ones((3, 3), dtype=np.uint8), iterations=d)[1:-1, 1:-1]
+        return torch.from_numpy(m - eroded).to(mask.device)
+    # d iterations of a 3x3 erosion = one (2d+1)-square minimum filter; the border outside the
+    # zero ring is neutral (OpenCV's default erosion border, and max-pooling's -inf padding).
+    x = F.pad(mask.float()[None, None], (1, 1, 1, 1), value=0.0)
+    k = 2 * d + 1
+    x = -F.max_pool2d(-x, (1, k), stride=1, padding=(0, d))
+    x = -F.max_pool2d(-x, (k, 1), stride=1, padding=(d, 0))
+    eroded = x[0, 0, 1:-1, 1:-1].to(torch.uint8)
+    return mask - eroded
+
+
+def sem_seg_metrics(conf: np.ndarray, class_names, b_conf: Optional[np.ndarray] = None) -> Dict[str, float]:
+    """
+    detectron2's semantic segmentation metrics (percent) from a confusion matrix.
+
+    Args:
+        conf (ndarray): (C, C) int, ``conf[pred, gt]`` pixel counts, ignored pixels left out.
+        class_names (list[str]): the C class names.
+        b_conf (ndarray or None): (C+1, C+1) boundary confusion matrix as detectron2 builds it
+            (row/column C: boundary values of the ignore label); None: no boundary IoU.
+
+    Returns:
+        dict: mIoU, fwIoU, IoU-<class> (and BoundaryIoU-<class>, min(IoU, B-Iou)-<class>), mACC,
+        pACC, ACC-<class>, in detectron2's order. Classes absent from the ground truth are NaN.
+
+    Note: detectron2's ``SemSegEvaluator`` builds its boundary matrix from ``(C+1) * b_pred + b_gt``
+    on uint8 arrays, which wraps around modulo 256 once C >= 16 (VOC's 21 and Cityscapes' 19 classes
+    included), so its boundary IoU is garbled there. seg2 counts in int32/int64: it equals
+    detectron2 wherever detectron2 does not wrap around.
+    """
+    num_classes = len(class_names)
+    # The formulas below are detectron2's SemSegEvaluator.evaluate, line for line.
+    acc = np.full(num_classes, np.nan, dtype=float)
+    iou = np.full(num_classes, np.nan, dtype=float)
+    tp = conf.diagonal().astype(float)
+    pos_gt = np.sum(conf, axis=0).astype(float)
+    class_weights = pos_gt / np.sum(pos_gt)
+    pos_pred = np.sum(conf, axis=1).astype(float)
+    acc_valid = pos_gt > 0
+    acc[acc_valid] = tp[acc_valid] / pos_gt[acc_valid]
+    union = pos_gt + pos_pred - tp
+    iou_valid = np.logical_and(acc_valid, union > 0)
+    iou[iou_valid] = tp[iou_valid] / union[iou_valid]
+    macc = np.sum(acc[acc_valid]) / np.sum(acc_valid)
+    miou = np.sum(iou[iou_valid]) / np.sum(iou_valid)
+    fiou = np.sum(iou[iou_valid] * class_weights[iou_valid])
+    pacc = np.sum(tp) / np.sum(pos_gt)
+
+    if b_conf is not None:
+        b_iou = np.full(num_classes, np.nan, dtype=float)
+        b_tp = b_conf.diagonal()[:-1].astype(float)
+        b_pos_gt = np.sum(b_conf[:-1, :-1], axis=0).astype(float)
+        b_pos_pred = np.sum(b_conf[:-1, :-1], axis=1).astype(float)
+        b_union = b_pos_gt + b_pos_pred - b_tp
+        b_iou_valid = b_union > 0
+        b_iou[b_iou_valid] = b_tp[b_iou_valid] / b_union[b_iou_valid]
+
+    res = {"mIoU": 100 * miou, "fwIoU": 100 * fiou}
+    for i, name in enumerate(class_names):
+        res[f"IoU-{name}"] = 100 * iou[i]
+        if b_conf is not None:
+            res[f"BoundaryIoU-{name}"] = 100 * b_iou[i]
+            res[f"min(IoU, B-Iou)-{name}"] = 100 * min(iou[i], b_iou[i])
+    res["mACC"] = 100 * macc
+    res["pACC"] = 100 * pacc
+    for i, name in enumerate(class_names):
+        res[f"ACC-{name}"] = 100 * acc[i]
+    return {k: float(v) for k, v in res.items()}
+
+
+class MIoUEvaluator(DatasetEvaluator):
+    """
+    mIoU, fwIoU, mACC, pACC, per-class IoU/ACC and optionally boundary IoU, exactly as detectron2's
+    :class:`SemSegEvaluator` computes them, from a confusion matrix accumulated with
+    ``torch.bincount`` on the prediction's device and summed over processes.
+
+    Ground truth: the label map ``sem_seg_file_name`` of the dataset record whose ``file_name`` is
+    the input's, read with :func:`seg2.data.read_label_map` (palette PNGs give class indices).
+
+    Bad input is an error, never a number: predictions of another size than the ground truth
+    (ValueError), a label map holding ids that are neither a class nor the ignore label
+    (Seg2Error), NaN logits (ValueError), a dataset without records (Seg2Error). When no image was
+    processed, :meth:`evaluate` logs a warning and returns ``{}``; when every processed pixel is
+    ignored, the metrics are NaN (as in detectron2).
+    """
+
+    def __init__(
+        self,
+        dataset_name: str,
+        distributed: bool = True,
+        output_dir: Optional[str] = None,
+        *,
+        boundary_iou: bool = False,
+        save_predictions_json: bool = False,
+        plots: bool = True,
+    ):
+        """
+        Args:
+            dataset_name (str): a registered dataset whose records carry ``file_name`` and
+                ``sem_seg_file_name``, and whose metadata has ``stuff_classes`` (and
+                ``ignore_label``; absent means every pixel must hold a class id).
+            distributed (bool): sum the confusion matrices of all processes; the main process
+                returns the results, the others ``{}``.
+            output_dir (str or None): where ``sem_seg_evaluation.json`` (metrics and confusion
+                matrix), ``sem_seg_confusion_matrix.png`` and ``sem_seg_iou_per_class.png`` go.
+            boundary_iou (bool): also compute detectron2's boundary IoU (``BoundaryIoU-<class>``,
+                ``min(IoU, B-Iou)-<class>``); needs fewer than 255 classes.
+            save_predictions_json (bool): keep every prediction as RLEs and write
+                ``sem_seg_predictions.json`` to ``output_dir``, as detectron2 does. Memory then
+                grows with the dataset.
+            plots (bool): write the two PNG plots when ``output_dir`` is set.
+        """
+        self._dataset_name = dataset_name
+        self._distributed = distributed
+        self._output_dir = output_dir
+        self._boundary_iou = boundary_iou
+        self._save_predictions_json = save_predictions_json
+        self._plots = plots
+
+        records = DatasetCatalog.get(dataset_name)
+        if len(records) == 0:
+            raise Seg2Error(f"dataset {dataset_name!r} has no records: nothing to evaluate mIoU on")
+        missing = [r.get("file_name", "?") for r in records if "sem_seg_file_name" not in r]
+        if missing:
+            raise Seg2Error(
+                f"dataset {dataset_name!r}: {len(missing)} of {len(records)} records have no "
+                f"'sem_seg_file_name' (first: {missing[0]}); mIoU needs a label map per image"
+            )
+        self._gt_files = {r["file_name"]: r["sem_seg_file_name"] for r in records}
+
+        meta = MetadataCatalog.get(dataset_name)
+        if not meta.get("stuff_classes"):
+            raise Seg2Error(f"dataset {dataset_name!r}: metadata has no 'stuff_classes'; mIoU needs the class names")
+        self._class_names = list(meta.stuff_classes)
+        self._num_classes = len(self._class_names)
+        self._ignore_label = meta.get("ignore_label", None)
+        c2d = meta.get("stuff_dataset_id_to_contiguous_id", None)
+        # Names used by detectron2's SemSegEvaluator.encode_json_sem_seg, which is reused as is.
+        self._contiguous_id_to_dataset_id = {v: k for k, v in c2d.items()} if c2d else None
+        if boundary_iou and self._num_classes >= np.iinfo(np.uint8).max:
+            raise ValueError(
+                f"boundary_iou=True: dataset {dataset_name!r} has {self._num_classes} classes; detectron2's "
+                "boundary IoU works on uint8 maps and needs fewer than 255"
+            )
+        if save_predictions_json and not output_dir:
+            raise ValueError("save_predictions_json=True needs an output_dir to write sem_seg_predictions.json to")
+        self.reset()
+
+    def reset(self):
+        self._conf = None  # (C, C) int64 on the first prediction's device, [pred, gt]
+        self._b_conf = None  # (C+1, C+1) as detectron2 builds it
+        self._num_images = 0
+        self._predictions = []
+
+    def _ground_truth(self, file_name: str) -> np.ndarray:
+        try:
+            path = self._gt_files[file_name]
+        except KeyError:
+            raise Seg2Error(
+                f"image {file_name} is not a record of dataset {self._dataset_name!r}: no ground truth to "
+                "evaluate it against (inputs must carry the records' 'file_name')"
+            ) from None
+        return read_label_map(path), path
+
+    def _check_logits(self, logits, file_name):
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(f"{file_name}: 'sem_seg' must be (C, H, W) logits, got {shape}")
+        if logits.shape[0] != self._num_classes:
+            raise ValueError(
+                f"{file_name}: 'sem_seg' has {logits.shape[0]} channels but dataset {self._dataset_name!r} has "
+                f"{self._num_classes} stuff_classes"
+            )
+
+    def process(self, inputs, outputs):
+        """
+        Args:
+            inputs (list[dict]): model inputs, each with the record's ``file_name``.
+            outputs (list[dict]): model outputs, each with ``sem_seg``: (C, H, W) logits at the
+                ground truth's resolution.
+        """
+        for inp, out in zip(inputs, outputs):
+            file_name = inp["file_name"]
+            if "sem_seg" not in out:
+                raise ValueError(f"{file_name}: the model output has no 'sem_seg' (keys: {sorted(out)})")
+            logits = out["sem_seg"]
+            self._check_logits(logits, file_name)
+            gt_np, gt_path = self._ground_truth(file_name)
+            if tuple(gt_np.shape) != tuple(logits.shape[1:]):
+                raise ValueError(
+                    f"{file_name}: prediction is {tuple(logits.shape[1:])} (H, W) but its ground truth "
+                    f"{gt_path} is {tuple(gt_np.shape)}; resize predictions to the original image size "
+                    "(detectron2's sem_seg_postprocess does it when inputs carry 'height'/'width')"
+                )
+            pred, has_nan = argmax_channels(logits)
+            if has_nan:
+                raise ValueError(f"{file_name}: 'sem_seg' logits contain NaN; refusing to score them")
+            device = pred.device
+            if not gt_np.flags.writeable:  # PIL's buffer; torch wants writable memory
+                gt_np = gt_np.copy()
+            gt = torch.from_numpy(gt_np).to(device, non_blocking=True)
+            self._accumulate(pred, gt, file_name, gt_path)
+            if self._save_predictions_json:
+                self._predictions.extend(
+                    SemSegEvaluator.encode_json_sem_seg(self, pred.cpu().numpy().astype(int), file_name)
+                )
+            self._num_images += 1
+
+    def _accumulate(self, pred, gt, file_name, gt_path):
+        C = self._num_classes
+        ignore = self._ignore_label
+        ignore_col = None
+        if gt.dtype == torch.uint8:
+            k = 256
+        else:
+            hi = int(gt.max())
+            if ignore is not None and ignore < 0:  # fold a negative ignore label past the largest id
+                gt = torch.where(gt == ignore, hi + 1, gt)
+                hi, ignore_col = hi + 1, hi + 1
+            lo = int(gt.min())
+            if lo < 0:
+                raise Seg2Error(f"{gt_path} (ground truth of {file_name}): negative label {lo}")
+            k = hi + 1
+        if ignore is not None and 0 <= ignore < k:
+            ignore_col = ignore
+        # One bincount over (pred, gt) pairs with every possible gt value: columns 0..C-1 are the
+        # confusion matrix; the ignore column is dropped; any other column is a bad label.
+        nbins = C * k
+        dtype = torch.int16 if nbins < 2**15 else (torch.int32 if nbins < 2**31 else torch.int64)
+        idx = pred.to(dtype) * k + gt.to(dtype)
+        counts = torch.bincount(idx.view(-1), minlength=nbins).view(C, k)
+        if ignore_col is not None:
+            counts[:, ignore_col] = 0
+        if k > C:
+            outside = counts[:, C:].sum(dim=0).nonzero().view(-1)
+            if outside.numel():
+                bad = (outside + C).tolist()
+                raise Seg2Error(
+                    f"{gt_path} (ground truth of {file_name}): label values {bad[:10]} are neither one of the "
+                    f"{C} classes of dataset {self._dataset_name!r} nor its ignore_label {ignore}"
+                )
+        if self._conf is None:
+            self._conf = torch.zeros((C, C), dtype=torch.int64, device=pred.device)
+        self._conf += counts[:, :C].to(self._conf.device)
+
+        if self._boundary_iou:
+            # As detectron2: ignored pixels become class C, boundaries of both uint8 maps.
+            gt_c = gt if ignore_col is None else torch.where(gt == ignore_col, C, gt)
+            gt_c = gt_c.to(torch.uint8)
+            b_gt = mask_to_boundary(gt_c)
+            b_pred = mask_to_boundary(pred.to(torch.uint8))
+            n = C + 1
+            b_dtype = torch.int16 if n * n < 2**15 else torch.int32
+            b_idx = b_pred.to(b_dtype) * n + b_gt.to(b_dtype)
+            b_counts = torch.bincount(b_idx.view(-1), minlength=n * n).view(n, n)
+            if self._b_conf is None:
+                self._b_conf = torch.zeros((n, n), dtype=torch.int64, device=pred.device)
+            self._b_conf += b_counts.to(self._b_conf.device)
+
+    def _gathered(self):
+        """Confusion matrices and image count summed over processes (None on non-main ranks)."""
+        C = self._num_classes
+        conf = self._conf.cpu().numpy() if self._conf is not None else np.zeros((C, C), np.int64)
+        b_conf = None
+        if self._boundary_iou:
+            b_conf = self._b_conf.cpu().numpy() if self._b_conf is not None else np.zeros((C + 1, C + 1), np.int64)
+        state = (conf, b_conf, self._num_images, self._predictions)
+        if not self._distributed:
+            return state
+        comm.synchronize()
+        states = comm.all_gather(state)
+        if not comm.is_main_process():
+            return None
+        conf = sum(s[0] for s in states)
+        b_conf = sum(s[1] for s in states) if self._boundary_iou else None
+        num_images = sum(s[2] for s in states)
+        predictions = list(itertools.chain(*[s[3] for s in states]))
+        return conf, b_conf, num_images, predictions
+
+    def evaluate(self):
+        """
+        Returns:
+            dict: ``{"sem_seg": {"mIoU", "fwIoU", "IoU-<class>", "mACC", "pACC", "ACC-<class>", ...}}``
+            in percent on the main process; ``{}`` elsewhere and when nothing was processed.
+        """
+        state = self._gathered()
+        if state is None:
+            return {}
+        conf, b_conf, num_images, predictions = state
+        if num_images == 0:
+            logger.warning(f"MIoUEvaluator({self._dataset_name!r}): no image was processed; no metrics")
+            return {}
+        with np.errstate(invalid="ignore", divide="ignore"):
+            res = sem_seg_metrics(conf, self._class_names, b_conf)
+        if conf.sum() == 0:
+            # detectron2 would report fwIoU 0 here; with no labelled pixel every metric is undefined.
+            logger.warning(f"MIoUEvaluator({self._dataset_name!r}): every processed pixel is ignored; metrics are NaN")
+            res = {k: float("nan") for k in res}
+        self.confusion_matrix = conf
+        self._log(res, conf, num_images)
+        if self._output_dir:
+            self._write(res, conf, predictions)
+        return OrderedDict({"sem_seg": res})
+
+    def _log(self, res, conf, num_images):
+        rows = []
+        pos_gt = conf.sum(axis=0)
+        for i, name in enumerate(self._class_names):
+            row = [name, res[f"IoU-{name}"], res[f"ACC-{name}"]]
+            if self._boundary_iou:
+                row.append(res[f"BoundaryIoU-{name}"])
+            rows.append(row + [int(pos_gt[i])])
+        headers = ["class", "IoU", "ACC"] + (["BoundaryIoU"] if self._boundary_iou else []) + ["GT pixels"]
+        table = tabulate(rows, headers=headers, tablefmt="pipe", floatfmt=".3f", numalign="left")
+        summary = {k: res[k] for k in ("mIoU", "fwIoU", "mACC", "pACC")}
+        logger.info(
+            f"Semantic segmentation on {self._dataset_name} ({num_images} images):\n"
+            + create_small_table(summary)
+            + "\nPer class:\n"
+            + table
+        )
+
+    def _write(self, res, conf, predictions):
+        PathManager.mkdirs(self._output_dir)
+        payload = {
+            "dataset": self._dataset_name,
+            "sem_seg": {k: (None if np.isnan(v) else v) for k, v in res.items()},
+            "class_names": self._class_names,
+            "confusion_matrix_pred_by_gt": conf.tolist(),
+        }
+        with PathManager.open(os.path.join(self._output_dir, "sem_seg_evaluation.json"), "w") as f:
+            json.dump(payload, f, indent=1)
+        if self._save_predictions_json:
+            with PathManager.open(os.path.join(self._output_dir, "sem_seg_predictions.json"), "w") as f:
+                json.dump(predictions, f)
+        if self._plots:
+            iou = np.array([res[f"IoU-{n}"] for n in self._class_names])
+            plot_confusion_matrix(conf, self._class_names, os.path.join(self._output_dir, "sem_seg_confusion_matrix.png"))
+            plot_per_class_iou(iou, self._class_names, os.path.join(self._output_dir, "sem_seg_iou_per_class.png"))

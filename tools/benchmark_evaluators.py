@@ -1,0 +1,312 @@
+#!/usr/bin/env python3
+"""
+Side-by-side benchmark of seg2's evaluators against detectron2's, on the same synthetic predictions.
+
+* ``miou``: MIoUEvaluator vs SemSegEvaluator, per-image time of ``process`` (plus ``evaluate``), with
+  and without boundary IoU (detectron2's evaluator always computes it; it is switched off on its
+  instance for the "without" rows), and the largest metric difference.
+* ``memory``: memory growth of each evaluator over a long run (tracemalloc peak of Python/numpy
+  allocations, and process RSS), 500 images by default for MIoUEvaluator.
+* ``ap``: MaskAPEvaluator vs COCOEvaluator end to end (process + evaluate, bbox and segm) with many
+  instances per image, and the largest metric difference.
+
+Examples::
+
+    python tools/benchmark_evaluators.py miou --images 4 --sizes 512x512x21 1024x2048x19
+    python tools/benchmark_evaluators.py memory --images 500 --size 256x256x21 --reference-images 100
+    python tools/benchmark_evaluators.py ap --images 20 --detections 100
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+import tracemalloc
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.evaluation import COCOEvaluator, SemSegEvaluator
+from detectron2.structures import Boxes, Instances
+
+import seg2  # noqa: F401
+from seg2.evaluation import MaskAPEvaluator, MIoUEvaluator
+from seg2.evaluation.coco_evaluation import encode_masks
+
+
+def _register(name, records, **meta):
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: records)
+    MetadataCatalog.get(name).set(**meta)
+    return name
+
+
+def _rss_mb():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+class SemSegEvaluatorWideBoundary(SemSegEvaluator):
+    """detectron2's SemSegEvaluator with int64 boundary maps: the shipped one computes
+    ``(C+1) * b_pred + b_gt`` in uint8, which wraps around from 16 classes on. Only used to check
+    seg2's boundary numbers, never timed."""
+
+    def _mask_to_boundary(self, mask, dilation_ratio=0.02):
+        return super()._mask_to_boundary(mask, dilation_ratio).astype(np.int64)
+
+
+def _max_diff(ours, ref):
+    worst = 0.0
+    for k, b in ref.items():
+        a = ours[k]
+        if math.isnan(a) or math.isnan(b):
+            if not (math.isnan(a) and math.isnan(b)):
+                return float("inf")
+            continue
+        worst = max(worst, abs(a - b))
+    return worst
+
+
+# --------------------------------------------------------------------------------------- mIoU
+
+
+def _label_maps(folder, n_distinct, h, w, num_classes, seed=0):
+    """Blocky palette label maps with 255 (ignore) borders between blocks, as VOC has."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n_distinct):
+        small = rng.integers(0, num_classes, (max(1, h // 48), max(1, w // 48))).astype(np.uint8)
+        gt = cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST)
+        edges = cv2.morphologyEx(gt, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
+        gt[edges] = 255
+        im = Image.fromarray(gt, mode="P")
+        im.putpalette([v for j in range(256) for v in (j, (37 * j) % 256, (91 * j) % 256)])
+        path = os.path.join(folder, f"gt_{h}x{w}_{i}.png")
+        im.save(path)
+        paths.append((path, gt))
+    return paths
+
+
+def _sem_seg_setup(folder, n_images, h, w, num_classes, n_distinct=4, name=None):
+    n_distinct = max(1, min(n_distinct, n_images))
+    maps = _label_maps(folder, n_distinct, h, w, num_classes)
+    records = [{"file_name": f"img_{i}.jpg", "sem_seg_file_name": maps[i % n_distinct][0]} for i in range(n_images)]
+    name = name or f"bench_sem_seg_{h}x{w}x{num_classes}_{n_images}"
+    _register(name, records, stuff_classes=[f"class{c}" for c in range(num_classes)], ignore_label=255)
+    gen = torch.Generator().manual_seed(0)
+    logits = []
+    for _, gt in maps:
+        g = torch.from_numpy(np.where(gt == 255, 0, gt).astype(np.int64))
+        x = torch.nn.functional.one_hot(g, num_classes).permute(2, 0, 1).float()
+        logits.append((x + 0.9 * torch.randn(x.shape, generator=gen)).contiguous())
+    inputs = [{"file_name": r["file_name"]} for r in records]
+    return name, inputs, logits
+
+
+def _run_sem_seg(evaluator, inputs, logits):
+    evaluator.reset()
+    t0 = time.perf_counter()
+    for i, inp in enumerate(inputs):
+        evaluator.process([inp], [{"sem_seg": logits[i % len(logits)]}])
+    t1 = time.perf_counter()
+    res = evaluator.evaluate()["sem_seg"]
+    t2 = time.perf_counter()
+    return res, (t1 - t0) / len(inputs), t2 - t1
+
+
+def bench_miou(args):
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for spec in args.sizes:
+            h, w, c = (int(v) for v in spec.split("x"))
+            name, inputs, logits = _sem_seg_setup(folder, args.images, h, w, c)
+            for boundary in (False, True):
+                ref_ev = SemSegEvaluator(name, distributed=False)
+                ref_ev._compute_boundary_iou = boundary
+                ours_ev = MIoUEvaluator(name, distributed=False, boundary_iou=boundary)
+                # warm-up (allocator, OpenCV) on one image each
+                _run_sem_seg(ref_ev, inputs[:1], logits)
+                _run_sem_seg(ours_ev, inputs[:1], logits)
+                ref, ref_t, ref_e = _run_sem_seg(ref_ev, inputs, logits)
+                ours, ours_t, ours_e = _run_sem_seg(ours_ev, inputs, logits)
+                plain = [k for k in ref if "B-Iou" not in k and "Boundary" not in k]
+                diff = _max_diff({k: ours[k] for k in plain}, {k: ref[k] for k in plain})
+                b_diff = b_diff_shipped = ""
+                if boundary:  # boundary numbers against detectron2 without its uint8 wrap-around (untimed)
+                    wide, _, _ = _run_sem_seg(SemSegEvaluatorWideBoundary(name, distributed=False), inputs, logits)
+                    b_keys = [k for k in ref if k not in plain]
+                    b_diff = f"{_max_diff({k: ours[k] for k in b_keys}, {k: wide[k] for k in b_keys}):.1e}"
+                    b_diff_shipped = f"{_max_diff({k: ours[k] for k in b_keys}, {k: ref[k] for k in b_keys}):.1e}"
+                rows.append((f"{h}x{w}, {c} classes", "yes" if boundary else "no", ref_t * 1000, ours_t * 1000,
+                             ref_t / ours_t, ref_e * 1000, ours_e * 1000, diff, b_diff, b_diff_shipped))
+    print(f"\nmIoU, {args.images} images per row, torch threads {torch.get_num_threads()}, per image process() time")
+    print("| size | boundary IoU | SemSegEvaluator ms/img | MIoUEvaluator ms/img | speed-up | evaluate() ms d2 / seg2 "
+          "| max abs diff mIoU..ACC | max abs diff boundary (vs d2 int64 / d2 as shipped) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        b = f"{r[8]} / {r[9]}" if r[8] else "-"
+        print(f"| {r[0]} | {r[1]} | {r[2]:.1f} | {r[3]:.1f} | {r[4]:.1f}x | {r[5]:.1f} / {r[6]:.1f} | {r[7]:.1e} | {b} |")
+
+
+def bench_memory(args):
+    h, w, c = (int(v) for v in args.size.split("x"))
+    with tempfile.TemporaryDirectory() as folder:
+        name, inputs, logits = _sem_seg_setup(folder, args.images, h, w, c, name="bench_sem_seg_memory")
+        print(f"\nmemory over a run at {h}x{w}, {c} classes (tracemalloc: Python and numpy allocations; RSS: process)")
+        print("| evaluator | images | traced after 10% (MB) | traced at end (MB) | traced peak (MB) | RSS after 10% / at end (MB) |")
+        print("|---|---|---|---|---|---|")
+        for label, n, make in (
+            ("MIoUEvaluator", args.images, lambda: MIoUEvaluator(name, distributed=False)),
+            ("MIoUEvaluator, boundary IoU", args.images, lambda: MIoUEvaluator(name, distributed=False, boundary_iou=True)),
+            ("SemSegEvaluator", args.reference_images, lambda: SemSegEvaluator(name, distributed=False)),
+        ):
+            if n <= 0:
+                continue
+            ev = make()
+            ev.reset()
+            tracemalloc.start()
+            early = None
+            for i, inp in enumerate(inputs[:n]):
+                ev.process([inp], [{"sem_seg": logits[i % len(logits)]}])
+                if i + 1 == max(1, n // 10):
+                    early = (tracemalloc.get_traced_memory()[0] / 2**20, _rss_mb())
+            current, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            rss_end = _rss_mb()
+            ev.evaluate()
+            print(f"| {label} | {n} | {early[0]:.2f} | {current / 2**20:.2f} | {peak / 2**20:.2f} | {early[1]:.0f} / {rss_end:.0f} |")
+            del ev
+
+
+# --------------------------------------------------------------------------------------- AP
+
+
+def _ellipse(h, w, rng):
+    m = np.zeros((h, w), np.uint8)
+    cx, cy = int(rng.integers(10, w - 10)), int(rng.integers(10, h - 10))
+    ax, ay = (int(v) for v in rng.integers(4, max(6, min(h, w) // 6), 2))
+    cv2.ellipse(m, (cx, cy), (ax, ay), int(rng.integers(0, 180)), 0, 360, 1, -1)
+    return m
+
+
+def _ap_setup(folder, n_images, h, w, n_gt, n_det, num_classes, seed=0):
+    rng = np.random.default_rng(seed)
+    images, anns, gt_masks = [], [], {}
+    for img_id in range(1, n_images + 1):
+        images.append({"id": img_id, "width": w, "height": h, "file_name": f"{img_id}.jpg"})
+        gt_masks[img_id] = []
+        for _ in range(n_gt):
+            m = _ellipse(h, w, rng)
+            cat = int(rng.integers(1, num_classes + 1))
+            rle = encode_masks(torch.from_numpy(m[None]).bool())[0]
+            anns.append({"id": len(anns) + 1, "image_id": img_id, "category_id": cat, "iscrowd": 0,
+                         "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()},
+                         "area": float(m.sum()), "bbox": [float(v) for v in cv2.boundingRect(m)]})
+            gt_masks[img_id].append((m, cat))
+    json_file = os.path.join(folder, "bench_instances.json")
+    cats = [{"id": c, "name": f"class{c}"} for c in range(1, num_classes + 1)]
+    with open(json_file, "w") as f:
+        json.dump({"images": images, "annotations": anns, "categories": cats}, f)
+    name = "bench_instances"
+    _register(name, [], json_file=json_file, thing_classes=[c["name"] for c in cats],
+              thing_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(cats)})
+    inputs, outputs = [], []
+    for img_id in range(1, n_images + 1):
+        masks, classes = [], []
+        for k in range(n_det):
+            if k < len(gt_masks[img_id]):  # a shifted copy of a GT object
+                m, cat = gt_masks[img_id][k]
+                m = np.roll(m, int(rng.integers(-4, 5)), axis=int(rng.integers(0, 2)))
+                cls = cat - 1
+            else:  # a false positive
+                m, cls = _ellipse(h, w, rng), int(rng.integers(0, num_classes))
+            masks.append(m)
+            classes.append(cls)
+        masks = torch.from_numpy(np.stack(masks)).bool()
+        boxes = [cv2.boundingRect(m.numpy().astype(np.uint8)) for m in masks]
+        inst = Instances((h, w))
+        inst.pred_masks = masks
+        inst.pred_boxes = Boxes(torch.tensor([[x, y, x + bw, y + bh] for x, y, bw, bh in boxes], dtype=torch.float32))
+        inst.scores = torch.from_numpy(rng.random(n_det).astype(np.float32))
+        inst.pred_classes = torch.tensor(classes)
+        inputs.append({"image_id": img_id, "file_name": f"{img_id}.jpg"})
+        outputs.append({"instances": inst})
+    return name, inputs, outputs
+
+
+def _run_ap(evaluator, inputs, outputs):
+    evaluator.reset()
+    t0 = time.perf_counter()
+    for i, o in zip(inputs, outputs):
+        evaluator.process([i], [o])
+    t1 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        res = evaluator.evaluate()
+    t2 = time.perf_counter()
+    return res, t1 - t0, t2 - t1
+
+
+def bench_ap(args):
+    h, w = (int(v) for v in args.image_size.split("x"))
+    with tempfile.TemporaryDirectory() as folder:
+        name, inputs, outputs = _ap_setup(folder, args.images, h, w, args.gt, args.detections, args.classes)
+        # segm_area="mask" sizes segm detections as COCOEvaluator does, so every key can be compared.
+        pairs = [
+            ("COCOEvaluator (use_fast_impl=True)", lambda: COCOEvaluator(name, tasks=("bbox", "segm"), distributed=False),
+             "MaskAPEvaluator (detectron2_fast)", lambda: MaskAPEvaluator(name, distributed=False, segm_area="mask")),
+            ("COCOEvaluator (use_fast_impl=False)",
+             lambda: COCOEvaluator(name, tasks=("bbox", "segm"), distributed=False, use_fast_impl=False),
+             "MaskAPEvaluator (pycocotools)",
+             lambda: MaskAPEvaluator(name, distributed=False, backend="pycocotools", segm_area="mask")),
+        ]
+        print(f"\nmask/box AP: {args.images} images {h}x{w}, {args.detections} detections and {args.gt} objects per image, "
+              f"{args.classes} classes, torch threads {torch.get_num_threads()}; process + evaluate (bbox and segm)")
+        print("| reference | seconds (process + evaluate) | seg2 | seconds (process + evaluate) | speed-up | max abs AP diff |")
+        print("|---|---|---|---|---|---|")
+        for ref_label, make_ref, our_label, make_ours in pairs:
+            ref, rp, re_ = _run_ap(make_ref(), inputs, outputs)
+            ours, op, oe = _run_ap(make_ours(), inputs, outputs)
+            diff = max(_max_diff(ours[t], ref[t]) for t in ("bbox", "segm"))
+            print(f"| {ref_label} | {rp + re_:.2f} ({rp:.2f} + {re_:.2f}) | {our_label} | {op + oe:.2f} ({op:.2f} + {oe:.2f}) | "
+                  f"{(rp + re_) / (op + oe):.1f}x | {diff:.1e} |")
+            print(f"|   AP segm / bbox | {ref['segm']['AP']:.4f} / {ref['bbox']['AP']:.4f} | | {ours['segm']['AP']:.4f} / {ours['bbox']['AP']:.4f} | | |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: per-core comparison)")
+    sub = parser.add_subparsers(dest="bench", required=True)
+    p = sub.add_parser("miou")
+    p.add_argument("--images", type=int, default=4)
+    p.add_argument("--sizes", nargs="+", default=["512x512x21", "1024x2048x19"], help="HxWxCLASSES")
+    p = sub.add_parser("memory")
+    p.add_argument("--images", type=int, default=500)
+    p.add_argument("--reference-images", type=int, default=100, help="images for SemSegEvaluator (0: skip it)")
+    p.add_argument("--size", default="256x256x21", help="HxWxCLASSES")
+    p = sub.add_parser("ap")
+    p.add_argument("--images", type=int, default=20)
+    p.add_argument("--image-size", default="480x640")
+    p.add_argument("--detections", type=int, default=100)
+    p.add_argument("--gt", type=int, default=15)
+    p.add_argument("--classes", type=int, default=20)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    {"miou": bench_miou, "memory": bench_memory, "ap": bench_ap}[args.bench](args)
+
+
+if __name__ == "__main__":
+    main()
