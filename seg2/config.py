@@ -1,6 +1,7 @@
 """seg2's config keys, added to a detectron2 CfgNode by :func:`add_seg2_config`."""
 
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 
 
 def add_seg2_config(cfg):
@@ -20,3 +21,113 @@ def add_seg2_config(cfg):
     # With INPUT.CROP.ENABLED: re-draw a training crop (up to 10 times) while one class covers
     # more than this share of its labelled pixels, as DeepLab does. 1.0 turns the check off.
     cfg.SEG2.INPUT.SINGLE_CATEGORY_MAX_AREA = 1.0
+    # RoI pooler aggregation for ExtendedPoolerStandardROIHeads / ExtendedPoolerRes5ROIHeads (the
+    # pooler types are detectron2's MODEL.ROI_{BOX,MASK}_HEAD.POOLER_TYPE, plus "ROIWarp"):
+    # "avg", "max", or "" for the type's natural one (max for ROIPool, avg for the bilinear types).
+    cfg.SEG2.ROI_POOLER = CN()
+    cfg.SEG2.ROI_POOLER.BOX_AGGREGATION = ""
+    cfg.SEG2.ROI_POOLER.MASK_AGGREGATION = ""
+    # Number of semantic classes (background included) the mapper checks label values against:
+    # a value that is neither a class nor IGNORE_LABEL is an error naming the file. 0: the length
+    # of the datasets' metadata stuff_classes, else MODEL.SEM_SEG_HEAD.NUM_CLASSES.
+    cfg.SEG2.INPUT.NUM_SEM_SEG_CLASSES = 0
+    # With INPUT.CROP.ENABLED and TYPE "absolute": pad each training crop to the full crop size
+    # (image with 0, semantic map with IGNORE_LABEL), as DeepLab does for images smaller than it.
+    cfg.SEG2.INPUT.PAD_TO_CROP_SIZE = False
+    # Evaluation (seg2.evaluation, used by build_evaluator / tools/train_net.py).
+    cfg.SEG2.EVALUATION = CN()
+    # MIoUEvaluator: also report detectron2's boundary IoU per class.
+    cfg.SEG2.EVALUATION.BOUNDARY_IOU = False
+    # MaskAPEvaluator: "detectron2_fast" (C++ COCOeval_opt) or "pycocotools" (reference COCOeval).
+    cfg.SEG2.EVALUATION.MASK_AP_BACKEND = "detectron2_fast"
+    # MaskAPEvaluator: size range (APs/APm/APl) of a segm detection by its "box" area (pycocotools'
+    # COCOeval on results with a box and a mask) or its "mask" area (detectron2's COCOEvaluator).
+    cfg.SEG2.EVALUATION.SEGM_AREA = "box"
+    # Overlap-tile semantic inference (seg2.inference.TiledSemSegInference, used by Seg2Predictor
+    # and tools/demo.py): tiles of TILE_SIZE output pixels every STRIDE pixels, BATCH_SIZE tiles
+    # per forward pass, overlapping logits blended by BLEND ("average", "linear" or "gaussian":
+    # weights falling off towards the tile edges). STRIDE is rounded down to a multiple of the
+    # backbone's largest feature stride (when that fits in a tile) so tiles keep the pooling grid
+    # of the whole image. MARGIN: context pixels around each tile of a
+    # "same"-padding model (mirror-padded outside the image); "valid"-padding U-Nets use their own.
+    cfg.SEG2.TILING = CN()
+    cfg.SEG2.TILING.ENABLED = False
+    cfg.SEG2.TILING.TILE_SIZE = 512
+    cfg.SEG2.TILING.STRIDE = 384
+    cfg.SEG2.TILING.BATCH_SIZE = 4
+    cfg.SEG2.TILING.BLEND = "gaussian"
+    cfg.SEG2.TILING.MARGIN = 0
+    _add_modeling_config(cfg)
+
+
+def _add_modeling_config(cfg):
+    """Keys of seg2's backbones, semantic heads and meta-architectures (seg2.modeling)."""
+    # detectron2.projects.deeplab's keys (ASPP, low-level projection, DeepLab ResNet), which the
+    # DeepLabV3+ heads read; added only where absent so add_deeplab_config may come first.
+    if not hasattr(cfg.MODEL.SEM_SEG_HEAD, "ASPP_CHANNELS"):
+        from detectron2.projects.deeplab import add_deeplab_config
+
+        add_deeplab_config(cfg)
+    # VGG (build_vgg_backbone), as FCN (fc6/fc7 as convs) and SegNet (pooling indices) use it.
+    cfg.MODEL.VGG = CN()
+    cfg.MODEL.VGG.DEPTH = 16
+    cfg.MODEL.VGG.CHANNELS = [64, 128, 256, 512, 512]  # per stage
+    cfg.MODEL.VGG.NORM = ""  # "" (VGG, FCN) or "BN" (VGG-BN, SegNet), or any detectron2 norm
+    cfg.MODEL.VGG.FC_DIM = 4096  # fc6/fc7 channels; 0: no fc layers
+    cfg.MODEL.VGG.FC_DROPOUT = 0.5
+    # FCN's pad-100-and-crop: conv1_1 padded by 100, ceil-mode pooling, fc6 unpadded.
+    cfg.MODEL.VGG.FCN_PAD100 = False
+    # conv{1..5}, pool{1..5}, pool{1..5}_indices, fc7; [] for all.
+    cfg.MODEL.VGG.OUT_FEATURES = []
+    # The classic U-Net contracting path (build_unet_encoder_backbone).
+    cfg.MODEL.UNET_ENCODER = CN()
+    cfg.MODEL.UNET_ENCODER.CHANNELS = [64, 128, 256, 512, 1024]  # enc1 (stride 1) ... enc5 (stride 16)
+    cfg.MODEL.UNET_ENCODER.PADDING = "valid"  # "valid" (the paper) or "same"
+    cfg.MODEL.UNET_ENCODER.NORM = ""
+    cfg.MODEL.UNET_ENCODER.OUT_FEATURES = []  # [] for all
+    # Heads (MODEL.SEM_SEG_HEAD.NAME); NUM_CLASSES, IN_FEATURES, IGNORE_VALUE, LOSS_WEIGHT are
+    # detectron2's MODEL.SEM_SEG_HEAD keys. UPSAMPLE: "deconv" (transposed conv, bilinear init),
+    # "bilinear", "nearest_conv", "bilinear_conv" (resize then 3x3 conv) or "unpool" (SegNet).
+    cfg.MODEL.FCN_HEAD = CN()
+    cfg.MODEL.FCN_HEAD.UPSAMPLE = "deconv"
+    cfg.MODEL.FCN_HEAD.LEARN_FINAL_UPSAMPLE = True  # the paper keeps the last one fixed (False)
+    cfg.MODEL.UNET_HEAD = CN()
+    cfg.MODEL.UNET_HEAD.UPSAMPLE = "deconv"  # the paper's 2x2 up-conv
+    cfg.MODEL.UNET_HEAD.PADDING = "same"  # or "valid" (with Seg2SemanticSegmentor's overlap-tile)
+    cfg.MODEL.UNET_HEAD.DECODER_CHANNELS = []  # per up step, deepest first; []: the skips' channels
+    cfg.MODEL.UNET_HEAD.NORM = ""
+    cfg.MODEL.SEGNET_HEAD = CN()
+    cfg.MODEL.SEGNET_HEAD.UPSAMPLE = "unpool"
+    cfg.MODEL.SEGNET_HEAD.NUM_CONVS = [3, 3, 3, 2, 2]  # per decoder stage, deepest first (VGG16)
+    cfg.MODEL.SEGNET_HEAD.CLASSIFIER_KERNEL = 3
+    cfg.MODEL.SEGNET_HEAD.NORM = "BN"
+    cfg.MODEL.DEEPLAB_HEAD = CN()
+    cfg.MODEL.DEEPLAB_HEAD.UPSAMPLE = "bilinear"  # Seg2DeepLabV3PlusHead
+    # Seg2MultiTaskRCNN: weight of the RPN + RoI-head losses (the semantic loss is weighted by
+    # MODEL.SEM_SEG_HEAD.LOSS_WEIGHT).
+    cfg.MODEL.MULTITASK = CN()
+    cfg.MODEL.MULTITASK.INSTANCE_LOSS_WEIGHT = 1.0
+
+
+def load_seg2_config(config_file: str, opts=()):
+    """
+    The config of ``config_file`` with ``opts`` (``KEY VALUE ...``) applied, unfrozen: detectron2's
+    defaults, seg2's keys, then the file. The tools share this.
+
+    Raises:
+        Seg2Error: an unknown key, an odd override list or a type mismatch, naming the file.
+    """
+    from .data import register_seg2_shapes
+    from .utils import Seg2Error
+
+    cfg = get_cfg()
+    add_seg2_config(cfg)
+    try:
+        cfg.merge_from_file(config_file)
+        cfg.merge_from_list(list(opts))
+    except (KeyError, AssertionError, ValueError, OSError) as e:
+        # yacs reports unknown keys, odd override lists and type mismatches this way.
+        raise Seg2Error(f"bad config ({config_file}, overrides {list(opts)}): {e}") from e
+    if cfg.SEG2.SHAPES_ROOT:
+        register_seg2_shapes(cfg.SEG2.SHAPES_ROOT)
+    return cfg

@@ -1,3 +1,4 @@
+import logging
 import os
 import tempfile
 
@@ -30,3 +31,16 @@ def shared_fixtures():
     if not os.path.isdir(SHARED_FIXTURES):
         pytest.skip(f"{SHARED_FIXTURES} is absent: the shared fixtures are only in the seg2 team's checkout")
     return SHARED_FIXTURES
+
+
+@pytest.fixture(autouse=True)
+def _restore_loggers():
+    """Tools run in-process (tools/demo.py, train_net) call detectron2's setup_logger, which adds
+    handlers bound to pytest's captured streams and stops propagation: undo that after each test."""
+    loggers = [logging.getLogger(n) for n in ("seg2", "detectron2", "fvcore", "d2")]
+    saved = [(lg, list(lg.handlers), lg.propagate, lg.level) for lg in loggers]
+    yield
+    for lg, handlers, propagate, level in saved:
+        lg.handlers[:] = handlers
+        lg.propagate = propagate
+        lg.setLevel(level)

@@ -125,3 +125,20 @@ def test_unwritable_cache_folder_is_a_clear_error(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(Seg2Error, match="cannot write the seg2_shapes cache"):
         generate_shapes(str(blocker / "shapes"), splits=SPLITS, image_size=64)
+
+
+def test_registered_names_use_a_custom_cache_as_it_is(tiny_shapes_root):
+    """SEG2.SHAPES_ROOT pointing at a cache made with other parameters is read, not regenerated."""
+    from detectron2.data import DatasetCatalog
+
+    from seg2.data import register_seg2_shapes
+    from seg2.data.shapes import default_shapes_root
+
+    before = shapes_digest(tiny_shapes_root)
+    register_seg2_shapes(tiny_shapes_root)
+    try:
+        records = DatasetCatalog.get("seg2_shapes_train")
+    finally:
+        register_seg2_shapes(default_shapes_root())
+    assert len(records) == 8 and all(r["height"] == 64 for r in records)
+    assert shapes_digest(tiny_shapes_root) == before

@@ -10,14 +10,13 @@ import os
 import sys
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import seg2
-from seg2.data import MultiTaskDatasetMapper, check_dataset_names, register_seg2_shapes
+from seg2.data import MultiTaskDatasetMapper, check_dataset_names
 from seg2.evaluation import build_evaluator
 
 
@@ -39,20 +38,11 @@ class Trainer(DefaultTrainer):
 
 
 def setup(args):
-    cfg = get_cfg()
-    seg2.add_seg2_config(cfg)
-    try:
-        cfg.merge_from_file(args.config_file)
-        cfg.merge_from_list(args.opts)
-    except (KeyError, AssertionError, ValueError, OSError) as e:
-        # yacs reports unknown keys, odd override lists and type mismatches this way.
-        raise seg2.Seg2Error(f"bad config ({args.config_file}, overrides {args.opts}): {e}") from e
+    cfg = seg2.load_seg2_config(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
     # default_setup configures detectron2's loggers only; seg2's go to the same console and log file.
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="seg2")
-    if cfg.SEG2.SHAPES_ROOT:
-        register_seg2_shapes(cfg.SEG2.SHAPES_ROOT)
     check_dataset_names(cfg)
     return cfg
 

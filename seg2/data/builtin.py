@@ -17,12 +17,21 @@ under ``$DETECTRON2_DATASETS`` (default ``datasets/``); nothing is read at impor
 
 import os
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import MetadataCatalog
 from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
 
 from .coco import IGNORE_LABEL as COCO_IGNORE_LABEL
+from .catalog import register_dataset
 from .coco import load_coco_with_sem_seg, register_coco_sem_seg
-from .shapes import DEFAULT_SPLITS, IGNORE_LABEL, SHAPES_CLASSES, default_shapes_root, generate_shapes
+from ..utils import Seg2Error
+from .shapes import (
+    DEFAULT_SPLITS,
+    IGNORE_LABEL,
+    SHAPES_CLASSES,
+    default_shapes_root,
+    generate_shapes,
+    read_shapes_params,
+)
 from .voc import register_voc_instances, register_voc_sem_seg
 from .voc_palette import VOC_PALETTE
 
@@ -30,8 +39,25 @@ SHAPES_DATASETS = tuple(f"seg2_shapes_{split}" for split in sorted(DEFAULT_SPLIT
 
 
 def load_shapes(root: str, split: str):
-    """Generate the shapes dataset under ``root`` if needed and load ``split`` as dataset dicts."""
-    generate_shapes(root)
+    """
+    Load ``split`` of the shapes dataset under ``root`` as dataset dicts. A cache made with other
+    parameters (e.g. by ``generate_shapes(root, image_size=256)``) is used as it is, and repaired
+    with its own parameters if damaged; a missing one is generated with the defaults.
+    """
+    params = read_shapes_params(root)
+    if params is None:
+        generate_shapes(root)
+        params = read_shapes_params(root)
+    else:
+        generate_shapes(
+            root,
+            splits=params["splits"],
+            image_size=params["image_size"],
+            seed=params["seed"],
+            max_instances=params["max_instances"],
+        )
+    if split not in params["splits"]:
+        raise Seg2Error(f"{root}: the shapes cache has the splits {sorted(params['splits'])}, not {split!r}")
     return load_coco_with_sem_seg(
         os.path.join(root, "coco", "annotations", f"instances_{split}.json"),
         os.path.join(root, "coco", split),
@@ -54,24 +80,24 @@ def register_seg2_shapes(root: str = None):
     root = root or default_shapes_root()
     for split in sorted(DEFAULT_SPLITS):
         name = f"seg2_shapes_{split}"
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
-        DatasetCatalog.register(name, lambda root=root, split=split: load_shapes(root, split))
         colours = _voc_colours(len(SHAPES_CLASSES) + 1)
-        MetadataCatalog.get(name).set(
-            thing_classes=list(SHAPES_CLASSES),
-            thing_colors=colours[1:],
-            thing_dataset_id_to_contiguous_id={i + 1: i for i in range(len(SHAPES_CLASSES))},
-            stuff_classes=["background"] + list(SHAPES_CLASSES),
-            stuff_colors=colours,
-            ignore_label=IGNORE_LABEL,
-            json_file=os.path.join(root, "coco", "annotations", f"instances_{split}.json"),
-            image_root=os.path.join(root, "coco", split),
-            sem_seg_root=os.path.join(root, "VOC2012", "SegmentationClass"),
-            # Both views exist: seg2's Trainer evaluates whichever the model predicts.
-            evaluator_type="coco_sem_seg",
-            dataset_root=root,
+        register_dataset(
+            name,
+            lambda root=root, split=split: load_shapes(root, split),
+            dict(
+                thing_classes=list(SHAPES_CLASSES),
+                thing_colors=colours[1:],
+                thing_dataset_id_to_contiguous_id={i + 1: i for i in range(len(SHAPES_CLASSES))},
+                stuff_classes=["background"] + list(SHAPES_CLASSES),
+                stuff_colors=colours,
+                ignore_label=IGNORE_LABEL,
+                json_file=os.path.join(root, "coco", "annotations", f"instances_{split}.json"),
+                image_root=os.path.join(root, "coco", split),
+                sem_seg_root=os.path.join(root, "VOC2012", "SegmentationClass"),
+                # Both views exist: seg2's Trainer evaluates whichever the model predicts.
+                evaluator_type="coco_sem_seg",
+                dataset_root=root,
+            ),
         )
 
 

@@ -2,7 +2,7 @@
 
 import difflib
 
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from ..utils import Seg2Error
 
@@ -23,3 +23,15 @@ def check_dataset_names(cfg):
                     "Registered names: `python -c \"import seg2; from detectron2.data import "
                     "DatasetCatalog; print(DatasetCatalog.list())\"`."
                 )
+
+
+def register_dataset(name: str, loader, metadata: dict):
+    """
+    Register ``loader`` under ``name`` with ``metadata``, replacing an earlier registration of
+    that name (detectron2's catalogs refuse to register a name twice).
+    """
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, loader)
+    MetadataCatalog.get(name).set(**metadata)

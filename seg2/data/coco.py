@@ -25,11 +25,12 @@ from collections import Counter
 from typing import List, Optional, Sequence
 
 import numpy as np
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 from pycocotools import mask as mask_util
 
 from ..utils import Seg2Error
+from .catalog import register_dataset
 from .label_map import label_map_size, write_label_map
 
 __all__ = [
@@ -367,14 +368,6 @@ def load_coco_sem_seg(
     return records
 
 
-def _register(name: str, loader, metadata: dict):
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-    DatasetCatalog.register(name, loader)
-    MetadataCatalog.get(name).set(**metadata)
-
-
 def _things_metadata(thing_classes, metadata):
     meta = dict(metadata or {})
     if thing_classes is not None:
@@ -400,7 +393,7 @@ def register_coco_with_sem_seg(
     """
     meta = _things_metadata(thing_classes, metadata)
     meta.update(json_file=json_file, image_root=image_root, sem_seg_root=sem_seg_root, evaluator_type="coco_sem_seg")
-    _register(name, lambda: load_coco_with_sem_seg(json_file, image_root, sem_seg_root, name), meta)
+    register_dataset(name, lambda: load_coco_with_sem_seg(json_file, image_root, sem_seg_root, name), meta)
 
 
 def register_coco_sem_seg(
@@ -427,7 +420,7 @@ def register_coco_sem_seg(
     )
     if with_instances:
         meta["json_file"] = json_file  # COCOEvaluator's ground truth
-    _register(
+    register_dataset(
         name,
         lambda: load_coco_sem_seg(json_file, image_root, cache_dir, name, with_instances, num_workers),
         meta,

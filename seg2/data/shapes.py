@@ -260,6 +260,19 @@ def _file_list(root: str):
     return dict(sorted(files.items()))
 
 
+def read_shapes_params(root: str) -> Optional[dict]:
+    """The generation parameters in ``root``'s manifest, or None if there is no readable one of
+    this generator version."""
+    try:
+        with open(os.path.join(root, MANIFEST)) as f:
+            params = json.load(f)["params"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(params, dict) or params.get("generator_version") != GENERATOR_VERSION:
+        return None
+    return params
+
+
 def check_shapes_cache(root: str, params: dict) -> Optional[str]:
     """None if ``root`` holds a complete cache made with ``params``, else why it does not."""
     manifest_path = os.path.join(root, MANIFEST)

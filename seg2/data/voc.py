@@ -21,13 +21,13 @@ import os
 from typing import List, Optional, Sequence
 
 import numpy as np
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.pascal_voc import CLASS_NAMES as VOC_CLASSES
 from detectron2.structures import BoxMode
 from PIL import Image
 from pycocotools import mask as mask_util
 
 from ..utils import Seg2Error
+from .catalog import register_dataset
 from .label_map import check_label_values, label_map_size, read_label_map
 from .voc_palette import VOC_PALETTE
 
@@ -257,14 +257,6 @@ def load_voc_instances(
     return records
 
 
-def _replace(name: str, loader, metadata: dict):
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-    DatasetCatalog.register(name, loader)
-    MetadataCatalog.get(name).set(**metadata)
-
-
 def register_voc_sem_seg(
     name: str,
     voc_root: str,
@@ -303,7 +295,7 @@ def register_voc_sem_seg(
     meta.update(evaluator_type="sem_seg", dirname=voc_root, split=split)
     if sbd_root is not None:
         meta["sbd_root"] = sbd_root
-    _replace(name, loader, meta)
+    register_dataset(name, loader, meta)
 
 
 def register_voc_instances(
@@ -321,7 +313,7 @@ def register_voc_instances(
     """
     meta = voc_metadata(class_names)
     meta.update(evaluator_type="coco_sem_seg" if with_sem_seg else "coco", dirname=voc_root, split=split)
-    _replace(
+    register_dataset(
         name,
         lambda: load_voc_instances(voc_root, split, class_names, require_palette, with_sem_seg),
         meta,

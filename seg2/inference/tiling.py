@@ -1,0 +1,295 @@
+"""
+Overlap-tile semantic inference of images of any size (U-Net, Ronneberger et al., MICCAI 2015).
+
+The image is cut into overlapping tiles (``SEG2.TILING.TILE_SIZE``, ``STRIDE``), each tile is fed
+with context around it (mirror-padded where it lies outside the image, as the U-Net paper does),
+tiles go through the model's backbone and semantic head in batches (``BATCH_SIZE``), and the
+overlapping logits are blended (``BLEND``: a plain average, or a weight falling off towards the
+tile edges) and stitched. Works for every model with ``backbone``, ``sem_seg_head``,
+``pixel_mean`` and ``pixel_std``: :class:`Seg2SemanticSegmentor` (including "valid"-padding
+U-Nets, whose context is their own overlap-tile margin), the semantic branch of
+:class:`Seg2MultiTaskRCNN`, and detectron2's ``SemanticSegmentor`` / ``PanopticFPN``.
+
+Memory: with ``output="labels"`` the blended logits are kept only for the band of rows that
+later tiles can still reach, so memory grows with the tile batch and the image width, not with
+the image area (besides the (H, W) label map and the input itself).
+"""
+
+from typing import List, Sequence, Tuple
+
+import torch
+from detectron2.config import configurable
+from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.structures import ImageList
+
+from ..utils import Seg2Error
+
+__all__ = ["BLEND_MODES", "TiledSemSegInference", "blend_window", "reflect_indices", "tile_starts"]
+
+BLEND_MODES = ("average", "linear", "gaussian")
+
+
+def tile_starts(length: int, tile: int, stride: int, period: int = 1) -> List[int]:
+    """
+    Start offsets of tiles of side ``tile`` every ``stride`` pixels along a side of ``length``.
+    One tile at 0 when the side is not longer than a tile. With ``period`` > 1 (the network's
+    largest feature stride, at most ``tile``) the stride is rounded down to a multiple of it
+    (at least one period), so every tile sees the pooling grid the whole image sees, and the
+    last tile may reach past the border (into the mirror padding, cropped from its output).
+    Otherwise the last tile ends at the border.
+    """
+    if length <= tile:
+        return [0]
+    if 1 < period <= tile:
+        stride = max(period, stride - stride % period)
+        n = -(-(length - tile) // stride)  # ceil
+        return [k * stride for k in range(n + 1)]
+    return list(range(0, length - tile, stride)) + [length - tile]
+
+
+def reflect_indices(start: int, stop: int, size: int) -> torch.Tensor:
+    """
+    Indices into a side of ``size`` pixels for positions ``start .. stop-1``, reflected at the
+    borders without repeating the edge pixel (``F.pad(mode="reflect")``, repeated where the
+    padding exceeds the side, as :func:`seg2.modeling.meta_arch.mirror_pad` does).
+    """
+    i = torch.arange(start, stop)
+    if size == 1:
+        return torch.zeros_like(i)
+    period = 2 * (size - 1)
+    i = i.remainder(period)
+    return torch.where(i >= size, period - i, i)
+
+
+def blend_window(size: int, mode: str) -> torch.Tensor:
+    """
+    1-D blending weights of a tile side (float64, all > 0): "average" all ones, "linear" a tent
+    falling to ``1/ceil(size/2)`` at the edges, "gaussian" a Gaussian of sigma ``size/8`` (as
+    nnU-Net's), ``exp(-8)`` or more at the edges. A tile's 2-D weight is the outer product.
+    """
+    if mode not in BLEND_MODES:
+        raise ValueError(f"blend mode {mode!r}: expected one of {BLEND_MODES}")
+    idx = torch.arange(size, dtype=torch.float64)
+    if mode == "average":
+        return torch.ones(size, dtype=torch.float64)
+    if mode == "linear":
+        return torch.minimum(idx + 1, size - idx) / ((size + 1) // 2)
+    sigma = size / 8.0
+    return torch.exp(-0.5 * ((idx - (size - 1) / 2.0) / sigma) ** 2)
+
+
+class _SemSegBranch:
+    """The backbone + semantic head of a model, run on batches of tiles exactly as the model's
+    own whole-image inference runs them (normalisation, padding, post-processing)."""
+
+    def __init__(self, model):
+        missing = [a for a in ("backbone", "sem_seg_head", "pixel_mean", "pixel_std") if not hasattr(model, a)]
+        if missing:
+            raise ValueError(
+                f"{type(model).__name__} has no {missing}: tiled semantic inference needs a model with a "
+                "backbone and a semantic head (Seg2SemanticSegmentor, Seg2MultiTaskRCNN, SemanticSegmentor)"
+            )
+        self.model = model
+        # "valid"-padding models (Seg2SemanticSegmentor.overlap_tile) need more input than output.
+        self.valid = bool(getattr(model, "overlap_tile", False))
+        # Period of the network's pooling grid: its largest feature stride.
+        self.period = max((s.stride or 1 for s in model.backbone.output_shape().values()), default=1)
+
+    @property
+    def device(self):
+        return self.model.pixel_mean.device
+
+    def input_geometry(self, tile: int, margin: int) -> Tuple[int, int]:
+        """(input side, context before the tile) for an output tile side ``tile``."""
+        if self.valid:
+            return self.model.tile_geometry(tile)
+        return tile + 2 * margin, margin
+
+    def __call__(self, batch: torch.Tensor, tile_hw: Tuple[int, int], lead_hw: Tuple[int, int]) -> torch.Tensor:
+        """(N, K, tile_h, tile_w) logits of a (N, C, in_h, in_w) batch of raw tiles."""
+        m = self.model
+        x = (batch - m.pixel_mean) / m.pixel_std
+        in_hw = tuple(x.shape[-2:])
+        if not self.valid:
+            # As SemanticSegmentor / GeneralizedRCNN.preprocess_image: zero-pad to the backbone's
+            # size divisibility after normalisation.
+            bb = m.backbone
+            x = ImageList.from_tensors(list(x), bb.size_divisibility, padding_constraints=bb.padding_constraints).tensor
+        results, _ = m.sem_seg_head(m.backbone(x), None)
+        (th, tw), (ly, lx) = tile_hw, lead_hw
+        if self.valid:
+            # Seg2SemanticSegmentor crops the output of the padded input at the top left.
+            return torch.stack([sem_seg_postprocess(r, (th, tw), th, tw) for r in results])
+        out = torch.stack([sem_seg_postprocess(r, in_hw, in_hw[0], in_hw[1]) for r in results])
+        return out[:, :, ly : ly + th, lx : lx + tw]
+
+
+class _Stitcher:
+    """Sums weighted tile logits and divides by the summed weights. With ``keep_logits=False``
+    only the rows still open to later tiles are kept; finished rows become class indices."""
+
+    def __init__(self, num_classes, height, width, norm_y, norm_x, keep_logits, device):
+        self.norm_y, self.norm_x = norm_y, norm_x
+        self.keep_logits = keep_logits
+        self.height = height
+        if keep_logits:
+            self.buf = torch.zeros(num_classes, height, width, device=device)
+        else:
+            self.buf = torch.zeros(num_classes, 0, width, device=device)
+            self.labels = torch.empty(height, width, dtype=torch.uint8 if num_classes <= 256 else torch.int64, device=device)
+        self.base = 0  # image row of self.buf[:, 0]
+
+    def add(self, logits: torch.Tensor, y0: int, x0: int):
+        # A tile reaching past the bottom/right border: keep the part inside the image.
+        logits = logits[:, : self.height - y0, : self.buf.shape[2] - x0]
+        k, th, tw = logits.shape
+        need = y0 + th - self.base
+        if need > self.buf.shape[1]:
+            grow = torch.zeros(k, need - self.buf.shape[1], self.buf.shape[2], device=self.buf.device, dtype=self.buf.dtype)
+            self.buf = torch.cat([self.buf, grow], dim=1)
+        self.buf[:, y0 - self.base : y0 - self.base + th, x0 : x0 + tw] += logits
+
+    def _normalise(self, part: torch.Tensor, y0: int, y1: int):
+        part.div_(self.norm_y[y0:y1].view(1, -1, 1)).div_(self.norm_x.view(1, 1, -1))
+
+    def finish_rows(self, upto: int):
+        """Rows above ``upto`` get no more tiles."""
+        if self.keep_logits or upto <= self.base:
+            return
+        n = upto - self.base
+        part = self.buf[:, :n]
+        self._normalise(part, self.base, upto)
+        # max(0).indices: argmax, first index on ties, several times faster than argmax(0) on CPU
+        self.labels[self.base : upto] = part.max(0).indices.to(self.labels.dtype)
+        self.buf = self.buf[:, n:]
+        self.base = upto
+
+    def result(self) -> torch.Tensor:
+        if self.keep_logits:
+            self._normalise(self.buf, 0, self.height)
+            return self.buf
+        self.finish_rows(self.height)
+        return self.labels
+
+
+class TiledSemSegInference:
+    """
+    Overlap-tile semantic inference (U-Net, Ronneberger et al., MICCAI 2015) with batched tiles
+    and blended, stitched logits, for the semantic branch of a seg2 or detectron2 model.
+
+    When one tile covers the image (``TILE_SIZE`` at least the image side), the result equals
+    the model's whole-image inference exactly; tiles are clamped to the image, so images smaller
+    than a tile are one tile.
+    """
+
+    @configurable
+    def __init__(self, model, *, tile_size: int, stride: int, batch_size: int = 4, blend: str = "gaussian", margin: int = 0):
+        """
+        Args:
+            model (nn.Module): a model with ``backbone``, ``sem_seg_head``, ``pixel_mean``,
+                ``pixel_std`` (in eval mode).
+            tile_size (int): side of the output area of a tile, in pixels.
+            stride (int): step between tiles, ``1 <= stride <= tile_size``; rounded down to a
+                multiple of the backbone's largest feature stride where that is <= tile_size (see
+                :func:`tile_starts`).
+            batch_size (int): tiles per forward pass; bounds the peak memory.
+            blend (str): weights of overlapping logits: "average", "linear" or "gaussian"
+                (falling off towards the tile edges).
+            margin (int): context, in pixels, fed around each tile of a "same"-padding model and
+                cropped from its output (mirror-padded outside the image). "valid"-padding
+                models use their own margin (``Seg2SemanticSegmentor.tile_geometry``).
+        """
+        if tile_size < 1 or not 1 <= stride <= tile_size or batch_size < 1 or margin < 0:
+            raise ValueError(
+                f"tiling needs tile_size >= 1, 1 <= stride <= tile_size, batch_size >= 1 and margin >= 0; "
+                f"got tile_size={tile_size}, stride={stride}, batch_size={batch_size}, margin={margin}"
+            )
+        if blend not in BLEND_MODES:
+            raise ValueError(f"blend={blend!r}: expected one of {BLEND_MODES}")
+        self.branch = _SemSegBranch(model)
+        self.tile_size, self.stride, self.batch_size, self.blend, self.margin = tile_size, stride, batch_size, blend, margin
+
+    @classmethod
+    def from_config(cls, cfg, model):
+        t = cfg.SEG2.TILING
+        checks = [
+            ("SEG2.TILING.TILE_SIZE", t.TILE_SIZE, t.TILE_SIZE >= 1, ">= 1"),
+            ("SEG2.TILING.STRIDE", t.STRIDE, 1 <= t.STRIDE <= t.TILE_SIZE, f"in 1 .. TILE_SIZE ({t.TILE_SIZE}); a larger stride leaves gaps"),
+            ("SEG2.TILING.BATCH_SIZE", t.BATCH_SIZE, t.BATCH_SIZE >= 1, ">= 1"),
+            ("SEG2.TILING.BLEND", t.BLEND, t.BLEND in BLEND_MODES, f"one of {BLEND_MODES}"),
+            ("SEG2.TILING.MARGIN", t.MARGIN, t.MARGIN >= 0, ">= 0"),
+        ]
+        for key, value, ok, expected in checks:
+            if not ok:
+                raise Seg2Error(f"{key}={value!r}: expected {expected}")
+        return {
+            "model": model,
+            "tile_size": t.TILE_SIZE,
+            "stride": t.STRIDE,
+            "batch_size": t.BATCH_SIZE,
+            "blend": t.BLEND,
+            "margin": t.MARGIN,
+        }
+
+    def tiles(self, height: int, width: int) -> Tuple[Tuple[int, int], List[Tuple[int, int]]]:
+        """((tile_h, tile_w), [(y0, x0), ...] in row-major order) for an image of that size."""
+        th, tw = min(self.tile_size, height), min(self.tile_size, width)
+        ys = tile_starts(height, th, self.stride, self.branch.period)
+        xs = tile_starts(width, tw, self.stride, self.branch.period)
+        return (th, tw), [(y, x) for y in ys for x in xs]
+
+    def _weights(self, side: int, starts: Sequence[int], length: int, device):
+        # One tile along a side: weight 1, so that a single tile is returned bit-exactly.
+        w = blend_window(side, self.blend) if len(starts) > 1 else torch.ones(side, dtype=torch.float64)
+        norm = torch.zeros(length, dtype=torch.float64)
+        for s in starts:
+            norm[s : s + side] += w[: length - s]
+        return w.float().to(device), norm.float().to(device)
+
+    @torch.no_grad()
+    def __call__(self, image: torch.Tensor, output: str = "logits") -> torch.Tensor:
+        """
+        Args:
+            image (Tensor): (C, H, W), uint8 or float, as the model's "image" input (pixel
+                values in ``INPUT.FORMAT``, not normalised), on any device.
+            output (str): "logits": (K, H, W) float blended logits; "labels": (H, W) class
+                indices (uint8 when K <= 256), the argmax of those logits, computed band by band.
+
+        Returns:
+            Tensor on the model's device.
+        """
+        if output not in ("logits", "labels"):
+            raise ValueError(f"output={output!r}: expected 'logits' or 'labels'")
+        if image.dim() != 3 or min(image.shape) < 1:
+            raise ValueError(f"expected a (C, H, W) image, got shape {tuple(image.shape)}")
+        _, height, width = image.shape
+        device = self.branch.device
+        (th, tw), tiles = self.tiles(height, width)
+        ys = sorted({y for y, _ in tiles})
+        xs = sorted({x for _, x in tiles})
+        (in_h, lead_y), (in_w, lead_x) = self.branch.input_geometry(th, self.margin), self.branch.input_geometry(tw, self.margin)
+        wy, norm_y = self._weights(th, ys, height, device)
+        wx, norm_x = self._weights(tw, xs, width, device)
+        w2d = wy[:, None] * wx[None, :]
+        image = image.cpu()
+        stitcher = None
+        for i in range(0, len(tiles), self.batch_size):
+            chunk = tiles[i : i + self.batch_size]
+            batch = torch.stack(
+                [
+                    image.index_select(1, reflect_indices(y - lead_y, y - lead_y + in_h, height)).index_select(
+                        2, reflect_indices(x - lead_x, x - lead_x + in_w, width)
+                    )
+                    for y, x in chunk
+                ]
+            ).to(device=device, dtype=torch.float32)
+            logits = self.branch(batch, (th, tw), (lead_y, lead_x))
+            del batch
+            if stitcher is None:
+                stitcher = _Stitcher(logits.shape[1], height, width, norm_y, norm_x, output == "logits", device)
+            for (y, x), tile_logits in zip(chunk, logits):
+                stitcher.add(tile_logits * w2d, y, x)
+            del logits
+            nxt = i + self.batch_size
+            stitcher.finish_rows(tiles[nxt][0] if nxt < len(tiles) else height)
+        return stitcher.result()

@@ -1,0 +1,74 @@
+"""Build-time checks and target assembly shared by seg2's meta-architectures."""
+
+from typing import List, Optional, Sequence
+
+import torch
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import BACKBONE_REGISTRY, SEM_SEG_HEADS_REGISTRY
+
+from ...utils import Seg2Error
+
+__all__ = ["check_registered", "check_head_features", "check_num_classes", "sem_seg_targets"]
+
+
+def check_registered(cfg):
+    """A :class:`Seg2Error` naming the config key when the backbone or head name is unknown."""
+    for key, name, registry in (
+        ("MODEL.BACKBONE.NAME", cfg.MODEL.BACKBONE.NAME, BACKBONE_REGISTRY),
+        ("MODEL.SEM_SEG_HEAD.NAME", cfg.MODEL.SEM_SEG_HEAD.NAME, SEM_SEG_HEADS_REGISTRY),
+    ):
+        if name not in registry:
+            known = sorted(k for k, _ in registry)
+            raise Seg2Error(f"{key}={name!r} is not registered in detectron2's {registry._name} registry; known: {known}")
+
+
+def check_head_features(cfg, backbone_shape):
+    """A :class:`Seg2Error` when ``MODEL.SEM_SEG_HEAD.IN_FEATURES`` asks for what the backbone lacks."""
+    wanted = list(cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES)
+    missing = [f for f in wanted if f not in backbone_shape]
+    if missing:
+        raise Seg2Error(
+            f"MODEL.SEM_SEG_HEAD.IN_FEATURES={wanted}: backbone {cfg.MODEL.BACKBONE.NAME!r} gives no {missing}; "
+            f"it gives {sorted(backbone_shape)} (set them in its OUT_FEATURES, e.g. MODEL.RESNETS.OUT_FEATURES)"
+        )
+
+
+def check_num_classes(cfg, instances: bool = False):
+    """
+    A :class:`Seg2Error` when the config's class counts differ from the metadata of a registered
+    dataset in ``DATASETS.TRAIN`` / ``DATASETS.TEST`` (stuff_classes for the semantic head,
+    thing_classes for the RoI heads when ``instances``).
+    """
+    checks = [("MODEL.SEM_SEG_HEAD.NUM_CLASSES", cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, "stuff_classes")]
+    if instances:
+        checks.append(("MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL.ROI_HEADS.NUM_CLASSES, "thing_classes"))
+    registered = set(MetadataCatalog.list())
+    for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
+        if name not in registered:
+            continue
+        meta = MetadataCatalog.get(name)
+        for key, n, field in checks:
+            classes = meta.get(field, None)
+            if classes is not None and len(classes) != n:
+                raise Seg2Error(
+                    f"{key}={n} but dataset {name!r} has {len(classes)} {field} "
+                    f"({list(classes)[:6]}{'...' if len(classes) > 6 else ''}); set {key}: {len(classes)}"
+                )
+
+
+def sem_seg_targets(
+    batched_inputs: List[dict], size: Sequence[int], ignore_value: int, device
+) -> Optional[torch.Tensor]:
+    """
+    (N, H, W) targets of ``size``, padded with ``ignore_value``; an image without "sem_seg" is all
+    ``ignore_value`` (no loss, nothing made up). None when no image of the batch has one.
+    """
+    if not any("sem_seg" in x for x in batched_inputs):
+        return None
+    h, w = int(size[0]), int(size[1])
+    targets = torch.full((len(batched_inputs), h, w), ignore_value, dtype=torch.long, device=device)
+    for i, x in enumerate(batched_inputs):
+        if "sem_seg" in x:
+            t = x["sem_seg"].to(device)
+            targets[i, : t.shape[0], : t.shape[1]] = t[:h, :w]
+    return targets

@@ -1,0 +1,171 @@
+"""Overlap-tile semantic inference (seg2.inference.tiling) and the predictor on tiny models."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from detectron2.modeling import build_model
+from seg2_model_helpers import base_cfg, tiny_semantic_cfg
+
+from seg2 import Seg2Error
+from seg2.inference import Seg2Predictor, TiledSemSegInference, blend_window, reflect_indices, tile_starts
+from seg2.modeling.meta_arch import mirror_pad
+
+
+def _model(head, backbone, seed=0):
+    torch.manual_seed(seed)
+    cfg = tiny_semantic_cfg(head, backbone)
+    return cfg, build_model(cfg).eval()
+
+
+def _image(h, w, seed=0):
+    return torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def _whole(model, image):
+    with torch.no_grad():
+        return model([{"image": image}])[0]["sem_seg"]
+
+
+def test_tile_starts_by_hand():
+    assert tile_starts(10, 4, 3) == [0, 3, 6]  # last tile ends at the border
+    assert tile_starts(11, 4, 4) == [0, 4, 7]
+    assert tile_starts(8, 4, 4) == [0, 4]
+    assert tile_starts(4, 4, 1) == [0] and tile_starts(3, 8, 2) == [0]
+    # period 4: stride 6 -> 4, tiles reach past the border instead of shifting off the grid
+    assert tile_starts(10, 8, 6, period=4) == [0, 4]
+    assert tile_starts(13, 8, 6, period=4) == [0, 4, 8]
+    # a period larger than the tile cannot be kept: plain tiling
+    assert tile_starts(10, 4, 3, period=8) == [0, 3, 6]
+
+
+def test_tile_starts_cover_every_pixel():
+    for length, tile, stride, period in itertools.product([1, 5, 17, 64], [1, 4, 16], [1, 3, 4, 16], [1, 2, 4]):
+        if stride > tile:
+            continue
+        starts = tile_starts(length, tile, stride, period)
+        side = min(tile, length)
+        covered = np.zeros(length, bool)
+        for s in starts:
+            covered[s : s + side] = True
+        assert covered.all(), (length, tile, stride, period, starts)
+        assert starts == sorted(set(starts)) and starts[0] == 0
+        if 1 < period <= side < length:
+            assert all(s % period == 0 for s in starts)
+        else:
+            assert starts[-1] + side == length
+
+
+def test_reflect_indices_match_mirror_pad():
+    for size, top, bottom in [(5, 2, 3), (5, 4, 4), (5, 9, 13), (2, 5, 1), (1, 3, 2), (7, 0, 0)]:
+        x = torch.arange(size, dtype=torch.float32).view(1, 1, size, 1)
+        padded = mirror_pad(x, top, bottom, 0, 0)[0, 0, :, 0]
+        assert torch.equal(padded.long(), reflect_indices(-top, size + bottom, size)), (size, top, bottom)
+
+
+def test_blend_windows():
+    assert torch.equal(blend_window(3, "average"), torch.ones(3, dtype=torch.float64))
+    assert torch.allclose(blend_window(4, "linear"), torch.tensor([0.5, 1.0, 1.0, 0.5], dtype=torch.float64))
+    assert torch.allclose(blend_window(5, "linear"), torch.tensor([1, 2, 3, 2, 1], dtype=torch.float64) / 3)
+    g = blend_window(64, "gaussian")
+    assert torch.allclose(g, g.flip(0)) and g.min() > np.exp(-8.0) and g.argmax() in (31, 32)
+    assert abs(g[0].item() - np.exp(-0.5 * (31.5 / 8.0) ** 2)) < 1e-12
+    with pytest.raises(ValueError, match="blend"):
+        blend_window(4, "max")
+
+
+@pytest.mark.parametrize(
+    "head,backbone", [("UNetHead", "unet_same"), ("UNetHead", "unet_valid"), ("FCNHead", "vgg")]
+)
+def test_one_tile_equals_whole_image(head, backbone):
+    _, model = _model(head, backbone)
+    image = _image(37, 50)
+    whole = _whole(model, image)
+    # tile larger than the image: clamped to it, one tile; its weight must not change the logits
+    tiler = TiledSemSegInference(model, tile_size=64, stride=48, batch_size=2, blend="gaussian")
+    assert tiler.tiles(37, 50) == ((37, 50), [(0, 0)])
+    assert torch.equal(tiler(image), whole)
+    assert torch.equal(tiler(image, output="labels").long(), whole.argmax(0))
+
+
+def test_one_tile_equals_whole_image_multitask():
+    torch.manual_seed(0)
+    cfg = base_cfg("quickstart/mask_rcnn_R18_FPN_fcn8s_shapes_cpu.yaml")
+    model = build_model(cfg).eval()
+    image = _image(40, 52, seed=1)
+    with torch.no_grad():
+        whole = model([{"image": image}])[0]["sem_seg"]
+    tiled = TiledSemSegInference(model, tile_size=64, stride=64, blend="linear")(image)
+    assert torch.equal(tiled, whole)
+
+
+def test_valid_unet_tiles_equal_whole_image():
+    # Unpadded convs see only the image (mirror-extended at the borders) and tiles keep the pooling
+    # grid: every tile's logits equal the whole image's, so any blend must give them back.
+    _, model = _model("UNetHead", "unet_valid")
+    image = _image(29, 37, seed=2)
+    whole = _whole(model, image)
+    for blend in ("average", "linear", "gaussian"):
+        tiler = TiledSemSegInference(model, tile_size=16, stride=10, batch_size=5, blend=blend)
+        (th, tw), tiles = tiler.tiles(29, 37)
+        assert (th, tw) == (16, 16) and len(tiles) == 3 * 4  # stride 10 -> 8 (pooling period 4)
+        tiled = tiler(image)
+        assert tiled.shape == whole.shape
+        assert (tiled - whole).abs().max().item() < 1e-4, blend
+
+
+def test_labels_are_argmax_of_blended_logits_and_tiles_differ_from_whole():
+    _, model = _model("UNetHead", "unet_same")
+    image = _image(50, 40, seed=3)
+    tiler = TiledSemSegInference(model, tile_size=32, stride=20, batch_size=3, blend="gaussian", margin=4)
+    assert len(tiler.tiles(50, 40)[1]) == 3 * 2  # stride 20 -> 16 (pooling period 16)
+    logits = tiler(image)
+    for batch_size in (2, 4):  # a batch ends inside a row of tiles, or spans two rows
+        tiler.batch_size = batch_size
+        labels = tiler(image, output="labels")
+        assert labels.dtype == torch.uint8 and labels.shape == (50, 40)
+        assert torch.equal(labels.long(), logits.argmax(0))
+    # zero padding at tile edges changes same-padding logits: tiling is really used here
+    assert not torch.allclose(logits, _whole(model, image))
+
+
+def test_tiling_config_errors_name_the_key():
+    cfg, model = _model("UNetHead", "unet_same")
+    cfg.SEG2.TILING.TILE_SIZE, cfg.SEG2.TILING.STRIDE = 32, 48
+    with pytest.raises(Seg2Error, match="SEG2.TILING.STRIDE=48"):
+        TiledSemSegInference(cfg, model)
+    cfg.SEG2.TILING.STRIDE, cfg.SEG2.TILING.BLEND = 16, "median"
+    with pytest.raises(Seg2Error, match="SEG2.TILING.BLEND='median'"):
+        TiledSemSegInference(cfg, model)
+
+
+def test_predictor_tiled_equals_whole_and_takes_gray_and_16bit():
+    torch.manual_seed(0)
+    cfg = tiny_semantic_cfg("UNetHead", "unet_same")
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 0, 4096  # native resolution
+    whole = Seg2Predictor(cfg)
+    cfg.SEG2.TILING.ENABLED, cfg.SEG2.TILING.TILE_SIZE, cfg.SEG2.TILING.STRIDE = True, 64, 48
+    tiled = Seg2Predictor(cfg)
+    tiled.model.load_state_dict(whole.model.state_dict())
+    gray = np.random.default_rng(0).integers(0, 256, (30, 41), dtype=np.uint8)
+    ref = whole(np.repeat(gray[:, :, None], 3, axis=2))["sem_seg"]
+    assert ref.shape == (4, 30, 41)
+    assert torch.equal(tiled(gray)["sem_seg"], ref)
+    assert torch.equal(tiled(gray.astype(np.uint16) * 257)["sem_seg"], ref)  # 16 bit, scaled back to 8
+    assert torch.equal(tiled(gray, sem_seg_output="labels")["sem_seg_labels"].long(), ref.argmax(0))
+    with pytest.raises(Seg2Error, match="shape"):
+        tiled(np.zeros((4, 4, 2), np.uint8))
+
+
+def test_predictor_resizes_back_and_rejects_tiling_without_sem_seg():
+    torch.manual_seed(0)
+    cfg = tiny_semantic_cfg("FCNHead", "vgg")
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 64, 64
+    cfg.SEG2.TILING.ENABLED, cfg.SEG2.TILING.TILE_SIZE, cfg.SEG2.TILING.STRIDE = True, 32, 32
+    out = Seg2Predictor(cfg)(np.zeros((20, 30, 3), np.uint8))
+    assert out["sem_seg"].shape == (4, 20, 30)
+    cfg = base_cfg("quickstart/mask_rcnn_R18_FPN_shapes_cpu.yaml")
+    cfg.SEG2.TILING.ENABLED = True
+    with pytest.raises(Seg2Error, match="SEG2.TILING.ENABLED"):
+        Seg2Predictor(cfg)

@@ -1,0 +1,169 @@
+"""seg2's meta-architectures: overlap-tile, the multi-task model, and build-time errors."""
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+
+import seg2
+from seg2.modeling import META_ARCH_TASKS, model_tasks
+from seg2.modeling.meta_arch import mirror_pad
+from seg2_model_helpers import base_cfg, load_records, mapped_inputs, one_thread, tiny_semantic_cfg  # noqa: F401
+
+
+def test_tasks_registered():
+    assert META_ARCH_TASKS["Seg2SemanticSegmentor"] == frozenset({"sem_seg"})
+    assert META_ARCH_TASKS["Seg2MultiTaskRCNN"] == frozenset({"instances", "sem_seg"})
+    cfg = base_cfg("quickstart/mask_rcnn_R18_FPN_unet_shapes_cpu.yaml")
+    assert model_tasks(cfg) == {"instances", "sem_seg"}
+
+
+# ---- overlap-tile ------------------------------------------------------------------------------
+def test_mirror_pad_reflects_and_repeats():
+    x = torch.arange(4.0).view(1, 1, 1, 4)
+    out = mirror_pad(x, 0, 0, 2, 5)  # right padding larger than the map: the reflection repeats
+    assert out.flatten().tolist() == [2, 1, 0, 1, 2, 3, 2, 1, 0, 1, 2]
+
+
+def test_valid_unet_overlap_tile_covers_the_image():
+    torch.manual_seed(0)
+    model = build_model(tiny_semantic_cfg("UNetHead", "unet_valid"))  # 3 levels, unpadded convs
+    assert model.overlap_tile
+    # 3 levels of two unpadded 3x3 convs: margin 2*(1+2) + 2*4 + 2*(2+1) = 20 per side.
+    p, margin = model.tile_geometry(40)
+    assert margin == 20 and p == 80
+    model.eval()
+    image = torch.randint(0, 256, (3, 40, 37), dtype=torch.uint8)
+    with torch.no_grad():
+        out = model([{"image": image}])[0]["sem_seg"]
+    assert out.shape == (4, 40, 37)
+    # The output is the network applied to the mirror-padded image: recompute it by hand.
+    x = (image.float() - model.pixel_mean) / model.pixel_std
+    ph, mh = model.tile_geometry(40)
+    padded = mirror_pad(x[None], mh, ph - 40 - mh, mh, ph - 37 - mh)
+    with torch.no_grad():
+        direct = model.sem_seg_head(model.backbone(padded))[0][0]
+    torch.testing.assert_close(out, direct[:, :40, :37])
+
+
+# ---- the multi-task model ----------------------------------------------------------------------
+def _tiny_multitask_cfg(config="quickstart/mask_rcnn_R18_FPN_unet_shapes_cpu.yaml"):
+    cfg = base_cfg(config)
+    cfg.MODEL.FPN.OUT_CHANNELS = 32
+    cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 64
+    cfg.MODEL.ROI_MASK_HEAD.CONV_DIM = 16
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 64, 64
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "config",
+    ["quickstart/mask_rcnn_R18_FPN_fcn8s_shapes_cpu.yaml", "quickstart/mask_rcnn_R18_FPN_unet_shapes_cpu.yaml",
+     "quickstart/mask_rcnn_R18_FPN_deeplabv3plus_shapes_cpu.yaml"],
+)
+def test_multitask_trains_and_returns_both_outputs(tiny_shapes_root, config):
+    torch.manual_seed(0)
+    cfg = _tiny_multitask_cfg(config)
+    model = build_model(cfg)
+    inputs = mapped_inputs(cfg, load_records(tiny_shapes_root)[:2], size=64)
+    assert all("instances" in x and "sem_seg" in x for x in inputs)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model.train()
+    with EventStorage(0):
+        for _ in range(3):
+            losses = model(inputs)
+            assert {"loss_sem_seg", "loss_rpn_cls", "loss_cls", "loss_mask"} <= set(losses)
+            assert all(torch.isfinite(v) for v in losses.values())
+            opt.zero_grad()
+            sum(losses.values()).backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        out = model([{"image": x["image"], "height": 80, "width": 70} for x in inputs])
+    assert set(out[0]) == {"instances", "sem_seg"}
+    assert out[0]["sem_seg"].shape == (4, 80, 70)
+    assert out[0]["instances"].image_size == (80, 70)
+
+
+def test_multitask_batches_with_one_target_train(tiny_shapes_root):
+    torch.manual_seed(0)
+    cfg = _tiny_multitask_cfg("quickstart/mask_rcnn_R18_FPN_fcn8s_shapes_cpu.yaml")  # a head without BN
+    model = build_model(cfg)
+    inputs = mapped_inputs(cfg, load_records(tiny_shapes_root)[:2], size=64)
+    no_sem = [{k: v for k, v in x.items() if k != "sem_seg"} for x in inputs]
+    no_inst = [{k: v for k, v in x.items() if k != "instances"} for x in inputs]
+    mixed = [no_sem[0], no_inst[1]]
+    model.train()
+    head_params = list(model.sem_seg_head.parameters())
+    rpn_params = list(model.proposal_generator.parameters())
+    with EventStorage(0):
+        for batch, expect_sem, expect_inst in [(no_sem, False, True), (no_inst, True, False), (mixed, True, True)]:
+            model.zero_grad(set_to_none=True)
+            losses = model(batch)
+            assert ("loss_sem_seg" in losses) == expect_sem
+            assert ("loss_rpn_cls" in losses and "loss_mask" in losses) == expect_inst
+            sum(losses.values()).backward()
+            # The skipped task's parameters get no gradient at all (its loss is not faked as 0 * x).
+            assert any(p.grad is not None for p in head_params) == expect_sem
+            assert any(p.grad is not None for p in rpn_params) == expect_inst
+
+    # The mixed batch's semantic loss is that of the one image with a map, alone.
+    model.eval()  # BN on running statistics, so the two computations match
+    model.sem_seg_head.train()  # the head (no BN) computes its loss in training mode
+    with EventStorage(0):
+        features = model.backbone(model.preprocess_image(mixed).tensor)
+        t = torch.full(features["p2"].shape[:1] + (64, 64), 255, dtype=torch.long)
+        t[1, : inputs[1]["sem_seg"].shape[0], : inputs[1]["sem_seg"].shape[1]] = inputs[1]["sem_seg"]
+        _, both = model.sem_seg_head(features, t)
+        alone_features = {k: v[1:] for k, v in features.items()}
+        _, alone = model.sem_seg_head(alone_features, t[1:])
+    torch.testing.assert_close(both["loss_sem_seg"], alone["loss_sem_seg"])
+
+
+def test_multitask_rejects_valid_padding():
+    cfg = _tiny_multitask_cfg()
+    cfg.MODEL.UNET_HEAD.PADDING = "valid"
+    with pytest.raises(seg2.Seg2Error, match="PADDING"):
+        build_model(cfg)
+
+
+# ---- bad input: clear errors at build time, naming the config key ----------------------------------
+def _fcn_cfg():
+    return tiny_semantic_cfg("FCNHead", "vgg")
+
+
+@pytest.mark.parametrize(
+    "edit,key",
+    [
+        (lambda c: setattr(c.MODEL.SEM_SEG_HEAD, "NAME", "NoSuchHead"), "MODEL.SEM_SEG_HEAD.NAME"),
+        (lambda c: setattr(c.MODEL.BACKBONE, "NAME", "build_no_such_backbone"), "MODEL.BACKBONE.NAME"),
+        (lambda c: setattr(c.MODEL.SEM_SEG_HEAD, "IN_FEATURES", ["pool3", "res4"]), "MODEL.SEM_SEG_HEAD.IN_FEATURES"),
+        (lambda c: setattr(c.MODEL.FCN_HEAD, "UPSAMPLE", "cubic"), "MODEL.FCN_HEAD.UPSAMPLE"),
+        (lambda c: setattr(c.MODEL.VGG, "OUT_FEATURES", ["pool9"]), "MODEL.VGG"),
+    ],
+)
+def test_bad_config_names_the_key(edit, key):
+    cfg = _fcn_cfg()
+    edit(cfg)
+    with pytest.raises(seg2.Seg2Error, match=key.replace(".", r"\.")):
+        build_model(cfg)
+
+
+def test_segnet_unpool_without_indices_is_an_error():
+    cfg = tiny_semantic_cfg("SegNetHead", "resnet")
+    cfg.MODEL.SEGNET_HEAD.UPSAMPLE = "unpool"
+    with pytest.raises(seg2.Seg2Error, match=r"MODEL\.SEGNET_HEAD\.UPSAMPLE='unpool' needs pooling indices"):
+        build_model(cfg)
+
+
+def test_num_classes_mismatch_with_dataset_metadata():
+    cfg = _fcn_cfg()
+    cfg.DATASETS.TRAIN = ("seg2_shapes_train",)  # 4 stuff_classes
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 21
+    with pytest.raises(seg2.Seg2Error, match=r"MODEL\.SEM_SEG_HEAD\.NUM_CLASSES=21 but dataset 'seg2_shapes_train' has 4"):
+        build_model(cfg)
+    cfg = _tiny_multitask_cfg()
+    cfg.DATASETS.TRAIN = ("seg2_shapes_train",)  # 3 thing_classes
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 80
+    with pytest.raises(seg2.Seg2Error, match=r"MODEL\.ROI_HEADS\.NUM_CLASSES=80"):
+        build_model(cfg)
