@@ -121,10 +121,16 @@ def time_inference(model, inputs, iters, warmup, device):
 
 
 def gflops(model, inputs):
+    """fvcore's FLOP count (a JIT trace), or NaN where the model cannot be traced: torch 2.13's
+    tracer fails inside ``max_unpool2d`` with an explicit ``output_size`` (SegNet)."""
     model.eval()
     flops = FlopCountAnalysis(model, [{"image": inputs[0]["image"]}])
     flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-    return flops.total() / 1e9
+    try:
+        return flops.total() / 1e9
+    except (TypeError, RuntimeError) as e:
+        print(f"FLOPs not counted: the JIT trace failed ({type(e).__name__}: {str(e)[:120]})", flush=True)
+        return float("nan")
 
 
 def semantic(args):
