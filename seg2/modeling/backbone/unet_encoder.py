@@ -94,12 +94,6 @@ class UNetEncoder(Backbone):
             outputs[name] = x
         return {k: outputs[k] for k in self._out_features}
 
-    def output_shape(self):
-        return {
-            n: ShapeSpec(channels=self._out_feature_channels[n], stride=self._out_feature_strides[n])
-            for n in self._out_features
-        }
-
 
 @BACKBONE_REGISTRY.register()
 def build_unet_encoder_backbone(cfg, input_shape: ShapeSpec):

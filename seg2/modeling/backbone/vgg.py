@@ -171,12 +171,6 @@ class VGG(Backbone):
             outputs["fc7"] = self.classifier(x)
         return {k: outputs[k] for k in self._out_features}
 
-    def output_shape(self):
-        return {
-            name: ShapeSpec(channels=self._out_feature_channels[name], stride=self._out_feature_strides[name])
-            for name in self._out_features
-        }
-
 
 @BACKBONE_REGISTRY.register()
 def build_vgg_backbone(cfg, input_shape: ShapeSpec):

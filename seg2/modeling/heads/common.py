@@ -8,7 +8,7 @@ from torch.nn import functional as F
 from ...utils import Seg2Error
 from ..upsample import UPSAMPLE_MODES
 
-__all__ = ["sem_seg_loss", "check_upsample_mode", "sorted_features"]
+__all__ = ["sem_seg_loss", "check_upsample_mode", "sorted_features", "nested_features"]
 
 
 def sem_seg_loss(
@@ -57,3 +57,14 @@ def sorted_features(input_shape, in_features, key: str = "MODEL.SEM_SEG_HEAD.IN_
     if not in_features:
         raise Seg2Error(f"{key} is empty: the head needs at least one backbone feature")
     return sorted(in_features, key=lambda f: input_shape[f].stride)
+
+
+def nested_features(input_shape, in_features, key: str = "MODEL.SEM_SEG_HEAD.IN_FEATURES"):
+    """:func:`sorted_features` and their strides, each stride a multiple of the previous one (as
+    heads that up-sample from the deepest feature and fuse the shallower ones need)."""
+    names = sorted_features(input_shape, in_features, key)
+    strides = [input_shape[f].stride for f in names]
+    for a, b in zip(strides[:-1], strides[1:]):
+        if b % a:
+            raise Seg2Error(f"{key}={names}: strides {strides} are not multiples")
+    return names, strides

@@ -10,7 +10,7 @@ from torch import nn
 from ...utils import Seg2Error
 from ..backbone import feature_offsets
 from ..upsample import Upsample
-from .common import check_upsample_mode, sem_seg_loss, sorted_features
+from .common import check_upsample_mode, nested_features, sem_seg_loss
 
 __all__ = ["FCNHead"]
 
@@ -73,11 +73,7 @@ class FCNHead(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, input_shape):
-        names = sorted_features(input_shape, cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES)
-        strides = [input_shape[f].stride for f in names]
-        for a, b in zip(strides[:-1], strides[1:]):
-            if b % a:
-                raise Seg2Error(f"MODEL.SEM_SEG_HEAD.IN_FEATURES={names}: strides {strides} are not multiples")
+        names, _ = nested_features(input_shape, cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES)
         mode = check_upsample_mode(cfg.MODEL.FCN_HEAD.UPSAMPLE, "MODEL.FCN_HEAD.UPSAMPLE")
         if mode == "unpool":
             raise Seg2Error("MODEL.FCN_HEAD.UPSAMPLE='unpool': FCN has no pooling indices to unpool score maps with")

@@ -11,7 +11,7 @@ import torch
 from ...utils import Seg2Error
 from ..backbone.unet_encoder import PADDING_MODES, conv3x3_block
 from ..upsample import Upsample, center_crop, match_size
-from .common import check_upsample_mode, sem_seg_loss, sorted_features
+from .common import check_upsample_mode, nested_features, sem_seg_loss
 
 __all__ = ["UNetHead"]
 
@@ -83,11 +83,7 @@ class UNetHead(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, input_shape):
-        names = sorted_features(input_shape, cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES)
-        strides = [input_shape[f].stride for f in names]
-        for a, b in zip(strides[:-1], strides[1:]):
-            if b % a:
-                raise Seg2Error(f"MODEL.SEM_SEG_HEAD.IN_FEATURES={names}: strides {strides} are not multiples")
+        names, _ = nested_features(input_shape, cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES)
         head = cfg.MODEL.UNET_HEAD
         mode = check_upsample_mode(head.UPSAMPLE, "MODEL.UNET_HEAD.UPSAMPLE")
         if mode == "unpool":
