@@ -22,7 +22,7 @@ from .coco import (
     register_coco_with_sem_seg,
 )
 from .dataset_mapper import MultiTaskDatasetMapper
-from .label_map import check_label_values, read_label_map, write_label_map
+from .label_map import check_label_values, read_label_map, read_sem_seg, write_label_map
 from .shapes import SHAPES_CLASSES, default_shapes_root, generate_shapes
 from .voc import (
     VOC_CLASSES,
@@ -56,6 +56,7 @@ __all__ = [
     "load_voc_sem_seg",
     "load_voc_sem_seg_train_aug",
     "read_label_map",
+    "read_sem_seg",
     "register_all_coco_2017_sem_seg",
     "register_all_voc_2012",
     "register_coco_sem_seg",

@@ -33,7 +33,7 @@ from .shapes import (
     read_shapes_params,
 )
 from .voc import register_voc_instances, register_voc_sem_seg
-from .voc_palette import VOC_PALETTE
+from .voc_palette import palette_colors
 
 SHAPES_DATASETS = tuple(f"seg2_shapes_{split}" for split in sorted(DEFAULT_SPLITS))
 
@@ -66,10 +66,6 @@ def load_shapes(root: str, split: str):
     )
 
 
-def _voc_colours(n):
-    return [tuple(VOC_PALETTE[3 * i : 3 * i + 3]) for i in range(n)]
-
-
 def register_seg2_shapes(root: str = None):
     """
     (Re-)register ``seg2_shapes_{train,val}`` with their data under ``root``.
@@ -80,7 +76,7 @@ def register_seg2_shapes(root: str = None):
     root = root or default_shapes_root()
     for split in sorted(DEFAULT_SPLITS):
         name = f"seg2_shapes_{split}"
-        colours = _voc_colours(len(SHAPES_CLASSES) + 1)
+        colours = palette_colors(len(SHAPES_CLASSES) + 1)
         register_dataset(
             name,
             lambda root=root, split=split: load_shapes(root, split),

@@ -8,7 +8,7 @@ from PIL import Image
 
 from ..utils import Seg2Error
 
-__all__ = ["read_label_map", "label_map_size", "check_label_values", "write_label_map"]
+__all__ = ["read_label_map", "read_sem_seg", "label_map_size", "check_label_values", "write_label_map"]
 
 # PIL modes whose pixel values are class indices. detectron2's DatasetMapper reads label maps
 # with ``convert("L")``, which turns a VOC palette PNG into luminance, not indices: that is why
@@ -72,6 +72,12 @@ def read_label_map(path: str, expect_palette: bool = False) -> np.ndarray:
     except OSError as e:
         raise Seg2Error(f"{path}: cannot read the label map ({e})") from e
     return arr.astype(np.int64) if arr.dtype != np.uint8 else arr
+
+
+def read_sem_seg(record: dict) -> np.ndarray:
+    """The class-index map of a dataset record (its ``sem_seg_file_name``), as the mapper and the
+    evaluators read it."""
+    return read_label_map(record["sem_seg_file_name"])
 
 
 def label_map_size(path: str, expect_palette: bool = False) -> Tuple[int, int]:

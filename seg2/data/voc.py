@@ -29,7 +29,7 @@ from pycocotools import mask as mask_util
 from ..utils import Seg2Error
 from .catalog import register_dataset
 from .label_map import check_label_values, label_map_size, read_label_map
-from .voc_palette import VOC_PALETTE
+from .voc_palette import palette_colors
 
 __all__ = [
     "VOC_CLASSES",
@@ -50,7 +50,7 @@ IGNORE_LABEL = 255
 def voc_metadata(class_names: Sequence[str] = VOC_CLASSES) -> dict:
     """Metadata of a VOC-style dataset: thing classes, background + things as stuff classes,
     VOC's colour map and ignore label."""
-    colours = [tuple(VOC_PALETTE[3 * i : 3 * i + 3]) for i in range(len(class_names) + 1)]
+    colours = palette_colors(len(class_names) + 1)
     return {
         "thing_classes": list(class_names),
         "thing_colors": colours[1:],

@@ -17,3 +17,12 @@ def _voc_palette(n=256):
 
 # Flat [r0, g0, b0, r1, ...] list of 256 colours, for PIL's Image.putpalette.
 VOC_PALETTE = _voc_palette()
+
+
+def palette_colors(num_colors: int, palette=None):
+    """The first ``num_colors`` colours of a flat ``[r0, g0, b0, r1, ...]`` palette (VOC's by
+    default) as ``(r, g, b)`` tuples: the form of detectron2's ``stuff_colors`` / ``thing_colors``."""
+    palette = VOC_PALETTE if palette is None else list(palette)
+    if 3 * num_colors > len(palette):
+        raise ValueError(f"the palette has {len(palette) // 3} colours, {num_colors} asked for")
+    return [tuple(int(v) for v in palette[3 * i : 3 * i + 3]) for i in range(num_colors)]

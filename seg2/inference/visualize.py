@@ -9,7 +9,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_util
 
-from ..data.voc_palette import VOC_PALETTE
+from ..data.voc_palette import palette_colors
 
 __all__ = [
     "BACKGROUND_NAMES",
@@ -31,7 +31,7 @@ def class_colors(metadata, num_classes: int) -> List[tuple]:
     colors = metadata.get("stuff_colors", None) if metadata is not None else None
     if colors is not None and len(colors) >= num_classes:
         return [tuple(int(v) for v in c) for c in colors[:num_classes]]
-    return [tuple(VOC_PALETTE[3 * i : 3 * i + 3]) for i in range(num_classes)]
+    return palette_colors(num_classes)
 
 
 def class_names(metadata, num_classes: int) -> List[str]:
