@@ -16,23 +16,12 @@ def add_seg2_config(cfg):
     # variable SEG2_SHAPES_ROOT, else $DETECTRON2_DATASETS/seg2_shapes (default datasets/seg2_shapes).
     cfg.SEG2.SHAPES_ROOT = ""
     cfg.SEG2.INPUT = CN()
-    # Label-map value excluded from semantic losses and metrics (VOC's void).
-    cfg.SEG2.INPUT.IGNORE_LABEL = 255
-    # With INPUT.CROP.ENABLED: re-draw a training crop (up to 10 times) while one class covers
-    # more than this share of its labelled pixels, as DeepLab does. 1.0 turns the check off.
-    cfg.SEG2.INPUT.SINGLE_CATEGORY_MAX_AREA = 1.0
-    # RoI pooler aggregation for ExtendedPoolerStandardROIHeads / ExtendedPoolerRes5ROIHeads (the
-    # pooler types are detectron2's MODEL.ROI_{BOX,MASK}_HEAD.POOLER_TYPE, plus "ROIWarp"):
-    # "avg", "max", or "" for the type's natural one (max for ROIPool, avg for the bilinear types).
-    cfg.SEG2.ROI_POOLER = CN()
-    cfg.SEG2.ROI_POOLER.BOX_AGGREGATION = ""
-    cfg.SEG2.ROI_POOLER.MASK_AGGREGATION = ""
-    # Number of semantic classes (background included) the mapper checks label values against:
-    # a value that is neither a class nor IGNORE_LABEL is an error naming the file. 0: the length
-    # of the datasets' metadata stuff_classes, else MODEL.SEM_SEG_HEAD.NUM_CLASSES.
-    cfg.SEG2.INPUT.NUM_SEM_SEG_CLASSES = 0
     # With INPUT.CROP.ENABLED and TYPE "absolute": pad each training crop to the full crop size
-    # (image with 0, semantic map with IGNORE_LABEL), as DeepLab does for images smaller than it.
+    # (image with 0, semantic map with MODEL.SEM_SEG_HEAD.IGNORE_VALUE), as DeepLab does for
+    # images smaller than it. The other input settings are detectron2's keys:
+    # MODEL.SEM_SEG_HEAD.IGNORE_VALUE (the label-map value that no loss or metric counts; it must
+    # equal the datasets' metadata ignore_label) and INPUT.CROP.SINGLE_CATEGORY_MAX_AREA (from
+    # detectron2's DeepLab project).
     cfg.SEG2.INPUT.PAD_TO_CROP_SIZE = False
     # Evaluation (seg2.evaluation, used by build_evaluator / tools/train_net.py).
     cfg.SEG2.EVALUATION = CN()
@@ -58,16 +47,57 @@ def add_seg2_config(cfg):
     cfg.SEG2.TILING.BLEND = "gaussian"
     cfg.SEG2.TILING.MARGIN = 0
     _add_modeling_config(cfg)
+    _register_renamed_keys(cfg)
+
+
+# Keys of earlier seg2 versions -> (the key that replaced it, a note). A user's config that still
+# sets one gets yacs' KeyError naming the replacement (load_seg2_config: a Seg2Error). A YAML file
+# that nests a removed node reaches yacs as that node's key, hence SEG2.ROI_POOLER itself.
+_RENAMED_KEYS = {
+    "SEG2.INPUT.IGNORE_LABEL": (
+        "MODEL.SEM_SEG_HEAD.IGNORE_VALUE",
+        "detectron2's key, which the semantic head's loss and seg2's mapper read; it must equal the "
+        "datasets' metadata ignore_label (255 for seg2's datasets).",
+    ),
+    "SEG2.INPUT.SINGLE_CATEGORY_MAX_AREA": (
+        "INPUT.CROP.SINGLE_CATEGORY_MAX_AREA",
+        "the key of detectron2's DeepLab project (add_deeplab_config), which seg2 adds.",
+    ),
+    "SEG2.INPUT.NUM_SEM_SEG_CLASSES": (
+        "MODEL.SEM_SEG_HEAD.NUM_CLASSES",
+        "seg2 has no class count of its own any more: the mapper checks label values against the "
+        "datasets' metadata stuff_classes, else MODEL.SEM_SEG_HEAD.NUM_CLASSES.",
+    ),
+    "SEG2.ROI_POOLER.BOX_AGGREGATION": ("MODEL.ROI_BOX_HEAD.POOLER_AGGREGATION", None),
+    "SEG2.ROI_POOLER.MASK_AGGREGATION": ("MODEL.ROI_MASK_HEAD.POOLER_AGGREGATION", None),
+    "SEG2.ROI_POOLER": (
+        "MODEL.ROI_BOX_HEAD.POOLER_AGGREGATION and MODEL.ROI_MASK_HEAD.POOLER_AGGREGATION",
+        "SEG2.ROI_POOLER.BOX_AGGREGATION is now MODEL.ROI_BOX_HEAD.POOLER_AGGREGATION, "
+        "SEG2.ROI_POOLER.MASK_AGGREGATION is now MODEL.ROI_MASK_HEAD.POOLER_AGGREGATION.",
+    ),
+}
+
+
+def _register_renamed_keys(cfg):
+    """Register :data:`_RENAMED_KEYS` with yacs (once per config)."""
+    for old, (new, note) in _RENAMED_KEYS.items():
+        if not cfg.key_is_renamed(old):
+            cfg.register_renamed_key(old, new, message=note)
 
 
 def _add_modeling_config(cfg):
-    """Keys of seg2's backbones, semantic heads and meta-architectures (seg2.modeling)."""
+    """Keys of seg2's backbones, semantic and RoI heads and meta-architectures (seg2.modeling)."""
     # detectron2.projects.deeplab's keys (ASPP, low-level projection, DeepLab ResNet), which the
     # DeepLabV3+ heads read; added only where absent so add_deeplab_config may come first.
     if not hasattr(cfg.MODEL.SEM_SEG_HEAD, "ASPP_CHANNELS"):
         from detectron2.projects.deeplab import add_deeplab_config
 
         add_deeplab_config(cfg)
+    # RoI pooler aggregation of ExtendedPoolerStandardROIHeads / ExtendedPoolerRes5ROIHeads, next
+    # to detectron2's POOLER_TYPE (which may also be "ROIWarp" there): "avg", "max", or "" for the
+    # type's natural one (max for ROIPool, avg for the bilinear types).
+    cfg.MODEL.ROI_BOX_HEAD.POOLER_AGGREGATION = ""
+    cfg.MODEL.ROI_MASK_HEAD.POOLER_AGGREGATION = ""
     # VGG (build_vgg_backbone), as FCN (fc6/fc7 as convs) and SegNet (pooling indices) use it.
     cfg.MODEL.VGG = CN()
     cfg.MODEL.VGG.DEPTH = 16
@@ -126,8 +156,9 @@ def load_seg2_config(config_file: str, opts=()):
         cfg.merge_from_file(config_file)
         cfg.merge_from_list(list(opts))
     except (KeyError, AssertionError, ValueError, OSError) as e:
-        # yacs reports unknown keys, odd override lists and type mismatches this way.
-        raise Seg2Error(f"bad config ({config_file}, overrides {list(opts)}): {e}") from e
+        # yacs reports unknown or renamed keys, odd override lists and type mismatches this way.
+        detail = e.args[0] if isinstance(e, KeyError) and e.args else e  # str(KeyError) adds quotes
+        raise Seg2Error(f"bad config ({config_file}, overrides {list(opts)}): {detail}") from e
     if cfg.SEG2.SHAPES_ROOT:
         register_seg2_shapes(cfg.SEG2.SHAPES_ROOT)
     return cfg

@@ -126,7 +126,7 @@ def mapped_inputs(cfg, records, size=64):
     cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (size,), size
     cfg.INPUT.RANDOM_FLIP = "none"
     cfg.INPUT.CROP.ENABLED = False
-    cfg.SEG2.INPUT.NUM_SEM_SEG_CLASSES = 4  # background + the 3 shapes
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 4  # background + the 3 shapes: the label values the mapper accepts
     mapper = MultiTaskDatasetMapper(cfg, True)
     return [mapper(r) for r in records]
 

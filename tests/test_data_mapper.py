@@ -68,7 +68,7 @@ def _direct_mapper(augs, mask_format="polygon", **kwargs):
         image_format="RGB",
         use_instance_mask=True,
         instance_mask_format=mask_format,
-        num_sem_seg_classes=4,
+        num_classes=4,
         **kwargs,
     )
 
@@ -118,7 +118,7 @@ def _cfg(**input_opts):
     cfg.INPUT.RANDOM_FLIP = "none"
     cfg.INPUT.FORMAT = "RGB"
     cfg.MODEL.MASK_ON = True
-    cfg.SEG2.INPUT.NUM_SEM_SEG_CLASSES = 4
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 4
     for k, v in input_opts.items():
         node, key = (cfg.SEG2.INPUT, k[5:]) if k.startswith("SEG2_") else (cfg.INPUT, k)
         setattr(node, key, v)
@@ -147,8 +147,9 @@ def test_crop_caps_single_class_share(tmp_path):
     record = {"file_name": str(tmp_path / "halves.jpg"), "sem_seg_file_name": str(tmp_path / "halves.png"), "height": 20, "width": 32}
 
     def max_shares(max_area):
-        cfg = _cfg(SEG2_SINGLE_CATEGORY_MAX_AREA=max_area)  # the 20x16 crop keeps its size (short side 16)
+        cfg = _cfg()  # the 20x16 crop keeps its size (short side 16)
         cfg.INPUT.CROP.ENABLED, cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE = True, "absolute", [20, 16]
+        cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = max_area
         mapper = MultiTaskDatasetMapper(cfg, is_train=True)
         np.random.seed(1)
         shares = []
@@ -162,8 +163,9 @@ def test_crop_caps_single_class_share(tmp_path):
     assert (max_shares(1.0) >= 0.9).sum() >= 3  # without the cap, near-single-class crops happen
 
     # Records without a semantic map get a plain random crop (detectron2's constraint would fail).
-    cfg = _cfg(SEG2_SINGLE_CATEGORY_MAX_AREA=0.5)
+    cfg = _cfg()
     cfg.INPUT.CROP.ENABLED, cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE = True, "absolute", [8, 8]
+    cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 0.5
     cfg.INPUT.MIN_SIZE_TRAIN = (8,)
     inst_only = {k: v for k, v in make_record(tmp_path).items() if k != "sem_seg_file_name"}
     out = MultiTaskDatasetMapper(cfg, is_train=True)(inst_only)
@@ -193,30 +195,33 @@ def test_label_values_checked_against_the_class_count(tmp_path):
     label = np.asarray(Image.open(record["sem_seg_file_name"])).copy()
     label[0, 0] = 7
     write_label_map(label, record["sem_seg_file_name"])
+    # No dataset: the semantic head's class count (a larger value would break its loss).
     with pytest.raises(Seg2Error, match=r"r_label\.png: label map holds value\(s\) 7 in 1 pixel\(s\), .*0\.\.3"):
         MultiTaskDatasetMapper(_cfg(), is_train=True)(record)
-    assert MultiTaskDatasetMapper(_cfg(SEG2_NUM_SEM_SEG_CLASSES=8), is_train=True)(record)["sem_seg"].max() == 255
+    cfg = _cfg()
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 8
+    assert MultiTaskDatasetMapper(cfg, is_train=True)(record)["sem_seg"].max() == 255
 
-    # The class count comes from the training datasets' stuff_classes when the key is 0.
+    # The training datasets' stuff_classes come first (MODEL.SEM_SEG_HEAD.NUM_CLASSES is 4 here).
     MetadataCatalog.get("t_mapper_eight").set(stuff_classes=[str(i) for i in range(8)])
     MetadataCatalog.get("t_mapper_four").set(stuff_classes=["a", "b", "c", "d"])
     MetadataCatalog.get("t_mapper_none")
     for names, ok in ((("t_mapper_eight",), True), (("t_mapper_four",), False)):
-        cfg = _cfg(SEG2_NUM_SEM_SEG_CLASSES=0)
+        cfg = _cfg()
         cfg.DATASETS.TRAIN = names
         if ok:
             MultiTaskDatasetMapper(cfg, is_train=True)(record)
         else:
             with pytest.raises(Seg2Error, match="neither a class index"):
                 MultiTaskDatasetMapper(cfg, is_train=True)(record)
-    # Else the semantic head's class count (a larger value would break its loss); else an error.
-    cfg = _cfg(SEG2_NUM_SEM_SEG_CLASSES=0)
+    # Else the semantic head's class count; else an error.
+    cfg = _cfg()
     cfg.DATASETS.TRAIN = ("t_mapper_none",)
     cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 7
     with pytest.raises(Seg2Error, match=r"value\(s\) 7 .*0\.\.6"):
         MultiTaskDatasetMapper(cfg, is_train=True)(record)
     cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 0
-    with pytest.raises(Seg2Error, match=r"r_label\.png: cannot check its label values.*SEG2.INPUT.NUM_SEM_SEG_CLASSES"):
+    with pytest.raises(Seg2Error, match=r"r_label\.png: cannot check its label values.*MODEL.SEM_SEG_HEAD.NUM_CLASSES"):
         MultiTaskDatasetMapper(cfg, is_train=True)(record)
     cfg.DATASETS.TRAIN = ("t_mapper_eight", "t_mapper_four")
     with pytest.raises(Seg2Error, match="different numbers of stuff_classes"):

@@ -211,8 +211,7 @@ def _cfg(**pooler):
     cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3"]
     for key, value in pooler.items():
         node, _, leaf = key.rpartition("__")
-        target = cfg.SEG2.ROI_POOLER if node == "SEG2" else cfg.MODEL[node]
-        target[leaf] = value
+        cfg.MODEL[node][leaf] = value
     return cfg
 
 
@@ -223,16 +222,16 @@ def test_config_errors_name_the_key():
     cfg = _cfg(ROI_BOX_HEAD__POOLER_TYPE="ROIMagic")
     with pytest.raises(seg2.Seg2Error, match=r"MODEL.ROI_BOX_HEAD.POOLER_TYPE='ROIMagic'"):
         build_extended_pooler(cfg, "ROI_BOX_HEAD", SHAPES)
-    cfg = _cfg(ROI_MASK_HEAD__POOLER_TYPE="ROIPool", SEG2__MASK_AGGREGATION="avg")
-    with pytest.raises(seg2.Seg2Error, match=r"SEG2.ROI_POOLER.MASK_AGGREGATION='avg'"):
+    cfg = _cfg(ROI_MASK_HEAD__POOLER_TYPE="ROIPool", ROI_MASK_HEAD__POOLER_AGGREGATION="avg")
+    with pytest.raises(seg2.Seg2Error, match=r"MODEL.ROI_MASK_HEAD.POOLER_AGGREGATION='avg'"):
         build_extended_pooler(cfg, "ROI_MASK_HEAD", SHAPES)
-    cfg = _cfg(ROI_BOX_HEAD__POOLER_TYPE="ROIWarp", ROI_BOX_HEAD__POOLER_SAMPLING_RATIO=0, SEG2__BOX_AGGREGATION="max")
+    cfg = _cfg(ROI_BOX_HEAD__POOLER_TYPE="ROIWarp", ROI_BOX_HEAD__POOLER_SAMPLING_RATIO=0, ROI_BOX_HEAD__POOLER_AGGREGATION="max")
     with pytest.raises(seg2.Seg2Error, match=r"MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO > 0"):
         build_extended_pooler(cfg, "ROI_BOX_HEAD", SHAPES)
 
 
 def test_config_builds_the_requested_pooler():
-    cfg = _cfg(ROI_BOX_HEAD__POOLER_TYPE="ROIWarp", ROI_BOX_HEAD__POOLER_SAMPLING_RATIO=2, SEG2__BOX_AGGREGATION="max")
+    cfg = _cfg(ROI_BOX_HEAD__POOLER_TYPE="ROIWarp", ROI_BOX_HEAD__POOLER_SAMPLING_RATIO=2, ROI_BOX_HEAD__POOLER_AGGREGATION="max")
     pooler = build_extended_pooler(cfg, "ROI_BOX_HEAD", SHAPES)
     assert (pooler.pooler_type, pooler.aggregation) == ("ROIWarp", "max")
     assert [p.spatial_scale for p in pooler.level_poolers] == [0.25, 0.125]

@@ -82,7 +82,7 @@ def train_three_iterations(cfg):
 
 def expected_pooler(cfg):
     ptype = cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE
-    return ptype, cfg.SEG2.ROI_POOLER.BOX_AGGREGATION or POOLER_AGGREGATIONS[ptype][0]
+    return ptype, cfg.MODEL.ROI_BOX_HEAD.POOLER_AGGREGATION or POOLER_AGGREGATIONS[ptype][0]
 
 
 def test_there_is_one_shapes_config_per_variant():
@@ -114,7 +114,7 @@ def test_c4_variant_trains(tiny_shapes):
         "MODEL.RESNETS.OUT_FEATURES", ["res4"], "MODEL.RPN.IN_FEATURES", ["res4"],
         "MODEL.ROI_HEADS.IN_FEATURES", ["res4"], "MODEL.ROI_HEADS.NAME", "ExtendedPoolerRes5ROIHeads",
         "MODEL.ANCHOR_GENERATOR.SIZES", [[8, 16, 32]], "MODEL.RESNETS.WIDTH_PER_GROUP", 8,
-        "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", 6, "SEG2.ROI_POOLER.MASK_AGGREGATION", "",
+        "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", 6, "MODEL.ROI_MASK_HEAD.POOLER_AGGREGATION", "",
     )  # fmt: skip
     model, losses, mask_losses, changed = train_three_iterations(cfg)
     pooler = model.roi_heads.pooler
@@ -129,7 +129,7 @@ def test_c4_rejects_a_mask_aggregation_it_cannot_use():
         os.path.join(CONFIG_DIR, "mask_rcnn_roialign_max_R18_FPN_shapes_cpu.yaml"),
         "MODEL.ROI_HEADS.IN_FEATURES", ["res4"], "MODEL.ROI_HEADS.NAME", "ExtendedPoolerRes5ROIHeads",
     )  # fmt: skip
-    with pytest.raises(seg2.Seg2Error, match="SEG2.ROI_POOLER.MASK_AGGREGATION='max' has no effect"):
+    with pytest.raises(seg2.Seg2Error, match="MODEL.ROI_MASK_HEAD.POOLER_AGGREGATION='max' has no effect"):
         build_roi_heads(cfg, {"res4": ShapeSpec(channels=256, stride=16)})
 
 

@@ -179,7 +179,7 @@ def multitask(args):
         torch.manual_seed(0)
         cfg = make_cfg(config, [], args.device)
         cfg.INPUT.RANDOM_FLIP = "none"
-        cfg.SEG2.INPUT.NUM_SEM_SEG_CLASSES = 4
+        cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 4  # the mapper's label check (the reference has no semantic head)
         mapper = MultiTaskDatasetMapper(cfg, True)
         inputs = [mapper(r) for r in records[: args.mt_batch]]
         model = build_model(cfg)

@@ -42,7 +42,7 @@ def _cfg(mask_format):
     seg2.add_seg2_config(cfg)
     cfg.MODEL.MASK_ON = True
     cfg.INPUT.MASK_FORMAT = mask_format
-    cfg.SEG2.INPUT.NUM_SEM_SEG_CLASSES = len(SHAPES_CLASSES) + 1
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = len(SHAPES_CLASSES) + 1  # the label values the mapper accepts
     return cfg  # detectron2's default training augmentation: shortest edge 640-800, flip
 
 

@@ -51,7 +51,7 @@ class MultiTaskDatasetMapper(DatasetMapper):
       or that holds a value that is neither a class nor ``ignore_label``, is an error naming the
       file;
     * the training crop can cap the share of a single class, as DeepLab does
-      (``SEG2.INPUT.SINGLE_CATEGORY_MAX_AREA``), ignoring ``ignore_label`` pixels, and works on
+      (``INPUT.CROP.SINGLE_CATEGORY_MAX_AREA``), ignoring ``ignore_label`` pixels, and works on
       records without semantic map;
     * crops can be padded to the full crop size (``SEG2.INPUT.PAD_TO_CROP_SIZE``): the image with
       0, the semantic map with ``ignore_label``, instance masks with background;
@@ -66,30 +66,29 @@ class MultiTaskDatasetMapper(DatasetMapper):
         is_train: bool,
         *,
         ignore_label: int = 255,
-        num_sem_seg_classes: Optional[int] = None,
         dataset_names: Sequence[str] = (),
-        head_num_classes: Optional[int] = None,
+        num_classes: Optional[int] = None,
         pad_to_size: Optional[Tuple[int, int]] = None,
         **kwargs,
     ):
         """
         Args:
             is_train (bool): training (annotations kept and augmented) or inference.
-            ignore_label (int): the label-map value that is excluded from losses and metrics.
-            num_sem_seg_classes (int or None): number of semantic classes, to check label values;
-                None: the length of ``stuff_classes`` in the metadata of ``dataset_names``.
-            dataset_names (list[str]): the datasets this mapper reads (for the class count).
-            head_num_classes (int or None): the class count when neither of the above gives one:
-                the semantic head's, whose loss a larger label value would break.
+            ignore_label (int): the label-map value that is excluded from losses and metrics
+                (``MODEL.SEM_SEG_HEAD.IGNORE_VALUE``; the datasets' metadata ``ignore_label``).
+            dataset_names (list[str]): the datasets this mapper reads: label values are checked
+                against the number of ``stuff_classes`` in their metadata.
+            num_classes (int or None): the class count when their metadata has no
+                ``stuff_classes``: the semantic head's, whose loss a larger label value would break.
             pad_to_size (tuple[int, int] or None): pad every training image to at least this
                 (height, width) at the bottom and right.
             kwargs: the arguments of detectron2's ``DatasetMapper``.
         """
         super().__init__(is_train, **kwargs)
         self.ignore_label = ignore_label
-        self.num_sem_seg_classes = num_sem_seg_classes
         self.dataset_names = tuple(dataset_names)
-        self.head_num_classes = head_num_classes
+        self.num_classes = num_classes
+        self._resolved_num_classes = None
         self.pad_to_size = tuple(pad_to_size) if pad_to_size else None
 
     @classmethod
@@ -101,8 +100,8 @@ class MultiTaskDatasetMapper(DatasetMapper):
             ret["augmentations"][0] = CategoryAreaConstrainedCrop(
                 cfg.INPUT.CROP.TYPE,
                 cfg.INPUT.CROP.SIZE,
-                cfg.SEG2.INPUT.SINGLE_CATEGORY_MAX_AREA,
-                cfg.SEG2.INPUT.IGNORE_LABEL,
+                cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA,
+                cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
             )
             if cfg.SEG2.INPUT.PAD_TO_CROP_SIZE:
                 if cfg.INPUT.CROP.TYPE != "absolute":
@@ -111,17 +110,15 @@ class MultiTaskDatasetMapper(DatasetMapper):
                         f"pixels), got {cfg.INPUT.CROP.TYPE!r}"
                     )
                 ret["pad_to_size"] = tuple(cfg.INPUT.CROP.SIZE)
-        ret["ignore_label"] = cfg.SEG2.INPUT.IGNORE_LABEL
-        ret["num_sem_seg_classes"] = cfg.SEG2.INPUT.NUM_SEM_SEG_CLASSES or None
+        ret["ignore_label"] = cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
         ret["dataset_names"] = tuple(cfg.DATASETS.TRAIN if is_train else cfg.DATASETS.TEST)
-        ret["head_num_classes"] = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+        ret["num_classes"] = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
         return ret
 
     def _num_classes(self, sem_seg_file: str) -> int:
-        """The semantic class count: ``num_sem_seg_classes``, else the datasets' ``stuff_classes``
-        (resolved on first use: a user's COCO dataset learns its classes when it is loaded), else
-        ``head_num_classes``."""
-        if self.num_sem_seg_classes is None:
+        """The semantic class count: the datasets' ``stuff_classes``, else ``num_classes``.
+        Resolved on first use: a user's COCO dataset learns its classes when it is loaded."""
+        if self._resolved_num_classes is None:
             counts = {}
             for name in self.dataset_names:
                 stuff = MetadataCatalog.get(name).get("stuff_classes", None)
@@ -129,16 +126,16 @@ class MultiTaskDatasetMapper(DatasetMapper):
                     counts[name] = len(stuff)
             if len(set(counts.values())) > 1:
                 raise Seg2Error(f"the datasets {counts} have different numbers of stuff_classes; they cannot be mixed")
-            if not counts and self.head_num_classes:
-                counts["MODEL.SEM_SEG_HEAD.NUM_CLASSES"] = self.head_num_classes
+            if not counts and self.num_classes:
+                counts["MODEL.SEM_SEG_HEAD.NUM_CLASSES"] = self.num_classes
             if not counts:
                 raise Seg2Error(
                     f"{sem_seg_file}: cannot check its label values: no stuff_classes in the metadata of "
-                    f"{list(self.dataset_names)}; set SEG2.INPUT.NUM_SEM_SEG_CLASSES or the datasets' "
+                    f"{list(self.dataset_names)}; set MODEL.SEM_SEG_HEAD.NUM_CLASSES or the datasets' "
                     "stuff_classes"
                 )
-            self.num_sem_seg_classes = next(iter(counts.values()))
-        return self.num_sem_seg_classes
+            self._resolved_num_classes = next(iter(counts.values()))
+        return self._resolved_num_classes
 
     def _read_sem_seg(self, path: str, image: np.ndarray, image_file: str) -> np.ndarray:
         sem_seg = read_label_map(path)

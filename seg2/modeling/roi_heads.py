@@ -1,7 +1,8 @@
 """
 RoI heads whose box and mask poolers are :class:`~seg2.modeling.poolers.ExtendedROIPooler`, so
 ``MODEL.ROI_BOX_HEAD.POOLER_TYPE`` / ``MODEL.ROI_MASK_HEAD.POOLER_TYPE`` may also be ``ROIWarp``
-and ``SEG2.ROI_POOLER.{BOX,MASK}_AGGREGATION`` may be ``max`` (Mask R-CNN, Table 2c).
+and ``MODEL.ROI_BOX_HEAD.POOLER_AGGREGATION`` / ``MODEL.ROI_MASK_HEAD.POOLER_AGGREGATION`` (seg2's
+keys) may be ``max`` (Mask R-CNN, Table 2c).
 
 Select them with ``MODEL.ROI_HEADS.NAME``: ``ExtendedPoolerStandardROIHeads`` (FPN, C5) or
 ``ExtendedPoolerRes5ROIHeads`` (C4). Everything else is detectron2's StandardROIHeads / Res5ROIHeads.
@@ -15,8 +16,8 @@ from .poolers import POOLER_AGGREGATIONS, ExtendedROIPooler
 
 __all__ = ["ExtendedPoolerStandardROIHeads", "ExtendedPoolerRes5ROIHeads", "build_extended_pooler"]
 
-# RoI-head config node -> the seg2 key holding its aggregation.
-_AGGREGATION_KEYS = {"ROI_BOX_HEAD": "BOX_AGGREGATION", "ROI_MASK_HEAD": "MASK_AGGREGATION"}
+# The RoI-head config nodes whose poolers seg2 builds.
+_POOLER_HEADS = ("ROI_BOX_HEAD", "ROI_MASK_HEAD")
 
 
 def build_extended_pooler(cfg, head: str, input_shape) -> ExtendedROIPooler:
@@ -27,8 +28,7 @@ def build_extended_pooler(cfg, head: str, input_shape) -> ExtendedROIPooler:
     """
     node = cfg.MODEL[head]
     pooler_type = node.POOLER_TYPE
-    aggregation_key = _AGGREGATION_KEYS[head]
-    aggregation = cfg.SEG2.ROI_POOLER[aggregation_key]
+    aggregation = node.POOLER_AGGREGATION
     if pooler_type not in POOLER_AGGREGATIONS:
         raise Seg2Error(
             f"MODEL.{head}.POOLER_TYPE={pooler_type!r} is not a pooler seg2 knows; choose one of "
@@ -37,12 +37,12 @@ def build_extended_pooler(cfg, head: str, input_shape) -> ExtendedROIPooler:
     choices = POOLER_AGGREGATIONS[pooler_type]
     if aggregation and aggregation not in choices:
         raise Seg2Error(
-            f"SEG2.ROI_POOLER.{aggregation_key}={aggregation!r} is not available for "
+            f"MODEL.{head}.POOLER_AGGREGATION={aggregation!r} is not available for "
             f"MODEL.{head}.POOLER_TYPE={pooler_type!r}; it supports {list(choices)} ('' = {choices[0]})"
         )
     if (aggregation or choices[0]) == "max" and pooler_type != "ROIPool" and node.POOLER_SAMPLING_RATIO <= 0:
         raise Seg2Error(
-            f"SEG2.ROI_POOLER.{aggregation_key}='max' needs MODEL.{head}.POOLER_SAMPLING_RATIO > 0 "
+            f"MODEL.{head}.POOLER_AGGREGATION='max' needs MODEL.{head}.POOLER_SAMPLING_RATIO > 0 "
             f"(got {node.POOLER_SAMPLING_RATIO}, adaptive); the paper uses 2 (4 samples per bin)"
         )
     in_features = cfg.MODEL.ROI_HEADS.IN_FEATURES
@@ -60,7 +60,7 @@ def _with_detectron2_pooler_types(cfg):
     from_config; the pooler it builds is then replaced by an ExtendedROIPooler."""
     cfg = cfg.clone()
     cfg.defrost()
-    for head in _AGGREGATION_KEYS:
+    for head in _POOLER_HEADS:
         if cfg.MODEL[head].POOLER_TYPE:
             cfg.MODEL[head].POOLER_TYPE = "ROIAlignV2"
     return cfg
@@ -92,11 +92,11 @@ class ExtendedPoolerRes5ROIHeads(Res5ROIHeads):
 
     @classmethod
     def from_config(cls, cfg, input_shape):
-        if cfg.SEG2.ROI_POOLER.MASK_AGGREGATION:
+        if cfg.MODEL.ROI_MASK_HEAD.POOLER_AGGREGATION:
             raise Seg2Error(
-                f"SEG2.ROI_POOLER.MASK_AGGREGATION={cfg.SEG2.ROI_POOLER.MASK_AGGREGATION!r} has no effect with "
-                f"MODEL.ROI_HEADS.NAME={cfg.MODEL.ROI_HEADS.NAME!r}: C4 box and mask heads share one pooler; "
-                "set SEG2.ROI_POOLER.BOX_AGGREGATION instead"
+                f"MODEL.ROI_MASK_HEAD.POOLER_AGGREGATION={cfg.MODEL.ROI_MASK_HEAD.POOLER_AGGREGATION!r} has no "
+                f"effect with MODEL.ROI_HEADS.NAME={cfg.MODEL.ROI_HEADS.NAME!r}: C4 box and mask heads share one "
+                "pooler; set MODEL.ROI_BOX_HEAD.POOLER_AGGREGATION instead"
             )
         ret = super().from_config(_with_detectron2_pooler_types(cfg), input_shape)
         ret["pooler"] = build_extended_pooler(cfg, "ROI_BOX_HEAD", input_shape)

@@ -1,0 +1,79 @@
+"""One key per setting: detectron2's keys where it has one; old seg2 keys are errors naming the new."""
+
+import glob
+import os
+import re
+
+import pytest
+from detectron2.config import get_cfg
+
+import seg2
+from seg2_model_helpers import CONFIGS
+
+# old key -> the key that replaced it
+RENAMED = {
+    "SEG2.INPUT.IGNORE_LABEL": "MODEL.SEM_SEG_HEAD.IGNORE_VALUE",
+    "SEG2.INPUT.SINGLE_CATEGORY_MAX_AREA": "INPUT.CROP.SINGLE_CATEGORY_MAX_AREA",
+    "SEG2.INPUT.NUM_SEM_SEG_CLASSES": "MODEL.SEM_SEG_HEAD.NUM_CLASSES",
+    "SEG2.ROI_POOLER.BOX_AGGREGATION": "MODEL.ROI_BOX_HEAD.POOLER_AGGREGATION",
+    "SEG2.ROI_POOLER.MASK_AGGREGATION": "MODEL.ROI_MASK_HEAD.POOLER_AGGREGATION",
+}
+OLD_VALUES = {"IGNORE_LABEL": 0, "SINGLE_CATEGORY_MAX_AREA": 0.5, "NUM_SEM_SEG_CLASSES": 4}
+BASE = os.path.join(CONFIGS, "quickstart", "unet_tiny_shapes_cpu.yaml")
+
+
+def _yaml(path, old_key):
+    """A config on BASE that sets ``old_key`` the way a YAML file nests it."""
+    *nodes, leaf = old_key.split(".")
+    lines = [f'_BASE_: "{BASE}"']
+    lines += [" " * 2 * i + f"{node}:" for i, node in enumerate(nodes)]
+    lines.append(" " * 2 * len(nodes) + f"{leaf}: {OLD_VALUES.get(leaf, repr('max'))}")
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("old", sorted(RENAMED))
+def test_old_key_in_a_yaml_file_names_its_replacement(tmp_path, old):
+    path = _yaml(tmp_path / "old.yaml", old)
+    with pytest.raises(seg2.Seg2Error) as e:
+        seg2.load_seg2_config(path)
+    message = str(e.value)
+    assert path in message and RENAMED[old] in message
+    # yacs meets a removed node before its leaves: the message names the node and both new keys.
+    reported = "SEG2.ROI_POOLER" if old.startswith("SEG2.ROI_POOLER.") else old
+    assert f"Key {reported} was renamed to" in message
+    if reported == "SEG2.ROI_POOLER":
+        assert "MODEL.ROI_BOX_HEAD.POOLER_AGGREGATION" in message and "MODEL.ROI_MASK_HEAD.POOLER_AGGREGATION" in message
+
+
+@pytest.mark.parametrize("old", sorted(RENAMED))
+def test_old_key_in_overrides_names_its_replacement(old):
+    with pytest.raises(seg2.Seg2Error, match=rf"{re.escape(BASE)}.*Key {old} was renamed to {RENAMED[old]}"):
+        seg2.load_seg2_config(BASE, [old, "1"])
+    # Without load_seg2_config: yacs' own KeyError, on a clone as on the original.
+    cfg = get_cfg()
+    seg2.add_seg2_config(cfg)
+    seg2.add_seg2_config(cfg)  # adding the keys twice registers the old names once
+    with pytest.raises(KeyError, match=RENAMED[old]):
+        cfg.clone().merge_from_list([old, "1"])
+
+
+def test_new_keys_take_values():
+    cfg = seg2.load_seg2_config(BASE, [
+        "MODEL.SEM_SEG_HEAD.IGNORE_VALUE", "254", "INPUT.CROP.SINGLE_CATEGORY_MAX_AREA", "0.75",
+        "MODEL.ROI_BOX_HEAD.POOLER_AGGREGATION", "max", "MODEL.ROI_MASK_HEAD.POOLER_AGGREGATION", "avg",
+    ])  # fmt: skip
+    assert cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE == 254 and cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA == 0.75
+    assert (cfg.MODEL.ROI_BOX_HEAD.POOLER_AGGREGATION, cfg.MODEL.ROI_MASK_HEAD.POOLER_AGGREGATION) == ("max", "avg")
+    assert set(cfg.SEG2.INPUT) == {"PAD_TO_CROP_SIZE"} and "ROI_POOLER" not in cfg.SEG2
+
+
+def test_every_shipped_config_loads():
+    files = sorted(glob.glob(os.path.join(CONFIGS, "**", "*.yaml"), recursive=True))
+    assert len(files) > 40
+    for path in files:
+        seg2.load_seg2_config(path)
+    semantic = seg2.load_seg2_config(os.path.join(CONFIGS, "Base-Seg2-Semantic.yaml"))
+    assert semantic.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA == 0.75
+    roiwarp = seg2.load_seg2_config(os.path.join(CONFIGS, "pooler_ablation", "mask_rcnn_roiwarp_max_R50_FPN_1x_coco.yaml"))
+    assert (roiwarp.MODEL.ROI_BOX_HEAD.POOLER_AGGREGATION, roiwarp.MODEL.ROI_MASK_HEAD.POOLER_AGGREGATION) == ("max", "max")
