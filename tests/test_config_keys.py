@@ -6,9 +6,11 @@ import re
 
 import pytest
 from detectron2.config import get_cfg
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import build_model
 
 import seg2
-from seg2_model_helpers import CONFIGS
+from seg2_model_helpers import CONFIGS, base_cfg, tiny_semantic_cfg
 
 # old key -> the key that replaced it
 RENAMED = {
@@ -77,3 +79,26 @@ def test_every_shipped_config_loads():
     assert semantic.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA == 0.75
     roiwarp = seg2.load_seg2_config(os.path.join(CONFIGS, "pooler_ablation", "mask_rcnn_roiwarp_max_R50_FPN_1x_coco.yaml"))
     assert (roiwarp.MODEL.ROI_BOX_HEAD.POOLER_AGGREGATION, roiwarp.MODEL.ROI_MASK_HEAD.POOLER_AGGREGATION) == ("max", "max")
+
+
+@pytest.fixture(scope="module")
+def dataset_ignoring_zero():
+    name = "t_config_keys_ignore_zero"
+    MetadataCatalog.get(name).set(stuff_classes=["a", "b", "c", "d"], thing_classes=["b", "c", "d"], ignore_label=0)
+    return name
+
+
+def test_model_build_checks_the_datasets_ignore_label(dataset_ignoring_zero):
+    expected = rf"dataset '{dataset_ignoring_zero}' has ignore_label=0 .*MODEL.SEM_SEG_HEAD.IGNORE_VALUE=255"
+    cfg = tiny_semantic_cfg("FCNHead", "vgg")
+    cfg.DATASETS.TEST = (dataset_ignoring_zero,)
+    with pytest.raises(seg2.Seg2Error, match=expected):
+        build_model(cfg)
+    cfg = base_cfg("quickstart/mask_rcnn_R18_FPN_unet_shapes_cpu.yaml")
+    cfg.DATASETS.TRAIN = (dataset_ignoring_zero,)
+    with pytest.raises(seg2.Seg2Error, match=expected):
+        build_model(cfg)
+    cfg = tiny_semantic_cfg("FCNHead", "vgg")
+    cfg.DATASETS.TRAIN = ("seg2_shapes_train",)  # ignore_label 255, as every seg2 dataset
+    assert build_model(cfg).sem_seg_head.ignore_value == 255
+

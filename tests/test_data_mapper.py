@@ -13,7 +13,7 @@ from pycocotools import mask as mask_util
 import seg2
 from seg2 import Seg2Error
 from seg2.data import MultiTaskDatasetMapper, write_label_map
-from seg2.data.dataset_mapper import _HAS_SHAPELY
+from seg2.data.dataset_mapper import _HAS_SHAPELY, CategoryAreaConstrainedCrop
 
 H, W = 16, 24
 # (rows, cols) of three disjoint objects of classes 0, 1, 2 (label values 1, 2, 3)
@@ -226,6 +226,45 @@ def test_label_values_checked_against_the_class_count(tmp_path):
     cfg.DATASETS.TRAIN = ("t_mapper_eight", "t_mapper_four")
     with pytest.raises(Seg2Error, match="different numbers of stuff_classes"):
         MultiTaskDatasetMapper(cfg, is_train=True)(record)
+
+
+def test_ignore_value_is_the_heads_and_must_match_the_datasets(tmp_path):
+    # MODEL.SEM_SEG_HEAD.IGNORE_VALUE is the void value the mapper accepts and pads with.
+    record = make_record(tmp_path)
+    label = np.asarray(Image.open(record["sem_seg_file_name"])).copy()
+    label[label == 255] = 254
+    write_label_map(label, record["sem_seg_file_name"])
+    cfg = _cfg(SEG2_PAD_TO_CROP_SIZE=True)
+    cfg.INPUT.CROP.ENABLED, cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE = True, "absolute", [24, 40]
+    with pytest.raises(Seg2Error, match=r"value\(s\) 254 .*nor the ignore label 255"):
+        MultiTaskDatasetMapper(cfg, is_train=True)(record)
+    cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE = 254
+    cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 0.9
+    mapper = MultiTaskDatasetMapper(cfg, is_train=True)
+    crop = mapper.augmentations.augs[0]  # the crop constraint skips the same pixels
+    assert isinstance(crop, CategoryAreaConstrainedCrop)
+    assert (crop.single_category_max_area, crop.ignored_category) == (0.9, 254)
+    sem = mapper(record)["sem_seg"].numpy()
+    assert (sem[VOID] == 254).all() and (sem[H:, :] == 254).all() and (sem[:, W:] == 254).all()
+    assert set(np.unique(sem)) == {0, 1, 2, 3, 254}
+
+    # A dataset whose metadata ignore_label differs: an error naming it and the key, when the
+    # mapper is built and, for metadata that a dataset only sets when loaded, on first use.
+    MetadataCatalog.get("t_mapper_ignore_zero").set(stuff_classes=["a", "b", "c", "d"], ignore_label=0)
+    cfg.DATASETS.TRAIN = ("t_mapper_ignore_zero",)
+    with pytest.raises(Seg2Error, match=r"'t_mapper_ignore_zero' has ignore_label=0 .*MODEL.SEM_SEG_HEAD.IGNORE_VALUE=254"):
+        MultiTaskDatasetMapper(cfg, is_train=True)
+    MetadataCatalog.get("t_mapper_ignore_late").set(stuff_classes=["a", "b", "c", "d"])
+    cfg.DATASETS.TRAIN = ("t_mapper_ignore_late",)
+    mapper = MultiTaskDatasetMapper(cfg, is_train=True)
+    MetadataCatalog.get("t_mapper_ignore_late").set(ignore_label=255)
+    with pytest.raises(Seg2Error, match=r"'t_mapper_ignore_late' has ignore_label=255 .*IGNORE_VALUE: 255"):
+        mapper(record)
+    # The test mapper checks DATASETS.TEST (whose metadata the evaluators read).
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (), ("t_mapper_ignore_zero",)
+    MultiTaskDatasetMapper(cfg, is_train=True)
+    with pytest.raises(Seg2Error, match="t_mapper_ignore_zero"):
+        MultiTaskDatasetMapper(cfg, is_train=False)
 
 
 def test_label_map_of_wrong_size_or_colour(tmp_path):

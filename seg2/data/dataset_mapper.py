@@ -16,13 +16,30 @@ from detectron2.utils.logger import log_first_n
 from ..utils import Seg2Error
 from .label_map import check_label_values, read_label_map
 
-__all__ = ["MultiTaskDatasetMapper", "CategoryAreaConstrainedCrop"]
+__all__ = ["MultiTaskDatasetMapper", "CategoryAreaConstrainedCrop", "check_ignore_value"]
 
 logger = logging.getLogger(__name__)
 
 # fvcore crops polygons with shapely, an optional dependency of detectron2 that DatasetMapper
 # fails without; without it, polygons of a cropped image are rasterised first.
 _HAS_SHAPELY = importlib.util.find_spec("shapely") is not None
+
+
+def check_ignore_value(ignore_value: int, dataset_names: Sequence[str]):
+    """
+    A :class:`Seg2Error` when a registered dataset of ``dataset_names`` marks unlabelled pixels
+    with a metadata ``ignore_label`` (which the evaluators skip) other than ``ignore_value``, the
+    config's ``MODEL.SEM_SEG_HEAD.IGNORE_VALUE`` (which the mapper and the semantic loss skip).
+    """
+    registered = set(MetadataCatalog.list())
+    for name in dataset_names:
+        ignore = MetadataCatalog.get(name).get("ignore_label", None) if name in registered else None
+        if ignore is not None and ignore != ignore_value:
+            raise Seg2Error(
+                f"dataset {name!r} has ignore_label={ignore} in its metadata but MODEL.SEM_SEG_HEAD.IGNORE_VALUE="
+                f"{ignore_value}: the loss would train on the pixels its metrics skip; set "
+                f"MODEL.SEM_SEG_HEAD.IGNORE_VALUE: {ignore} (or correct the dataset's metadata)"
+            )
 
 
 class CategoryAreaConstrainedCrop(T.RandomCrop_CategoryAreaConstraint):
@@ -77,7 +94,8 @@ class MultiTaskDatasetMapper(DatasetMapper):
             ignore_label (int): the label-map value that is excluded from losses and metrics
                 (``MODEL.SEM_SEG_HEAD.IGNORE_VALUE``; the datasets' metadata ``ignore_label``).
             dataset_names (list[str]): the datasets this mapper reads: label values are checked
-                against the number of ``stuff_classes`` in their metadata.
+                against the number of ``stuff_classes`` in their metadata, and their metadata
+                ``ignore_label`` against ``ignore_label``.
             num_classes (int or None): the class count when their metadata has no
                 ``stuff_classes``: the semantic head's, whose loss a larger label value would break.
             pad_to_size (tuple[int, int] or None): pad every training image to at least this
@@ -113,12 +131,15 @@ class MultiTaskDatasetMapper(DatasetMapper):
         ret["ignore_label"] = cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
         ret["dataset_names"] = tuple(cfg.DATASETS.TRAIN if is_train else cfg.DATASETS.TEST)
         ret["num_classes"] = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+        check_ignore_value(ret["ignore_label"], ret["dataset_names"])
         return ret
 
     def _num_classes(self, sem_seg_file: str) -> int:
         """The semantic class count: the datasets' ``stuff_classes``, else ``num_classes``.
-        Resolved on first use: a user's COCO dataset learns its classes when it is loaded."""
+        Resolved on first use, with the check of their ``ignore_label``: a user's COCO dataset
+        learns its classes and ignore label when it is loaded."""
         if self._resolved_num_classes is None:
+            check_ignore_value(self.ignore_label, self.dataset_names)
             counts = {}
             for name in self.dataset_names:
                 stuff = MetadataCatalog.get(name).get("stuff_classes", None)

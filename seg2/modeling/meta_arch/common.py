@@ -6,6 +6,7 @@ import torch
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import BACKBONE_REGISTRY, SEM_SEG_HEADS_REGISTRY
 
+from ...data.dataset_mapper import check_ignore_value
 from ...utils import Seg2Error
 
 __all__ = ["check_registered", "check_head_features", "check_num_classes", "sem_seg_targets"]
@@ -37,13 +38,17 @@ def check_num_classes(cfg, instances: bool = False):
     """
     A :class:`Seg2Error` when the config's class counts differ from the metadata of a registered
     dataset in ``DATASETS.TRAIN`` / ``DATASETS.TEST`` (stuff_classes for the semantic head,
-    thing_classes for the RoI heads when ``instances``).
+    thing_classes for the RoI heads when ``instances``), or when its ``ignore_label`` differs from
+    ``MODEL.SEM_SEG_HEAD.IGNORE_VALUE`` (:func:`~seg2.data.dataset_mapper.check_ignore_value`):
+    one ignore value from label file to loss to metric.
     """
     checks = [("MODEL.SEM_SEG_HEAD.NUM_CLASSES", cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, "stuff_classes")]
     if instances:
         checks.append(("MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL.ROI_HEADS.NUM_CLASSES, "thing_classes"))
+    dataset_names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
+    check_ignore_value(cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE, dataset_names)
     registered = set(MetadataCatalog.list())
-    for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
+    for name in dataset_names:
         if name not in registered:
             continue
         meta = MetadataCatalog.get(name)
