@@ -102,3 +102,9 @@ def test_model_build_checks_the_datasets_ignore_label(dataset_ignoring_zero):
     cfg.DATASETS.TRAIN = ("seg2_shapes_train",)  # ignore_label 255, as every seg2 dataset
     assert build_model(cfg).sem_seg_head.ignore_value == 255
 
+
+def test_unknown_head_names_the_registry():
+    cfg = tiny_semantic_cfg("FCNHead", "vgg")
+    cfg.MODEL.SEM_SEG_HEAD.NAME = "NoSuchHead"
+    with pytest.raises(seg2.Seg2Error, match=r"'NoSuchHead' is not registered in detectron2's SEM_SEG_HEADS_REGISTRY; known: \[.*'FCNHead'"):
+        build_model(cfg)

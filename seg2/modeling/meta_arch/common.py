@@ -14,13 +14,13 @@ __all__ = ["check_registered", "check_head_features", "check_num_classes", "sem_
 
 def check_registered(cfg):
     """A :class:`Seg2Error` naming the config key when the backbone or head name is unknown."""
-    for key, name, registry in (
-        ("MODEL.BACKBONE.NAME", cfg.MODEL.BACKBONE.NAME, BACKBONE_REGISTRY),
-        ("MODEL.SEM_SEG_HEAD.NAME", cfg.MODEL.SEM_SEG_HEAD.NAME, SEM_SEG_HEADS_REGISTRY),
+    for key, name, registry, registry_name in (
+        ("MODEL.BACKBONE.NAME", cfg.MODEL.BACKBONE.NAME, BACKBONE_REGISTRY, "BACKBONE_REGISTRY"),
+        ("MODEL.SEM_SEG_HEAD.NAME", cfg.MODEL.SEM_SEG_HEAD.NAME, SEM_SEG_HEADS_REGISTRY, "SEM_SEG_HEADS_REGISTRY"),
     ):
         if name not in registry:
             known = sorted(k for k, _ in registry)
-            raise Seg2Error(f"{key}={name!r} is not registered in detectron2's {registry._name} registry; known: {known}")
+            raise Seg2Error(f"{key}={name!r} is not registered in detectron2's {registry_name}; known: {known}")
 
 
 def check_head_features(cfg, backbone_shape):
