@@ -137,6 +137,18 @@ def _add_modeling_config(cfg):
     # MODEL.SEM_SEG_HEAD.LOSS_WEIGHT).
     cfg.MODEL.MULTITASK = CN()
     cfg.MODEL.MULTITASK.INSTANCE_LOSS_WEIGHT = 1.0
+    # The semantic loss of every seg2 head (seg2.modeling.losses), also inside Seg2MultiTaskRCNN.
+    # detectron2's MODEL.SEM_SEG_HEAD.LOSS_TYPE picks it: "cross_entropy", "hard_pixel_mining",
+    # "focal", "dice", "lovasz" or a sum such as "cross_entropy+dice"; IGNORE_VALUE is left out.
+    # LOSS_TOP_K: fraction of the labelled pixels "hard_pixel_mining" keeps (detectron2's DeepLab: 0.2).
+    cfg.MODEL.SEM_SEG_HEAD.LOSS_TOP_K = 0.2
+    # FOCAL_GAMMA: the focusing parameter of "focal" (Lin et al.: 2).
+    cfg.MODEL.SEM_SEG_HEAD.FOCAL_GAMMA = 2.0
+    # Class weights of the per-pixel terms (cross_entropy, hard_pixel_mining, focal): CLASS_WEIGHT,
+    # one value per class, or CLASS_WEIGHTING "median_frequency" (SegNet) / "inverse_frequency",
+    # computed from DATASETS.TRAIN on the first training step and cached (seg2.data.class_weights).
+    cfg.MODEL.SEM_SEG_HEAD.CLASS_WEIGHT = []
+    cfg.MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING = ""
 
 
 def load_seg2_config(config_file: str, opts=()):

@@ -1,16 +1,20 @@
 """seg2's semantic heads and the shared up-sampling module: shapes, gradients, overfitting."""
 
+import math
+
 import pytest
 import torch
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
 from fvcore.nn.precise_bn import update_bn_stats
 from torch.nn import functional as F
 
 from seg2.modeling import Upsample
 from seg2.modeling.backbone import vgg_feature_offsets
+from seg2.modeling.losses import SemSegLoss
 from seg2.modeling.upsample import bilinear_kernel
-from seg2_model_helpers import load_records, mapped_inputs, miou, one_thread, tiny_semantic_cfg  # noqa: F401
+from seg2_model_helpers import base_cfg, load_records, mapped_inputs, miou, one_thread, tiny_semantic_cfg  # noqa: F401
 
 # (head, backbone) pairs: every head on its own backbone, on detectron2's ResNet and on the
 # DeepLab (dilated, output stride 16) ResNet.
@@ -265,3 +269,67 @@ def test_tiny_model_overfits_shapes_images(tiny_shapes_root, head, backbone, ite
     chance = miou(torch.zeros_like(gt), gt, 4)  # all background
     assert float(loss) < 0.5 * first
     assert score > 0.6 and score > chance + 0.3, (score, chance)
+
+
+# ---- the loss every head shares (seg2.modeling.losses) ---------------------------------------
+LOSS_TYPES = ["cross_entropy", "hard_pixel_mining", "focal", "dice", "lovasz", "cross_entropy+dice"]
+LOSS_HEADS = [("FCNHead", "vgg"), ("UNetHead", "unet_same"), ("SegNetHead", "vgg"), ("Seg2DeepLabV3PlusHead", "deeplab_resnet")]
+
+
+@pytest.mark.parametrize("head,backbone", LOSS_HEADS)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_every_head_trains_with_every_loss(tiny_shapes_root, head, backbone, loss_type):
+    torch.manual_seed(0)
+    cfg = tiny_semantic_cfg(head, backbone)
+    cfg.MODEL.SEM_SEG_HEAD.LOSS_TYPE = loss_type
+    if loss_type in ("cross_entropy", "hard_pixel_mining", "focal"):
+        cfg.MODEL.SEM_SEG_HEAD.CLASS_WEIGHT = [0.5, 1.0, 2.0, 4.0]
+    model = build_model(cfg)
+    assert model.sem_seg_head.loss.loss_type == loss_type
+    model.train()
+    inputs = mapped_inputs(cfg, load_records(tiny_shapes_root)[:2], size=32)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    values = []
+    for _ in range(6):
+        losses = model(inputs)
+        assert set(losses) == {"loss_sem_seg"}
+        values.append(float(losses["loss_sem_seg"].detach()))
+        opt.zero_grad()
+        losses["loss_sem_seg"].backward()
+        opt.step()
+    assert all(math.isfinite(v) for v in values) and values[-1] < values[0], values
+
+
+def test_head_parameter_names_do_not_depend_on_the_loss():
+    # Class weights are a non-persistent buffer and the loss holds no parameter: checkpoints of
+    # models trained with any loss load into each other, and detectron2's DeepLab ones still do.
+    names = {}
+    for loss_type, weight in [("cross_entropy", []), ("focal", [1.0, 2.0, 3.0, 4.0]), ("lovasz", [])]:
+        cfg = tiny_semantic_cfg("Seg2DeepLabV3PlusHead", "deeplab_resnet")
+        cfg.MODEL.SEM_SEG_HEAD.LOSS_TYPE, cfg.MODEL.SEM_SEG_HEAD.CLASS_WEIGHT = loss_type, weight
+        names[loss_type] = sorted(build_model(cfg).state_dict())
+    assert names["cross_entropy"] == names["focal"] == names["lovasz"]
+    assert not [n for n in names["focal"] if ".loss." in n or "class_weight" in n]
+
+
+def test_multitask_model_uses_the_configured_loss(tiny_shapes_root):
+    torch.manual_seed(0)
+    cfg = base_cfg("quickstart/mask_rcnn_R18_FPN_fcn8s_shapes_cpu.yaml")
+    cfg.MODEL.FPN.OUT_CHANNELS, cfg.MODEL.ROI_BOX_HEAD.FC_DIM, cfg.MODEL.ROI_MASK_HEAD.CONV_DIM = 32, 64, 16
+    cfg.MODEL.SEM_SEG_HEAD.LOSS_TYPE = "focal+lovasz"
+    cfg.MODEL.SEM_SEG_HEAD.CLASS_WEIGHT = [0.5, 1.0, 2.0, 4.0]
+    model = build_model(cfg)
+    head = model.sem_seg_head
+    assert isinstance(head.loss, SemSegLoss) and head.loss.terms == ("focal", "lovasz")
+    inputs = mapped_inputs(cfg, load_records(tiny_shapes_root)[:2], size=64)
+    with EventStorage(0):
+        losses = model(inputs)
+        # the semantic loss is the head's: recompute it from the same features
+        features = model.backbone(model.preprocess_image(inputs).tensor)
+        head.eval()
+        logits = head(features)[0]
+    t = torch.full(logits.shape[:1] + logits.shape[-2:], 255, dtype=torch.long)
+    for i, x in enumerate(inputs):
+        t[i, : x["sem_seg"].shape[0], : x["sem_seg"].shape[1]] = x["sem_seg"]
+    expect = head.loss(logits, t) * cfg.MODEL.SEM_SEG_HEAD.LOSS_WEIGHT
+    torch.testing.assert_close(losses["loss_sem_seg"], expect)

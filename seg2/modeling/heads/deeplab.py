@@ -1,13 +1,16 @@
 """DeepLabV3+ from ``detectron2.projects.deeplab``, with seg2's up-sampling and output convention."""
 
+from typing import Optional
+
 import torch
 from detectron2.config import configurable
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from detectron2.projects.deeplab import DeepLabV3PlusHead
 from torch import nn
 
+from ..losses import SemSegLoss, build_sem_seg_loss
 from ..upsample import Upsample
-from .common import check_upsample_mode, sem_seg_loss, sorted_features
+from .common import check_upsample_mode, final_upsample, sem_seg_loss, sorted_features
 
 __all__ = ["Seg2DeepLabV3PlusHead"]
 
@@ -25,17 +28,25 @@ class Seg2DeepLabV3PlusHead(DeepLabV3PlusHead):
     test images of other sizes (seg2 pools globally, as the paper at test time). seg2's heads share :class:`seg2.modeling.upsample.Upsample` and one
     output convention (stride-1 logits from the input's pixel (0, 0), cropped to the targets, no
     loss on a batch with no labelled pixel), which the multi-task model relies on. The layers and
-    their parameter names are detectron2's, so its DeepLab checkpoints load.
+    their parameter names are detectron2's, so its DeepLab checkpoints load. The loss is seg2's
+    (:mod:`seg2.modeling.losses`), as for every seg2 head: ``loss_type`` may be any of its terms.
     """
 
     @configurable
-    def __init__(self, input_shape, *, upsample: str = "bilinear", **kwargs):
+    def __init__(self, input_shape, *, upsample: str = "bilinear", loss: Optional[nn.Module] = None, **kwargs):
         """
         Args:
             input_shape, kwargs: as detectron2's ``DeepLabV3PlusHead``.
             upsample (str): up-sampling mode of the decoder and of the output (DeepLab: bilinear).
+            loss (nn.Module or None): ``(logits, targets) -> loss`` (see :mod:`seg2.modeling.losses`);
+                None: the terms of ``loss_type`` without ``ignore_value``.
         """
-        super().__init__(input_shape, **kwargs)
+        loss_type = kwargs.pop("loss_type", "cross_entropy")
+        # detectron2's head knows two loss types and builds its own loss; seg2's replaces it.
+        super().__init__(input_shape, loss_type="cross_entropy", **kwargs)
+        self.loss_type = loss_type
+        if not self.decoder_only:
+            self.loss = loss if loss is not None else SemSegLoss(loss_type, ignore_value=self.ignore_value)
         strides = {f: s.stride for f, s in input_shape.items()}
         aspp_channels = self.decoder[self.in_features[-1]]["project_conv"].project.out_channels
         # decoder_up[f]: from the deeper decoder output to feature f's stride (the ASPP output
@@ -49,8 +60,7 @@ class Seg2DeepLabV3PlusHead(DeepLabV3PlusHead):
             cur = stage[-1].out_channels if isinstance(stage, nn.Sequential) else stage.pointwise.out_channels
             prev = f
         out_channels = self.predictor.out_channels if not self.decoder_only else cur
-        final_mode = "bilinear" if upsample == "unpool" else upsample
-        self.final_up = Upsample(final_mode, strides[self.in_features[0]], out_channels)
+        self.final_up = final_upsample(upsample, strides[self.in_features[0]], out_channels)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -61,6 +71,7 @@ class Seg2DeepLabV3PlusHead(DeepLabV3PlusHead):
         ret["train_size"] = None
         mode = check_upsample_mode(cfg.MODEL.DEEPLAB_HEAD.UPSAMPLE, "MODEL.DEEPLAB_HEAD.UPSAMPLE")
         ret["upsample"] = "bilinear" if mode == "unpool" else mode
+        ret["loss"] = build_sem_seg_loss(cfg)
         return ret
 
     def layers(self, features):
@@ -86,7 +97,5 @@ class Seg2DeepLabV3PlusHead(DeepLabV3PlusHead):
         if self.decoder_only:
             return y
         if self.training:
-            return None, sem_seg_loss(
-                y, targets, ignore_value=self.ignore_value, loss_weight=self.loss_weight, loss_fn=self.loss
-            )
+            return None, sem_seg_loss(y, targets, self.loss, ignore_value=self.ignore_value, loss_weight=self.loss_weight)
         return y, {}

@@ -7,16 +7,15 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from torch import nn
 
-from ...utils import Seg2Error
 from ..backbone import feature_offsets
 from ..upsample import Upsample
-from .common import check_upsample_mode, nested_features, sem_seg_loss
+from .common import BaseSemSegHead, check_upsample_mode, final_upsample, nested_features
 
 __all__ = ["FCNHead"]
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
-class FCNHead(nn.Module):
+class FCNHead(BaseSemSegHead):
     """
     FCN (Long et al., CVPR 2015): 1x1 score layers on the deepest feature and on each skip
     feature, fused by summation after up-sampling, then up-sampled to the input.
@@ -36,8 +35,7 @@ class FCNHead(nn.Module):
         offsets: Optional[Dict[str, float]] = None,
         upsample: str = "deconv",
         learn_final_upsample: bool = True,
-        ignore_value: int = 255,
-        loss_weight: float = 1.0,
+        **kwargs,
     ):
         """
         Args:
@@ -49,15 +47,12 @@ class FCNHead(nn.Module):
             upsample (str): up-sampling mode (see :mod:`seg2.modeling.upsample`); FCN: "deconv".
             learn_final_upsample (bool): False keeps the last transposed conv at bilinear, as the
                 paper does.
-            ignore_value (int): label excluded from the loss.
-            loss_weight (float): weight of ``loss_sem_seg``.
+            kwargs: ``ignore_value``, ``loss_weight``, ``loss``: see :class:`BaseSemSegHead`.
         """
-        super().__init__()
+        super().__init__(num_classes=num_classes, **kwargs)
         self.in_features = sorted(input_shape, key=lambda f: input_shape[f].stride)
         self.strides = {f: input_shape[f].stride for f in self.in_features}
         self.offsets = offsets or {f: (s - 1) / 2 for f, s in self.strides.items()}
-        self.ignore_value, self.loss_weight = ignore_value, loss_weight
-        self.num_classes = num_classes
         self.score = nn.ModuleDict()
         for f in self.in_features:
             score = nn.Conv2d(input_shape[f].channels, num_classes, kernel_size=1)
@@ -69,24 +64,23 @@ class FCNHead(nn.Module):
         for shallow, deep in zip(self.in_features[:-1], self.in_features[1:]):
             factor = self.strides[deep] // self.strides[shallow]
             self.up[shallow] = Upsample(upsample, factor, num_classes)
-        self.final_up = Upsample(upsample, self.strides[self.in_features[0]], num_classes, learnable=learn_final_upsample)
+        self.final_up = final_upsample(upsample, self.strides[self.in_features[0]], num_classes, learnable=learn_final_upsample)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
         names, _ = nested_features(input_shape, cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES)
-        mode = check_upsample_mode(cfg.MODEL.FCN_HEAD.UPSAMPLE, "MODEL.FCN_HEAD.UPSAMPLE")
-        if mode == "unpool":
-            raise Seg2Error("MODEL.FCN_HEAD.UPSAMPLE='unpool': FCN has no pooling indices to unpool score maps with")
+        mode = check_upsample_mode(
+            cfg.MODEL.FCN_HEAD.UPSAMPLE, "MODEL.FCN_HEAD.UPSAMPLE", no_unpool="FCN has no pooling indices to unpool score maps with"
+        )
         shapes = {f: input_shape[f] for f in names}
-        return {
-            "input_shape": shapes,
-            "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
-            "offsets": feature_offsets(cfg, shapes),
-            "upsample": mode,
-            "learn_final_upsample": cfg.MODEL.FCN_HEAD.LEARN_FINAL_UPSAMPLE,
-            "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
-            "loss_weight": cfg.MODEL.SEM_SEG_HEAD.LOSS_WEIGHT,
-        }
+        ret = super().from_config(cfg, input_shape)
+        ret.update(
+            input_shape=shapes,
+            offsets=feature_offsets(cfg, shapes),
+            upsample=mode,
+            learn_final_upsample=cfg.MODEL.FCN_HEAD.LEARN_FINAL_UPSAMPLE,
+        )
+        return ret
 
     def layers(self, features):
         """Stride-1 logits whose pixel (0, 0) is the input's pixel (0, 0)."""
@@ -116,14 +110,3 @@ class FCNHead(nn.Module):
             raise ValueError(f"FCN: the output starts at input coordinate {offset}, it cannot be cropped to the input")
         start = int(start)
         return x[..., start:, start:]
-
-    def forward(self, features, targets=None):
-        """
-        Returns:
-            training: (None, {"loss_sem_seg"}); inference: ((N, C, H', W') logits covering the
-            input from its pixel (0, 0), {}).
-        """
-        x = self.layers(features)
-        if self.training:
-            return None, sem_seg_loss(x, targets, ignore_value=self.ignore_value, loss_weight=self.loss_weight)
-        return x, {}

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from ...utils import Seg2Error
 from ..upsample import Upsample
-from .common import check_upsample_mode, sem_seg_loss, sorted_features
+from .common import BaseSemSegHead, check_upsample_mode, final_upsample, sorted_features
 
 __all__ = ["SegNetHead"]
 
@@ -19,7 +19,7 @@ INDICES_SUFFIX = "_indices"
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
-class SegNetHead(nn.Module):
+class SegNetHead(BaseSemSegHead):
     """
     The decoder of SegNet (Badrinarayanan et al., TPAMI 2017): per encoder stage, deepest first,
     max-unpooling with that stage's pooling indices, then 3x3 conv + BN + ReLU layers mirroring
@@ -41,8 +41,7 @@ class SegNetHead(nn.Module):
         upsample: str = "unpool",
         norm: str = "BN",
         classifier_kernel: int = 3,
-        ignore_value: int = 255,
-        loss_weight: float = 1.0,
+        **kwargs,
     ):
         """
         Args:
@@ -54,17 +53,15 @@ class SegNetHead(nn.Module):
             upsample (str): up-sampling mode; "unpool" is SegNet's.
             norm (str): normalization after each decoder conv but the classifier ("BN").
             classifier_kernel (int): 1 or 3, the classifier's kernel.
-            ignore_value (int): label excluded from the loss.
-            loss_weight (float): weight of ``loss_sem_seg``.
+            kwargs: ``ignore_value``, ``loss_weight``, ``loss``: see :class:`BaseSemSegHead`.
         """
-        super().__init__()
+        super().__init__(num_classes=num_classes, **kwargs)
         maps = sorted((f for f in input_shape if not f.endswith(INDICES_SUFFIX)), key=lambda f: input_shape[f].stride)
         indices = {input_shape[f].stride: f for f in input_shape if f.endswith(INDICES_SUFFIX)}
         self.in_features = maps
         self.decoder_input, stages = maps[-1], maps[:-1][::-1]  # stages deepest first
         if len(num_convs) != len(stages):
             raise ValueError(f"{len(stages)} decoder stages ({stages}) need {len(stages)} conv counts, got {list(num_convs)}")
-        self.ignore_value, self.loss_weight = ignore_value, loss_weight
         self.stages, self.up, self.indices_of = stages, nn.ModuleDict(), {}
         self.decoder = nn.ModuleDict()
         cur, stride = input_shape[self.decoder_input].channels, input_shape[self.decoder_input].stride
@@ -90,8 +87,7 @@ class SegNetHead(nn.Module):
                 layers.append(conv)
             self.decoder[f] = nn.Sequential(*layers)
             cur, stride = out, input_shape[f].stride
-        final_mode = "bilinear" if upsample == "unpool" else upsample
-        self.final_up = Upsample(final_mode, stride, num_classes)
+        self.final_up = final_upsample(upsample, stride, num_classes)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -117,16 +113,15 @@ class SegNetHead(nn.Module):
             raise Seg2Error(
                 f"MODEL.SEGNET_HEAD.NUM_CONVS={list(head.NUM_CONVS)}: {key} gives {len(maps) - 1} decoder stages"
             )
-        return {
-            "input_shape": shapes,
-            "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
-            "num_convs": list(head.NUM_CONVS),
-            "upsample": mode,
-            "norm": head.NORM,
-            "classifier_kernel": head.CLASSIFIER_KERNEL,
-            "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
-            "loss_weight": cfg.MODEL.SEM_SEG_HEAD.LOSS_WEIGHT,
-        }
+        ret = super().from_config(cfg, input_shape)
+        ret.update(
+            input_shape=shapes,
+            num_convs=list(head.NUM_CONVS),
+            upsample=mode,
+            norm=head.NORM,
+            classifier_kernel=head.CLASSIFIER_KERNEL,
+        )
+        return ret
 
     def layers(self, features):
         """Stride-1 logits of the size of the shallowest stage (times its stride)."""
@@ -136,13 +131,3 @@ class SegNetHead(nn.Module):
             x = self.up[f](x, output_size=features[f].shape[-2:], indices=indices)
             x = self.decoder[f](x)
         return self.final_up(x)
-
-    def forward(self, features, targets=None):
-        """
-        Returns:
-            training: (None, {"loss_sem_seg"}); inference: ((N, C, H, W) logits, {}).
-        """
-        x = self.layers(features)
-        if self.training:
-            return None, sem_seg_loss(x, targets, ignore_value=self.ignore_value, loss_weight=self.loss_weight)
-        return x, {}

@@ -11,13 +11,13 @@ import torch
 from ...utils import Seg2Error
 from ..backbone.unet_encoder import PADDING_MODES, conv3x3_block
 from ..upsample import Upsample, center_crop, match_size
-from .common import check_upsample_mode, nested_features, sem_seg_loss
+from .common import BaseSemSegHead, check_upsample_mode, final_upsample, nested_features
 
 __all__ = ["UNetHead"]
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
-class UNetHead(nn.Module):
+class UNetHead(BaseSemSegHead):
     """
     The expansive path of U-Net (Ronneberger et al., MICCAI 2015): per step a 2x up-sampling
     ("up-conv") halving the channels, concatenation with the (centre-cropped) skip feature and
@@ -39,8 +39,7 @@ class UNetHead(nn.Module):
         decoder_channels: Optional[List[int]] = None,
         upsample: str = "deconv",
         norm: str = "",
-        ignore_value: int = 255,
-        loss_weight: float = 1.0,
+        **kwargs,
     ):
         """
         Args:
@@ -53,16 +52,14 @@ class UNetHead(nn.Module):
                 the channels at each step, as the paper).
             upsample (str): up-sampling mode; "deconv" is the paper's 2x2 up-conv.
             norm (str): normalization after each 3x3 conv ("" as the paper).
-            ignore_value (int): label excluded from the loss.
-            loss_weight (float): weight of ``loss_sem_seg``.
+            kwargs: ``ignore_value``, ``loss_weight``, ``loss``: see :class:`BaseSemSegHead`.
         """
-        super().__init__()
+        super().__init__(num_classes=num_classes, **kwargs)
         if padding not in PADDING_MODES:
             raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
         self.in_features = sorted(input_shape, key=lambda f: input_shape[f].stride)
         self.padding = padding
         self.valid_padding = padding == "valid"
-        self.ignore_value, self.loss_weight = ignore_value, loss_weight
         skips = self.in_features[:-1][::-1]  # deepest skip first
         if decoder_channels is None or len(decoder_channels) == 0:
             # The skip's channels: the paper's halving (1024 -> 512 -> ... -> 64) on its encoder.
@@ -78,16 +75,13 @@ class UNetHead(nn.Module):
             self.convs[f] = conv3x3_block(c + input_shape[f].channels, c, padding, norm)
             cur, stride = c, input_shape[f].stride
         self.predictor = Conv2d(cur, num_classes, kernel_size=1)
-        final_mode = "bilinear" if upsample == "unpool" else upsample
-        self.final_up = Upsample(final_mode, stride, num_classes)
+        self.final_up = final_upsample(upsample, stride, num_classes)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
         names, _ = nested_features(input_shape, cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES)
         head = cfg.MODEL.UNET_HEAD
-        mode = check_upsample_mode(head.UPSAMPLE, "MODEL.UNET_HEAD.UPSAMPLE")
-        if mode == "unpool":
-            raise Seg2Error("MODEL.UNET_HEAD.UPSAMPLE='unpool': U-Net's up path has no pooling indices")
+        mode = check_upsample_mode(head.UPSAMPLE, "MODEL.UNET_HEAD.UPSAMPLE", no_unpool="U-Net's up path has no pooling indices")
         if head.PADDING not in PADDING_MODES:
             raise Seg2Error(f"MODEL.UNET_HEAD.PADDING={head.PADDING!r}: must be one of {PADDING_MODES}")
         if head.DECODER_CHANNELS and len(head.DECODER_CHANNELS) != len(names) - 1:
@@ -95,16 +89,15 @@ class UNetHead(nn.Module):
                 f"MODEL.UNET_HEAD.DECODER_CHANNELS={list(head.DECODER_CHANNELS)}: {len(names) - 1} up steps "
                 f"(MODEL.SEM_SEG_HEAD.IN_FEATURES={names}) need {len(names) - 1} values, or [] for the skips' channels"
             )
-        return {
-            "input_shape": {f: input_shape[f] for f in names},
-            "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
-            "padding": head.PADDING,
-            "decoder_channels": list(head.DECODER_CHANNELS),
-            "upsample": mode,
-            "norm": head.NORM,
-            "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
-            "loss_weight": cfg.MODEL.SEM_SEG_HEAD.LOSS_WEIGHT,
-        }
+        ret = super().from_config(cfg, input_shape)
+        ret.update(
+            input_shape={f: input_shape[f] for f in names},
+            padding=head.PADDING,
+            decoder_channels=list(head.DECODER_CHANNELS),
+            upsample=mode,
+            norm=head.NORM,
+        )
+        return ret
 
     def layers(self, features):
         """Stride-1 logits ("valid": the centre of the input, smaller than it)."""
@@ -118,13 +111,3 @@ class UNetHead(nn.Module):
                 x = match_size(x, skip.shape[-2:])
             x = self.convs[f](torch.cat([skip, x], dim=1))
         return self.final_up(self.predictor(x))
-
-    def forward(self, features, targets=None):
-        """
-        Returns:
-            training: (None, {"loss_sem_seg"}); inference: ((N, C, H', W') logits, {}).
-        """
-        x = self.layers(features)
-        if self.training:
-            return None, sem_seg_loss(x, targets, ignore_value=self.ignore_value, loss_weight=self.loss_weight)
-        return x, {}

@@ -1,0 +1,279 @@
+"""
+Class weights for imbalanced semantic data, from the pixel counts of a training set.
+
+Methods (``MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING``):
+
+* ``"median_frequency"``: median frequency balancing as SegNet uses it (Eigen and Fergus, ICCV
+  2015): ``freq(c)`` = pixels of class c / labelled pixels of the images in which c appears, and
+  ``weight(c) = median(freq) / freq(c)`` (median over the classes that appear).
+* ``"inverse_frequency"``: ``weight(c) = total / (K * pixels(c))`` with ``total`` the labelled
+  pixels and K the number of classes that appear (scikit-learn's "balanced" weights: a set where
+  every class has as many pixels gets weight 1 everywhere).
+
+Pixels labelled ``ignore_label`` count nowhere. A class that never appears gets weight 0 and a
+warning (it has no pixel to weight; no NaN or infinity). The counts are computed once (each label
+map read by :func:`seg2.data.read_sem_seg`) and cached, as JSON, in ``cache_dir``: ``$SEG2_CACHE``
+or else ``~/.cache/seg2``, subfolder ``class_weights``. A cache entry is keyed by the dataset
+names, every label file's path, size and modification time, the class count and the ignore label,
+so editing a label file recomputes it; delete the folder to clear it. Both methods derive from
+the same counts, so the method is not part of the key.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.utils import comm
+from tabulate import tabulate
+
+from ..utils import Seg2Error
+from .label_map import check_label_values, read_sem_seg
+
+__all__ = [
+    "CLASS_WEIGHTINGS",
+    "class_pixel_counts",
+    "median_frequency_weights",
+    "inverse_frequency_weights",
+    "compute_class_weights",
+    "class_weights_for_datasets",
+    "class_weights_from_config",
+    "default_cache_dir",
+]
+
+logger = logging.getLogger(__name__)
+
+CLASS_WEIGHTINGS = ("median_frequency", "inverse_frequency")
+_CACHE_VERSION = 1
+_PROGRESS_SECONDS = 10.0
+
+
+def default_cache_dir() -> str:
+    """seg2's cache folder: ``$SEG2_CACHE``, else ``~/.cache/seg2``."""
+    return os.environ.get("SEG2_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "seg2")
+
+
+# ---- counts and weights -------------------------------------------------------------------------
+def class_pixel_counts(
+    label_maps: Iterable[Tuple[str, np.ndarray]], num_classes: int, ignore_label: int = 255
+) -> Tuple[np.ndarray, np.ndarray]:
+    """
+    Args:
+        label_maps: (path, (H, W) class-index map) pairs; the path names a bad file in errors.
+        num_classes (int): number of classes; a value that is neither a class nor
+            ``ignore_label`` is a :class:`Seg2Error` naming the file.
+        ignore_label (int): value counted nowhere.
+
+    Returns:
+        (pixels, image_pixels): int64 arrays of ``num_classes``: the pixels of each class, and the
+        labelled pixels of the images in which that class appears.
+    """
+    pixels = np.zeros(num_classes, dtype=np.int64)
+    image_pixels = np.zeros(num_classes, dtype=np.int64)
+    for path, label in label_maps:
+        check_label_values(label, path, num_classes, ignore_label)
+        counts = np.bincount(label[label != ignore_label].ravel().astype(np.int64), minlength=num_classes)
+        pixels += counts
+        image_pixels[counts > 0] += counts.sum()
+    return pixels, image_pixels
+
+
+def _warn_absent(pixels: np.ndarray, class_names: Optional[Sequence[str]]):
+    absent = [int(c) for c in np.flatnonzero(pixels == 0)]
+    if absent:
+        names = [class_names[c] if class_names else str(c) for c in absent]
+        logger.warning(f"class weights: class(es) {names} have no pixel in the training set; their weight is 0")
+
+
+def median_frequency_weights(pixels: np.ndarray, image_pixels: np.ndarray) -> np.ndarray:
+    """SegNet's median frequency balancing (see the module docstring); 0 for absent classes."""
+    pixels = np.asarray(pixels, dtype=np.float64)
+    present = pixels > 0
+    weights = np.zeros_like(pixels)
+    if present.any():
+        freq = pixels[present] / np.asarray(image_pixels, dtype=np.float64)[present]
+        weights[present] = np.median(freq) / freq
+    return weights
+
+
+def inverse_frequency_weights(pixels: np.ndarray) -> np.ndarray:
+    """``total / (K * pixels(c))`` over the K present classes (see the module docstring); 0 for
+    absent classes."""
+    pixels = np.asarray(pixels, dtype=np.float64)
+    present = pixels > 0
+    weights = np.zeros_like(pixels)
+    if present.any():
+        weights[present] = pixels.sum() / (present.sum() * pixels[present])
+    return weights
+
+
+def _weights_from_counts(pixels, image_pixels, method: str) -> np.ndarray:
+    if method == "median_frequency":
+        return median_frequency_weights(pixels, image_pixels)
+    if method == "inverse_frequency":
+        return inverse_frequency_weights(pixels)
+    raise Seg2Error(f"unknown class weighting {method!r}; choose one of {list(CLASS_WEIGHTINGS)}")
+
+
+# ---- the cached computation over dataset records ------------------------------------------------
+def _cache_path(records: List[dict], num_classes: int, ignore_label: int, dataset_names, cache_dir: str) -> str:
+    files = []
+    for r in records:
+        path = r["sem_seg_file_name"]
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise Seg2Error(f"{path}: cannot read the label map of {r.get('file_name', 'a record')} ({e})") from e
+        files.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
+    key = json.dumps([_CACHE_VERSION, list(dataset_names), num_classes, ignore_label, files])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+    return os.path.join(cache_dir, "class_weights", f"{digest}.json")
+
+
+def _read_cache(path: str, num_classes: int):
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        pixels, image_pixels = np.array(data["pixels"], np.int64), np.array(data["image_pixels"], np.int64)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        logger.warning(f"class weights: ignoring the unreadable cache {path} ({e}); recomputing")
+        return None
+    if pixels.shape != (num_classes,) or image_pixels.shape != (num_classes,):
+        logger.warning(f"class weights: ignoring the cache {path}, which has other class counts; recomputing")
+        return None
+    return pixels, image_pixels
+
+
+def _write_cache(path: str, pixels, image_pixels, dataset_names, num_records: int):
+    """Write atomically (a temporary file renamed over ``path``): readers never see half a file."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    data = {
+        "version": _CACHE_VERSION,
+        "datasets": list(dataset_names),
+        "label_maps": num_records,
+        "pixels": pixels.tolist(),
+        "image_pixels": image_pixels.tolist(),
+    }
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _read_with_progress(records: List[dict]):
+    """(path, label map) of each record, logging progress with an ETA every few seconds."""
+    start = last = time.perf_counter()
+    for i, r in enumerate(records):
+        now = time.perf_counter()
+        if now - last > _PROGRESS_SECONDS:
+            eta = (now - start) / i * (len(records) - i)
+            logger.info(f"class weights: read {i}/{len(records)} label maps, ETA {eta:.0f} s")
+            last = now
+        yield r["sem_seg_file_name"], read_sem_seg(r)
+
+
+def _log_table(weights, pixels, method: str, class_names: Optional[Sequence[str]]):
+    total = max(int(pixels.sum()), 1)
+    rows = [
+        [class_names[c] if class_names else c, int(pixels[c]), f"{pixels[c] / total:.4f}", f"{weights[c]:.4f}"]
+        for c in range(len(weights))
+    ]
+    table = tabulate(rows, headers=["class", "pixels", "pixel frequency", "weight"], tablefmt="pipe")
+    logger.info(f"class weights ({method}):\n{table}")
+
+
+def compute_class_weights(
+    records: Sequence[dict],
+    num_classes: int,
+    method: str = "median_frequency",
+    *,
+    ignore_label: int = 255,
+    class_names: Optional[Sequence[str]] = None,
+    dataset_names: Sequence[str] = (),
+    cache_dir: Optional[str] = None,
+) -> np.ndarray:
+    """
+    Class weights of ``method`` from the label maps of ``records`` (those with a
+    ``sem_seg_file_name``), counted once and cached; logs a per-class table.
+
+    Args:
+        records (list[dict]): dataset records in detectron2's format.
+        num_classes (int): number of classes.
+        method (str): one of :data:`CLASS_WEIGHTINGS`.
+        ignore_label (int): label value counted nowhere.
+        class_names (list[str] or None): names for the log.
+        dataset_names (list[str]): names for the cache key and the log.
+        cache_dir (str or None): cache folder; None: :func:`default_cache_dir`.
+
+    Returns:
+        float64 array of ``num_classes`` weights (0 for classes that never appear).
+    """
+    if method not in CLASS_WEIGHTINGS:
+        raise Seg2Error(f"unknown class weighting {method!r}; choose one of {list(CLASS_WEIGHTINGS)}")
+    labelled = [r for r in records if r.get("sem_seg_file_name")]
+    if not labelled:
+        raise Seg2Error(f"class weights: no record of {list(dataset_names) or 'the records'} has a semantic label map")
+    cache = _cache_path(labelled, num_classes, ignore_label, dataset_names, cache_dir or default_cache_dir())
+    counts = _read_cache(cache, num_classes)
+    if counts is None:
+        logger.info(f"class weights: counting the pixels of {len(labelled)} label maps of {list(dataset_names)}")
+        counts = class_pixel_counts(_read_with_progress(labelled), num_classes, ignore_label)
+        _write_cache(cache, *counts, dataset_names, len(labelled))
+        logger.info(f"class weights: counts cached in {cache}")
+    else:
+        logger.info(f"class weights: pixel counts read from the cache {cache}")
+    pixels, image_pixels = counts
+    weights = _weights_from_counts(pixels, image_pixels, method)
+    _warn_absent(pixels, class_names)
+    _log_table(weights, pixels, method, class_names)
+    return weights
+
+
+def class_weights_for_datasets(
+    dataset_names: Sequence[str],
+    num_classes: int,
+    method: str = "median_frequency",
+    *,
+    ignore_label: int = 255,
+    cache_dir: Optional[str] = None,
+) -> np.ndarray:
+    """:func:`compute_class_weights` over the records of registered datasets. In a distributed
+    run the first process of each machine counts (and caches) while the others wait, then read
+    the cache."""
+    records = [r for name in dataset_names for r in DatasetCatalog.get(name)]
+    class_names = MetadataCatalog.get(dataset_names[0]).get("stuff_classes", None) if dataset_names else None
+    if class_names is not None and len(class_names) != num_classes:
+        class_names = None
+    kwargs = dict(
+        ignore_label=ignore_label, class_names=class_names, dataset_names=dataset_names, cache_dir=cache_dir
+    )
+    if comm.get_world_size() == 1:
+        return compute_class_weights(records, num_classes, method, **kwargs)
+    weights = compute_class_weights(records, num_classes, method, **kwargs) if comm.get_local_rank() == 0 else None
+    comm.synchronize()
+    return weights if weights is not None else compute_class_weights(records, num_classes, method, **kwargs)
+
+
+def class_weights_from_config(cfg) -> np.ndarray:
+    """The ``MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING`` weights of ``DATASETS.TRAIN`` (``NUM_CLASSES``
+    classes, ``SEG2.INPUT.IGNORE_LABEL`` ignored, as the mapper gives them to the model)."""
+    sem = cfg.MODEL.SEM_SEG_HEAD
+    names = tuple(cfg.DATASETS.TRAIN)
+    if not names:
+        raise Seg2Error(
+            f"MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING={sem.CLASS_WEIGHTING!r} computes the weights from DATASETS.TRAIN, "
+            "which is empty"
+        )
+    return class_weights_for_datasets(names, sem.NUM_CLASSES, sem.CLASS_WEIGHTING, ignore_label=cfg.SEG2.INPUT.IGNORE_LABEL)
