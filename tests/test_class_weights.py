@@ -18,7 +18,9 @@ from seg2.modeling.losses import build_sem_seg_loss
 
 # SegNet's median-frequency weights for CamVid's 11 classes (REFERENCE.md, full train split).
 SEGNET_CAMVID_WEIGHTS = [0.2595, 0.1826, 4.5640, 0.1417, 0.9051, 0.3826, 9.6446, 1.8418, 0.6823, 6.2478, 7.3614]
-CAMVID_MINI = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "datasets", "CamVid_mini")
+CAMVID_MINI = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "datasets", "CamVid_mini"
+)
 
 
 @pytest.fixture
@@ -73,17 +75,23 @@ def test_cache_is_reused_and_invalidated(tiny_set, tmp_path):
     with open(path, "w") as f:
         json.dump(data, f)
     # freq 1, 1/2, 1/4, 1/8; median 3/8; weights 3/8, 3/4, 3/2, 3
-    np.testing.assert_allclose(compute_class_weights(tiny_set, 4, "median_frequency", cache_dir=cache_dir), [3 / 8, 3 / 4, 3 / 2, 3])
+    np.testing.assert_allclose(
+        compute_class_weights(tiny_set, 4, "median_frequency", cache_dir=cache_dir), [3 / 8, 3 / 4, 3 / 2, 3]
+    )
     # A label file that changes (size / modification time) is a new key: counted again.
     st = os.stat(tiny_set[0]["sem_seg_file_name"])
     os.utime(tiny_set[0]["sem_seg_file_name"], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    np.testing.assert_allclose(compute_class_weights(tiny_set, 4, "median_frequency", cache_dir=cache_dir), [1, 9 / 7, 4 / 7, 0])
+    np.testing.assert_allclose(
+        compute_class_weights(tiny_set, 4, "median_frequency", cache_dir=cache_dir), [1, 9 / 7, 4 / 7, 0]
+    )
     assert len(glob.glob(os.path.join(cache_dir, "class_weights", "*.json"))) == 2
     # a corrupt cache file is recomputed, not trusted
     with open(path, "w") as f:
         f.write("{not json")
     os.utime(tiny_set[0]["sem_seg_file_name"], ns=(st.st_atime_ns, st.st_mtime_ns))
-    np.testing.assert_allclose(compute_class_weights(tiny_set, 4, "median_frequency", cache_dir=cache_dir), [1, 9 / 7, 4 / 7, 0])
+    np.testing.assert_allclose(
+        compute_class_weights(tiny_set, 4, "median_frequency", cache_dir=cache_dir), [1, 9 / 7, 4 / 7, 0]
+    )
 
 
 def test_bad_label_value_names_the_file(tiny_set, tmp_path):

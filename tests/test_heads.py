@@ -273,7 +273,9 @@ def test_tiny_model_overfits_shapes_images(tiny_shapes_root, head, backbone, ite
 
 # ---- the loss every head shares (seg2.modeling.losses) ---------------------------------------
 LOSS_TYPES = ["cross_entropy", "hard_pixel_mining", "focal", "dice", "lovasz", "cross_entropy+dice"]
-LOSS_HEADS = [("FCNHead", "vgg"), ("UNetHead", "unet_same"), ("SegNetHead", "vgg"), ("Seg2DeepLabV3PlusHead", "deeplab_resnet")]
+LOSS_HEADS = [
+    ("FCNHead", "vgg"), ("UNetHead", "unet_same"), ("SegNetHead", "vgg"), ("Seg2DeepLabV3PlusHead", "deeplab_resnet")
+]
 
 
 @pytest.mark.parametrize("head,backbone", LOSS_HEADS)

@@ -61,7 +61,9 @@ def test_focal_by_hand():
     assert float(focal_loss(logits, t, gamma=2.0, class_weight=W)) == pytest.approx((3 * a + c) / 4, rel=1e-6)
     # gamma 0 is cross-entropy, weighted or not
     for w in (None, W):
-        torch.testing.assert_close(focal_loss(logits, t, gamma=0.0, class_weight=w), cross_entropy_loss(logits, t, class_weight=w))
+        torch.testing.assert_close(
+            focal_loss(logits, t, gamma=0.0, class_weight=w), cross_entropy_loss(logits, t, class_weight=w)
+        )
 
 
 def test_hard_pixel_mining_by_hand_and_against_detectron2():
@@ -69,7 +71,9 @@ def test_hard_pixel_mining_by_hand_and_against_detectron2():
     # per-pixel CE: a ln2, b ln2, c ln3; top 70% of 3 labelled pixels = int(2.1) = 2: (ln3 + ln2) / 2
     assert float(hard_pixel_mining_loss(logits, t, top_k=0.7)) == pytest.approx((LN3 + LN2) / 2, rel=1e-6)
     # weighted per-pixel losses 2 ln2, ln2, ln3: the top 2 are 2 ln2 and ln3
-    assert float(hard_pixel_mining_loss(logits, t, top_k=0.7, class_weight=W)) == pytest.approx((2 * LN2 + LN3) / 2, rel=1e-6)
+    assert float(hard_pixel_mining_loss(logits, t, top_k=0.7, class_weight=W)) == pytest.approx(
+        (2 * LN2 + LN3) / 2, rel=1e-6
+    )
     # 20% of 3 pixels is 0 pixels: at least the hardest one is kept (no NaN)
     assert float(hard_pixel_mining_loss(logits, t, top_k=0.2)) == pytest.approx(LN3, rel=1e-6)
     # Without ignored pixels it is detectron2's DeepLabCE, which it reuses.

@@ -256,9 +256,7 @@ def class_weights_for_datasets(
     class_names = MetadataCatalog.get(dataset_names[0]).get("stuff_classes", None) if dataset_names else None
     if class_names is not None and len(class_names) != num_classes:
         class_names = None
-    kwargs = dict(
-        ignore_label=ignore_label, class_names=class_names, dataset_names=dataset_names, cache_dir=cache_dir
-    )
+    kwargs = dict(ignore_label=ignore_label, class_names=class_names, dataset_names=dataset_names, cache_dir=cache_dir)
     if comm.get_world_size() == 1:
         return compute_class_weights(records, num_classes, method, **kwargs)
     weights = compute_class_weights(records, num_classes, method, **kwargs) if comm.get_local_rank() == 0 else None
@@ -276,4 +274,6 @@ def class_weights_from_config(cfg) -> np.ndarray:
             f"MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING={sem.CLASS_WEIGHTING!r} computes the weights from DATASETS.TRAIN, "
             "which is empty"
         )
-    return class_weights_for_datasets(names, sem.NUM_CLASSES, sem.CLASS_WEIGHTING, ignore_label=cfg.SEG2.INPUT.IGNORE_LABEL)
+    return class_weights_for_datasets(
+        names, sem.NUM_CLASSES, sem.CLASS_WEIGHTING, ignore_label=cfg.SEG2.INPUT.IGNORE_LABEL
+    )

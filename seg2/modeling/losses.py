@@ -230,7 +230,9 @@ class SemSegLoss(nn.Module):
         self.class_weight_fn = class_weight_fn
 
     def extra_repr(self) -> str:
-        return f"loss_type={self.loss_type!r}, ignore_value={self.ignore_value}, weighted={self.class_weight is not None}"
+        return (
+            f"loss_type={self.loss_type!r}, ignore_value={self.ignore_value}, weighted={self.class_weight is not None}"
+        )
 
     def _term(self, name: str) -> Callable:
         w = self.class_weight
@@ -297,7 +299,9 @@ def build_sem_seg_loss(cfg) -> SemSegLoss:
     sem = cfg.MODEL.SEM_SEG_HEAD
     terms = parse_loss_type(sem.LOSS_TYPE, "MODEL.SEM_SEG_HEAD.LOSS_TYPE")
     if not 0.0 < sem.LOSS_TOP_K <= 1.0:
-        raise Seg2Error(f"MODEL.SEM_SEG_HEAD.LOSS_TOP_K={sem.LOSS_TOP_K}: the fraction of hard pixels must be in (0, 1]")
+        raise Seg2Error(
+            f"MODEL.SEM_SEG_HEAD.LOSS_TOP_K={sem.LOSS_TOP_K}: the fraction of hard pixels must be in (0, 1]"
+        )
     if not sem.FOCAL_GAMMA >= 0:
         raise Seg2Error(f"MODEL.SEM_SEG_HEAD.FOCAL_GAMMA={sem.FOCAL_GAMMA}: must be >= 0")
     class_weight, class_weight_fn = _class_weight_config(cfg, terms)

@@ -97,5 +97,6 @@ class Seg2DeepLabV3PlusHead(DeepLabV3PlusHead):
         if self.decoder_only:
             return y
         if self.training:
-            return None, sem_seg_loss(y, targets, self.loss, ignore_value=self.ignore_value, loss_weight=self.loss_weight)
+            losses = sem_seg_loss(y, targets, self.loss, ignore_value=self.ignore_value, loss_weight=self.loss_weight)
+            return None, losses
         return y, {}

@@ -64,14 +64,14 @@ class FCNHead(BaseSemSegHead):
         for shallow, deep in zip(self.in_features[:-1], self.in_features[1:]):
             factor = self.strides[deep] // self.strides[shallow]
             self.up[shallow] = Upsample(upsample, factor, num_classes)
-        self.final_up = final_upsample(upsample, self.strides[self.in_features[0]], num_classes, learnable=learn_final_upsample)
+        first = self.strides[self.in_features[0]]
+        self.final_up = final_upsample(upsample, first, num_classes, learnable=learn_final_upsample)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
         names, _ = nested_features(input_shape, cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES)
-        mode = check_upsample_mode(
-            cfg.MODEL.FCN_HEAD.UPSAMPLE, "MODEL.FCN_HEAD.UPSAMPLE", no_unpool="FCN has no pooling indices to unpool score maps with"
-        )
+        no_unpool = "FCN has no pooling indices to unpool score maps with"
+        mode = check_upsample_mode(cfg.MODEL.FCN_HEAD.UPSAMPLE, "MODEL.FCN_HEAD.UPSAMPLE", no_unpool=no_unpool)
         shapes = {f: input_shape[f] for f in names}
         ret = super().from_config(cfg, input_shape)
         ret.update(

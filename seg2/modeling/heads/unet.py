@@ -81,7 +81,8 @@ class UNetHead(BaseSemSegHead):
     def from_config(cls, cfg, input_shape):
         names, _ = nested_features(input_shape, cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES)
         head = cfg.MODEL.UNET_HEAD
-        mode = check_upsample_mode(head.UPSAMPLE, "MODEL.UNET_HEAD.UPSAMPLE", no_unpool="U-Net's up path has no pooling indices")
+        no_unpool = "U-Net's up path has no pooling indices"
+        mode = check_upsample_mode(head.UPSAMPLE, "MODEL.UNET_HEAD.UPSAMPLE", no_unpool=no_unpool)
         if head.PADDING not in PADDING_MODES:
             raise Seg2Error(f"MODEL.UNET_HEAD.PADDING={head.PADDING!r}: must be one of {PADDING_MODES}")
         if head.DECODER_CHANNELS and len(head.DECODER_CHANNELS) != len(names) - 1:
