@@ -266,7 +266,7 @@ def class_weights_for_datasets(
 
 def class_weights_from_config(cfg) -> np.ndarray:
     """The ``MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING`` weights of ``DATASETS.TRAIN`` (``NUM_CLASSES``
-    classes, ``SEG2.INPUT.IGNORE_LABEL`` ignored, as the mapper gives them to the model)."""
+    classes, ``MODEL.SEM_SEG_HEAD.IGNORE_VALUE`` ignored, as the mapper and the loss do)."""
     sem = cfg.MODEL.SEM_SEG_HEAD
     names = tuple(cfg.DATASETS.TRAIN)
     if not names:
@@ -274,6 +274,4 @@ def class_weights_from_config(cfg) -> np.ndarray:
             f"MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING={sem.CLASS_WEIGHTING!r} computes the weights from DATASETS.TRAIN, "
             "which is empty"
         )
-    return class_weights_for_datasets(
-        names, sem.NUM_CLASSES, sem.CLASS_WEIGHTING, ignore_label=cfg.SEG2.INPUT.IGNORE_LABEL
-    )
+    return class_weights_for_datasets(names, sem.NUM_CLASSES, sem.CLASS_WEIGHTING, ignore_label=sem.IGNORE_VALUE)
