@@ -263,9 +263,15 @@ def test_builtin_coco_2017_names(tmp_path):
         assert meta.evaluator_type == ("coco_sem_seg" if with_instances else "sem_seg")
         assert len(meta.thing_classes) == 80 and meta.stuff_classes[0] == "background" and len(meta.stuff_classes) == 81
         assert meta.ignore_label == 255 and len(meta.stuff_colors) == 81
+        # COCO's things as detectron2 registers them for its own coco_2017_* names
+        for key in ("thing_classes", "thing_colors", "thing_dataset_id_to_contiguous_id"):
+            assert meta.get(key) == MetadataCatalog.get("coco_2017_val").get(key), (name, key)
+        assert meta.stuff_classes[1:] == meta.thing_classes
     for name in ("coco_2017_train", "coco_2017_val"):
-        meta = MetadataCatalog.get(name)
-        assert meta.evaluator_type == "coco" and meta.stuff_classes == MetadataCatalog.get("coco_2017_sem_seg_val").stuff_classes
+        # detectron2's own names are left as detectron2 registers them: nothing semantic added
+        meta = MetadataCatalog.get(name).as_dict()
+        assert not {"stuff_classes", "stuff_colors", "ignore_label", "sem_seg_root"} & set(meta), (name, sorted(meta))
+        assert meta["evaluator_type"] == "coco" and len(meta["thing_classes"]) == 80
 
     # A tiny copy of the real layout under $DETECTRON2_DATASETS/coco, with COCO's own category ids.
     things = [c for c in COCO_CATEGORIES if c["isthing"]]

@@ -13,15 +13,13 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
+from detectron2.evaluation import COCOEvaluator
 from detectron2.structures import Boxes, Instances
 
-import seg2
 from seg2 import Seg2Error
-from seg2.evaluation import MaskAPEvaluator, MIoUEvaluator, build_evaluator, encode_masks
+from seg2.evaluation import MaskAPEvaluator, encode_masks
 
 SUMMARY = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -278,29 +276,88 @@ def test_bad_input(shapes_val, tmp_path):
         MaskAPEvaluator(empty)
 
 
-def test_build_evaluator_picks_seg2_evaluators(shapes_val, tiny_shapes_root):
-    from seg2.data import load_coco_with_sem_seg
+# ----------------------------------------------------------------------------- max detections per image
 
+
+@pytest.mark.parametrize("backend", ["pycocotools", "detectron2_fast"])
+def test_max_dets_per_image_equals_detectron2(shapes_val, backend):
+    name, _, gt = shapes_val
+    inputs, outputs = _perturbed_predictions(gt, seed=2, extra=60)  # ~20 false positives per class and image
+    k = 12
+    ours = _run(MaskAPEvaluator(name, distributed=False, backend=backend, segm_area="mask", max_dets_per_image=k), inputs, outputs)
+    ref = _run(COCOEvaluator(name, tasks=("bbox", "segm"), distributed=False, max_dets_per_image=k), inputs, outputs)
+    default = _run(MaskAPEvaluator(name, distributed=False, backend=backend, segm_area="mask"), inputs, outputs)
+    for task in ("bbox", "segm"):
+        _same(ours[task], ref[task], ref[task].keys(), tol=1e-9)
+        assert f"AR{k}" in ours[task] and "AR100" not in ours[task]
+        assert ours[task]["AR1"] == default[task]["AR1"] and ours[task]["AR10"] == default[task]["AR10"]
+        # fewer detections counted: recall at k cannot exceed recall at 100, and here it is lower
+        assert ours[task][f"AR{k}"] < default[task]["AR100"]
+    for bad in (0, 9, 12.5, True):
+        with pytest.raises(ValueError, match=f"max_dets_per_image={bad!r}: a number of detections per image >= 10"):
+            MaskAPEvaluator(name, max_dets_per_image=bad)
+
+
+def test_max_dets_per_image_by_hand(shapes_val):
+    """One image, its objects found with the lowest scores behind k false positives of each of their
+    classes (COCOeval applies maxDets per image and category): with k detections counted nothing is
+    found (AP 0); with k + objects all of them are (AR 100)."""
+    name, _, gt = shapes_val
+    img_id = sorted(gt.getImgIds())[0]
+    img = gt.imgs[img_id]
+    h, w = img["height"], img["width"]
+    cat_ids = sorted(gt.getCatIds())
+    anns = gt.loadAnns(gt.getAnnIds(imgIds=img_id))
+    present = sorted({cat_ids.index(a["category_id"]) for a in anns})
+    k = 12
+    far = np.zeros((h, w), np.uint8)
+    far[:2, :2] = 1  # a tiny square no object covers
+    masks = [far] * (k * len(present)) + [gt.annToMask(a) for a in anns]
+    boxes = [[0, 0, 2, 2]] * (k * len(present))
+    boxes += [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns]
+    scores = [0.9] * (k * len(present)) + [0.1] * len(anns)
+    classes = [c for c in present for _ in range(k)] + [cat_ids.index(a["category_id"]) for a in anns]
+    out = [{"instances": _instances(h, w, masks, boxes, scores, classes)}]
+    n = k + len(anns)
+    few = _run(MaskAPEvaluator(name, distributed=False, tasks=("segm",), max_dets_per_image=k), [{"image_id": img_id}], out)
+    enough = _run(MaskAPEvaluator(name, distributed=False, tasks=("segm",), max_dets_per_image=n), [{"image_id": img_id}], out)
+    assert few["segm"]["AP"] == 0.0 and few["segm"][f"AR{k}"] == 0.0
+    assert enough["segm"][f"AR{n}"] == pytest.approx(100.0) and enough["segm"]["AP"] > 0
+
+
+# ----------------------------------------------------------------------------- per-class AP table
+
+
+def test_per_class_ap_follows_category_ids_not_their_order(shapes_val, tiny_shapes_root):
+    """Contiguous ids in another order than the COCO category ids: AP-<class> stays with its class
+    (detectron2's _derive_coco_results assumes sorted ids and would swap the names)."""
+    name, _, gt = shapes_val
     json_file = os.path.join(tiny_shapes_root, "coco", "annotations", "instances_val.json")
-    name = _register(
-        "seg2_test_build_eval",
-        lambda: load_coco_with_sem_seg(json_file, os.path.join(tiny_shapes_root, "coco", "val"),
-                                       os.path.join(tiny_shapes_root, "VOC2012", "SegmentationClass")),
+    cat_ids = sorted(gt.getCatIds())
+    names = [gt.cats[c]["name"] for c in cat_ids]
+    reversed_name = _register(
+        "seg2_test_ap_val_reversed",
+        lambda: [],
         json_file=json_file,
-        thing_classes=["circle", "square", "triangle"],
-        thing_dataset_id_to_contiguous_id={1: 0, 2: 1, 3: 2},
-        stuff_classes=["background", "circle", "square", "triangle"],
-        ignore_label=255,
-        evaluator_type="coco_sem_seg",
+        thing_classes=names[::-1],
+        thing_dataset_id_to_contiguous_id={c: len(cat_ids) - 1 - i for i, c in enumerate(cat_ids)},
     )
-    cfg = get_cfg()
-    seg2.add_seg2_config(cfg)
-    cfg.MODEL.MASK_ON = True
-    cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
-    assert isinstance(build_evaluator(cfg, name, None), MaskAPEvaluator)
-    cfg.MODEL.META_ARCHITECTURE = "PanopticFPN"
-    both = build_evaluator(cfg, name, None)
-    assert isinstance(both, DatasetEvaluators)
-    assert sorted(type(e).__name__ for e in both._evaluators) == ["MIoUEvaluator", "MaskAPEvaluator"]
-    cfg.MODEL.META_ARCHITECTURE = "SemanticSegmentor"
-    assert isinstance(build_evaluator(cfg, name, None), MIoUEvaluator)
+    inputs, outputs = _perturbed_predictions(gt, seed=3)
+    flipped = []
+    for o in outputs:
+        inst = o["instances"]
+        inst2 = inst[torch.arange(len(inst))]
+        inst2.pred_classes = len(cat_ids) - 1 - inst.pred_classes
+        flipped.append({"instances": inst2})
+    a = _run(MaskAPEvaluator(name, distributed=False), inputs, outputs)
+    b = _run(MaskAPEvaluator(reversed_name, distributed=False), inputs, flipped)
+    for task in ("bbox", "segm"):
+        _same(b[task], a[task], a[task].keys())
+        assert len({a[task][f"AP-{n}"] for n in names}) == len(names)  # the classes do differ
+
+
+def test_class_count_mismatch_is_an_error(shapes_val, tiny_shapes_root):
+    json_file = os.path.join(tiny_shapes_root, "coco", "annotations", "instances_val.json")
+    bad = _register("seg2_test_ap_two_names", lambda: [], json_file=json_file, thing_classes=["circle", "square"])
+    with pytest.raises(Seg2Error, match="2 thing_classes .* 3 categories"):
+        MaskAPEvaluator(bad)

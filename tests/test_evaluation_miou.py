@@ -16,7 +16,7 @@ from detectron2.evaluation import SemSegEvaluator
 import seg2  # noqa: F401
 from seg2 import Seg2Error
 from seg2.data import load_coco_with_sem_seg, read_label_map
-from seg2.evaluation import MIoUEvaluator, mask_to_boundary
+from seg2.evaluation import MIoUEvaluator, mask_to_boundary, sem_seg_to_coco_json
 from seg2.evaluation.sem_seg_evaluation import argmax_channels
 
 
@@ -208,12 +208,31 @@ def test_outputs_written(shapes_val, tmp_path, caplog):
     assert "| circle" in caplog.text  # the per-class table
 
 
-def test_predictions_json_on_request(shapes_val, tmp_path):
-    inputs, outputs = _predictions(shapes_val)
-    ev = MIoUEvaluator(shapes_val, distributed=False, output_dir=str(tmp_path), save_predictions_json=True, plots=False)
+@pytest.mark.parametrize("dataset_ids", [False, True])
+def test_predictions_json_equals_detectron2(shapes_val, tmp_path, dataset_ids):
+    """sem_seg_predictions.json on request, entry for entry what detectron2's SemSegEvaluator writes
+    (with the dataset's category ids where the metadata maps them)."""
+    name = shapes_val
+    if dataset_ids:
+        meta = MetadataCatalog.get(shapes_val)
+        name = _register(
+            "seg2_test_miou_val_ids",
+            DatasetCatalog.get(shapes_val),
+            stuff_classes=meta.stuff_classes,
+            ignore_label=255,
+            stuff_dataset_id_to_contiguous_id={10 * (i + 1): i for i in range(4)},
+        )
+    inputs, outputs = _predictions(name)
+    ev = MIoUEvaluator(name, distributed=False, output_dir=str(tmp_path / "seg2"), save_predictions_json=True, plots=False)
     _run(ev, inputs, outputs)
-    preds = json.loads((tmp_path / "sem_seg_predictions.json").read_text())
-    assert {p["file_name"] for p in preds} == {i["file_name"] for i in inputs}
+    _run(SemSegEvaluator(name, distributed=False, output_dir=str(tmp_path / "d2")), inputs, outputs)
+    ours = json.loads((tmp_path / "seg2" / "sem_seg_predictions.json").read_text())
+    ref = json.loads((tmp_path / "d2" / "sem_seg_predictions.json").read_text())
+    assert ours == ref
+    assert {p["file_name"] for p in ours} == {i["file_name"] for i in inputs}
+    assert {p["category_id"] for p in ours} == ({10, 20, 30, 40} if dataset_ids else {0, 1, 2, 3})
+    with pytest.raises(Seg2Error, match="x.png: predicted class 5 has no entry"):
+        sem_seg_to_coco_json(np.array([[0, 5]]), "x.png", {0: 10})
 
 
 def test_bad_input(shapes_val, tmp_path):

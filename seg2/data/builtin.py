@@ -11,14 +11,13 @@ under ``$DETECTRON2_DATASETS`` (default ``datasets/``); nothing is read at impor
 * ``coco_2017_sem_seg_{train,val}``, ``coco_2017_multitask_{train,val}``: COCO 2017 with
   semantic maps derived from the instances, cached in ``coco/seg2_sem_seg/{train,val}2017``
   (see :mod:`seg2.data.coco`). ``coco_2017_{train,val}`` stay detectron2's own registration
-  (instances only, so plain Mask R-CNN users never wait for the semantic cache); seg2 adds
-  ``stuff_classes`` and ``ignore_label`` to their metadata. ``coco_2017_multitask_*`` carry both.
+  (instances only, so plain Mask R-CNN users never wait for the semantic cache), their metadata
+  left as detectron2 sets it. ``coco_2017_multitask_*`` carry both views.
 """
 
 import os
 
 from detectron2.data import MetadataCatalog
-from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
 
 from .coco import IGNORE_LABEL as COCO_IGNORE_LABEL
 from .catalog import register_dataset
@@ -128,17 +127,28 @@ def register_all_voc_2012(root: str):
         register_voc_instances(name, voc_root, split, with_sem_seg=with_sem_seg)
 
 
+# detectron2's builtin registration of its COCO instance names: the 80 thing classes, their colours
+# and COCO category ids.
+COCO_THING_METADATA_SOURCE = "coco_2017_train"
+
+
 def _coco_semantic_metadata():
-    meta = _get_builtin_metadata("coco")
+    """COCO's thing metadata as detectron2 registers it for ``coco_2017_train`` (read through the
+    public MetadataCatalog), plus the semantic view: background + 80 things, ignore label."""
+    things = MetadataCatalog.get(COCO_THING_METADATA_SOURCE)
     return {
-        "stuff_classes": ["background"] + list(meta["thing_classes"]),
-        "stuff_colors": [(0, 0, 0)] + [tuple(c) for c in meta["thing_colors"]],
+        "thing_classes": list(things.thing_classes),
+        "thing_colors": list(things.thing_colors),
+        "thing_dataset_id_to_contiguous_id": dict(things.thing_dataset_id_to_contiguous_id),
+        "stuff_classes": ["background"] + list(things.thing_classes),
+        "stuff_colors": [(0, 0, 0)] + [tuple(c) for c in things.thing_colors],
         "ignore_label": COCO_IGNORE_LABEL,
     }
 
 
 def register_all_coco_2017_sem_seg(root: str):
-    """Register the COCO 2017 semantic and multi-task names with ``root/coco``."""
+    """Register the COCO 2017 semantic and multi-task names with ``root/coco``; detectron2's own
+    ``coco_2017_*`` names are not touched."""
     semantic = _coco_semantic_metadata()
     for name, (image_dir, json_name, with_instances) in COCO_2017_SEM_SEG_SPLITS.items():
         register_coco_sem_seg(
@@ -147,15 +157,9 @@ def register_all_coco_2017_sem_seg(root: str):
             os.path.join(root, "coco", image_dir),
             os.path.join(root, "coco", "seg2_sem_seg", image_dir),
             with_instances=with_instances,
-            metadata=dict(_get_builtin_metadata("coco"), **semantic),
+            metadata=semantic,
             num_workers=min(8, os.cpu_count() or 1),
         )
-    # detectron2's own instance names: same classes, so one model reads either.
-    for name in ("coco_2017_train", "coco_2017_val"):
-        meta = MetadataCatalog.get(name)
-        for key, value in semantic.items():
-            if key not in meta.as_dict():
-                setattr(meta, key, value)
 
 
 register_seg2_shapes()

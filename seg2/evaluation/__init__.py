@@ -1,15 +1,18 @@
 """Evaluators, and the choice of evaluators for a dataset and a model."""
 
-from .build import build_evaluator
-from .coco_evaluation import MaskAPEvaluator, encode_masks, load_coco_gt
-from .sem_seg_evaluation import MIoUEvaluator, mask_to_boundary, sem_seg_metrics
+from .build import EVALUATORS, build_evaluator
+from .coco_evaluation import MaskAPEvaluator, coco_metrics, encode_masks, load_coco_gt
+from .sem_seg_evaluation import MIoUEvaluator, mask_to_boundary, sem_seg_metrics, sem_seg_to_coco_json
 
 __all__ = [
+    "EVALUATORS",
     "build_evaluator",
     "MaskAPEvaluator",
     "MIoUEvaluator",
+    "coco_metrics",
     "encode_masks",
     "load_coco_gt",
     "mask_to_boundary",
     "sem_seg_metrics",
+    "sem_seg_to_coco_json",
 ]

@@ -6,6 +6,11 @@ Compared with detectron2's :class:`~detectron2.evaluation.COCOEvaluator` the num
 columns they occupy instead of one full-image Fortran copy per instance, the results are handed to
 ``COCOeval`` without a JSON round trip or a deep copy per task, and datasets without a COCO JSON
 are converted in memory. Only the processed images are evaluated.
+
+It subclasses :class:`~detectron2.evaluation.DatasetEvaluator`, not ``COCOEvaluator``: the latter's
+constructor writes a dataset without a COCO JSON to ``output_dir`` (and points the metadata's
+``json_file`` at it), and its ``_derive_coco_results`` is private; :func:`coco_metrics` owns that
+table instead.
 """
 
 import contextlib
@@ -22,12 +27,15 @@ import pycocotools.mask as mask_util
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from tabulate import tabulate
 
 from detectron2.data import MetadataCatalog
 from detectron2.data.datasets.coco import convert_to_coco_dict
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
+from detectron2.evaluation import DatasetEvaluator
+from detectron2.evaluation.coco_evaluation import COCOevalMaxDets
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
+from detectron2.utils.logger import create_small_table
 
 from ..utils import Seg2Error
 
@@ -40,7 +48,58 @@ except ImportError:  # pragma: no cover - detectron2 built without its C++ ops
 
 # backend name -> COCOeval class; "pycocotools" is the reference.
 BACKENDS = {"pycocotools": COCOeval, "detectron2_fast": COCOeval_opt}
-SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+class COCOevalOptMaxDets(COCOevalMaxDets, COCOeval_opt or COCOeval):
+    """detectron2's C++ ``evaluate``/``accumulate`` (``COCOeval_opt``) with the ``summarize`` of its
+    ``COCOevalMaxDets`` (AP at ``maxDets[2]``, which pycocotools' summarize fixes at 100)."""
+
+
+# The same for a maxDets[2] other than COCO's 100, as detectron2's COCOEvaluator does.
+BACKENDS_MAX_DETS = {"pycocotools": COCOevalMaxDets, "detectron2_fast": COCOeval_opt and COCOevalOptMaxDets}
+# COCO's limit on detections per image (COCOeval's maxDets[2], detectron2's COCOEvaluator default).
+COCO_MAX_DETS_PER_IMAGE = 100
+AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def coco_metrics(coco_eval, iou_type: str, class_names: Sequence[str], category_ids: Sequence[int]):
+    """
+    The numbers of a summarized ``COCOeval`` (bbox or segm) in percent, NaN where COCOeval gives -1:
+    ``AP``, ``AP50``, ``AP75``, ``APs``, ``APm``, ``APl``, ``AP-<class>``, then ``AR<n>`` for the
+    three maxDets (AR1, AR10, AR100 by default), ``ARs``, ``ARm``, ``ARl``.
+
+    The AP part is the dict of detectron2's ``COCOEvaluator._derive_coco_results``, formula for
+    formula (per class: the mean of the precisions > -1 over all IoUs and recalls, all areas, the
+    largest maxDets). It is owned here because that method is private and needs a COCOEvaluator
+    instance (whose constructor would load or convert the dataset a second time).
+
+    Args:
+        class_names (list[str]): the names of the contiguous classes.
+        category_ids (list[int]): the dataset (COCO) category id of each contiguous class, to find
+            its column in ``coco_eval.eval["precision"]`` (ordered as ``coco_eval.params.catIds``).
+    """
+    stats = coco_eval.stats
+    results = OrderedDict((k, float(stats[i] * 100) if stats[i] >= 0 else float("nan")) for i, k in enumerate(AP_KEYS))
+    logger.info(f"Evaluation results for {iou_type}: \n" + create_small_table(results))
+    if len(class_names) > 1:
+        precisions = coco_eval.eval["precision"]  # (iou, recall, class, area range, max dets)
+        column = {cid: k for k, cid in enumerate(coco_eval.params.catIds)}
+        per_class = []
+        for name, cid in zip(class_names, category_ids):
+            precision = precisions[:, :, column[cid], 0, -1]
+            precision = precision[precision > -1]
+            per_class.append((name, float(np.mean(precision) * 100) if precision.size else float("nan")))
+        n_cols = min(6, len(per_class) * 2)
+        flat = list(itertools.chain(*per_class))
+        rows = itertools.zip_longest(*[flat[i::n_cols] for i in range(n_cols)])
+        table = tabulate(rows, tablefmt="pipe", floatfmt=".3f", headers=["category", "AP"] * (n_cols // 2), numalign="left")
+        logger.info(f"Per-category {iou_type} AP: \n" + table)
+        results.update((f"AP-{name}", ap) for name, ap in per_class)
+    max_dets = coco_eval.params.maxDets
+    ar_keys = [f"AR{max_dets[0]}", f"AR{max_dets[1]}", f"AR{max_dets[2]}", "ARs", "ARm", "ARl"]
+    for key, value in zip(ar_keys, stats[6:12]):
+        results[key] = float(value * 100) if value >= 0 else float("nan")
+    return results
 
 
 def encode_masks(masks: torch.Tensor):
@@ -146,7 +205,7 @@ class MaskAPEvaluator(DatasetEvaluator):
     COCO-style mask (``segm``) and box (``bbox``) AP and AR, as pycocotools' ``COCOeval`` computes
     them, on the processed images of a registered dataset; results under detectron2's keys
     (``AP``, ``AP50``, ``AP75``, ``APs``, ``APm``, ``APl``, ``AP-<class>``) plus the six AR numbers,
-    in percent.
+    in percent (see :func:`coco_metrics`).
 
     An image processed with no instance keeps its ground truth as misses; images never processed
     are left out. Bad input is an error: an ``image_id`` not in the dataset or seen twice, class ids
@@ -164,6 +223,7 @@ class MaskAPEvaluator(DatasetEvaluator):
         tasks: Sequence[str] = ("bbox", "segm"),
         backend: str = "detectron2_fast",
         segm_area: str = "box",
+        max_dets_per_image: int = COCO_MAX_DETS_PER_IMAGE,
         save_predictions_json: bool = False,
     ):
         """
@@ -182,6 +242,12 @@ class MaskAPEvaluator(DatasetEvaluator):
                 carry a box and a mask, as Mask R-CNN's do; reproduces the team's pycocotools
                 fixture) or "mask" (the mask's area, as detectron2's COCOEvaluator, which drops
                 the box). AP/AP50/AP75 do not depend on it; APs/APm/APl and ARs/ARm/ARl may.
+            max_dets_per_image (int): how many detections of an image count (highest scores
+                first; COCOeval applies the limit per image and category): COCOeval's ``maxDets``
+                become ``[1, 10, max_dets_per_image]`` as with detectron2's
+                ``COCOEvaluator(max_dets_per_image=...)``, AP and ``AR<max_dets_per_image>`` are
+                taken at this limit. At least 10 (COCOeval sorts ``maxDets``: a smaller value
+                would still give AP at 10). Default: COCO's 100.
             save_predictions_json (bool): write ``coco_instances_results.json`` to ``output_dir``.
         """
         unknown = set(tasks) - {"bbox", "segm"}
@@ -193,6 +259,12 @@ class MaskAPEvaluator(DatasetEvaluator):
             raise ValueError(f"backend={backend!r}: detectron2 was built without its C++ COCOeval_opt")
         if segm_area not in ("mask", "box"):
             raise ValueError(f"segm_area={segm_area!r}: choose 'mask' or 'box'")
+        is_int = isinstance(max_dets_per_image, (int, np.integer)) and not isinstance(max_dets_per_image, bool)
+        if not is_int or max_dets_per_image < 10:
+            raise ValueError(
+                f"max_dets_per_image={max_dets_per_image!r}: a number of detections per image >= 10 (COCOeval's "
+                "maxDets [1, 10, max_dets_per_image] are sorted: AP is taken at the largest)"
+            )
         if save_predictions_json and not output_dir:
             raise ValueError("save_predictions_json=True needs an output_dir")
         self._dataset_name = dataset_name
@@ -201,8 +273,8 @@ class MaskAPEvaluator(DatasetEvaluator):
         self._tasks = tuple(sorted(set(tasks)))
         self._backend = backend
         self._segm_area = segm_area
+        self._max_dets = [1, 10, int(max_dets_per_image)]  # as detectron2's COCOEvaluator
         self._save_predictions_json = save_predictions_json
-        self._logger = logger  # used by detectron2's COCOEvaluator._derive_coco_results
 
         self._coco_gt = load_coco_gt(dataset_name)
         meta = MetadataCatalog.get(dataset_name)
@@ -214,6 +286,12 @@ class MaskAPEvaluator(DatasetEvaluator):
             self._contiguous_to_dataset_id[contiguous] = dataset_id
         cats = self._coco_gt.loadCats(sorted(self._coco_gt.getCatIds()))
         self._class_names = list(meta.get("thing_classes", None) or [c["name"] for c in cats])
+        if len(self._class_names) != len(cats) or len(d2c) != len(cats):
+            raise Seg2Error(
+                f"dataset {dataset_name!r}: its metadata has {len(self._class_names)} thing_classes and "
+                f"{len(d2c)} thing_dataset_id_to_contiguous_id entries but its COCO ground truth has "
+                f"{len(cats)} categories; AP per class needs one name per category"
+            )
         self.reset()
 
     def reset(self):
@@ -324,20 +402,19 @@ class MaskAPEvaluator(DatasetEvaluator):
         img_ids = sorted(p["image_id"] for p in predictions)
         results = OrderedDict()
         self.coco_evals = {}
+        backends = BACKENDS if self._max_dets[2] == COCO_MAX_DETS_PER_IMAGE else BACKENDS_MAX_DETS
         for task in self._tasks:
             coco_dt = self._results_api(predictions, task)
-            coco_eval = BACKENDS[self._backend](self._coco_gt, coco_dt, task)
+            coco_eval = backends[self._backend](self._coco_gt, coco_dt, task)
             coco_eval.params.imgIds = img_ids
+            coco_eval.params.maxDets = list(self._max_dets)
             out = io.StringIO()
             with contextlib.redirect_stdout(out):
                 coco_eval.evaluate()
                 coco_eval.accumulate()
                 coco_eval.summarize()
             logger.info(f"COCOeval ({self._backend}) {task} on {len(img_ids)} images of {self._dataset_name}:\n{out.getvalue()}")
-            res = COCOEvaluator._derive_coco_results(self, coco_eval, task, class_names=self._class_names)
-            for key, value in zip(SUMMARY_KEYS[6:], coco_eval.stats[6:]):
-                res[key] = float(value * 100) if value >= 0 else float("nan")
-            results[task] = res
+            results[task] = coco_metrics(coco_eval, task, self._class_names, self._contiguous_to_dataset_id.tolist())
             self.coco_evals[task] = coco_eval
         if self._output_dir:
             self._write(results, predictions)
@@ -349,6 +426,7 @@ class MaskAPEvaluator(DatasetEvaluator):
             "dataset": self._dataset_name,
             "backend": self._backend,
             "segm_area": self._segm_area,
+            "max_dets_per_image": self._max_dets[2],
             "results": {t: {k: (None if np.isnan(v) else v) for k, v in r.items()} for t, r in results.items()},
         }
         with PathManager.open(os.path.join(self._output_dir, "mask_ap_evaluation.json"), "w") as f:

@@ -6,6 +6,8 @@ same formulas, percent), computed from the same confusion matrix. What differs i
 detectron2 keeps an RLE of every predicted class of every image in memory (for a JSON dump) and
 uses ``torch.argmax`` over channels, which is slow on the CPU; here nothing per image is kept
 unless asked, and the counting is one ``torch.bincount`` per image on the prediction's device.
+It is therefore a :class:`~detectron2.evaluation.DatasetEvaluator` of its own, not a
+``SemSegEvaluator`` subclass (it would override every method and inherit none of the state).
 """
 
 import itertools
@@ -16,12 +18,13 @@ from collections import OrderedDict
 from typing import Dict, Optional
 
 import numpy as np
+import pycocotools.mask as mask_util
 import torch
 import torch.nn.functional as F
 from tabulate import tabulate
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.evaluation import DatasetEvaluator, SemSegEvaluator
+from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
@@ -109,6 +112,34 @@ def mask_to_boundary(mask: torch.Tensor, dilation_ratio: float = BOUNDARY_DILATI
     x = -F.max_pool2d(-x, (k, 1), stride=1, padding=(d, 0))
     eroded = x[0, 0, 1:-1, 1:-1].to(torch.uint8)
     return mask - eroded
+
+
+def sem_seg_to_coco_json(sem_seg: np.ndarray, file_name: str, contiguous_id_to_dataset_id: Optional[dict] = None):
+    """
+    A predicted class map as COCO stuff results, one RLE per class present: the entries detectron2's
+    ``SemSegEvaluator.encode_json_sem_seg`` writes to ``sem_seg_predictions.json``. That is a method
+    reading a SemSegEvaluator's private state, so its few lines are owned here.
+
+    Args:
+        sem_seg (ndarray): (H, W) int class indices.
+        file_name (str): the input image, written into each entry.
+        contiguous_id_to_dataset_id (dict or None): class index -> ``category_id`` written; None
+            writes the class index.
+    """
+    entries = []
+    for label in np.unique(sem_seg):
+        if contiguous_id_to_dataset_id is None:
+            category_id = int(label)
+        elif label in contiguous_id_to_dataset_id:
+            category_id = contiguous_id_to_dataset_id[label]
+        else:
+            raise Seg2Error(
+                f"{file_name}: predicted class {label} has no entry in the metadata's stuff_dataset_id_to_contiguous_id"
+            )
+        rle = mask_util.encode(np.array((sem_seg == label).astype(np.uint8)[:, :, None], order="F"))[0]
+        rle["counts"] = rle["counts"].decode("utf-8")
+        entries.append({"file_name": file_name, "category_id": category_id, "segmentation": rle})
+    return entries
 
 
 def sem_seg_metrics(conf: np.ndarray, class_names, b_conf: Optional[np.ndarray] = None) -> Dict[str, float]:
@@ -237,7 +268,6 @@ class MIoUEvaluator(DatasetEvaluator):
         self._num_classes = len(self._class_names)
         self._ignore_label = meta.get("ignore_label", None)
         c2d = meta.get("stuff_dataset_id_to_contiguous_id", None)
-        # Names used by detectron2's SemSegEvaluator.encode_json_sem_seg, which is reused as is.
         self._contiguous_id_to_dataset_id = {v: k for k, v in c2d.items()} if c2d else None
         if boundary_iou and self._num_classes >= np.iinfo(np.uint8).max:
             raise ValueError(
@@ -304,7 +334,7 @@ class MIoUEvaluator(DatasetEvaluator):
             self._accumulate(pred, gt, file_name, gt_path)
             if self._save_predictions_json:
                 self._predictions.extend(
-                    SemSegEvaluator.encode_json_sem_seg(self, pred.cpu().numpy().astype(int), file_name)
+                    sem_seg_to_coco_json(pred.cpu().numpy().astype(int), file_name, self._contiguous_id_to_dataset_id)
                 )
             self._num_images += 1
 
