@@ -12,6 +12,7 @@ from detectron2.utils.events import get_event_storage
 from ...utils import Seg2Error
 from ..tasks import META_ARCH_TASKS
 from .common import check_head_features, check_num_classes, check_registered, sem_seg_targets
+from .semantic_segmentor import inner_size
 
 __all__ = ["Seg2MultiTaskRCNN"]
 
@@ -103,21 +104,12 @@ class Seg2MultiTaskRCNN(GeneralizedRCNN):
         """
         Stride-1 semantic logits of a batch of raw images, as :meth:`inference` computes them:
         ``preprocess_image`` (normalisation, padding to the backbone's size divisibility),
-        backbone, semantic head, crop; no detection.
-
-        Args:
-            images (Tensor): (N, C, H, W) pixel values as the "image" input takes them (in
-                ``INPUT.FORMAT``, not normalised), any device.
-            context (tuple[int]): (top, bottom, left, right): that many outer pixels of each
-                side are context only; the network sees them but gives no logits for them.
-
-        Returns:
-            Tensor: (N, K, H - top - bottom, W - left - right) logits.
+        backbone, semantic head, crop; no detection. Arguments and result as
+        :meth:`Seg2SemanticSegmentor.sem_seg_logits`: (N, C, H, W) raw pixels, ``context``
+        (top, bottom, left, right) -> (N, K, H - top - bottom, W - left - right) logits.
         """
-        top, bottom, left, right = context
-        h, w = images.shape[-2] - top - bottom, images.shape[-1] - left - right
-        if h < 1 or w < 1:
-            raise ValueError(f"context {tuple(context)} leaves no pixel of a {tuple(images.shape[-2:])} input")
+        top, _, left, _ = context
+        h, w = inner_size(images, context)
         padded = self.preprocess_image([{"image": x} for x in images])
         logits, _ = self.sem_seg_head(self.backbone(padded.tensor), None)
         return logits[:, :, top : top + h, left : left + w]

@@ -47,6 +47,16 @@ def mirror_window(x: torch.Tensor, rows: Tuple[int, int], cols: Tuple[int, int])
     return x.index_select(-1, reflect_indices(cols[0], cols[1], w).to(x.device))
 
 
+def inner_size(images: torch.Tensor, context: Tuple[int, int, int, int]) -> Tuple[int, int]:
+    """(height, width) of ``images`` without their ``context`` (top, bottom, left, right)."""
+    top, bottom, left, right = context
+    h, w = images.shape[-2] - top - bottom, images.shape[-1] - left - right
+    if min(context) < 0 or h < 1 or w < 1:
+        raise ValueError(f"context {tuple(context)} (top, bottom, left, right) does not fit a {tuple(images.shape[-2:])} input")
+    return h, w
+
+
+
 @META_ARCH_REGISTRY.register()
 class Seg2SemanticSegmentor(SemanticSegmentor):
     """
@@ -169,10 +179,8 @@ class Seg2SemanticSegmentor(SemanticSegmentor):
         Returns:
             Tensor: (N, K, H - top - bottom, W - left - right) logits.
         """
-        top, bottom, left, right = context
-        h, w = images.shape[-2] - top - bottom, images.shape[-1] - left - right
-        if h < 1 or w < 1:
-            raise ValueError(f"context {tuple(context)} leaves no pixel of a {tuple(images.shape[-2:])} input")
+        top, _, left, _ = context
+        h, w = inner_size(images, context)
         x = (images.to(self.device) - self.pixel_mean) / self.pixel_std
         logits, _ = self.sem_seg_head(self.backbone(self._network_input(list(x), context)), None)
         y0, x0 = (0, 0) if self.overlap_tile else (top, left)
