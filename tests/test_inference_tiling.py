@@ -155,6 +155,8 @@ def test_valid_unet_tiles_equal_whole_image():
         tiler = TiledSemSegInference(model, tile_size=16, stride=10, batch_size=5, blend=blend)
         (th, tw), tiles = tiler.tiles(29, 37)
         assert (th, tw) == (16, 16) and len(tiles) == 3 * 4  # stride 10 -> 8 (pooling period 4)
+        p, before = model.tile_geometry(16)
+        assert tiler.context(16) == (before, p - 16 - before)  # what the network needs, no more
         tiled = tiler(image)
         assert tiled.shape == whole.shape
         assert (tiled - whole).abs().max().item() < 1e-4, blend

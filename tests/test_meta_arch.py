@@ -51,6 +51,7 @@ def test_sem_seg_logits_context_and_mixed_size_batches():
     torch.manual_seed(0)
     model = build_model(tiny_semantic_cfg("UNetHead", "unet_same")).eval()  # size divisibility 16
     images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in [(40, 37), (33, 50), (40, 37)]]
+    assert model.tile_geometry(40) == (40, 0)  # "same" padding: no context needed
     with torch.no_grad():
         whole = model.sem_seg_logits(images[0][None])
         assert whole.shape == (1, 4, 40, 37)
