@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 from detectron2.modeling import build_model
+from torch.nn import functional as F
 from seg2_model_helpers import base_cfg, tiny_semantic_cfg
 
 from seg2 import Seg2Error
 from seg2.inference import Seg2Predictor, TiledSemSegInference, blend_window, reflect_indices, tile_starts
-from seg2.modeling.meta_arch import mirror_pad
+from seg2.modeling.meta_arch import mirror_window
 
 
 def _model(head, backbone, seed=0):
@@ -57,11 +58,26 @@ def test_tile_starts_cover_every_pixel():
             assert starts[-1] + side == length
 
 
-def test_reflect_indices_match_mirror_pad():
-    for size, top, bottom in [(5, 2, 3), (5, 4, 4), (5, 9, 13), (2, 5, 1), (1, 3, 2), (7, 0, 0)]:
-        x = torch.arange(size, dtype=torch.float32).view(1, 1, size, 1)
-        padded = mirror_pad(x, top, bottom, 0, 0)[0, 0, :, 0]
-        assert torch.equal(padded.long(), reflect_indices(-top, size + bottom, size)), (size, top, bottom)
+def _reflect_pad(x, top, bottom, left, right):
+    """Reference: torch's reflect padding, applied again while the padding exceeds the map."""
+    while top or bottom or left or right:
+        h, w = x.shape[-2:]
+        t, b, l, r = min(top, h - 1), min(bottom, h - 1), min(left, w - 1), min(right, w - 1)
+        x = F.pad(x, (l, r, t, b), mode="reflect")
+        top, bottom, left, right = top - t, bottom - b, left - l, right - r
+    return x
+
+
+def test_mirror_window_is_reflect_padding():
+    x = torch.randn(2, 3, 5, 7, generator=torch.Generator().manual_seed(0))
+    for top, bottom, left, right in [(2, 3, 1, 6), (4, 4, 0, 0), (9, 13, 20, 2), (0, 0, 0, 0)]:
+        expected = _reflect_pad(x, top, bottom, left, right)
+        assert torch.equal(mirror_window(x, (-top, 5 + bottom), (-left, 7 + right)), expected)
+    assert torch.equal(mirror_window(x, (1, 4), (2, 7)), x[..., 1:4, 2:7])  # inside: a plain crop
+    assert torch.equal(mirror_window(x, (3, 8), (0, 7)), x[..., [3, 4, 3, 2, 1], :])  # past the bottom
+    # by hand: 2 pixels reflect back and forth, 1 pixel repeats
+    assert reflect_indices(-3, 5, 2).tolist() == [1, 0, 1, 0, 1, 0, 1, 0]
+    assert reflect_indices(-2, 3, 1).tolist() == [0] * 5
 
 
 def test_blend_windows():
@@ -100,6 +116,35 @@ def test_one_tile_equals_whole_image_multitask():
     assert torch.equal(tiled, whole)
 
 
+def test_detectron2_semantic_segmentor_is_tiled_through_its_forward():
+    torch.manual_seed(0)
+    cfg = tiny_semantic_cfg("FCNHead", "resnet")
+    cfg.MODEL.META_ARCHITECTURE = "SemanticSegmentor"  # detectron2's own, with seg2's FCN head
+    model = build_model(cfg).eval()
+    assert not hasattr(model, "sem_seg_logits")
+    image = _image(37, 50, seed=4)
+    whole = _whole(model, image)
+    assert torch.equal(TiledSemSegInference(model, tile_size=64, stride=64)(image), whole)
+    # several tiles with context: each is the model's forward on its window, context cropped
+    tiler = TiledSemSegInference(model, tile_size=32, stride=32, blend="average", margin=8)
+    (th, tw), tiles = tiler.tiles(37, 50)
+    assert len(tiles) == 2 * 2 and tiler.context(32) == (8, 8)
+    tiled = tiler(image)
+    assert tiles == [(0, 0), (0, 32), (32, 0), (32, 32)]  # stride = period 32: the last ones reach past
+    # the top-left tile alone covers the image's top-left 32 x 32 pixels
+    window = mirror_window(image, (-8, th + 8), (-8, tw + 8))
+    torch.testing.assert_close(tiled[:, :32, :32], _whole(model, window)[:, 8 : 8 + th, 8 : 8 + tw])
+
+
+def test_panoptic_fpn_is_not_tiled():
+    cfg = base_cfg("quickstart/mask_rcnn_R18_FPN_fcn8s_shapes_cpu.yaml")
+    cfg.MODEL.META_ARCHITECTURE = "PanopticFPN"
+    cfg.MODEL.SEM_SEG_HEAD.NAME, cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = "SemSegFPNHead", ["p2", "p3", "p4", "p5"]
+    cfg.SEG2.TILING.ENABLED = True
+    with pytest.raises(Seg2Error, match="MODEL.META_ARCHITECTURE='PanopticFPN'.*Seg2MultiTaskRCNN"):
+        Seg2Predictor(cfg)
+
+
 def test_valid_unet_tiles_equal_whole_image():
     # Unpadded convs see only the image (mirror-extended at the borders) and tiles keep the pooling
     # grid: every tile's logits equal the whole image's, so any blend must give them back.
@@ -110,6 +155,8 @@ def test_valid_unet_tiles_equal_whole_image():
         tiler = TiledSemSegInference(model, tile_size=16, stride=10, batch_size=5, blend=blend)
         (th, tw), tiles = tiler.tiles(29, 37)
         assert (th, tw) == (16, 16) and len(tiles) == 3 * 4  # stride 10 -> 8 (pooling period 4)
+        p, before = model.tile_geometry(16)
+        assert tiler.context(16) == (before, p - 16 - before)  # what the network needs, no more
         tiled = tiler(image)
         assert tiled.shape == whole.shape
         assert (tiled - whole).abs().max().item() < 1e-4, blend
@@ -156,6 +203,22 @@ def test_predictor_tiled_equals_whole_and_takes_gray_and_16bit():
     assert torch.equal(tiled(gray, sem_seg_output="labels")["sem_seg_labels"].long(), ref.argmax(0))
     with pytest.raises(Seg2Error, match="shape"):
         tiled(np.zeros((4, 4, 2), np.uint8))
+
+
+def test_predictor_tiled_multitask_keeps_whole_image_instances():
+    torch.manual_seed(0)
+    cfg = base_cfg("quickstart/mask_rcnn_R18_FPN_fcn8s_shapes_cpu.yaml")
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 0, 4096  # native resolution
+    whole = Seg2Predictor(cfg)
+    cfg.SEG2.TILING.ENABLED, cfg.SEG2.TILING.TILE_SIZE, cfg.SEG2.TILING.STRIDE = True, 64, 64
+    tiled = Seg2Predictor(cfg)
+    tiled.model.load_state_dict(whole.model.state_dict())
+    image = np.random.default_rng(1).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    ref, out = whole(image), tiled(image)
+    assert len(ref["instances"]) > 0
+    assert torch.equal(out["instances"].pred_boxes.tensor, ref["instances"].pred_boxes.tensor)
+    assert torch.equal(out["instances"].pred_masks, ref["instances"].pred_masks)
+    assert torch.equal(out["sem_seg"], ref["sem_seg"])  # one tile: the whole image's logits
 
 
 def test_predictor_resizes_back_and_rejects_tiling_without_sem_seg():

@@ -3,11 +3,12 @@
 import pytest
 import torch
 from detectron2.modeling import build_model
+from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.utils.events import EventStorage
 
 import seg2
 from seg2.modeling import META_ARCH_TASKS, model_tasks
-from seg2.modeling.meta_arch import mirror_pad
+from seg2.modeling.meta_arch import mirror_window
 from seg2_model_helpers import base_cfg, load_records, mapped_inputs, one_thread, tiny_semantic_cfg  # noqa: F401
 
 
@@ -19,9 +20,9 @@ def test_tasks_registered():
 
 
 # ---- overlap-tile ------------------------------------------------------------------------------
-def test_mirror_pad_reflects_and_repeats():
+def test_mirror_window_reflects_and_repeats():
     x = torch.arange(4.0).view(1, 1, 1, 4)
-    out = mirror_pad(x, 0, 0, 2, 5)  # right padding larger than the map: the reflection repeats
+    out = mirror_window(x, (0, 1), (-2, 9))  # right padding larger than the map: the reflection repeats
     assert out.flatten().tolist() == [2, 1, 0, 1, 2, 3, 2, 1, 0, 1, 2]
 
 
@@ -40,10 +41,31 @@ def test_valid_unet_overlap_tile_covers_the_image():
     # The output is the network applied to the mirror-padded image: recompute it by hand.
     x = (image.float() - model.pixel_mean) / model.pixel_std
     ph, mh = model.tile_geometry(40)
-    padded = mirror_pad(x[None], mh, ph - 40 - mh, mh, ph - 37 - mh)
+    padded = mirror_window(x[None], (-mh, ph - mh), (-mh, ph - mh))
     with torch.no_grad():
         direct = model.sem_seg_head(model.backbone(padded))[0][0]
     torch.testing.assert_close(out, direct[:, :40, :37])
+
+
+def test_sem_seg_logits_context_and_mixed_size_batches():
+    torch.manual_seed(0)
+    model = build_model(tiny_semantic_cfg("UNetHead", "unet_same")).eval()  # size divisibility 16
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in [(40, 37), (33, 50), (40, 37)]]
+    assert model.tile_geometry(40) == (40, 0)  # "same" padding: no context needed
+    with torch.no_grad():
+        whole = model.sem_seg_logits(images[0][None])
+        assert whole.shape == (1, 4, 40, 37)
+        # context pixels are seen by the network but cropped: the same network input, a crop
+        inner = model.sem_seg_logits(images[0][None], context=(3, 5, 0, 7))
+        assert torch.equal(inner, whole[:, :, 3:35, 0:30])
+        with pytest.raises(ValueError, match="context"):
+            model.sem_seg_logits(images[0][None], context=(20, 20, 0, 0))
+        # a mixed-size batch: an image's logits do not depend on the others' sizes
+        batch = model([{"image": im} for im in images])
+        alone = [model([{"image": im}])[0]["sem_seg"] for im in images]
+    assert torch.equal(batch[1]["sem_seg"], alone[1]) and torch.equal(alone[0], whole[0])
+    for out, ref in zip(batch, alone):
+        torch.testing.assert_close(out["sem_seg"], ref, rtol=1e-5, atol=1e-5)  # batched with a twin: rounding
 
 
 # ---- the multi-task model ----------------------------------------------------------------------
@@ -118,6 +140,29 @@ def test_multitask_batches_with_one_target_train(tiny_shapes_root):
         alone_features = {k: v[1:] for k, v in features.items()}
         _, alone = model.sem_seg_head(alone_features, t[1:])
     torch.testing.assert_close(both["loss_sem_seg"], alone["loss_sem_seg"])
+
+
+def test_multitask_inference_parts_match_the_whole():
+    torch.manual_seed(0)
+    cfg = _tiny_multitask_cfg("quickstart/mask_rcnn_R18_FPN_fcn8s_shapes_cpu.yaml")
+    model = build_model(cfg).eval()
+    image = torch.randint(0, 256, (3, 48, 60), dtype=torch.uint8)
+    inputs = [{"image": image, "height": 96, "width": 120}]
+    with torch.no_grad():
+        full = model(inputs)[0]
+        detection = model.inference(inputs, sem_seg=False)[0]
+        logits = model.sem_seg_logits(image[None])
+        given = model.inference(inputs, detected_instances=[model.inference(inputs, do_postprocess=False)[0][0]])[0]
+    assert len(full["instances"]) > 0 and set(detection) == {"instances"}
+    for field in ("pred_boxes", "scores", "pred_classes", "pred_masks"):
+        a, b = full["instances"].get(field), detection["instances"].get(field)
+        assert torch.equal(a.tensor if field == "pred_boxes" else a, b.tensor if field == "pred_boxes" else b)
+    # the semantic branch alone, resized as inference resizes it to height x width
+    assert logits.shape == (1, 4, 48, 60)
+    torch.testing.assert_close(sem_seg_postprocess(logits[0], (48, 60), 96, 120), full["sem_seg"], rtol=0, atol=0)
+    # given boxes: the RoI heads predict masks for exactly those boxes
+    assert torch.equal(given["instances"].pred_boxes.tensor, full["instances"].pred_boxes.tensor)
+    assert torch.equal(given["instances"].pred_masks, full["instances"].pred_masks)
 
 
 def test_multitask_rejects_valid_padding():

@@ -7,7 +7,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
-from detectron2.modeling import GeneralizedRCNN, build_model
+from detectron2.modeling import build_model
 from detectron2.utils.logger import log_first_n
 from torch.nn import functional as F
 
@@ -88,9 +88,10 @@ class Seg2Predictor:
             out = self.model([inputs])[0]
         else:
             out = {}
-            if "instances" in self.tasks and isinstance(self.model, GeneralizedRCNN):
-                # detectron2's own inference: RPN + RoI heads, no whole-image semantic head.
-                out["instances"] = GeneralizedRCNN.inference(self.model, [inputs])[0]["instances"]
+            if "instances" in self.tasks:
+                # Detection on the whole image, without the whole-image semantic head (of the models
+                # with instances, the tiler takes Seg2MultiTaskRCNN, whose inference can leave it out).
+                out["instances"] = self.model.inference([inputs], sem_seg=False)[0]["instances"]
             same_size = tuple(resized.shape[:2]) == (height, width)
             if not same_size:
                 log_first_n(

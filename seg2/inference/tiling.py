@@ -1,29 +1,35 @@
 """
 Overlap-tile semantic inference of images of any size (U-Net, Ronneberger et al., MICCAI 2015).
 
-The image is cut into overlapping tiles (``SEG2.TILING.TILE_SIZE``, ``STRIDE``), each tile is fed
-with context around it (mirror-padded where it lies outside the image, as the U-Net paper does),
-tiles go through the model's backbone and semantic head in batches (``BATCH_SIZE``), and the
-overlapping logits are blended (``BLEND``: a plain average, or a weight falling off towards the
-tile edges) and stitched. Works for every model with ``backbone``, ``sem_seg_head``,
-``pixel_mean`` and ``pixel_std``: :class:`Seg2SemanticSegmentor` (including "valid"-padding
-U-Nets, whose context is their own overlap-tile margin), the semantic branch of
-:class:`Seg2MultiTaskRCNN`, and detectron2's ``SemanticSegmentor`` / ``PanopticFPN``.
+The image is cut into overlapping tiles (``SEG2.TILING.TILE_SIZE``, ``STRIDE``), each with the
+context around it (mirrored where it lies outside the image, as the U-Net paper does). The model
+itself turns a batch of tiles (``BATCH_SIZE``) into logits: ``model.sem_seg_logits(tiles,
+context)``, the method its own whole-image inference uses (normalisation, padding, backbone,
+head, crop). The overlapping logits are blended (``BLEND``: a plain average, or a weight falling
+off towards the tile edges) and stitched.
+
+Models: :class:`seg2.modeling.meta_arch.Seg2SemanticSegmentor` (including "valid"-padding
+U-Nets, which get the context their :meth:`tile_geometry` asks for), the semantic branch of
+:class:`seg2.modeling.meta_arch.Seg2MultiTaskRCNN`, any model with such a ``sem_seg_logits``
+method, and detectron2's ``SemanticSegmentor`` (through its own forward, tile by tile).
+detectron2's ``PanopticFPN`` is not supported: its forward would run the detector on each tile;
+``Seg2MultiTaskRCNN`` with ``SemSegFPNHead`` is the same model with tiling.
 
 Memory: with ``output="labels"`` the blended logits are kept only for the band of rows that
 later tiles can still reach, so memory grows with the tile batch and the image width, not with
 the image area (besides the (H, W) label map and the input itself).
 """
 
-from typing import List, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
-from detectron2.modeling.postprocessing import sem_seg_postprocess
-from detectron2.structures import ImageList
+from detectron2.modeling import SemanticSegmentor
 
+from ..modeling.meta_arch.semantic_segmentor import mirror_window, reflect_indices
 from ..utils import Seg2Error
 
+# reflect_indices: defined with mirror_window (the one mirroring) and kept importable here.
 __all__ = ["BLEND_MODES", "TiledSemSegInference", "blend_window", "reflect_indices", "tile_starts"]
 
 BLEND_MODES = ("average", "linear", "gaussian")
@@ -47,20 +53,6 @@ def tile_starts(length: int, tile: int, stride: int, period: int = 1) -> List[in
     return list(range(0, length - tile, stride)) + [length - tile]
 
 
-def reflect_indices(start: int, stop: int, size: int) -> torch.Tensor:
-    """
-    Indices into a side of ``size`` pixels for positions ``start .. stop-1``, reflected at the
-    borders without repeating the edge pixel (``F.pad(mode="reflect")``, repeated where the
-    padding exceeds the side, as :func:`seg2.modeling.meta_arch.mirror_pad` does).
-    """
-    i = torch.arange(start, stop)
-    if size == 1:
-        return torch.zeros_like(i)
-    period = 2 * (size - 1)
-    i = i.remainder(period)
-    return torch.where(i >= size, period - i, i)
-
-
 def blend_window(size: int, mode: str) -> torch.Tensor:
     """
     1-D blending weights of a tile side (float64, all > 0): "average" all ones, "linear" a tent
@@ -78,50 +70,29 @@ def blend_window(size: int, mode: str) -> torch.Tensor:
     return torch.exp(-0.5 * ((idx - (size - 1) / 2.0) / sigma) ** 2)
 
 
-class _SemSegBranch:
-    """The backbone + semantic head of a model, run on batches of tiles exactly as the model's
-    own whole-image inference runs them (normalisation, padding, post-processing)."""
+def _forward_sem_seg_logits(model) -> Callable:
+    """``sem_seg_logits`` for detectron2's ``SemanticSegmentor``: its own forward on each tile
+    (its "sem_seg" has the tile's size), with the context cropped."""
 
-    def __init__(self, model):
-        missing = [a for a in ("backbone", "sem_seg_head", "pixel_mean", "pixel_std") if not hasattr(model, a)]
-        if missing:
-            raise ValueError(
-                f"{type(model).__name__} has no {missing}: tiled semantic inference needs a model with a "
-                "backbone and a semantic head (Seg2SemanticSegmentor, Seg2MultiTaskRCNN, SemanticSegmentor)"
-            )
-        self.model = model
-        # "valid"-padding models (Seg2SemanticSegmentor.overlap_tile) need more input than output.
-        self.valid = bool(getattr(model, "overlap_tile", False))
-        # Period of the network's pooling grid: its largest feature stride.
-        self.period = max((s.stride or 1 for s in model.backbone.output_shape().values()), default=1)
+    def sem_seg_logits(images: torch.Tensor, context: Tuple[int, int, int, int]) -> torch.Tensor:
+        top, bottom, left, right = context
+        logits = torch.stack([out["sem_seg"] for out in model([{"image": x} for x in images])])
+        return logits[:, :, top : images.shape[-2] - bottom, left : images.shape[-1] - right]
 
-    @property
-    def device(self):
-        return self.model.pixel_mean.device
+    return sem_seg_logits
 
-    def input_geometry(self, tile: int, margin: int) -> Tuple[int, int]:
-        """(input side, context before the tile) for an output tile side ``tile``."""
-        if self.valid:
-            return self.model.tile_geometry(tile)
-        return tile + 2 * margin, margin
 
-    def __call__(self, batch: torch.Tensor, tile_hw: Tuple[int, int], lead_hw: Tuple[int, int]) -> torch.Tensor:
-        """(N, K, tile_h, tile_w) logits of a (N, C, in_h, in_w) batch of raw tiles."""
-        m = self.model
-        x = (batch - m.pixel_mean) / m.pixel_std
-        in_hw = tuple(x.shape[-2:])
-        if not self.valid:
-            # As SemanticSegmentor / GeneralizedRCNN.preprocess_image: zero-pad to the backbone's
-            # size divisibility after normalisation.
-            bb = m.backbone
-            x = ImageList.from_tensors(list(x), bb.size_divisibility, padding_constraints=bb.padding_constraints).tensor
-        results, _ = m.sem_seg_head(m.backbone(x), None)
-        (th, tw), (ly, lx) = tile_hw, lead_hw
-        if self.valid:
-            # Seg2SemanticSegmentor crops the output of the padded input at the top left.
-            return torch.stack([sem_seg_postprocess(r, (th, tw), th, tw) for r in results])
-        out = torch.stack([sem_seg_postprocess(r, in_hw, in_hw[0], in_hw[1]) for r in results])
-        return out[:, :, ly : ly + th, lx : lx + tw]
+def _sem_seg_logits_of(model) -> Callable:
+    """The model's ``sem_seg_logits(images, context)``; ValueError when it has none."""
+    if hasattr(model, "sem_seg_logits"):
+        return model.sem_seg_logits
+    if isinstance(model, SemanticSegmentor):
+        return _forward_sem_seg_logits(model)
+    raise ValueError(
+        f"{type(model).__name__} has no sem_seg_logits(images, context): tiled semantic inference takes "
+        "Seg2SemanticSegmentor, Seg2MultiTaskRCNN (for PanopticFPN, use it with SemSegFPNHead) and "
+        "detectron2's SemanticSegmentor"
+    )
 
 
 class _Stitcher:
@@ -186,8 +157,9 @@ class TiledSemSegInference:
     def __init__(self, model, *, tile_size: int, stride: int, batch_size: int = 4, blend: str = "gaussian", margin: int = 0):
         """
         Args:
-            model (nn.Module): a model with ``backbone``, ``sem_seg_head``, ``pixel_mean``,
-                ``pixel_std`` (in eval mode).
+            model (nn.Module): in eval mode, with ``sem_seg_logits(images, context)`` (seg2's
+                meta-architectures) or detectron2's ``SemanticSegmentor``; optionally
+                ``tile_geometry(side)`` (the context a "valid"-padding network needs).
             tile_size (int): side of the output area of a tile, in pixels.
             stride (int): step between tiles, ``1 <= stride <= tile_size``; rounded down to a
                 multiple of the backbone's largest feature stride where that is <= tile_size (see
@@ -195,9 +167,9 @@ class TiledSemSegInference:
             batch_size (int): tiles per forward pass; bounds the peak memory.
             blend (str): weights of overlapping logits: "average", "linear" or "gaussian"
                 (falling off towards the tile edges).
-            margin (int): context, in pixels, fed around each tile of a "same"-padding model and
-                cropped from its output (mirror-padded outside the image). "valid"-padding
-                models use their own margin (``Seg2SemanticSegmentor.tile_geometry``).
+            margin (int): context, in pixels, fed around each tile and cropped from its output
+                (mirrored outside the image). A "valid"-padding model gets at least the context
+                its ``tile_geometry`` asks for and uses only that.
         """
         if tile_size < 1 or not 1 <= stride <= tile_size or batch_size < 1 or margin < 0:
             raise ValueError(
@@ -206,7 +178,10 @@ class TiledSemSegInference:
             )
         if blend not in BLEND_MODES:
             raise ValueError(f"blend={blend!r}: expected one of {BLEND_MODES}")
-        self.branch = _SemSegBranch(model)
+        self.model = model
+        self.sem_seg_logits = _sem_seg_logits_of(model)
+        # Period of the network's pooling grid: its largest feature stride.
+        self.period = max((s.stride or 1 for s in model.backbone.output_shape().values()), default=1)
         self.tile_size, self.stride, self.batch_size, self.blend, self.margin = tile_size, stride, batch_size, blend, margin
 
     @classmethod
@@ -222,6 +197,10 @@ class TiledSemSegInference:
         for key, value, ok, expected in checks:
             if not ok:
                 raise Seg2Error(f"{key}={value!r}: expected {expected}")
+        try:
+            _sem_seg_logits_of(model)
+        except ValueError as e:
+            raise Seg2Error(f"MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE!r}: {e}") from None
         return {
             "model": model,
             "tile_size": t.TILE_SIZE,
@@ -234,9 +213,16 @@ class TiledSemSegInference:
     def tiles(self, height: int, width: int) -> Tuple[Tuple[int, int], List[Tuple[int, int]]]:
         """((tile_h, tile_w), [(y0, x0), ...] in row-major order) for an image of that size."""
         th, tw = min(self.tile_size, height), min(self.tile_size, width)
-        ys = tile_starts(height, th, self.stride, self.branch.period)
-        xs = tile_starts(width, tw, self.stride, self.branch.period)
+        ys = tile_starts(height, th, self.stride, self.period)
+        xs = tile_starts(width, tw, self.stride, self.period)
         return (th, tw), [(y, x) for y in ys for x in xs]
+
+    def context(self, side: int) -> Tuple[int, int]:
+        """(before, after): pixels of context fed on either side of ``side`` output pixels: the
+        margin, or more where the model's ``tile_geometry`` asks for more."""
+        geometry = getattr(self.model, "tile_geometry", None)
+        in_side, before = geometry(side) if geometry is not None else (side, 0)
+        return max(before, self.margin), max(in_side - side - before, self.margin)
 
     def _weights(self, side: int, starts: Sequence[int], length: int, device):
         # One tile along a side: weight 1, so that a single tile is returned bit-exactly.
@@ -263,11 +249,11 @@ class TiledSemSegInference:
         if image.dim() != 3 or min(image.shape) < 1:
             raise ValueError(f"expected a (C, H, W) image, got shape {tuple(image.shape)}")
         _, height, width = image.shape
-        device = self.branch.device
+        device = self.model.device
         (th, tw), tiles = self.tiles(height, width)
         ys = sorted({y for y, _ in tiles})
         xs = sorted({x for _, x in tiles})
-        (in_h, lead_y), (in_w, lead_x) = self.branch.input_geometry(th, self.margin), self.branch.input_geometry(tw, self.margin)
+        (top, bottom), (left, right) = self.context(th), self.context(tw)
         wy, norm_y = self._weights(th, ys, height, device)
         wx, norm_x = self._weights(tw, xs, width, device)
         w2d = wy[:, None] * wx[None, :]
@@ -275,15 +261,10 @@ class TiledSemSegInference:
         stitcher = None
         for i in range(0, len(tiles), self.batch_size):
             chunk = tiles[i : i + self.batch_size]
-            batch = torch.stack(
-                [
-                    image.index_select(1, reflect_indices(y - lead_y, y - lead_y + in_h, height)).index_select(
-                        2, reflect_indices(x - lead_x, x - lead_x + in_w, width)
-                    )
-                    for y, x in chunk
-                ]
-            ).to(device=device, dtype=torch.float32)
-            logits = self.branch(batch, (th, tw), (lead_y, lead_x))
+            windows = [mirror_window(image, (y - top, y + th + bottom), (x - left, x + tw + right)) for y, x in chunk]
+            batch = torch.stack(windows).to(device)
+            del windows
+            logits = self.sem_seg_logits(batch, (top, bottom, left, right))
             del batch
             if stitcher is None:
                 stitcher = _Stitcher(logits.shape[1], height, width, norm_y, norm_x, output == "logits", device)

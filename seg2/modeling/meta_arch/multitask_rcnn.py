@@ -1,17 +1,18 @@
 """Mask R-CNN with a semantic head on its backbone, trained jointly."""
 
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, build_sem_seg_head
-from detectron2.modeling.postprocessing import sem_seg_postprocess
-from detectron2.structures import ImageList
+from detectron2.modeling.postprocessing import detector_postprocess, sem_seg_postprocess
+from detectron2.structures import ImageList, Instances
 from detectron2.utils.events import get_event_storage
 
 from ...utils import Seg2Error
 from ..tasks import META_ARCH_TASKS
 from .common import check_head_features, check_num_classes, check_registered, sem_seg_targets
+from .semantic_segmentor import inner_size
 
 __all__ = ["Seg2MultiTaskRCNN"]
 
@@ -29,7 +30,8 @@ class Seg2MultiTaskRCNN(GeneralizedRCNN):
     "instances" are left out of the detection losses and images without "sem_seg" out of the
     semantic loss, so datasets that give only one of the two targets train; a batch with
     neither target for a task skips that task's loss. Outputs per image: "instances" and
-    "sem_seg" ((C, height, width) logits).
+    "sem_seg" ((C, height, width) logits). :meth:`sem_seg_logits` runs the semantic branch
+    alone (tiled inference uses it).
     """
 
     @configurable
@@ -98,17 +100,57 @@ class Seg2MultiTaskRCNN(GeneralizedRCNN):
             losses["loss_sem_seg"] = torch.zeros((), device=self.device, requires_grad=True)
         return losses
 
-    def inference(self, batched_inputs: List[Dict[str, torch.Tensor]], do_postprocess: bool = True):
-        """Instances and semantic logits from one backbone pass."""
+    def sem_seg_logits(self, images: torch.Tensor, context: Tuple[int, int, int, int] = (0, 0, 0, 0)) -> torch.Tensor:
+        """
+        Stride-1 semantic logits of a batch of raw images, as :meth:`inference` computes them:
+        ``preprocess_image`` (normalisation, padding to the backbone's size divisibility),
+        backbone, semantic head, crop; no detection. Arguments and result as
+        :meth:`Seg2SemanticSegmentor.sem_seg_logits`: (N, C, H, W) raw pixels, ``context``
+        (top, bottom, left, right) -> (N, K, H - top - bottom, W - left - right) logits.
+        """
+        top, _, left, _ = context
+        h, w = inner_size(images, context)
+        padded = self.preprocess_image([{"image": x} for x in images])
+        logits, _ = self.sem_seg_head(self.backbone(padded.tensor), None)
+        return logits[:, :, top : top + h, left : left + w]
+
+    def inference(
+        self,
+        batched_inputs: List[Dict[str, torch.Tensor]],
+        detected_instances: Optional[List[Instances]] = None,
+        do_postprocess: bool = True,
+        sem_seg: bool = True,
+    ):
+        """
+        Instances and semantic logits from one backbone pass.
+
+        Args:
+            batched_inputs, detected_instances, do_postprocess: as ``GeneralizedRCNN.inference``
+                (given instances: the RoI heads predict masks for their boxes, no detection).
+            sem_seg (bool): False leaves the semantic head out (e.g. when tiled inference gives
+                the semantic map).
+
+        Returns:
+            do_postprocess: list of ``{"instances"}`` plus ``"sem_seg"`` ((K, height, width)
+            logits) when ``sem_seg``; otherwise (list[Instances], (N, K, H', W') padded logits
+            or None).
+        """
+        assert not self.training
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
-        sem_seg_results, _ = self.sem_seg_head(features, None)
-        proposals, _ = self.proposal_generator(images, features, None)
-        instances, _ = self.roi_heads(images, features, proposals, None)
+        if detected_instances is None:
+            proposals, _ = self.proposal_generator(images, features, None)
+            instances, _ = self.roi_heads(images, features, proposals, None)
+        else:
+            instances = self.roi_heads.forward_with_given_boxes(features, [x.to(self.device) for x in detected_instances])
+        sem_seg_results = self.sem_seg_head(features, None)[0] if sem_seg else None
         if not do_postprocess:
             return instances, sem_seg_results
-        processed = GeneralizedRCNN._postprocess(instances, batched_inputs, images.image_sizes)
-        for out, sem_seg, x, image_size in zip(processed, sem_seg_results, batched_inputs, images.image_sizes):
+        processed = []
+        for i, (x, image_size) in enumerate(zip(batched_inputs, images.image_sizes)):
             height, width = x.get("height", image_size[0]), x.get("width", image_size[1])
-            out["sem_seg"] = sem_seg_postprocess(sem_seg, image_size, height, width)
+            out = {"instances": detector_postprocess(instances[i], height, width)}
+            if sem_seg:
+                out["sem_seg"] = sem_seg_postprocess(sem_seg_results[i], image_size, height, width)
+            processed.append(out)
         return processed

@@ -8,13 +8,12 @@ from detectron2.modeling import META_ARCH_REGISTRY, SemanticSegmentor, build_bac
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 from torch.func import functional_call
-from torch.nn import functional as F
 
 from ...utils import Seg2Error
 from ..tasks import META_ARCH_TASKS
 from .common import check_head_features, check_num_classes, check_registered, sem_seg_targets
 
-__all__ = ["Seg2SemanticSegmentor", "mirror_pad"]
+__all__ = ["Seg2SemanticSegmentor", "mirror_window", "reflect_indices"]
 
 META_ARCH_TASKS["Seg2SemanticSegmentor"] = frozenset({"sem_seg"})
 
@@ -22,17 +21,40 @@ META_ARCH_TASKS["Seg2SemanticSegmentor"] = frozenset({"sem_seg"})
 _MAX_TILE_SEARCH = 4096
 
 
-def mirror_pad(x: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
-    """Mirror-pad the last two dims of ``x`` by any amount (the reflection repeats where the
-    padding exceeds the map), as U-Net's overlap-tile strategy extrapolates missing context."""
-    while top > 0 or bottom > 0 or left > 0 or right > 0:
-        h, w = x.shape[-2:]
-        if (h == 1 and (top or bottom)) or (w == 1 and (left or right)):
-            return F.pad(x, (left, right, top, bottom), mode="replicate")
-        t, b, l, r = min(top, h - 1), min(bottom, h - 1), min(left, w - 1), min(right, w - 1)
-        x = F.pad(x, (l, r, t, b), mode="reflect")
-        top, bottom, left, right = top - t, bottom - b, left - l, right - r
-    return x
+def reflect_indices(start: int, stop: int, size: int) -> torch.Tensor:
+    """
+    Indices into a side of ``size`` pixels for positions ``start .. stop-1``, reflected at the
+    borders without repeating the edge pixel, as ``F.pad(mode="reflect")`` does, and repeated
+    where the positions reach further than the side (a side of 1 pixel repeats it).
+    """
+    i = torch.arange(start, stop)
+    if size == 1:
+        return torch.zeros_like(i)
+    period = 2 * (size - 1)
+    i = i.remainder(period)
+    return torch.where(i >= size, period - i, i)
+
+
+def mirror_window(x: torch.Tensor, rows: Tuple[int, int], cols: Tuple[int, int]) -> torch.Tensor:
+    """
+    Rows ``rows[0] .. rows[1]-1`` and columns ``cols[0] .. cols[1]-1`` of the last two dims of
+    ``x``, mirrored (:func:`reflect_indices`) where they lie outside it: U-Net's overlap-tile
+    extrapolation of missing context. ``mirror_window(x, (-top, h + bottom), (-left, w + right))``
+    mirror-pads ``x`` by any amount; a window inside ``x`` is a copy of that crop.
+    """
+    h, w = x.shape[-2:]
+    x = x.index_select(-2, reflect_indices(rows[0], rows[1], h).to(x.device))
+    return x.index_select(-1, reflect_indices(cols[0], cols[1], w).to(x.device))
+
+
+def inner_size(images: torch.Tensor, context: Tuple[int, int, int, int]) -> Tuple[int, int]:
+    """(height, width) of ``images`` without their ``context`` (top, bottom, left, right)."""
+    top, bottom, left, right = context
+    h, w = images.shape[-2] - top - bottom, images.shape[-1] - left - right
+    if min(context) < 0 or h < 1 or w < 1:
+        raise ValueError(f"context {tuple(context)} (top, bottom, left, right) does not fit a {tuple(images.shape[-2:])} input")
+    return h, w
+
 
 
 @META_ARCH_REGISTRY.register()
@@ -46,6 +68,8 @@ class Seg2SemanticSegmentor(SemanticSegmentor):
     the input: each image is mirror-padded, as the U-Net paper's overlap-tile strategy does, to
     the smallest size whose output covers the whole image, and the output is cropped back.
     Outputs: ``{"sem_seg": (C, height, width) logits}`` per image, at the input's original size.
+    Whole-image inference and tiled inference (:class:`seg2.inference.TiledSemSegInference`)
+    both go through :meth:`sem_seg_logits`.
     """
 
     @configurable
@@ -94,9 +118,13 @@ class Seg2SemanticSegmentor(SemanticSegmentor):
 
     def tile_geometry(self, size: int) -> Tuple[int, int]:
         """
-        (padded input side, leading margin) for an image side ``size``: the smallest input the
-        network takes whose centred output covers ``size`` pixels (U-Net paper: 572 -> 388).
+        (network input side, context before the output) for ``size`` output pixels along a side.
+        "Same"-padding networks: ``(size, 0)``. "Valid"-padding ones: the smallest input the
+        network takes whose centred output covers ``size`` pixels (U-Net paper: 388 -> (572, 92));
+        the context after the output is ``input side - size - context before``.
         """
+        if not self.overlap_tile:
+            return size, 0
         if size in self._tile_cache:
             return self._tile_cache[size]
         p = size
@@ -116,14 +144,48 @@ class Seg2SemanticSegmentor(SemanticSegmentor):
             "check MODEL.UNET_ENCODER / MODEL.UNET_HEAD"
         )
 
-    def _tiled_inputs(self, images: List[torch.Tensor]) -> Tuple[torch.Tensor, List[Tuple[int, int]]]:
-        sizes = [tuple(im.shape[-2:]) for im in images]
-        max_h, max_w = max(s[0] for s in sizes), max(s[1] for s in sizes)
-        (ph, mh), (pw, mw) = self.tile_geometry(max_h), self.tile_geometry(max_w)
-        padded = [mirror_pad(im[None], mh, ph - h - mh, mw, pw - w - mw)[0] for im, (h, w) in zip(images, sizes)]
-        return torch.stack(padded), sizes
+    def _network_input(self, images: List[torch.Tensor], context=(0, 0, 0, 0)) -> torch.Tensor:
+        """
+        The backbone's (N, C, H', W') input from normalised (C, H_i, W_i) images whose outer
+        ``context`` (top, bottom, left, right) pixels are context only.
+        "Valid" padding: each image's window that the network needs for the largest image's
+        output (:meth:`tile_geometry`), mirrored beyond the image; the output's top-left pixel is
+        the first pixel after the context. Otherwise: zero-padded to the largest image and to
+        the backbone's size divisibility, as detectron2's ``SemanticSegmentor`` does; the output
+        is aligned with the input, context included.
+        """
+        if not self.overlap_tile:
+            bb = self.backbone
+            return ImageList.from_tensors(images, bb.size_divisibility, padding_constraints=bb.padding_constraints).tensor
+        top, bottom, left, right = context
+        (ph, mh) = self.tile_geometry(max(im.shape[-2] for im in images) - top - bottom)
+        (pw, mw) = self.tile_geometry(max(im.shape[-1] for im in images) - left - right)
+        return torch.stack([mirror_window(im, (top - mh, top - mh + ph), (left - mw, left - mw + pw)) for im in images])
 
-    # ---- forward --------------------------------------------------------------------------------
+    def sem_seg_logits(self, images: torch.Tensor, context: Tuple[int, int, int, int] = (0, 0, 0, 0)) -> torch.Tensor:
+        """
+        Stride-1 semantic logits of a batch of raw images: normalisation, the backbone's padding
+        (or a "valid" network's mirrored overlap-tile context), backbone, head, crop. The model's
+        own inference and :class:`seg2.inference.TiledSemSegInference` both use it.
+
+        Args:
+            images (Tensor): (N, C, H, W) pixel values as the "image" input takes them (in
+                ``INPUT.FORMAT``, not normalised), any device.
+            context (tuple[int]): (top, bottom, left, right): that many outer pixels of each
+                side are context only; the network sees them but gives no logits for them.
+                A "valid"-padding network takes the context it needs (:meth:`tile_geometry`)
+                from them and mirrors what they lack.
+
+        Returns:
+            Tensor: (N, K, H - top - bottom, W - left - right) logits.
+        """
+        top, _, left, _ = context
+        h, w = inner_size(images, context)
+        x = (images.to(self.device) - self.pixel_mean) / self.pixel_std
+        logits, _ = self.sem_seg_head(self.backbone(self._network_input(list(x), context)), None)
+        y0, x0 = (0, 0) if self.overlap_tile else (top, left)
+        return logits[:, :, y0 : y0 + h, x0 : x0 + w]
+
     def forward(self, batched_inputs):
         """
         Args:
@@ -132,33 +194,35 @@ class Seg2SemanticSegmentor(SemanticSegmentor):
 
         Returns:
             training: dict of losses; inference: list of ``{"sem_seg": (C, height, width)}``.
+            In inference, images of one size go through :meth:`sem_seg_logits` together, so an
+            image's logits do not depend on the size of the others in its batch.
         """
+        if not self.training:
+            return self.inference(batched_inputs)
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
-        if self.overlap_tile:
-            tensor, image_sizes = self._tiled_inputs(images)
-            target_size = (max(s[0] for s in image_sizes), max(s[1] for s in image_sizes))
-        else:
-            image_list = ImageList.from_tensors(
-                images, self.backbone.size_divisibility, padding_constraints=self.backbone.padding_constraints
+        tensor = self._network_input(images)
+        # "valid": outputs cover the largest image; otherwise the padded input.
+        target_size = [max(im.shape[d] for im in images) for d in (-2, -1)] if self.overlap_tile else tensor.shape[-2:]
+        targets = sem_seg_targets(batched_inputs, target_size, self.sem_seg_head.ignore_value, self.device)
+        if targets is None:
+            raise Seg2Error(
+                f"{type(self).__name__} trains on label maps, but no image of this batch has 'sem_seg' "
+                f"(e.g. {batched_inputs[0].get('file_name', '?')}); its dataset needs sem_seg_file_name"
             )
-            tensor, image_sizes = image_list.tensor, image_list.image_sizes
-            target_size = tensor.shape[-2:]
-        features = self.backbone(tensor)
+        _, losses = self.sem_seg_head(self.backbone(tensor), targets)
+        # A batch whose pixels are all ignore_value has no loss; report 0 rather than fail.
+        return losses or {"loss_sem_seg": torch.zeros((), device=self.device, requires_grad=True)}
 
-        if self.training:
-            targets = sem_seg_targets(batched_inputs, target_size, self.sem_seg_head.ignore_value, self.device)
-            if targets is None:
-                raise Seg2Error(
-                    f"{type(self).__name__} trains on label maps, but no image of this batch has 'sem_seg' "
-                    f"(e.g. {batched_inputs[0].get('file_name', '?')}); its dataset needs sem_seg_file_name"
-                )
-            _, losses = self.sem_seg_head(features, targets)
-            # A batch whose pixels are all ignore_value has no loss; report 0 rather than fail.
-            return losses or {"loss_sem_seg": torch.zeros((), device=self.device, requires_grad=True)}
-
-        results, _ = self.sem_seg_head(features, None)
-        processed = []
-        for result, x, image_size in zip(results, batched_inputs, image_sizes):
-            height, width = x.get("height", image_size[0]), x.get("width", image_size[1])
-            processed.append({"sem_seg": sem_seg_postprocess(result, image_size, height, width)})
+    def inference(self, batched_inputs: List[Dict[str, torch.Tensor]]) -> List[Dict[str, torch.Tensor]]:
+        """``[{"sem_seg": (K, height, width) logits}]``: :meth:`sem_seg_logits` of each group of
+        same-size images, resized to the input's "height" x "width" (default: its own size)."""
+        by_size: Dict[Tuple[int, int], List[int]] = {}
+        for i, x in enumerate(batched_inputs):
+            by_size.setdefault(tuple(x["image"].shape[-2:]), []).append(i)
+        processed: List[Dict[str, torch.Tensor]] = [{} for _ in batched_inputs]
+        for (h, w), index in by_size.items():
+            logits = self.sem_seg_logits(torch.stack([batched_inputs[i]["image"] for i in index]))
+            for i, result in zip(index, logits):
+                height, width = batched_inputs[i].get("height", h), batched_inputs[i].get("width", w)
+                processed[i]["sem_seg"] = sem_seg_postprocess(result, (h, w), height, width)
         return processed
