@@ -72,7 +72,6 @@ def test_benchmark_train_times_the_trainers_model_and_loader(tiny_shapes_root):
     cfg.DATASETS.TRAIN = (name,)
     cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_WORKERS = 2, 0
     cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.CROP.ENABLED = (64,), 64, False
-    cfg.SEG2.INPUT.NUM_SEM_SEG_CLASSES = 4
     r = benchmark_train(cfg, warmup=1, iters=2)
     assert r["iters"] == 2 and r["images_per_iter"] == 2
     assert r["seconds"] > 0 and r["seconds_per_iter"] > 0 and r["peak_mb"] >= r["start_mb"] > 0
