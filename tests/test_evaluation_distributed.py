@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import torch
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog
 from detectron2.engine import launch
 from detectron2.structures import Boxes, Instances
 from detectron2.utils import comm
@@ -16,23 +16,15 @@ DATASET = "seg2_test_dist_val"
 
 
 def _register(root):
-    from seg2.data import load_coco_with_sem_seg
+    from seg2.data import register_coco_with_sem_seg
 
-    json_file = os.path.join(root, "coco", "annotations", "instances_val.json")
-    if DATASET in DatasetCatalog.list():
-        DatasetCatalog.remove(DATASET)
-        MetadataCatalog.remove(DATASET)
-    DatasetCatalog.register(
+    register_coco_with_sem_seg(
         DATASET,
-        lambda: load_coco_with_sem_seg(json_file, os.path.join(root, "coco", "val"),
-                                       os.path.join(root, "VOC2012", "SegmentationClass"), DATASET),
-    )
-    MetadataCatalog.get(DATASET).set(
-        json_file=json_file,
+        os.path.join(root, "coco", "annotations", "instances_val.json"),
+        os.path.join(root, "coco", "val"),
+        os.path.join(root, "VOC2012", "SegmentationClass"),
         thing_classes=["circle", "square", "triangle"],
-        thing_dataset_id_to_contiguous_id={1: 0, 2: 1, 3: 2},
-        stuff_classes=["background", "circle", "square", "triangle"],
-        ignore_label=255,
+        metadata={"thing_dataset_id_to_contiguous_id": {1: 0, 2: 1, 3: 2}},
     )
 
 

@@ -13,24 +13,19 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 from detectron2.evaluation import COCOEvaluator
 from detectron2.structures import Boxes, Instances
 
 from seg2 import Seg2Error
+from seg2.data import register_dataset
 from seg2.evaluation import MaskAPEvaluator, encode_masks
 
 SUMMARY = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
 def _register(name, loader, **meta):
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-    DatasetCatalog.register(name, loader)
-    MetadataCatalog.get(name).set(**meta)
-    return name
+    return register_dataset(name, loader, meta)
 
 
 def _instances(h, w, masks, boxes_xyxy, scores, classes):

@@ -15,18 +15,13 @@ from detectron2.evaluation import SemSegEvaluator
 
 import seg2  # noqa: F401
 from seg2 import Seg2Error
-from seg2.data import load_coco_with_sem_seg, read_label_map
+from seg2.data import load_coco_with_sem_seg, read_label_map, register_dataset
 from seg2.evaluation import MIoUEvaluator, mask_to_boundary, sem_seg_to_coco_json
 from seg2.evaluation.sem_seg_evaluation import argmax_channels
 
 
 def _register(name, records, **meta):
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-    DatasetCatalog.register(name, lambda: records)
-    MetadataCatalog.get(name).set(**meta)
-    return name
+    return register_dataset(name, lambda: records, meta)
 
 
 def _write_png(path, arr, palette=True):

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_train_loader
+from detectron2.data import build_detection_train_loader
 from detectron2.engine import SimpleTrainer
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model, build_roi_heads
 from detectron2.utils.env import seed_all_rng
 
 import seg2
-from seg2.data import MultiTaskDatasetMapper, load_coco_with_sem_seg
+from seg2.data import MultiTaskDatasetMapper, register_coco_with_sem_seg
 from seg2.modeling.poolers import POOLER_AGGREGATIONS, ExtendedROIPooler
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,18 +30,14 @@ TINY_TRAIN = "seg2_test_poolers_tiny_train"
 def tiny_shapes(tiny_shapes_root):
     """The tiny shapes training split under a name of this module's own (seg2_shapes_train stays
     as it is; re-pointing it would regenerate its cache at the default size)."""
-    if TINY_TRAIN not in DatasetCatalog.list():
-        coco = os.path.join(tiny_shapes_root, "coco")
-        DatasetCatalog.register(
-            TINY_TRAIN,
-            lambda: load_coco_with_sem_seg(
-                os.path.join(coco, "annotations", "instances_train.json"),
-                os.path.join(coco, "train"),
-                os.path.join(tiny_shapes_root, "VOC2012", "SegmentationClass"),
-                dataset_name=TINY_TRAIN,
-            ),
-        )
-        MetadataCatalog.get(TINY_TRAIN).set(ignore_label=255, evaluator_type="coco_sem_seg")
+    coco = os.path.join(tiny_shapes_root, "coco")
+    register_coco_with_sem_seg(
+        TINY_TRAIN,
+        os.path.join(coco, "annotations", "instances_train.json"),
+        os.path.join(coco, "train"),
+        os.path.join(tiny_shapes_root, "VOC2012", "SegmentationClass"),
+        thing_classes=seg2.data.SHAPES_CLASSES,
+    )
     # One thread: these models are tiny, and extra threads only spin on a shared 2-core machine.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -1,7 +1,6 @@
-"""tools/train_net.py end to end: the Trainer overfits and evaluates; the CLI trains, resumes,
-evaluates, and reports bad input without a traceback."""
+"""seg2.engine's Trainer and tools/train_net.py end to end: the Trainer overfits and evaluates; the
+CLI trains, resumes, evaluates, and reports bad input without a traceback."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,37 +9,24 @@ import sys
 import numpy as np
 import pytest
 from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog, MetadataCatalog
 
 import seg2
-from seg2.data import load_coco_with_sem_seg
+from seg2.data import register_coco_with_sem_seg
+from seg2.engine import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(REPO, "configs", "quickstart", "mask_rcnn_R18_FPN_shapes_cpu.yaml")
 TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
 
 
-def _load_train_net():
-    spec = importlib.util.spec_from_file_location("seg2_train_net", TRAIN_NET)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _register_tiny(root):
     for split in ("train", "val"):
-        name = f"seg2_test_tiny_{split}"
-        if name in DatasetCatalog.list():
-            continue
-        json_file = os.path.join(root, "coco", "annotations", f"instances_{split}.json")
-        args = (json_file, os.path.join(root, "coco", split), os.path.join(root, "VOC2012", "SegmentationClass"), name)
-        DatasetCatalog.register(name, lambda args=args: load_coco_with_sem_seg(*args))
-        MetadataCatalog.get(name).set(
-            json_file=json_file,
-            evaluator_type="coco_sem_seg",
-            ignore_label=255,
-            thing_classes=list(seg2.data.SHAPES_CLASSES),
-            stuff_classes=["background"] + list(seg2.data.SHAPES_CLASSES),
+        register_coco_with_sem_seg(
+            f"seg2_test_tiny_{split}",
+            os.path.join(root, "coco", "annotations", f"instances_{split}.json"),
+            os.path.join(root, "coco", split),
+            os.path.join(root, "VOC2012", "SegmentationClass"),
+            thing_classes=seg2.data.SHAPES_CLASSES,
         )
 
 
@@ -61,9 +47,8 @@ def _tiny_cfg(output_dir, max_iter):
 
 def test_trainer_overfits_tiny_shapes_and_evaluates(tiny_shapes_root, tmp_path):
     _register_tiny(tiny_shapes_root)
-    train_net = _load_train_net()
     cfg = _tiny_cfg(tmp_path, max_iter=40)
-    trainer = train_net.Trainer(cfg)
+    trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
 
@@ -78,7 +63,7 @@ def test_trainer_overfits_tiny_shapes_and_evaluates(tiny_shapes_root, tmp_path):
     assert [r["iteration"] for r in rows if "total_loss" in r] == [19, 39]
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path))
 
-    results = train_net.Trainer.test(cfg, trainer.model)
+    results = Trainer.test(cfg, trainer.model)
     assert set(results) >= {"segm", "bbox"}
     for task in ("segm", "bbox"):
         assert set(results[task]) >= {"AP", "AP50", "AP75"}
@@ -86,7 +71,9 @@ def test_trainer_overfits_tiny_shapes_and_evaluates(tiny_shapes_root, tmp_path):
 
 
 def _run_cli(*args, timeout=600):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
+    # The tool imports the seg2 of this checkout, whichever seg2 is installed.
+    pythonpath = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2", PYTHONPATH=pythonpath)
     return subprocess.run(
         [sys.executable, TRAIN_NET, "--config-file", QUICKSTART, *args],
         capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO,

@@ -25,7 +25,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 
 import torch
 from torch import nn
@@ -37,9 +36,8 @@ from detectron2.utils.logger import setup_logger
 
 import seg2
 from seg2.data import check_dataset_names
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_net import Trainer  # noqa: E402  (seg2's trainer: multi-task mapper and build_evaluator)
+from seg2.engine import Trainer
+from seg2.utils.benchmark import timed
 
 logger = logging.getLogger("seg2.ablate_poolers")
 
@@ -75,13 +73,8 @@ class _TimedModel(nn.Module):
         self.images = []  # per call
 
     def forward(self, inputs):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        outputs = self.model(inputs)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.seconds.append(time.perf_counter() - start)
+        outputs, seconds = timed(lambda: self.model(inputs), "cuda" if torch.cuda.is_available() else "cpu")
+        self.seconds.append(seconds)
         self.images.append(len(inputs))
         return outputs
 

@@ -10,7 +10,7 @@ against whole-image semantic inference of large images. Prints a table and write
         SEG2.TILING.TILE_SIZE 512 SEG2.TILING.STRIDE 384 SEG2.TILING.BATCH_SIZE 4
 
 Peak memory is RSS on the CPU (VmHWM, reset before each measurement) and
-torch.cuda.max_memory_allocated on a GPU; see seg2.inference.benchmark.
+torch.cuda.max_memory_allocated on a GPU; see seg2.utils.benchmark.
 """
 
 import argparse
@@ -22,7 +22,8 @@ import sys
 import torch
 
 import seg2
-from seg2.inference.benchmark import benchmark_inference, benchmark_tiling, benchmark_train
+from seg2.engine.benchmark import benchmark_train
+from seg2.inference.benchmark import benchmark_inference, benchmark_tiling
 
 TASKS = ("train", "inference", "tiling")
 MODES = ("tiled_labels", "tiled_logits", "whole")

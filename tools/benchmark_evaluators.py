@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import tempfile
-import time
 import tracemalloc
 
 import cv2
@@ -33,30 +32,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import COCOEvaluator, SemSegEvaluator
 from detectron2.structures import Boxes, Instances
 
-import seg2  # noqa: F401
+from seg2.data import register_dataset
 from seg2.evaluation import MaskAPEvaluator, MIoUEvaluator
 from seg2.evaluation.coco_evaluation import encode_masks
-
-
-def _register(name, records, **meta):
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-    DatasetCatalog.register(name, lambda: records)
-    MetadataCatalog.get(name).set(**meta)
-    return name
-
-
-def _rss_mb():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
+from seg2.utils.benchmark import rss_mb, timed
 
 
 class SemSegEvaluatorWideBoundary(SemSegEvaluator):
@@ -105,7 +87,7 @@ def _sem_seg_setup(folder, n_images, h, w, num_classes, n_distinct=4, name=None)
     maps = _label_maps(folder, n_distinct, h, w, num_classes)
     records = [{"file_name": f"img_{i}.jpg", "sem_seg_file_name": maps[i % n_distinct][0]} for i in range(n_images)]
     name = name or f"bench_sem_seg_{h}x{w}x{num_classes}_{n_images}"
-    _register(name, records, stuff_classes=[f"class{c}" for c in range(num_classes)], ignore_label=255)
+    register_dataset(name, lambda: records, {"stuff_classes": [f"class{c}" for c in range(num_classes)], "ignore_label": 255})
     gen = torch.Generator().manual_seed(0)
     logits = []
     for _, gt in maps:
@@ -117,14 +99,14 @@ def _sem_seg_setup(folder, n_images, h, w, num_classes, n_distinct=4, name=None)
 
 
 def _run_sem_seg(evaluator, inputs, logits):
+    def process():
+        for i, inp in enumerate(inputs):
+            evaluator.process([inp], [{"sem_seg": logits[i % len(logits)]}])
+
     evaluator.reset()
-    t0 = time.perf_counter()
-    for i, inp in enumerate(inputs):
-        evaluator.process([inp], [{"sem_seg": logits[i % len(logits)]}])
-    t1 = time.perf_counter()
-    res = evaluator.evaluate()["sem_seg"]
-    t2 = time.perf_counter()
-    return res, (t1 - t0) / len(inputs), t2 - t1
+    _, process_s = timed(process)
+    res, evaluate_s = timed(evaluator.evaluate)
+    return res["sem_seg"], process_s / len(inputs), evaluate_s
 
 
 def bench_miou(args):
@@ -182,10 +164,10 @@ def bench_memory(args):
             for i, inp in enumerate(inputs[:n]):
                 ev.process([inp], [{"sem_seg": logits[i % len(logits)]}])
                 if i + 1 == max(1, n // 10):
-                    early = (tracemalloc.get_traced_memory()[0] / 2**20, _rss_mb())
+                    early = (tracemalloc.get_traced_memory()[0] / 2**20, rss_mb())
             current, peak = tracemalloc.get_traced_memory()
             tracemalloc.stop()
-            rss_end = _rss_mb()
+            rss_end = rss_mb()
             ev.evaluate()
             print(f"| {label} | {n} | {early[0]:.2f} | {current / 2**20:.2f} | {peak / 2**20:.2f} | {early[1]:.0f} / {rss_end:.0f} |")
             del ev
@@ -221,8 +203,8 @@ def _ap_setup(folder, n_images, h, w, n_gt, n_det, num_classes, seed=0):
     with open(json_file, "w") as f:
         json.dump({"images": images, "annotations": anns, "categories": cats}, f)
     name = "bench_instances"
-    _register(name, [], json_file=json_file, thing_classes=[c["name"] for c in cats],
-              thing_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(cats)})
+    register_dataset(name, lambda: [], {"json_file": json_file, "thing_classes": [c["name"] for c in cats],
+                                        "thing_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(cats)}})
     inputs, outputs = [], []
     for img_id in range(1, n_images + 1):
         masks, classes = [], []
@@ -248,15 +230,15 @@ def _ap_setup(folder, n_images, h, w, n_gt, n_det, num_classes, seed=0):
 
 
 def _run_ap(evaluator, inputs, outputs):
+    def process():
+        for i, o in zip(inputs, outputs):
+            evaluator.process([i], [o])
+
     evaluator.reset()
-    t0 = time.perf_counter()
-    for i, o in zip(inputs, outputs):
-        evaluator.process([i], [o])
-    t1 = time.perf_counter()
+    _, process_s = timed(process)
     with contextlib.redirect_stdout(io.StringIO()):
-        res = evaluator.evaluate()
-    t2 = time.perf_counter()
-    return res, t1 - t0, t2 - t1
+        res, evaluate_s = timed(evaluator.evaluate)
+    return res, process_s, evaluate_s
 
 
 def bench_ap(args):

@@ -18,21 +18,18 @@ Models are randomly initialised (no download); timings exclude data loading.
 import argparse
 import json
 import os
-import sys
 import tempfile
-import time
 
 import torch
 from detectron2.modeling import build_model
 from detectron2.utils.analysis import FlopCountAnalysis
 from detectron2.utils.events import EventStorage
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-import seg2  # noqa: E402
-from seg2.data import MultiTaskDatasetMapper, generate_shapes, load_coco_with_sem_seg  # noqa: E402
+import seg2
+from seg2.data import MultiTaskDatasetMapper, generate_shapes, load_coco_with_sem_seg
+from seg2.utils.benchmark import time_iterations
 
-C = os.path.join(REPO, "configs")
+C = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 # name -> (config, overrides). detectron2's own heads run in detectron2's SemanticSegmentor.
 SEMANTIC_FULL = {
@@ -83,41 +80,26 @@ def make_cfg(config, overrides, device, bn_only=True):
     return cfg
 
 
-def _sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def time_train(model, inputs, iters, warmup, device):
+    """Median seconds of a train step (forward, backward, SGD step) on ``inputs``."""
     model.train()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
-    times = []
+
+    def step(_):
+        loss = sum(model(inputs).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
     with EventStorage(0):
-        for i in range(warmup + iters):
-            _sync(device)
-            t = time.perf_counter()
-            loss = sum(model(inputs).values())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            _sync(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+        return time_iterations(step, warmup, iters, device)["seconds_per_iter"]
 
 
 def time_inference(model, inputs, iters, warmup, device):
+    """Median seconds of an inference forward on ``inputs``."""
     model.eval()
-    times = []
     with torch.no_grad():
-        for i in range(warmup + iters):
-            _sync(device)
-            t = time.perf_counter()
-            model(inputs)
-            _sync(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+        return time_iterations(lambda _: model(inputs), warmup, iters, device)["seconds_per_iter"]
 
 
 def gflops(model, inputs):

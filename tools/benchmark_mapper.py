@@ -18,7 +18,6 @@ import copy
 import os
 import shutil
 import tempfile
-import time
 
 import cv2
 import numpy as np
@@ -35,6 +34,7 @@ from seg2.data import (
     load_coco_with_sem_seg,
     load_voc_instances,
 )
+from seg2.utils.benchmark import time_round_robin, timed
 
 
 def _cfg(mask_format):
@@ -49,16 +49,15 @@ def _cfg(mask_format):
 def _images_per_s(mappers, records, repeats):
     """Images/s of each mapper: best of ``repeats`` passes over ``records``, the mappers taking
     turns pass by pass so that load from other jobs hits them alike (one warm-up pass each)."""
-    best = [float("inf")] * len(mappers)
-    for rep in range(repeats + 1):
-        for i, mapper in enumerate(mappers):
-            np.random.seed(rep)
-            t = time.perf_counter()
-            for r in records:
-                mapper(r)
-            if rep:
-                best[i] = min(best[i], time.perf_counter() - t)
-    return [len(records) / b for b in best]
+
+    def one_pass(mapper, rep):
+        np.random.seed(rep)
+        for r in records:
+            mapper(r)
+
+    steps = {i: lambda rep, m=m: one_pass(m, rep) for i, m in enumerate(mappers)}
+    times = time_round_robin(steps, warmup=1, repeats=repeats)
+    return [len(records) / min(times[i]) for i in steps]
 
 
 def _scaled(record, factor):
@@ -111,14 +110,12 @@ def main():
             best = float("inf")
             for i in range(args.repeats):
                 out = os.path.join(tmp, f"sem_{workers}_{i}")
-                t = time.perf_counter()
-                n = generate_coco_sem_seg(big, out, num_workers=workers)
-                best = min(best, time.perf_counter() - t)
+                n, seconds = timed(lambda: generate_coco_sem_seg(big, out, num_workers=workers))
+                best = min(best, seconds)
                 assert n == len(big)
             print(f"  {max(workers, 1)} process(es): {len(big) / best:8.1f} images/s")
-        t = time.perf_counter()
-        generate_coco_sem_seg(big, out)
-        print(f"  cache already complete: {len(big) / (time.perf_counter() - t):8.1f} images/s (existence checks only)")
+        _, seconds = timed(lambda: generate_coco_sem_seg(big, out))
+        print(f"  cache already complete: {len(big) / seconds:8.1f} images/s (existence checks only)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -13,13 +13,13 @@ shared machine hit all of them alike; the median over repeats is reported.
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
 from detectron2.structures import Boxes
 
 from seg2.modeling.poolers import ExtendedROIPooler
+from seg2.utils.benchmark import time_round_robin
 
 VARIANTS = [  # (pooler type, aggregation)
     ("ROIAlignV2", "avg"),  # the reference
@@ -44,11 +44,6 @@ def random_boxes(n, height, width, generator):
     return Boxes(torch.stack([x0, y0, x0 + w, y0 + h], dim=1))
 
 
-def _sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def time_variants(args):
     gen = torch.Generator().manual_seed(0)
     device = args.device
@@ -61,23 +56,20 @@ def time_variants(args):
         (t, a): ExtendedROIPooler(args.resolution, SCALES, args.sampling_ratio, t, aggregation=a).to(device)
         for t, a in VARIANTS
     }
-    fwd = {k: [] for k in poolers}
-    bwd = {k: [] for k in poolers}
-    for rep in range(args.warmup + args.repeats):
-        for key, pooler in poolers.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            out = pooler(feats, boxes)
-            _sync(device)
-            t1 = time.perf_counter()
-            grad = torch.autograd.grad(out.sum(), feats)
-            _sync(device)
-            t2 = time.perf_counter()
-            assert out.shape == (per_image * args.images, args.channels, args.resolution, args.resolution)
-            assert all(torch.isfinite(g).all() for g in grad)
-            if rep >= args.warmup:
-                fwd[key].append(t1 - t0)
-                bwd[key].append(t2 - t1)
+    for pooler in poolers.values():  # checked once, untimed
+        pooled = pooler(feats, boxes)
+        assert pooled.shape == (per_image * args.images, args.channels, args.resolution, args.resolution)
+        assert all(torch.isfinite(g).all() for g in torch.autograd.grad(pooled.sum(), feats))
+
+    # Each variant's forward, then its backward through that output, are two steps of the round.
+    out = {}
+    steps = {}
+    for key, pooler in poolers.items():
+        steps[key + ("forward",)] = lambda _, pooler=pooler: out.update(y=pooler(feats, boxes))
+        steps[key + ("backward",)] = lambda _: torch.autograd.grad(out.pop("y").sum(), feats)
+    times = time_round_robin(steps, args.warmup, args.repeats, device)
+    fwd = {key: times[key + ("forward",)] for key in poolers}
+    bwd = {key: times[key + ("backward",)] for key in poolers}
     ref = ("ROIAlignV2", "avg")
     rows = []
     for key in poolers:

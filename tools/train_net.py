@@ -4,47 +4,17 @@ seg2 training script: Mask R-CNN, semantic and multi-task models on seg2's datas
 
     python tools/train_net.py --config-file configs/quickstart/mask_rcnn_R18_FPN_shapes_cpu.yaml
     python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
+
+The trainer and the setup are :mod:`seg2.engine`'s, for scripts of your own to reuse.
 """
 
-import os
 import sys
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
-from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
+from detectron2.engine import default_argument_parser, launch
 
 import seg2
-from seg2.data import MultiTaskDatasetMapper, check_dataset_names
-from seg2.evaluation import build_evaluator
-
-
-class Trainer(DefaultTrainer):
-    """DefaultTrainer with seg2's mapper (instances and label maps) and evaluator choice."""
-
-    @classmethod
-    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return build_evaluator(cfg, dataset_name, output_folder)
-
-    @classmethod
-    def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=MultiTaskDatasetMapper(cfg, True))
-
-    @classmethod
-    def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(cfg, dataset_name, mapper=MultiTaskDatasetMapper(cfg, False))
-
-
-def setup(args):
-    cfg = seg2.load_seg2_config(args.config_file, args.opts)
-    cfg.freeze()
-    default_setup(cfg, args)
-    # default_setup configures detectron2's loggers only; seg2's go to the same console and log file.
-    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="seg2")
-    check_dataset_names(cfg)
-    return cfg
+from seg2.engine import Trainer, setup
 
 
 def main(args):

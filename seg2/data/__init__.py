@@ -11,18 +11,12 @@ from .builtin import (
     register_all_voc_2012,
     register_seg2_shapes,
 )
-from .catalog import check_dataset_names
-from .coco import (
-    check_coco_json,
-    coco_sem_seg_map,
-    generate_coco_sem_seg,
-    load_coco_sem_seg,
-    load_coco_with_sem_seg,
-    register_coco_sem_seg,
-    register_coco_with_sem_seg,
-)
+from .catalog import check_dataset_names, register_dataset
+from .coco import load_coco_sem_seg, load_coco_with_sem_seg, register_coco_sem_seg, register_coco_with_sem_seg
+from .coco_json import check_coco_json
 from .dataset_mapper import MultiTaskDatasetMapper
 from .label_map import check_label_values, read_label_map, read_sem_seg, write_label_map
+from .sem_seg_cache import coco_sem_seg_map, generate_coco_sem_seg
 from .shapes import SHAPES_CLASSES, default_shapes_root, generate_shapes
 from .voc import (
     VOC_CLASSES,
@@ -61,6 +55,7 @@ __all__ = [
     "register_all_voc_2012",
     "register_coco_sem_seg",
     "register_coco_with_sem_seg",
+    "register_dataset",
     "register_seg2_shapes",
     "register_voc_instances",
     "register_voc_sem_seg",

@@ -1,6 +1,8 @@
-"""Checks of the dataset names a config asks for, before anything is built from them."""
+"""Dataset names: registering one (again), and checking the names a config asks for before
+anything is built from them."""
 
 import difflib
+from typing import Callable, List, Optional
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
@@ -25,13 +27,29 @@ def check_dataset_names(cfg):
                 )
 
 
-def register_dataset(name: str, loader, metadata: dict):
+def register_dataset(name: str, loader: Callable[[], List[dict]], metadata: Optional[dict] = None) -> str:
     """
-    Register ``loader`` under ``name`` with ``metadata``, replacing an earlier registration of
-    that name (detectron2's catalogs refuse to register a name twice).
+    Register ``loader`` in detectron2's ``DatasetCatalog`` under ``name`` and set ``metadata``
+    on its ``MetadataCatalog`` entry, replacing an earlier registration of that name with both
+    its records and its metadata (detectron2's catalogs refuse a name twice, and an old
+    ``thing_classes`` would clash with a new one). seg2's ``register_*`` functions use it; so can
+    yours, e.g. to point a built-in name at another folder or to register records made in code::
+
+        register_dataset("my_val", lambda: records, {"stuff_classes": ["bg", "road"], "ignore_label": 255})
+
+    Args:
+        name (str): the dataset name, as ``DATASETS.TRAIN`` / ``DATASETS.TEST`` give it.
+        loader (callable): returns the list of detectron2 dataset dicts; called on first use,
+            not here.
+        metadata (dict or None): metadata keys (``thing_classes``, ``stuff_classes``,
+            ``ignore_label``, ``evaluator_type``, ``json_file`` ...).
+
+    Returns:
+        str: ``name``.
     """
     if name in DatasetCatalog.list():
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
     DatasetCatalog.register(name, loader)
-    MetadataCatalog.get(name).set(**metadata)
+    MetadataCatalog.get(name).set(**(metadata or {}))
+    return name

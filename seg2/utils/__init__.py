@@ -1,4 +1,5 @@
-"""Small helpers shared across seg2."""
+"""Helpers shared across seg2: the user-facing error here; timing and peak memory of benchmarks
+in :mod:`seg2.utils.benchmark`."""
 
 
 class Seg2Error(RuntimeError):

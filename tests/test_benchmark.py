@@ -1,0 +1,88 @@
+"""Timing and memory helpers (seg2.utils.benchmark) and the model benchmarks of tools/benchmark.py
+(seg2.engine.benchmark, seg2.inference.benchmark)."""
+
+import os
+import time
+
+import numpy as np
+import pytest
+from seg2_model_helpers import tiny_semantic_cfg
+
+from seg2.data import SHAPES_CLASSES, register_coco_with_sem_seg
+from seg2.engine.benchmark import benchmark_train
+from seg2.inference.benchmark import benchmark_tiling
+from seg2.utils.benchmark import PeakMemory, rss_mb, time_iterations, time_round_robin, timed
+
+
+def test_peak_memory_sees_a_freed_allocation():
+    with PeakMemory("cpu") as mem:
+        a = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB, touched
+        del a
+    if not mem.method.startswith("VmHWM"):
+        pytest.skip(f"peak RSS cannot be reset here ({mem.method})")
+    assert mem.peak_bytes - mem.start_bytes >= 60 * 2**20
+    with PeakMemory("cpu") as small:
+        np.ones(2**20, dtype=np.uint8)
+    assert small.peak_bytes - small.start_bytes < 40 * 2**20  # the reset forgot the 64 MiB
+
+
+def test_rss_counts_touched_memory():
+    before = rss_mb()
+    if before != before:
+        pytest.skip("no /proc/self/status here")
+    a = np.ones(64 * 2**20, dtype=np.uint8)
+    assert rss_mb() - before >= 60
+    del a
+
+
+def test_timed_returns_the_result_and_the_wall_time():
+    result, seconds = timed(lambda: time.sleep(0.02) or 7)
+    assert result == 7 and 0.02 <= seconds < 1.0
+
+
+def test_time_iterations_counts_warmup_and_timed_calls():
+    calls = []
+    r = time_iterations(calls.append, warmup=2, iters=3)
+    assert calls == [0, 1, 2, 3, 4]
+    assert r["iters"] == 3 and r["seconds"] >= 0 and r["per_second"] > 0 and r["peak_mb"] > 0
+
+
+def test_time_round_robin_interleaves_the_steps_and_drops_warmup_rounds():
+    calls = []
+    steps = {
+        "fast": lambda i: calls.append(("fast", i)),
+        "slow": lambda i: calls.append(("slow", i)) or time.sleep(0.01),
+    }
+    times = time_round_robin(steps, warmup=1, repeats=2)
+    assert calls == [("fast", 0), ("slow", 0), ("fast", 1), ("slow", 1), ("fast", 2), ("slow", 2)]
+    assert list(times) == ["fast", "slow"] and all(len(t) == 2 for t in times.values())
+    assert min(times["slow"]) >= 0.01 > max(times["fast"])
+
+
+def test_benchmark_train_times_the_trainers_model_and_loader(tiny_shapes_root):
+    name = "seg2_test_benchmark_train"
+    register_coco_with_sem_seg(
+        name,
+        os.path.join(tiny_shapes_root, "coco", "annotations", "instances_train.json"),
+        os.path.join(tiny_shapes_root, "coco", "train"),
+        os.path.join(tiny_shapes_root, "VOC2012", "SegmentationClass"),
+        thing_classes=SHAPES_CLASSES,
+    )
+    cfg = tiny_semantic_cfg("UNetHead", "unet_same")
+    cfg.DATASETS.TRAIN = (name,)
+    cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_WORKERS = 2, 0
+    cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.CROP.ENABLED = (64,), 64, False
+    r = benchmark_train(cfg, warmup=1, iters=2)
+    assert r["iters"] == 2 and r["images_per_iter"] == 2
+    assert r["seconds"] > 0 and r["seconds_per_iter"] > 0 and r["peak_mb"] >= r["start_mb"] > 0
+
+
+def test_benchmark_tiling_rows():
+    cfg = tiny_semantic_cfg("UNetHead", "unet_same")
+    cfg.SEG2.TILING.TILE_SIZE, cfg.SEG2.TILING.STRIDE, cfg.SEG2.TILING.BATCH_SIZE = 32, 32, 2
+    rows = benchmark_tiling(cfg, sizes=[48, 64], whole_max_size=48)
+    assert [(r["size"], r["mode"], r["tiles"]) for r in rows] == [
+        (48, "tiled_labels", 4), (48, "tiled_logits", 4), (48, "whole", 1),
+        (64, "tiled_labels", 4), (64, "tiled_logits", 4),
+    ]
+    assert all(r["seconds_per_iter"] > 0 and r["peak_mb"] >= r["start_mb"] > 0 for r in rows)
