@@ -11,12 +11,24 @@ from .builtin import (
     register_all_voc_2012,
     register_seg2_shapes,
 )
+from .camvid import (
+    CAMVID_CLASSES,
+    CAMVID_COLORS,
+    CAMVID_SPLITS,
+    CAMVID_VOID_LABEL,
+    camvid_metadata,
+    load_camvid,
+    register_all_camvid,
+    register_camvid,
+)
 from .catalog import check_dataset_names, register_dataset
 from .coco import load_coco_sem_seg, load_coco_with_sem_seg, register_coco_sem_seg, register_coco_with_sem_seg
 from .coco_json import check_coco_json
 from .dataset_mapper import MultiTaskDatasetMapper
 from .label_map import check_label_values, read_label_map, read_sem_seg, write_label_map
+from .label_map import IGNORE_LABEL, sem_seg_format
 from .sem_seg_cache import coco_sem_seg_map, generate_coco_sem_seg
+from .sem_seg_folder import load_sem_seg_folder, register_sem_seg_folder
 from .shapes import SHAPES_CLASSES, default_shapes_root, generate_shapes
 from .voc import (
     VOC_CLASSES,
@@ -29,6 +41,18 @@ from .voc import (
 )
 
 __all__ = [
+    "CAMVID_CLASSES",
+    "CAMVID_COLORS",
+    "CAMVID_SPLITS",
+    "CAMVID_VOID_LABEL",
+    "IGNORE_LABEL",
+    "camvid_metadata",
+    "load_camvid",
+    "load_sem_seg_folder",
+    "register_all_camvid",
+    "register_camvid",
+    "register_sem_seg_folder",
+    "sem_seg_format",
     "COCO_2017_SEM_SEG_SPLITS",
     "SHAPES_CLASSES",
     "SHAPES_DATASETS",

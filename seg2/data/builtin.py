@@ -166,3 +166,7 @@ register_seg2_shapes()
 _root = os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
 register_all_voc_2012(_root)
 register_all_coco_2017_sem_seg(_root)
+
+from .camvid import register_all_camvid  # noqa: E402
+
+register_all_camvid(_root)

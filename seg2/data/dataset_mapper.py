@@ -14,7 +14,7 @@ from detectron2.data import transforms as T
 from detectron2.utils.logger import log_first_n
 
 from ..utils import Seg2Error
-from .label_map import check_label_values, read_label_map
+from .label_map import check_label_values, read_sem_seg
 
 __all__ = ["MultiTaskDatasetMapper", "CategoryAreaConstrainedCrop", "check_ignore_value"]
 
@@ -158,8 +158,9 @@ class MultiTaskDatasetMapper(DatasetMapper):
             self._resolved_num_classes = next(iter(counts.values()))
         return self._resolved_num_classes
 
-    def _read_sem_seg(self, path: str, image: np.ndarray, image_file: str) -> np.ndarray:
-        sem_seg = read_label_map(path)
+    def _read_sem_seg(self, record: dict, image: np.ndarray, image_file: str) -> np.ndarray:
+        path = record["sem_seg_file_name"]
+        sem_seg = read_sem_seg(record)
         if sem_seg.shape != image.shape[:2]:
             raise Seg2Error(
                 f"{path}: label map is {sem_seg.shape[1]}x{sem_seg.shape[0]} (WxH) but its image "
@@ -183,9 +184,10 @@ class MultiTaskDatasetMapper(DatasetMapper):
         orig_shape = image.shape[:2]
 
         sem_seg_gt = None
-        sem_seg_file = dataset_dict.pop("sem_seg_file_name", None)
-        if sem_seg_file is not None and self.is_train:
-            sem_seg_gt = self._read_sem_seg(sem_seg_file, image, dataset_dict["file_name"])
+        if "sem_seg_file_name" in dataset_dict and self.is_train:
+            sem_seg_gt = self._read_sem_seg(dataset_dict, image, dataset_dict["file_name"])
+        dataset_dict.pop("sem_seg_file_name", None)
+        dataset_dict.pop("sem_seg_format", None)
 
         aug_input = T.AugInput(image, sem_seg=sem_seg_gt)
         transforms = self.augmentations(aug_input)

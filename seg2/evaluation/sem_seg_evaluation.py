@@ -29,7 +29,7 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
 
-from ..data.label_map import read_label_map
+from ..data.label_map import read_sem_seg
 from ..utils import Seg2Error
 from .plots import plot_confusion_matrix, plot_per_class_iou
 
@@ -208,7 +208,7 @@ class MIoUEvaluator(DatasetEvaluator):
     ``torch.bincount`` on the prediction's device and summed over processes.
 
     Ground truth: the label map ``sem_seg_file_name`` of the dataset record whose ``file_name`` is
-    the input's, read with :func:`seg2.data.read_label_map` (palette PNGs give class indices).
+    the input's, read with :func:`seg2.data.read_sem_seg` (palette PNGs give class indices; the record's ``sem_seg_format`` decodes RGB masks and void values).
 
     Bad input is an error, never a number: predictions of another size than the ground truth
     (ValueError), a label map holding ids that are neither a class nor the ignore label
@@ -259,7 +259,10 @@ class MIoUEvaluator(DatasetEvaluator):
                 f"dataset {dataset_name!r}: {len(missing)} of {len(records)} records have no "
                 f"'sem_seg_file_name' (first: {missing[0]}); mIoU needs a label map per image"
             )
-        self._gt_files = {r["file_name"]: r["sem_seg_file_name"] for r in records}
+        # What read_sem_seg needs of each record (not the whole record: COCO's carry instances).
+        self._gt_records = {
+            r["file_name"]: {k: r[k] for k in ("sem_seg_file_name", "sem_seg_format") if k in r} for r in records
+        }
 
         meta = MetadataCatalog.get(dataset_name)
         if not meta.get("stuff_classes"):
@@ -286,13 +289,13 @@ class MIoUEvaluator(DatasetEvaluator):
 
     def _ground_truth(self, file_name: str) -> np.ndarray:
         try:
-            path = self._gt_files[file_name]
+            record = self._gt_records[file_name]
         except KeyError:
             raise Seg2Error(
                 f"image {file_name} is not a record of dataset {self._dataset_name!r}: no ground truth to "
                 "evaluate it against (inputs must carry the records' 'file_name')"
             ) from None
-        return read_label_map(path), path
+        return read_sem_seg(record), record["sem_seg_file_name"]
 
     def _check_logits(self, logits, file_name):
         if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
