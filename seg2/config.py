@@ -131,6 +131,23 @@ def _add_modeling_config(cfg):
     cfg.MODEL.SEGNET_HEAD.NUM_CONVS = [3, 3, 3, 2, 2]  # per decoder stage, deepest first (VGG16)
     cfg.MODEL.SEGNET_HEAD.CLASSIFIER_KERNEL = 3
     cfg.MODEL.SEGNET_HEAD.NORM = "BN"
+    # SegNet-Basic's decoder: KERNEL_SIZE 7, no ReLU after the decoder convs, and a separate
+    # classifier (CLASSIFIER_KERNEL) after the last stage's convs instead of its last conv being it.
+    cfg.MODEL.SEGNET_HEAD.KERNEL_SIZE = 3
+    cfg.MODEL.SEGNET_HEAD.DECODER_RELU = True
+    cfg.MODEL.SEGNET_HEAD.SEPARATE_CLASSIFIER = False
+    # "none", or "add": after up-sampling into a stage, add that stage's encoder features (FCN-Basic
+    # of the SegNet paper, with UPSAMPLE "deconv"); a 1x1 conv matches channels where they differ.
+    cfg.MODEL.SEGNET_HEAD.SKIP = "none"
+    # The SegNet-Basic encoder (build_segnet_basic_backbone): input LRN, NUM_STAGES x [conv
+    # KERNEL_SIZE x KERNEL_SIZE, CHANNELS + NORM + ReLU + 2x2 max-pool with indices].
+    cfg.MODEL.SEGNET_BASIC = CN()
+    cfg.MODEL.SEGNET_BASIC.CHANNELS = 64
+    cfg.MODEL.SEGNET_BASIC.KERNEL_SIZE = 7
+    cfg.MODEL.SEGNET_BASIC.NUM_STAGES = 4
+    cfg.MODEL.SEGNET_BASIC.INPUT_LRN = True
+    cfg.MODEL.SEGNET_BASIC.NORM = "BN"
+    cfg.MODEL.SEGNET_BASIC.OUT_FEATURES = []  # [] for all
     cfg.MODEL.DEEPLAB_HEAD = CN()
     cfg.MODEL.DEEPLAB_HEAD.UPSAMPLE = "bilinear"  # Seg2DeepLabV3PlusHead
     # Seg2MultiTaskRCNN: weight of the RPN + RoI-head losses (the semantic loss is weighted by

@@ -2,10 +2,19 @@
 
 from typing import Dict
 
+from .segnet_basic import SegNetBasicEncoder, build_segnet_basic_backbone
 from .unet_encoder import UNetEncoder, build_unet_encoder_backbone
 from .vgg import VGG, build_vgg_backbone, vgg_feature_offsets
 
-__all__ = ["VGG", "UNetEncoder", "build_vgg_backbone", "build_unet_encoder_backbone", "feature_offsets"]
+__all__ = [
+    "VGG",
+    "UNetEncoder",
+    "SegNetBasicEncoder",
+    "build_vgg_backbone",
+    "build_unet_encoder_backbone",
+    "build_segnet_basic_backbone",
+    "feature_offsets",
+]
 
 
 def feature_offsets(cfg, input_shape) -> Dict[str, float]:

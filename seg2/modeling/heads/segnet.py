@@ -16,6 +16,7 @@ from .common import BaseSemSegHead, check_upsample_mode, final_upsample, sorted_
 __all__ = ["SegNetHead"]
 
 INDICES_SUFFIX = "_indices"
+SKIP_MODES = ("none", "add")
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
@@ -24,6 +25,12 @@ class SegNetHead(BaseSemSegHead):
     The decoder of SegNet (Badrinarayanan et al., TPAMI 2017): per encoder stage, deepest first,
     max-unpooling with that stage's pooling indices, then 3x3 conv + BN + ReLU layers mirroring
     the stage; the last conv of the last stage is the classifier.
+
+    SegNet-Basic and the paper's decoder variants are settings: ``kernel_size=7``,
+    ``decoder_relu=False`` and ``separate_classifier=True`` (a 1x1 classifier after the last
+    stage) give SegNet-Basic's decoder; ``upsample="deconv"`` with ``skip="add"`` gives
+    FCN-Basic (learned up-sampling, encoder features added); ``upsample="bilinear"`` the fixed
+    bilinear decoder.
 
     ``IN_FEATURES`` lists the encoder stages (e.g. VGG's ``conv1`` ... ``conv5``, whose sizes
     and channels the decoder mirrors), the decoder input (``pool5``) and, for "unpool", the
@@ -41,6 +48,10 @@ class SegNetHead(BaseSemSegHead):
         upsample: str = "unpool",
         norm: str = "BN",
         classifier_kernel: int = 3,
+        kernel_size: int = 3,
+        decoder_relu: bool = True,
+        separate_classifier: bool = False,
+        skip: str = "none",
         **kwargs,
     ):
         """
@@ -53,6 +64,12 @@ class SegNetHead(BaseSemSegHead):
             upsample (str): up-sampling mode; "unpool" is SegNet's.
             norm (str): normalization after each decoder conv but the classifier ("BN").
             classifier_kernel (int): 1 or 3, the classifier's kernel.
+            kernel_size (int): kernel of the other decoder convs (SegNet: 3, SegNet-Basic: 7).
+            decoder_relu (bool): ReLU after each decoder conv's norm (SegNet-Basic: none).
+            separate_classifier (bool): a classifier conv after the last stage's convs, which
+                then keep the stage's channels (SegNet-Basic), instead of the last conv being it.
+            skip (str): "none", or "add" the stage's encoder features after up-sampling into it
+                (FCN-Basic; a 1x1 conv matches the channels where they differ).
             kwargs: ``ignore_value``, ``loss_weight``, ``loss``: see :class:`BaseSemSegHead`.
         """
         super().__init__(num_classes=num_classes, **kwargs)
@@ -60,10 +77,13 @@ class SegNetHead(BaseSemSegHead):
         indices = {input_shape[f].stride: f for f in input_shape if f.endswith(INDICES_SUFFIX)}
         self.in_features = maps
         self.decoder_input, stages = maps[-1], maps[:-1][::-1]  # stages deepest first
+        if skip not in SKIP_MODES:
+            raise ValueError(f"skip must be one of {SKIP_MODES}, got {skip!r}")
         if len(num_convs) != len(stages):
             raise ValueError(f"{len(stages)} decoder stages ({stages}) need {len(stages)} conv counts, got {list(num_convs)}")
         self.stages, self.up, self.indices_of = stages, nn.ModuleDict(), {}
-        self.decoder = nn.ModuleDict()
+        self.decoder, self.skip = nn.ModuleDict(), nn.ModuleDict() if skip == "add" else None
+        activation = F.relu if decoder_relu else None
         cur, stride = input_shape[self.decoder_input].channels, input_shape[self.decoder_input].stride
         for i, f in enumerate(stages):
             c = input_shape[f].channels
@@ -73,21 +93,35 @@ class SegNetHead(BaseSemSegHead):
                     raise ValueError(f"'unpool' into {f!r} needs pooling indices at stride {stride}; got {indices}")
                 self.indices_of[f] = indices[stride]
             self.up[f] = Upsample(upsample, factor, cur)
+            if self.skip is not None:
+                self.skip[f] = nn.Identity() if c == cur else Conv2d(c, cur, kernel_size=1)
             last_stage = i == len(stages) - 1
-            out = num_classes if last_stage else input_shape[stages[i + 1]].channels
+            classifier_here = last_stage and not separate_classifier
+            out = num_classes if classifier_here else (c if last_stage else input_shape[stages[i + 1]].channels)
             layers = []
             for j in range(num_convs[i]):
                 cin = cur if j == 0 else c
-                if j == num_convs[i] - 1 and last_stage:  # the classifier
-                    conv = Conv2d(cin, out, classifier_kernel, padding=classifier_kernel // 2)
-                else:
-                    cout = out if j == num_convs[i] - 1 else c
-                    conv = Conv2d(cin, cout, 3, padding=1, bias=True, norm=get_norm(norm, cout), activation=F.relu)
+                if j == num_convs[i] - 1 and classifier_here:
+                    layers.append(self._classifier(cin, num_classes, classifier_kernel))
+                    continue
+                cout = out if j == num_convs[i] - 1 else c
+                conv = Conv2d(
+                    cin, cout, kernel_size, padding=kernel_size // 2, bias=True,
+                    norm=get_norm(norm, cout), activation=activation,
+                )
                 weight_init.c2_msra_fill(conv)
                 layers.append(conv)
+            if last_stage and separate_classifier:
+                layers.append(self._classifier(out, num_classes, classifier_kernel))
             self.decoder[f] = nn.Sequential(*layers)
-            cur, stride = out, input_shape[f].stride
+            cur, stride = (num_classes if last_stage else out), input_shape[f].stride
         self.final_up = final_upsample(upsample, stride, num_classes)
+
+    @staticmethod
+    def _classifier(in_channels, num_classes, kernel):
+        conv = Conv2d(in_channels, num_classes, kernel, padding=kernel // 2)
+        weight_init.c2_msra_fill(conv)
+        return conv
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -113,6 +147,10 @@ class SegNetHead(BaseSemSegHead):
             raise Seg2Error(
                 f"MODEL.SEGNET_HEAD.NUM_CONVS={list(head.NUM_CONVS)}: {key} gives {len(maps) - 1} decoder stages"
             )
+        if head.SKIP not in SKIP_MODES:
+            raise Seg2Error(f"MODEL.SEGNET_HEAD.SKIP={head.SKIP!r}: must be one of {SKIP_MODES}")
+        if head.KERNEL_SIZE % 2 != 1:
+            raise Seg2Error(f"MODEL.SEGNET_HEAD.KERNEL_SIZE={head.KERNEL_SIZE}: must be odd")
         ret = super().from_config(cfg, input_shape)
         ret.update(
             input_shape=shapes,
@@ -120,6 +158,10 @@ class SegNetHead(BaseSemSegHead):
             upsample=mode,
             norm=head.NORM,
             classifier_kernel=head.CLASSIFIER_KERNEL,
+            kernel_size=head.KERNEL_SIZE,
+            decoder_relu=head.DECODER_RELU,
+            separate_classifier=head.SEPARATE_CLASSIFIER,
+            skip=head.SKIP,
         )
         return ret
 
@@ -129,5 +171,7 @@ class SegNetHead(BaseSemSegHead):
         for f in self.stages:
             indices = features[self.indices_of[f]] if f in self.indices_of else None
             x = self.up[f](x, output_size=features[f].shape[-2:], indices=indices)
+            if self.skip is not None:
+                x = x + self.skip[f](features[f])
             x = self.decoder[f](x)
         return self.final_up(x)
