@@ -129,29 +129,22 @@ def test_c4_rejects_a_mask_aggregation_it_cannot_use():
         build_roi_heads(cfg, {"res4": ShapeSpec(channels=256, stride=16)})
 
 
-def _ablate_poolers_tool():
-    import importlib.util
-
-    path = os.path.join(REPO_ROOT, "tools", "ablate_poolers.py")
-    spec = importlib.util.spec_from_file_location("ablate_poolers", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_ablation_tool_refuses_variants_trained_differently(tmp_path):
-    tool = _ablate_poolers_tool()
+    from seg2.engine import ablation as tool
+
     pool, align = SHAPES_CONFIGS[3], SHAPES_CONFIGS[0]  # roipool, roialign_avg
     same = {n: tool.variant_cfg(p, [], str(tmp_path), seed=1) for n, p in (("pool", pool), ("align", align))}
+    assert tool.detect_study(same) == "poolers"
     tool.check_same_protocol(same)  # only pooler keys differ
-    assert same["pool"].OUTPUT_DIR == os.path.join(str(tmp_path), os.path.basename(pool)[:-5])
+    assert same["pool"].OUTPUT_DIR == os.path.join(str(tmp_path), os.path.basename(pool)[:-5], "seed1")
     other = dict(same, align=tool.variant_cfg(align, ["SOLVER.MAX_ITER", "10"], str(tmp_path), seed=1))
     with pytest.raises(seg2.Seg2Error, match=r"SOLVER.MAX_ITER: 10 vs 300"):
         tool.check_same_protocol(other)
 
 
 def test_ablation_tool_reads_the_last_session_of_a_resumed_run(tmp_path):
-    tool = _ablate_poolers_tool()
+    from seg2.engine import ablation as tool
+
     # a first session stopped at iteration 59; the restart from scratch reached 99
     records = [(19, 9.0), (39, 9.0), (59, 9.0), (19, 1.0), (39, 2.0), (59, 3.0), (79, 4.0), (99, 5.0)]
     with open(tmp_path / "metrics.json", "w") as f:

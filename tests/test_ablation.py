@@ -1,0 +1,107 @@
+"""The ablation tool (seg2.engine.ablation, tools/ablate.py): per-seed runs, mean ± std, the
+paper's ordering, the protocol check, resume, and both studies end to end on tiny data."""
+
+import json
+import os
+import statistics
+
+import pytest
+import torch
+
+import seg2
+from seg2.data import register_coco_with_sem_seg
+from seg2.engine import ablation
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+POOLER_DIR = os.path.join(REPO_ROOT, "configs", "pooler_ablation")
+TINY_OPTS = [
+    "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64", "INPUT.MIN_SIZE_TEST", "64",
+    "INPUT.MAX_SIZE_TEST", "64", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2", "SOLVER.WARMUP_ITERS", "0",
+    "SOLVER.CHECKPOINT_PERIOD", "1000", "DATALOADER.NUM_WORKERS", "0", "TEST.EVAL_PERIOD", "0",
+    "DATASETS.TRAIN", "('abl_tiny_train',)", "DATASETS.TEST", "('abl_tiny_val',)",
+]  # fmt: skip
+
+
+def _row(variant, seed, ptype, ap, ap50, ap75, status="finished"):
+    return {"variant": variant, "seed": seed, "status": status, "pooler_type": ptype, "aggregation": "avg",
+            "mask_AP": ap, "mask_AP50": ap50, "mask_AP75": ap75, "box_AP": ap,
+            "train_s_per_iter": 1.0, "inference_s_per_image": 0.1}  # fmt: skip
+
+
+def test_mean_std_and_the_papers_ordering_by_hand():
+    rows = [
+        _row("align", 1, "ROIAlign", 60.0, 90.0, 70.0), _row("align", 2, "ROIAlign", 58.0, 88.0, 66.0),
+        _row("pool", 1, "ROIPool", 50.0, 89.0, 60.0), _row("pool", 2, "ROIPool", 59.0, 87.0, 61.0),
+        _row("pool", 3, "ROIPool", float("nan"), float("nan"), float("nan"), status="diverged at iteration 7"),
+        _row("align", 3, "ROIAlign", 61.0, 90.0, 72.0),
+    ]  # fmt: skip
+    aggs = {a["variant"]: a for a in ablation.aggregate(rows, "poolers")}
+    # align: mask AP 60, 58, 61 -> mean 59.667, sample std sqrt(((.333)^2 + (1.667)^2 + (1.333)^2) / 2) = 1.528
+    assert aggs["align"]["mask_AP"] == pytest.approx(59.6667, abs=1e-4)
+    assert aggs["align"]["mask_AP_std"] == pytest.approx(1.5275, abs=1e-4)
+    # pool: the diverged seed is left out: 50, 59 -> mean 54.5, std 6.364; n = 2 of 3 runs
+    assert (aggs["pool"]["n"], aggs["pool"]["runs"]) == (2, 3)
+    assert aggs["pool"]["mask_AP"] == 54.5 and aggs["pool"]["mask_AP_std"] == pytest.approx(statistics.stdev([50, 59]))
+    verdict = ablation.pooler_ordering(rows)
+    # seed 1: 60 > 50 holds; seed 2: 58 < 59 fails; seed 3: the RoIPool run diverged, nothing to compare
+    assert (verdict["holds_in_seeds"], verdict["seeds"]) == (1, 3)
+    # mean gaps: AP 59.667 - 54.5 = 5.167; AP50 89.333 - 88 = 1.333; AP75 69.333 - 60.5 = 8.833
+    assert verdict["gaps"]["mask_AP75"] == pytest.approx(8.8333, abs=1e-4) and verdict["largest_gap_at_AP75"]
+    table = ablation.markdown_table(list(aggs.values()), "poolers")
+    assert "| align | 3/3 | ROIAlign | avg | 59.7 ± 1.5 |" in table and "| pool | 2/3 |" in table
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tiny_shapes_root):
+    coco = os.path.join(tiny_shapes_root, "coco")
+    for split in ("train", "val"):
+        register_coco_with_sem_seg(
+            f"abl_tiny_{split}",
+            os.path.join(coco, "annotations", f"instances_{split}.json"),
+            os.path.join(coco, split),
+            os.path.join(tiny_shapes_root, "VOC2012", "SegmentationClass"),
+            thing_classes=seg2.data.SHAPES_CLASSES,
+        )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_pooler_study_two_seeds_end_to_end_and_resume(tiny_data, tmp_path):
+    configs = [os.path.join(POOLER_DIR, f"mask_rcnn_{v}_R18_FPN_shapes_cpu.yaml") for v in ("roipool", "roialign_avg")]
+    opts = TINY_OPTS + ["MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "32"]
+    rows = ablation.run_ablation(configs, [1, 2], str(tmp_path), opts, command="test")
+    assert [(r["variant"][10:-19], r["seed"]) for r in rows] == [
+        ("roipool", 1), ("roialign_avg", 1), ("roipool", 2), ("roialign_avg", 2)
+    ]  # fmt: skip
+    assert all(r["status"] == "finished" and 0.0 <= r["mask_AP"] <= 100.0 for r in rows)
+    report = json.loads((tmp_path / "ablation.json").read_text())
+    assert report["study"] == "poolers" and [a["n"] for a in report["variants"]] == [2, 2]
+    assert (tmp_path / "ablation.md").read_text().count("2/2") == 2 and (tmp_path / "ablation.png").exists()
+    # A second run reads every finished (variant, seed) back instead of training again.
+    marker = tmp_path / configs[0].split("/")[-1][:-5] / "seed1" / ablation.RESULT_FILE
+    saved = json.loads(marker.read_text())
+    saved["mask_AP"] = 12.5
+    marker.write_text(json.dumps(saved))
+    again = ablation.run_ablation(configs, [1, 2], str(tmp_path), opts, command="test")
+    key = lambda r: (r["variant"], r["seed"], r["mask_AP"], r["box_AP"], r["inference_s_per_image"])  # noqa: E731
+    assert again[0]["mask_AP"] == 12.5 and [key(r) for r in again[1:]] == [key(r) for r in rows[1:]]
+
+
+def test_decoder_study_reports_accuracies_and_refuses_other_keys(tiny_data, tmp_path):
+    base = os.path.join(REPO_ROOT, "configs", "quickstart", "unet_tiny_shapes_cpu.yaml")
+    configs = []
+    for mode in ("deconv", "bilinear"):
+        path = tmp_path / f"unet_{mode}.yaml"
+        path.write_text(f'_BASE_: "{base}"\nMODEL:\n  UNET_HEAD:\n    UPSAMPLE: "{mode}"\n')
+        configs.append(str(path))
+    rows = ablation.run_ablation(configs, [1], str(tmp_path / "out"), TINY_OPTS, command="test")
+    assert all(r["status"] == "finished" for r in rows)
+    for r in rows:  # percent, from MIoUEvaluator's sem_seg results
+        assert 0.0 <= r["mIoU"] <= r["global_acc"] <= 100.0 and 0.0 <= r["class_avg_acc"] <= 100.0
+    assert "global_acc" in (tmp_path / "out" / "ablation.md").read_text()
+    other = tmp_path / "unet_lr.yaml"
+    other.write_text(f'_BASE_: "{configs[0]}"\nSOLVER:\n  BASE_LR: 0.5\n')
+    with pytest.raises(seg2.Seg2Error, match=r"differ in more than the decoders study varies: SOLVER.BASE_LR"):
+        ablation.run_ablation([configs[0], str(other)], [1], str(tmp_path / "bad"), TINY_OPTS, command="test")

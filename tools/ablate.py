@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""
+Ablation studies (seg2.engine.ablation): train and evaluate every config variant under one
+protocol, over several seeds, and report mean ± std per variant.
+
+    # the Mask R-CNN RoI pooler ablation on seg2_shapes, CPU, 5 seeds (6 variants)
+    OMP_NUM_THREADS=1 python3 tools/ablate.py --configs 'configs/pooler_ablation/mask_rcnn_*_R18_FPN_shapes_cpu.yaml' \\
+        --seeds 1 2 3 4 5 --output-dir output/pooler_ablation_shapes
+    # COCO, R50-C4 as in the paper (8 GPUs)
+    python3 tools/ablate.py --num-gpus 8 --configs 'configs/pooler_ablation/mask_rcnn_*_R50_C4_1x_coco.yaml' \\
+        --output-dir output/pooler_ablation_c4
+    # SegNet-Basic and its decoder variants on CamVid (the SegNet paper's Table 1), one GPU
+    python3 tools/ablate.py --configs 'configs/camvid/*-basic_10k_camvid.yaml' --seeds 1 2 3 \\
+        --output-dir output/camvid_decoders DATASETS.TEST "('camvid_test',)"
+
+Trailing KEY VALUE pairs apply to every variant. The study (which keys may differ between the
+variants, which metrics to report) is chosen from the configs (--study auto) or named. Running the
+same command again resumes: finished runs are read back, an unfinished one resumes from its last
+checkpoint. Outputs in --output-dir: ablation.md, ablation.json, ablation.png.
+"""
+
+import argparse
+import glob
+import os
+import sys
+
+from detectron2.engine import launch
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+import seg2
+from seg2.engine.ablation import STUDIES, run_ablation
+
+
+def main(args):
+    for name in ("detectron2", "seg2"):
+        setup_logger(os.path.join(args.output_dir, "log.txt"), distributed_rank=comm.get_rank(), name=name)
+    configs = []
+    for pattern in args.configs:
+        matches = sorted(glob.glob(pattern))
+        if not matches:
+            raise seg2.Seg2Error(f"--configs {pattern}: no such config file")
+        configs += matches
+    command = " ".join(["python3"] + sys.argv)
+    run_ablation(configs, args.seeds, args.output_dir, args.opts, study=args.study, command=command)
+
+
+def parse_args(argv=None, default_configs=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--configs", action="append", required=default_configs is None,
+        help="a variant config or a quoted glob of them; repeatable",
+    )  # fmt: skip
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="SEED values; every variant runs each")
+    parser.add_argument("--study", default="auto", choices=["auto"] + sorted(STUDIES))
+    parser.add_argument("--output-dir", required=default_configs is None, default=None)
+    parser.add_argument("--num-gpus", type=int, default=1)
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE pairs applied to every variant")
+    args = parser.parse_args(argv)
+    args.configs = args.configs or default_configs
+    return args
+
+
+def invoke_main(args=None):
+    args = args or parse_args()
+    os.makedirs(args.output_dir, exist_ok=True)
+    try:
+        launch(main, args.num_gpus, args=(args,))
+    except seg2.Seg2Error as e:
+        sys.exit(f"seg2: error: {e}")
+
+
+if __name__ == "__main__":
+    invoke_main()
