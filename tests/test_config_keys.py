@@ -108,3 +108,17 @@ def test_unknown_head_names_the_registry():
     cfg.MODEL.SEM_SEG_HEAD.NAME = "NoSuchHead"
     with pytest.raises(seg2.Seg2Error, match=r"'NoSuchHead' is not registered in detectron2's SEM_SEG_HEADS_REGISTRY; known: \[.*'FCNHead'"):
         build_model(cfg)
+
+
+def test_seg2_loss_settings_on_a_head_that_ignores_them_are_an_error():
+    from seg2.config import load_seg2_config
+
+    cfg = load_seg2_config(
+        os.path.join(CONFIGS, "quickstart", "mask_rcnn_R18_FPN_fcn8s_shapes_cpu.yaml"),
+        ["MODEL.SEM_SEG_HEAD.NAME", "SemSegFPNHead", "MODEL.SEM_SEG_HEAD.IN_FEATURES", "['p2', 'p3', 'p4', 'p5']",
+         "MODEL.SEM_SEG_HEAD.LOSS_TYPE", "cross_entropy+dice", "MODEL.DEVICE", "cpu"],
+    )  # fmt: skip
+    with pytest.raises(seg2.Seg2Error, match=r"'SemSegFPNHead' is not a seg2 head and ignores .*LOSS_TYPE='cross_entropy\+dice'"):
+        build_model(cfg)
+    cfg.MODEL.SEM_SEG_HEAD.LOSS_TYPE = "cross_entropy"
+    build_model(cfg)  # its own loss, nothing asked that it would ignore

@@ -9,7 +9,7 @@ from detectron2.modeling import BACKBONE_REGISTRY, SEM_SEG_HEADS_REGISTRY
 from ...data.dataset_mapper import check_ignore_value
 from ...utils import Seg2Error
 
-__all__ = ["check_registered", "check_head_features", "check_num_classes", "sem_seg_targets"]
+__all__ = ["check_registered", "check_head_loss", "check_head_features", "check_num_classes", "sem_seg_targets"]
 
 
 def check_registered(cfg):
@@ -21,6 +21,30 @@ def check_registered(cfg):
         if name not in registry:
             known = sorted(k for k, _ in registry)
             raise Seg2Error(f"{key}={name!r} is not registered in detectron2's {registry_name}; known: {known}")
+    check_head_loss(cfg)
+
+
+# seg2's loss settings that heads outside seg2 (detectron2's SemSegFPNHead, say) would ignore.
+_SEG2_LOSS_TYPES = ("focal", "dice", "lovasz")
+
+
+def check_head_loss(cfg):
+    """A :class:`Seg2Error` when the config asks for seg2's class weights or losses but
+    ``MODEL.SEM_SEG_HEAD.NAME`` is a head that does not use them (it would train with its own
+    cross-entropy, silently)."""
+    from ..heads import BaseSemSegHead, Seg2DeepLabV3PlusHead
+
+    head = cfg.MODEL.SEM_SEG_HEAD
+    if issubclass(SEM_SEG_HEADS_REGISTRY.get(head.NAME), (BaseSemSegHead, Seg2DeepLabV3PlusHead)):
+        return
+    asked = [f"LOSS_TYPE={head.LOSS_TYPE!r}"] if any(t in head.LOSS_TYPE for t in _SEG2_LOSS_TYPES) else []
+    asked += [f"{k}={head.get(k)!r}" for k in ("CLASS_WEIGHT", "CLASS_WEIGHTING") if head.get(k)]
+    if asked:
+        raise Seg2Error(
+            f"MODEL.SEM_SEG_HEAD.NAME={head.NAME!r} is not a seg2 head and ignores MODEL.SEM_SEG_HEAD."
+            f"{', '.join(asked)}: use one of seg2's heads (FCNHead, UNetHead, SegNetHead, "
+            "Seg2DeepLabV3PlusHead) or leave these keys at their defaults"
+        )
 
 
 def check_head_features(cfg, backbone_shape):
