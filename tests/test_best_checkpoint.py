@@ -3,41 +3,22 @@ evaluation was best, by one metric or by a weighted sum of several; bad keys are
 
 import logging
 import math
-import os
 
 import pytest
 import torch
 from detectron2.config import get_cfg
+from detectron2.engine.hooks import BestCheckpointer
+from test_train_net import _register_tiny, _tiny_cfg
 
 import seg2
-from seg2.data import register_coco_with_sem_seg
 from seg2.engine import Trainer
 from seg2.engine.hooks import build_best_checkpoint_hooks
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICKSTART = os.path.join(REPO, "configs", "quickstart", "mask_rcnn_R18_FPN_shapes_cpu.yaml")
-
 
 def _cfg(root, output_dir, *opts):
-    for split in ("train", "val"):
-        register_coco_with_sem_seg(
-            f"seg2_test_best_{split}",
-            os.path.join(root, "coco", "annotations", f"instances_{split}.json"),
-            os.path.join(root, "coco", split),
-            os.path.join(root, "VOC2012", "SegmentationClass"),
-            thing_classes=seg2.data.SHAPES_CLASSES,
-        )
-    cfg = get_cfg()
-    seg2.add_seg2_config(cfg)
-    cfg.merge_from_file(QUICKSTART)
-    cfg.merge_from_list([
-        "DATASETS.TRAIN", ("seg2_test_best_train",), "DATASETS.TEST", ("seg2_test_best_val",),
-        "INPUT.MIN_SIZE_TRAIN", (64,), "INPUT.MAX_SIZE_TRAIN", 64,
-        "INPUT.MIN_SIZE_TEST", 64, "INPUT.MAX_SIZE_TEST", 64,
-        "SOLVER.IMS_PER_BATCH", 4, "SOLVER.MAX_ITER", 30, "SOLVER.BASE_LR", 0.01, "SOLVER.STEPS", (),
-        "SOLVER.WARMUP_ITERS", 5, "SOLVER.CLIP_GRADIENTS.ENABLED", True, "DATALOADER.NUM_WORKERS", 0,
-        "TEST.EVAL_PERIOD", 10, "SEED", 7, "OUTPUT_DIR", str(output_dir), *opts,
-    ])
+    _register_tiny(root)
+    cfg = _tiny_cfg(output_dir, max_iter=30)
+    cfg.merge_from_list(["TEST.EVAL_PERIOD", 10, *opts])
     return cfg
 
 
@@ -83,12 +64,15 @@ def test_weighted_sum_is_tracked_and_best_model_kept(tiny_shapes_root, tmp_path,
 
 
 def test_off_by_default_and_single_metric_hooks(tiny_shapes_root, tmp_path):
-    cfg = _cfg(tiny_shapes_root, tmp_path)
+    cfg = get_cfg()
+    seg2.add_seg2_config(cfg)
     assert cfg.SEG2.BEST_CHECKPOINT.METRIC == ""
     assert build_best_checkpoint_hooks(cfg, checkpointer=None) == []
     cfg.merge_from_list(["SEG2.BEST_CHECKPOINT.METRIC", "sem_seg/mIoU", "SEG2.BEST_CHECKPOINT.MODE", "min"])
     (hook,) = build_best_checkpoint_hooks(cfg, checkpointer=None)
-    assert type(hook).__name__ == "BestCheckpointer" and hook._val_metric == "sem_seg/mIoU"
+    assert isinstance(hook, BestCheckpointer) and hook._val_metric == "sem_seg/mIoU"
+    # The quickstart keeps its best model by mask AP; the multi-task quickstarts by AP and mIoU.
+    assert _cfg(tiny_shapes_root, tmp_path).SEG2.BEST_CHECKPOINT.METRIC == "segm/AP"
 
 
 @pytest.mark.parametrize(
@@ -96,7 +80,9 @@ def test_off_by_default_and_single_metric_hooks(tiny_shapes_root, tmp_path):
     [
         (["SEG2.BEST_CHECKPOINT.METRIC", "segm/AP", "SEG2.BEST_CHECKPOINT.MODE", "best"], "MODE"),
         (["SEG2.BEST_CHECKPOINT.METRIC", "c", "SEG2.BEST_CHECKPOINT.METRICS", ["segm/AP"]], "WEIGHTS"),
-        (["SEG2.BEST_CHECKPOINT.METRICS", ["segm/AP"], "SEG2.BEST_CHECKPOINT.WEIGHTS", [1.0]], "METRIC is empty"),
+        (["SEG2.BEST_CHECKPOINT.METRIC", "", "SEG2.BEST_CHECKPOINT.METRICS", ["segm/AP"],
+          "SEG2.BEST_CHECKPOINT.WEIGHTS", [1.0]], "METRIC is empty"),
+        (["SEG2.BEST_CHECKPOINT.METRICS", ["segm/AP"], "SEG2.BEST_CHECKPOINT.WEIGHTS", [1.0]], "a name of its own"),
     ],
 )
 def test_bad_keys_are_named(tiny_shapes_root, tmp_path, opts, key):
