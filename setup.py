@@ -12,10 +12,14 @@ setup(
     packages=find_packages(include=("seg2", "seg2.*")),
     python_requires=">=3.9",
     install_requires=[
-        # torch and torchvision must be a matching pair: torchvision's compiled ops (nms,
-        # roi_align) fail to load against any other torch build.
-        "torch==2.13.0",
-        "torchvision==0.28.0",
+        # Ranges, not pins: detectron2 users already have a (CUDA) torch that their detectron2 was
+        # compiled against, and pip must keep it. Lower bounds: torch.func.functional_call (torch
+        # 2.0) and the torchvision release made for it (0.15). No upper bound, so pip never
+        # downgrades a newer torch. Tested pair: torch 2.13.0 + torchvision 0.28.0 (what .ci/run
+        # installs). torch and torchvision must still be a matching pair (torchvision's compiled
+        # ops fail to load against another torch build); each torchvision wheel pins its torch.
+        "torch>=2.0",
+        "torchvision>=0.15",
         "numpy",
         "Pillow",
         "opencv-python-headless",

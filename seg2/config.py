@@ -46,6 +46,17 @@ def add_seg2_config(cfg):
     cfg.SEG2.TILING.BATCH_SIZE = 4
     cfg.SEG2.TILING.BLEND = "gaussian"
     cfg.SEG2.TILING.MARGIN = 0
+    # Keep the best model of a run in OUTPUT_DIR/model_best.pth (detectron2's BestCheckpointer),
+    # judged after each evaluation (TEST.EVAL_PERIOD, and at the end). METRIC: a key of the
+    # flattened evaluation results, e.g. "segm/AP" or "sem_seg/mIoU" ("<dataset>/segm/AP" with
+    # several test sets); empty: off. MODE: "max" or "min". METRICS and WEIGHTS (same length):
+    # track the weighted sum of these results instead, stored under the name METRIC (e.g.
+    # "combined/score" for 0.5 * segm/AP + 0.5 * sem_seg/mIoU of the multi-task model).
+    cfg.SEG2.BEST_CHECKPOINT = CN()
+    cfg.SEG2.BEST_CHECKPOINT.METRIC = ""
+    cfg.SEG2.BEST_CHECKPOINT.MODE = "max"
+    cfg.SEG2.BEST_CHECKPOINT.METRICS = []
+    cfg.SEG2.BEST_CHECKPOINT.WEIGHTS = []
     _add_modeling_config(cfg)
     _register_renamed_keys(cfg)
 

@@ -24,6 +24,7 @@ import numpy as np
 from pycocotools import mask as mask_util
 
 from ..utils import Seg2Error
+from ..utils.progress import log_progress
 from .coco_json import _short
 from .label_map import write_label_map
 
@@ -117,7 +118,8 @@ def generate_coco_sem_seg(
     ``<out_dir>/<image stem>.png`` unless it is already there. Each file is written to a temporary
     file and renamed, so the folder never holds a partial map: a killed run resumes where it
     stopped, and concurrent processes at worst write the same file twice. Under
-    ``torch.distributed``, ranks split the missing files and wait for each other.
+    ``torch.distributed``, ranks split the missing files and wait for each other. Progress, with
+    an ETA, is logged every 10 s.
 
     Args:
         records (list[dict]): detectron2 records with ``annotations`` (masks), height and width.
@@ -148,12 +150,12 @@ def generate_coco_sem_seg(
         num_workers = min(num_workers, max(1, (os.cpu_count() or 1) // comm.get_local_size()))
     if mine:
         logger.info(f"Writing {len(mine)} semantic maps to {out_dir} ({len(records) - len(todo)} already there) ...")
-    written = 0
+    what = f"semantic maps to {out_dir}"
     if num_workers > 1 and len(mine) > 1:
         with mp.get_context("fork").Pool(num_workers) as pool:
-            written = sum(pool.imap_unordered(_write_one, mine, chunksize=16))
+            written = sum(log_progress(pool.imap_unordered(_write_one, mine, chunksize=16), len(mine), what, logger))
     else:
-        written = sum(_write_one(a) for a in mine)
+        written = sum(log_progress(map(_write_one, mine), len(mine), what, logger))
     if world > 1:
         comm.synchronize()
         # A rank that failed has raised already; anything still missing is written here.

@@ -12,9 +12,11 @@ pycocotools rasterises them, and every pixel where two rasterised polygons meet,
 changes, is 255 ("void") in both PNGs. Off those borders, each instance mask of the JSON equals
 its region of ``SegmentationObject`` exactly.
 
-The whole tree is generated into a temporary folder beside ``root`` and renamed into place, with
-a manifest written last, so two processes may start generation at once and an interrupted run
-never leaves a half-written cache behind.
+The whole tree is generated into a folder beside ``root`` (``.partial-<name>-<parameter hash>``)
+and renamed into place, with a manifest written last, so an interrupted run never leaves a
+half-written cache behind; the next run resumes in that folder where it stopped. Two processes may
+start generation at once: they take turns on a lock file beside it (POSIX ``flock``), and the later
+one finds the cache done. Progress, with an ETA, is logged every 10 s.
 """
 
 import hashlib
@@ -31,6 +33,7 @@ from PIL import Image
 from pycocotools import mask as mask_util
 
 from ..utils import Seg2Error
+from ..utils.progress import log_progress
 from .voc_palette import VOC_PALETTE
 
 logger = logging.getLogger(__name__)
@@ -40,6 +43,8 @@ SHAPES_CLASSES = ("circle", "square", "triangle")
 _CLASS_HUES = {"circle": 0, "square": 60, "triangle": 120}  # OpenCV hue units (0-179)
 IGNORE_LABEL = 255
 MANIFEST = "manifest.json"
+# Per-image records of a generation in progress (removed before the manifest is written).
+_PARTS = ".parts"
 # Bump when the generator's output changes, so old caches are regenerated.
 GENERATOR_VERSION = 1
 
@@ -188,55 +193,92 @@ def _save_palette_png(arr: np.ndarray, path: str):
     im.save(path, optimize=False)
 
 
-def _generate_into(tmp: str, splits: Dict[str, int], image_size: int, seed: int, max_instances: int):
-    voc = os.path.join(tmp, "VOC2012")
-    for d in ("JPEGImages", "SegmentationClass", "SegmentationObject", "ImageSets/Segmentation"):
-        os.makedirs(os.path.join(voc, d), exist_ok=True)
-    os.makedirs(os.path.join(tmp, "coco", "annotations"), exist_ok=True)
+def _write_image(out: str, split: str, split_index: int, i: int, image_size: int, seed: int, max_instances: int):
+    """Render image ``i`` of ``split`` and write its JPEGs and PNGs under ``out``; then its record
+    (COCO image entry, instances) to ``out/.parts``, last, so a record marks a finished image."""
+    # One generator per image: an image does not depend on how many come before it.
+    rng = np.random.default_rng([seed, split_index, i])
+    img, obj, sem, instances = _render_image(rng, image_size, max_instances)
+    name = f"shapes_{split}_{i:05d}"
+    voc = os.path.join(out, "VOC2012")
+    jpg = Image.fromarray(img)
+    jpg.save(os.path.join(voc, "JPEGImages", name + ".jpg"), quality=92)
+    jpg.save(os.path.join(out, "coco", split, name + ".jpg"), quality=92)
+    _save_palette_png(sem, os.path.join(voc, "SegmentationClass", name + ".png"))
+    _save_palette_png(obj, os.path.join(voc, "SegmentationObject", name + ".png"))
+    record = {"name": name, "instances": [[cls, polygons] for cls, polygons in instances]}
+    part = _part_path(out, split, i)
+    with open(part + ".tmp", "w") as f:
+        json.dump(record, f)
+    os.replace(part + ".tmp", part)
+
+
+def _part_path(out: str, split: str, i: int) -> str:
+    return os.path.join(out, _PARTS, f"{split}_{i:05d}.json")
+
+
+def _coco_split(out: str, split: str, num_images: int, image_size: int, seed: int, ann_id: int):
+    """The COCO dict of ``split`` from its image records, annotation ids from ``ann_id``."""
+    images, annotations = [], []
+    for i in range(num_images):
+        with open(_part_path(out, split, i)) as f:
+            record = json.load(f)
+        image_id = i + 1
+        images.append({"id": image_id, "file_name": record["name"] + ".jpg", "width": image_size, "height": image_size})
+        for cls, polygons in record["instances"]:
+            rle = mask_util.merge(mask_util.frPyObjects(polygons, image_size, image_size))
+            annotations.append(
+                {
+                    "id": ann_id,
+                    "image_id": image_id,
+                    "category_id": cls + 1,
+                    "segmentation": polygons,
+                    "area": float(mask_util.area(rle)),
+                    "bbox": [round(float(v), 2) for v in mask_util.toBbox(rle)],
+                    "iscrowd": 0,
+                }
+            )
+            ann_id += 1
     categories = [
         {"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(SHAPES_CLASSES)
     ]
+    coco = {
+        "info": {"description": f"seg2_shapes {split}, seed {seed}", "version": str(GENERATOR_VERSION)},
+        "images": images,
+        "annotations": annotations,
+        "categories": categories,
+    }
+    return coco, ann_id
+
+
+def _generate_into(out: str, splits: Dict[str, int], image_size: int, seed: int, max_instances: int):
+    """Write the whole tree into ``out``, skipping the images an interrupted run finished there."""
+    voc = os.path.join(out, "VOC2012")
+    for d in ("JPEGImages", "SegmentationClass", "SegmentationObject", "ImageSets/Segmentation"):
+        os.makedirs(os.path.join(voc, d), exist_ok=True)
+    os.makedirs(os.path.join(out, "coco", "annotations"), exist_ok=True)
+    os.makedirs(os.path.join(out, _PARTS), exist_ok=True)
+    jobs = [
+        (split, split_index, i)
+        for split_index, (split, num_images) in enumerate(sorted(splits.items()))
+        for i in range(num_images)
+    ]
+    todo = [j for j in jobs if not os.path.isfile(_part_path(out, j[0], j[2]))]
+    if len(todo) < len(jobs):
+        logger.info(f"Resuming an interrupted generation: {len(jobs) - len(todo)} of {len(jobs)} images are there.")
+    for split in splits:
+        os.makedirs(os.path.join(out, "coco", split), exist_ok=True)
+    for split, split_index, i in log_progress(todo, len(todo), "seg2_shapes images", logger):
+        _write_image(out, split, split_index, i, image_size, seed, max_instances)
     ann_id = 1
-    for split_index, (split, num_images) in enumerate(sorted(splits.items())):
-        os.makedirs(os.path.join(tmp, "coco", split), exist_ok=True)
-        images, annotations, names = [], [], []
-        for i in range(num_images):
-            # One generator per image: an image does not depend on how many come before it.
-            rng = np.random.default_rng([seed, split_index, i])
-            img, obj, sem, instances = _render_image(rng, image_size, max_instances)
-            name = f"shapes_{split}_{i:05d}"
-            names.append(name)
-            jpg = Image.fromarray(img)
-            jpg.save(os.path.join(voc, "JPEGImages", name + ".jpg"), quality=92)
-            jpg.save(os.path.join(tmp, "coco", split, name + ".jpg"), quality=92)
-            _save_palette_png(sem, os.path.join(voc, "SegmentationClass", name + ".png"))
-            _save_palette_png(obj, os.path.join(voc, "SegmentationObject", name + ".png"))
-            image_id = i + 1
-            images.append({"id": image_id, "file_name": name + ".jpg", "width": image_size, "height": image_size})
-            for cls, polygons in instances:
-                rle = mask_util.merge(mask_util.frPyObjects(polygons, image_size, image_size))
-                annotations.append(
-                    {
-                        "id": ann_id,
-                        "image_id": image_id,
-                        "category_id": cls + 1,
-                        "segmentation": polygons,
-                        "area": float(mask_util.area(rle)),
-                        "bbox": [round(float(v), 2) for v in mask_util.toBbox(rle)],
-                        "iscrowd": 0,
-                    }
-                )
-                ann_id += 1
+    for split, num_images in sorted(splits.items()):
+        names = [f"shapes_{split}_{i:05d}" for i in range(num_images)]
         with open(os.path.join(voc, "ImageSets", "Segmentation", split + ".txt"), "w") as f:
             f.write("".join(n + "\n" for n in names))
-        coco = {
-            "info": {"description": f"seg2_shapes {split}, seed {seed}", "version": str(GENERATOR_VERSION)},
-            "images": images,
-            "annotations": annotations,
-            "categories": categories,
-        }
-        with open(os.path.join(tmp, "coco", "annotations", f"instances_{split}.json"), "w") as f:
+        coco, ann_id = _coco_split(out, split, num_images, image_size, seed, ann_id)
+        with open(os.path.join(out, "coco", "annotations", f"instances_{split}.json"), "w") as f:
             json.dump(coco, f, sort_keys=True)
+    shutil.rmtree(os.path.join(out, _PARTS))
 
 
 def _params(splits, image_size, seed, max_instances):
@@ -306,7 +348,8 @@ def generate_shapes(
 
     A complete cache with the same parameters is reused as it is. A missing, incomplete or
     damaged one (e.g. a file deleted by hand) is regenerated, with a warning. Generation writes to
-    a temporary folder beside ``root`` and renames it into place, so concurrent callers are safe.
+    a folder beside ``root`` and renames it into place; an interrupted generation resumes there,
+    and concurrent callers wait for each other on a lock file.
 
     Args:
         root (str): the dataset folder (holds ``coco/``, ``VOC2012/`` and ``manifest.json``).
@@ -325,34 +368,48 @@ def generate_shapes(
         return root
 
     parent = os.path.dirname(os.path.abspath(root))
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    partial = os.path.join(parent, f".partial-{os.path.basename(root)}-{digest}")
     try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(root) + "-", dir=parent)
+        os.makedirs(partial, exist_ok=True)
+        lock = open(partial + ".lock", "a")
     except OSError as e:
         raise Seg2Error(
             f"cannot write the seg2_shapes cache under {parent!r}: {e.strerror or e}. Point "
             "SEG2_SHAPES_ROOT (or DETECTRON2_DATASETS, or the config key SEG2.SHAPES_ROOT) at a "
             "writable folder."
         ) from e
-    if os.path.exists(root):
-        logger.warning(f"Regenerating the seg2_shapes cache at {root}: {problem}.")
-    else:
-        logger.info(f"Generating the seg2_shapes dataset into {root} ({params}) ...")
-    try:
-        _generate_into(tmp, splits, image_size, seed, max_instances)
-        with open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump({"params": params, "files": _file_list(tmp)}, f, indent=1, sort_keys=True)
-        _replace_dir(tmp, root, params)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+    with lock:
+        _lock(lock)  # concurrent generators take turns; the later ones find the cache done
+        problem = check_shapes_cache(root, params) if os.path.exists(root) else "it does not exist yet"
+        if problem is None:
+            return root
+        if os.path.exists(root):
+            logger.warning(f"Regenerating the seg2_shapes cache at {root}: {problem}.")
+        else:
+            logger.info(f"Generating the seg2_shapes dataset into {root} ({params}) ...")
+        os.makedirs(partial, exist_ok=True)  # a generator before us renamed it into place
+        _generate_into(partial, splits, image_size, seed, max_instances)
+        with open(os.path.join(partial, MANIFEST), "w") as f:
+            json.dump({"params": params, "files": _file_list(partial)}, f, indent=1, sort_keys=True)
+        _replace_dir(partial, root, params)
     return root
+
+
+def _lock(f):
+    """Hold an exclusive lock on the open file ``f`` until it is closed (POSIX ``flock``)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no lock, generators may write twice
+        return
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
 
 
 def _replace_dir(tmp: str, root: str, params: dict):
     """Move the finished ``tmp`` to ``root``, unless a concurrent run already put a good one there."""
     if os.path.exists(root):
         if check_shapes_cache(root, params) is None:
+            shutil.rmtree(tmp, ignore_errors=True)
             return  # another process finished first; its files are identical to ours
         # Move the bad cache aside first: rename is atomic, rmtree is not.
         trash = tempfile.mkdtemp(prefix=".trash-" + os.path.basename(root) + "-", dir=os.path.dirname(tmp))

@@ -11,19 +11,29 @@
 import os
 
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.engine import DefaultTrainer, default_setup, hooks
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..config import load_seg2_config
 from ..data import MultiTaskDatasetMapper, check_dataset_names
 from ..evaluation import build_evaluator
+from .hooks import build_best_checkpoint_hooks
 
 __all__ = ["Trainer", "setup"]
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with seg2's mapper (instances and label maps) and evaluator choice."""
+    """DefaultTrainer with seg2's mapper (instances and label maps) and evaluator choice, keeping
+    the best model by ``SEG2.BEST_CHECKPOINT``."""
+
+    def build_hooks(self):
+        ret = super().build_hooks()
+        if comm.is_main_process():
+            # After the EvalHook, which puts the flattened results ("segm/AP") in the storage.
+            at = next(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook)) + 1
+            ret[at:at] = build_best_checkpoint_hooks(self.cfg, self.checkpointer)
+        return ret
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
