@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import tempfile
-import time
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -33,6 +32,7 @@ from detectron2.utils import comm
 from tabulate import tabulate
 
 from ..utils import Seg2Error
+from ..utils.progress import log_progress
 from .label_map import check_label_values, read_sem_seg
 
 __all__ = [
@@ -174,13 +174,7 @@ def _write_cache(path: str, pixels, image_pixels, dataset_names, num_records: in
 
 def _read_with_progress(records: List[dict]):
     """(path, label map) of each record, logging progress with an ETA every few seconds."""
-    start = last = time.perf_counter()
-    for i, r in enumerate(records):
-        now = time.perf_counter()
-        if now - last > _PROGRESS_SECONDS:
-            eta = (now - start) / i * (len(records) - i)
-            logger.info(f"class weights: read {i}/{len(records)} label maps, ETA {eta:.0f} s")
-            last = now
+    for r in log_progress(records, len(records), "class weights: label maps read", logger, _PROGRESS_SECONDS):
         yield r["sem_seg_file_name"], read_sem_seg(r)
 
 

@@ -34,6 +34,7 @@ from ..config import load_seg2_config
 from ..data import check_dataset_names
 from ..utils import Seg2Error
 from ..utils.benchmark import timed
+from ..utils.progress import log_progress
 from .defaults import Trainer
 
 __all__ = [
@@ -372,11 +373,10 @@ def run_ablation(config_files: Sequence[str], seeds: Sequence[int], output_dir: 
     if study not in STUDIES:
         raise Seg2Error(f"--study {study!r}: choose auto or one of {sorted(STUDIES)}")
     check_same_protocol(first, study)
-    rows = []
-    for s in seeds:
-        for name, cfg in per_seed[s].items():
-            rows.append(run_variant(name, cfg, study))
-            logger.info(f"ablation: {len(rows)} of {len(seeds) * len(first)} runs done")
+    runs = [(name, cfg) for s in seeds for name, cfg in per_seed[s].items()]
+    # a line with the ETA after every run (period 0): runs take minutes each; finished runs are read
+    # back from their result file, so an interrupted ablation resumes where it stopped
+    rows = [run_variant(name, cfg, study) for name, cfg in log_progress(runs, len(runs), "ablation runs", logger, 0.0)]
     if comm.is_main_process():
         text = write_report(rows, study, output_dir, command)
         logger.info(f"{STUDIES[study]['title']}:\n" + text)
