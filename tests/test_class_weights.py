@@ -145,3 +145,39 @@ def test_camvid_mini_median_frequency_close_to_segnets(tmp_path):
     assert (np.abs(np.log(ratio)) < np.log(1.25)).sum() >= 10, np.round(ratio, 2)
     rare = {2, 6, 7, 9, 10}  # Pole, SignSymbol, Fence, Pedestrian, Bicyclist: weight > 1 in both
     assert {c for c in range(11) if w[c] > 1.5} == rare
+
+
+def test_interrupted_count_resumes_where_it_stopped(tiny_set, tmp_path, monkeypatch, caplog):
+    """Ctrl-C during the counting pass (here after 2 of 3 maps) keeps the running counts in
+    ``<cache>.partial``; the next call counts only the rest and gives the uninterrupted weights."""
+    import seg2.data.class_weights as cw
+
+    path = str(tmp_path / "c.png")
+    write_label_map(np.array([[3, 3], [0, 255]], dtype=np.uint8), path)
+    records = tiny_set + [{"file_name": "c.jpg", "sem_seg_file_name": path}]
+    expected = compute_class_weights(records, 4, "median_frequency", cache_dir=str(tmp_path / "fresh"))
+
+    class CtrlC(logging.Handler):
+        def emit(self, record):
+            if "label maps read: 2/3" in record.getMessage():
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(cw, "_PROGRESS_SECONDS", 0.0)  # save the running counts after every map
+    handler = CtrlC()
+    cw.logger.addHandler(handler)
+    cache_dir = str(tmp_path / "c")
+    try:
+        with caplog.at_level(logging.INFO, logger="seg2"), pytest.raises(KeyboardInterrupt):
+            compute_class_weights(records, 4, "median_frequency", cache_dir=cache_dir)
+    finally:
+        cw.logger.removeHandler(handler)
+    (partial,) = glob.glob(os.path.join(cache_dir, "class_weights", "*.json.partial"))
+    assert json.load(open(partial))["done"] == 2
+    assert not glob.glob(os.path.join(cache_dir, "class_weights", "*.json"))  # no cache entry yet
+
+    with caplog.at_level(logging.INFO, logger="seg2"):
+        w = compute_class_weights(records, 4, "median_frequency", cache_dir=cache_dir)
+    assert "resuming an interrupted count after 2 of 3 label maps" in caplog.text
+    assert "label maps read: 1/1 done" in caplog.text  # only the third map was read again
+    np.testing.assert_array_equal(w, expected)
+    assert not os.path.exists(partial)

@@ -42,3 +42,20 @@ def test_range_is_a_range_not_a_pin(name, oldest, too_old):
     assert spec.contains(oldest) and not spec.contains(too_old)
     # No upper bound: pip must never downgrade a user's newer torch.
     assert spec.contains("99.0")
+
+
+def test_pip_installs_nothing_but_seg2_on_the_installed_environment(tmp_path):
+    # pip's own resolver, offline: on top of the installed torch + detectron2 (+ the test extra),
+    # `pip install -e ".[test]"` must want seg2 alone, never a torch or torchvision wheel.
+    import json
+    import subprocess
+    import sys
+
+    report = tmp_path / "report.json"
+    env = dict(os.environ, PIP_CONFIG_FILE=os.devnull, PIP_FIND_LINKS="", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--no-build-isolation"]
+    cmd += ["-q", "--report", str(report), "-e", ".[test]"]
+    done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    wanted = [item["metadata"]["name"] for item in json.loads(report.read_text())["install"]]
+    assert wanted == ["seg2"], wanted

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -151,16 +152,9 @@ def _read_cache(path: str, num_classes: int):
     return pixels, image_pixels
 
 
-def _write_cache(path: str, pixels, image_pixels, dataset_names, num_records: int):
+def _write_json(path: str, data: dict):
     """Write atomically (a temporary file renamed over ``path``): readers never see half a file."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    data = {
-        "version": _CACHE_VERSION,
-        "datasets": list(dataset_names),
-        "label_maps": num_records,
-        "pixels": pixels.tolist(),
-        "image_pixels": image_pixels.tolist(),
-    }
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
     try:
         with os.fdopen(fd, "w") as f:
@@ -172,10 +166,59 @@ def _write_cache(path: str, pixels, image_pixels, dataset_names, num_records: in
         raise
 
 
-def _read_with_progress(records: List[dict]):
-    """(path, label map) of each record, logging progress with an ETA every few seconds."""
-    for r in log_progress(records, len(records), "class weights: label maps read", logger, _PROGRESS_SECONDS):
-        yield r["sem_seg_file_name"], read_sem_seg(r)
+def _write_cache(path: str, pixels, image_pixels, dataset_names, num_records: int):
+    data = {
+        "version": _CACHE_VERSION,
+        "datasets": list(dataset_names),
+        "label_maps": num_records,
+        "pixels": pixels.tolist(),
+        "image_pixels": image_pixels.tolist(),
+    }
+    _write_json(path, data)
+
+
+def _read_partial(path: str, num_classes: int, num_records: int):
+    """(maps done, pixels, image_pixels) of an interrupted count of the same cache key, or None."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        done = int(data["done"])
+        pixels, image_pixels = np.array(data["pixels"], np.int64), np.array(data["image_pixels"], np.int64)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        logger.warning(f"class weights: ignoring the unreadable partial count {path} ({e}); counting from the start")
+        return None
+    if not 0 < done <= num_records or pixels.shape != (num_classes,) or image_pixels.shape != (num_classes,):
+        logger.warning(f"class weights: ignoring the partial count {path}, which does not fit; counting from the start")
+        return None
+    return done, pixels, image_pixels
+
+
+def _count_resumable(records: List[dict], num_classes: int, ignore_label: int, cache: str):
+    """
+    :func:`class_pixel_counts` over ``records`` with progress, saving the running counts to
+    ``<cache>.partial`` every few seconds: the file names (path, size, mtime of every label map)
+    are in the cache key, so an interrupted pass resumes after the maps it had counted.
+    """
+    partial = cache + ".partial"
+    start = 0
+    pixels = np.zeros(num_classes, dtype=np.int64)
+    image_pixels = np.zeros(num_classes, dtype=np.int64)
+    state = _read_partial(partial, num_classes, len(records))
+    if state is not None:
+        start, pixels, image_pixels = state
+        logger.info(f"class weights: resuming an interrupted count after {start} of {len(records)} label maps")
+    last = time.perf_counter()
+    todo = records[start:]
+    for i, r in enumerate(log_progress(todo, len(todo), "class weights: label maps read", logger, _PROGRESS_SECONDS)):
+        p, ip = class_pixel_counts([(r["sem_seg_file_name"], read_sem_seg(r))], num_classes, ignore_label)
+        pixels += p
+        image_pixels += ip
+        if time.perf_counter() - last >= _PROGRESS_SECONDS:
+            _write_json(partial, {"done": start + i + 1, "pixels": pixels.tolist(), "image_pixels": image_pixels.tolist()})
+            last = time.perf_counter()
+    return pixels, image_pixels, partial
 
 
 def _log_table(weights, pixels, method: str, class_names: Optional[Sequence[str]]):
@@ -223,8 +266,10 @@ def compute_class_weights(
     counts = _read_cache(cache, num_classes)
     if counts is None:
         logger.info(f"class weights: counting the pixels of {len(labelled)} label maps of {list(dataset_names)}")
-        counts = class_pixel_counts(_read_with_progress(labelled), num_classes, ignore_label)
+        *counts, partial = _count_resumable(labelled, num_classes, ignore_label, cache)
         _write_cache(cache, *counts, dataset_names, len(labelled))
+        if os.path.exists(partial):
+            os.remove(partial)
         logger.info(f"class weights: counts cached in {cache}")
     else:
         logger.info(f"class weights: pixel counts read from the cache {cache}")
