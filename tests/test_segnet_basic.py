@@ -36,6 +36,17 @@ def test_segnet_basic_parameter_count_matches_the_prototxt():
     assert sum(p.numel() for p in model.parameters()) == 1_416_587
 
 
+def test_input_lrn_is_caffes_formula_by_hand():
+    # Caffe's LRN across channels (prototxt: local_size 5, alpha 1e-4, beta 0.75):
+    #   y_c = x_c / (1 + alpha / 5 * sum of x_c'^2 over c-2..c+2) ** beta
+    # With 3 input channels every window holds all three.
+    lrn = build_model(_cfg("segnet-basic_10k_camvid")).backbone.lrn
+    x = torch.tensor([100.0, -50.0, 200.0]).view(1, 3, 1, 1)
+    squares = 100.0**2 + 50.0**2 + 200.0**2  # 52,500
+    expected = x / (1 + 1e-4 / 5 * squares) ** 0.75  # divisor 2.05 ** 0.75 = 1.7132
+    torch.testing.assert_close(lrn(x), expected, rtol=1e-6, atol=0)
+
+
 def test_segnet_basic_covers_odd_sizes_and_the_variants_share_the_encoder():
     models = {v: build_model(_cfg(f"{v}_10k_camvid")).eval() for v in VARIANTS}
     x = [{"image": torch.rand(3, 45, 60) * 255, "height": 45, "width": 60}]  # 45 -> 23 -> ... (ceil)
