@@ -177,6 +177,9 @@ def _add_modeling_config(cfg):
     # computed from DATASETS.TRAIN on the first training step and cached (seg2.data.class_weights).
     cfg.MODEL.SEM_SEG_HEAD.CLASS_WEIGHT = []
     cfg.MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING = ""
+    # What class-weighted cross_entropy / focal divide by: "weights" (PyTorch: sum of the weights
+    # of the labelled pixels) or "pixels" (SegNet's Caffe SoftmaxWithLoss: their count).
+    cfg.MODEL.SEM_SEG_HEAD.CLASS_WEIGHT_NORMALIZATION = "weights"
 
 
 def load_seg2_config(config_file: str, opts=()):

@@ -52,6 +52,25 @@ def test_cross_entropy_by_hand():
     torch.testing.assert_close(cross_entropy_loss(logits, t, class_weight=W), ref)
 
 
+def test_pixel_normalization_is_segnets_caffe_loss_by_hand():
+    logits, t = _tiny()
+    # SegNet's Caffe SoftmaxWithLoss: sum of w[y] * nll over the labelled pixels / their count (3)
+    expected = (3 * LN2 + LN3) / 3
+    assert float(cross_entropy_loss(logits, t, class_weight=W, normalization="pixels")) == pytest.approx(expected)
+    # the same sum, unnormalised, from PyTorch, divided by the pixel count
+    ref = F.cross_entropy(logits, t, weight=W, ignore_index=255, reduction="sum") / 3
+    torch.testing.assert_close(cross_entropy_loss(logits, t, class_weight=W, normalization="pixels"), ref)
+    a, c = LN2 / 4, 4 * LN3 / 9
+    got = focal_loss(logits, t, gamma=2.0, class_weight=W, normalization="pixels")
+    assert float(got) == pytest.approx((3 * a + c) / 3, rel=1e-6)
+    # without class weights both normalisations are the plain mean
+    assert float(cross_entropy_loss(logits, t, normalization="pixels")) == pytest.approx((2 * LN2 + LN3) / 3)
+    loss = build_sem_seg_loss(
+        _cfg(LOSS_TYPE="cross_entropy", CLASS_WEIGHT=[1.0, 2.0, 5.0], CLASS_WEIGHT_NORMALIZATION="pixels")
+    )
+    assert float(loss(logits, t)) == pytest.approx(expected, rel=1e-6)
+
+
 def test_focal_by_hand():
     logits, t = _tiny()
     # -(1 - p_t)^2 ln p_t: a, b: (1/2)^2 ln2 = ln2 / 4; c: (2/3)^2 ln3 = 4 ln3 / 9
@@ -189,6 +208,7 @@ def test_build_from_config():
         ({"CLASS_WEIGHTING": "median"}, "MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING='median'"),
         ({"CLASS_WEIGHTING": "median_frequency", "CLASS_WEIGHT": [1.0, 1.0, 1.0]}, "not both"),
         ({"LOSS_TYPE": "dice", "CLASS_WEIGHT": [1.0, 1.0, 1.0]}, "LOSS_TYPE='dice' has no term it weights"),
+        ({"CLASS_WEIGHT_NORMALIZATION": "count"}, "MODEL.SEM_SEG_HEAD.CLASS_WEIGHT_NORMALIZATION='count'"),
     ],
 )
 def test_bad_config_names_the_key(sem, key):

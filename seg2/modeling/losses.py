@@ -4,7 +4,10 @@ The semantic-segmentation losses of every seg2 head, chosen by ``MODEL.SEM_SEG_H
 Terms (``LOSS_TYPE`` is one of them or a sum such as ``"cross_entropy+dice"``):
 
 * ``"cross_entropy"``: PyTorch's cross-entropy; with class weights the weighted mean
-  ``sum_i w[y_i] * nll_i / sum_i w[y_i]`` over labelled pixels (PyTorch's definition).
+  ``sum_i w[y_i] * nll_i / sum_i w[y_i]`` over labelled pixels (PyTorch's definition), or, with
+  ``CLASS_WEIGHT_NORMALIZATION: "pixels"``, ``sum_i w[y_i] * nll_i / (labelled pixels)``: the
+  ``SoftmaxWithLoss`` of SegNet's Caffe, whose learning rates assume that scale (on CamVid's
+  training labels with SegNet's weights it is about half of PyTorch's).
 * ``"hard_pixel_mining"``: detectron2's :class:`~detectron2.projects.deeplab.loss.DeepLabCE`
   (TF DeepLab's online hard example mining): the mean of the ``LOSS_TOP_K`` fraction of labelled
   pixels with the largest (class-weighted) cross-entropy.
@@ -43,6 +46,7 @@ from ..utils import Seg2Error
 __all__ = [
     "LOSS_TERMS",
     "PIXEL_LOSS_TERMS",
+    "CLASS_WEIGHT_NORMALIZATIONS",
     "SemSegLoss",
     "build_sem_seg_loss",
     "parse_loss_type",
@@ -54,6 +58,9 @@ __all__ = [
 ]
 
 LOSS_TERMS = ("cross_entropy", "hard_pixel_mining", "focal", "dice", "lovasz")
+# How class-weighted pixel terms are averaged: by the sum of the weights (PyTorch) or by the count
+# of labelled pixels (Caffe, SegNet's recipe).
+CLASS_WEIGHT_NORMALIZATIONS = ("weights", "pixels")
 # The terms that class weights weight (the others average over classes).
 PIXEL_LOSS_TERMS = ("cross_entropy", "hard_pixel_mining", "focal")
 
@@ -70,19 +77,32 @@ def _zero(logits: torch.Tensor) -> torch.Tensor:
     return logits.sum() * 0.0
 
 
-def _weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``sum(w * v) / sum(w)``; 0 when every weight is 0 (classes weighted 0), never NaN."""
+def _weighted_mean(values: torch.Tensor, weights: torch.Tensor, normalization: str = "weights") -> torch.Tensor:
+    """``sum(w * v) / sum(w)`` ("weights"; 0 when every weight is 0, never NaN), or
+    ``sum(w * v) / len(v)`` ("pixels")."""
+    if normalization == "pixels":
+        return (values * weights).sum() / max(values.numel(), 1)
     return (values * weights).sum() / weights.sum().clamp(min=torch.finfo(values.dtype).tiny)
 
 
-def cross_entropy_loss(logits, targets, *, ignore_value: int = 255, class_weight: Optional[torch.Tensor] = None):
-    """Cross-entropy over labelled pixels, optionally class-weighted (see the module docstring)."""
+def cross_entropy_loss(
+    logits,
+    targets,
+    *,
+    ignore_value: int = 255,
+    class_weight: Optional[torch.Tensor] = None,
+    normalization: str = "weights",
+):
+    """Cross-entropy over labelled pixels, optionally class-weighted and averaged by the weights
+    or by the pixels (``normalization``, see the module docstring)."""
     if class_weight is None:
         if not bool((targets != ignore_value).any()):
             return _zero(logits)
         return F.cross_entropy(logits, targets, ignore_index=ignore_value)
     nll = F.cross_entropy(logits, targets, weight=class_weight, ignore_index=ignore_value, reduction="none")
     valid = targets != ignore_value
+    if normalization == "pixels":
+        return nll.sum() / valid.sum().clamp(min=1)
     return nll.sum() / class_weight[targets[valid]].sum().clamp(min=torch.finfo(nll.dtype).tiny)
 
 
@@ -105,10 +125,16 @@ def hard_pixel_mining_loss(
 
 
 def focal_loss(
-    logits, targets, *, ignore_value: int = 255, gamma: float = 2.0, class_weight: Optional[torch.Tensor] = None
+    logits,
+    targets,
+    *,
+    ignore_value: int = 255,
+    gamma: float = 2.0,
+    class_weight: Optional[torch.Tensor] = None,
+    normalization: str = "weights",
 ):
     """Softmax focal loss (Lin et al., ICCV 2017) averaged over labelled pixels, optionally
-    class-weighted (the paper's alpha) like :func:`cross_entropy_loss`."""
+    class-weighted (the paper's alpha) and normalised like :func:`cross_entropy_loss`."""
     x, t = _labelled(logits, targets, ignore_value)
     if t.numel() == 0:
         return _zero(logits)
@@ -116,7 +142,7 @@ def focal_loss(
     loss = -((1.0 - log_p.exp()) ** gamma) * log_p
     if class_weight is None:
         return loss.mean()
-    return _weighted_mean(loss, class_weight[t].to(loss.dtype))
+    return _weighted_mean(loss, class_weight[t].to(loss.dtype), normalization)
 
 
 def _present_probabilities(logits, targets, ignore_value):
@@ -204,6 +230,7 @@ class SemSegLoss(nn.Module):
         class_weight_fn: Optional[Callable[[], Sequence[float]]] = None,
         top_k: float = 0.2,
         focal_gamma: float = 2.0,
+        class_weight_normalization: str = "weights",
     ):
         """
         Args:
@@ -214,6 +241,9 @@ class SemSegLoss(nn.Module):
                 first call (exclusive with ``class_weight``).
             top_k (float): fraction of labelled pixels "hard_pixel_mining" keeps, in (0, 1].
             focal_gamma (float): the focusing parameter of "focal", >= 0.
+            class_weight_normalization (str): "weights" or "pixels": what the class-weighted
+                "cross_entropy" and "focal" divide by ("hard_pixel_mining" always averages over
+                the pixels it keeps, as detectron2's DeepLabCE does).
         """
         super().__init__()
         self.terms = parse_loss_type(loss_type)
@@ -224,6 +254,9 @@ class SemSegLoss(nn.Module):
             raise ValueError(f"top_k={top_k}: must be in (0, 1]")
         if focal_gamma < 0:
             raise ValueError(f"focal_gamma={focal_gamma}: must be >= 0")
+        if class_weight_normalization not in CLASS_WEIGHT_NORMALIZATIONS:
+            raise ValueError(f"class_weight_normalization={class_weight_normalization!r}: one of {CLASS_WEIGHT_NORMALIZATIONS}")
+        self.class_weight_normalization = class_weight_normalization
         self.ignore_value, self.top_k, self.focal_gamma = ignore_value, top_k, focal_gamma
         weight = None if class_weight is None else torch.as_tensor(class_weight, dtype=torch.float32)
         self.register_buffer("class_weight", weight, persistent=False)
@@ -237,9 +270,13 @@ class SemSegLoss(nn.Module):
     def _term(self, name: str) -> Callable:
         w = self.class_weight
         return {
-            "cross_entropy": functools.partial(cross_entropy_loss, class_weight=w),
+            "cross_entropy": functools.partial(
+                cross_entropy_loss, class_weight=w, normalization=self.class_weight_normalization
+            ),
             "hard_pixel_mining": functools.partial(hard_pixel_mining_loss, top_k=self.top_k, class_weight=w),
-            "focal": functools.partial(focal_loss, gamma=self.focal_gamma, class_weight=w),
+            "focal": functools.partial(
+                focal_loss, gamma=self.focal_gamma, class_weight=w, normalization=self.class_weight_normalization
+            ),
             "dice": dice_loss,
             "lovasz": lovasz_softmax_loss,
         }[name]
@@ -292,7 +329,7 @@ def _class_weight_config(cfg, terms):
 def build_sem_seg_loss(cfg) -> SemSegLoss:
     """
     The :class:`SemSegLoss` of ``cfg.MODEL.SEM_SEG_HEAD``: ``LOSS_TYPE``, ``IGNORE_VALUE``,
-    ``LOSS_TOP_K``, ``FOCAL_GAMMA`` and the class weights (``CLASS_WEIGHT``, or ``CLASS_WEIGHTING``
+    ``LOSS_TOP_K``, ``FOCAL_GAMMA``, ``CLASS_WEIGHT_NORMALIZATION`` and the class weights (``CLASS_WEIGHT``, or ``CLASS_WEIGHTING``
     computed from ``DATASETS.TRAIN`` on the first training step, see
     :mod:`seg2.data.class_weights`). A bad value is a :class:`Seg2Error` naming its key.
     """
@@ -304,6 +341,11 @@ def build_sem_seg_loss(cfg) -> SemSegLoss:
         )
     if not sem.FOCAL_GAMMA >= 0:
         raise Seg2Error(f"MODEL.SEM_SEG_HEAD.FOCAL_GAMMA={sem.FOCAL_GAMMA}: must be >= 0")
+    if sem.CLASS_WEIGHT_NORMALIZATION not in CLASS_WEIGHT_NORMALIZATIONS:
+        raise Seg2Error(
+            f"MODEL.SEM_SEG_HEAD.CLASS_WEIGHT_NORMALIZATION={sem.CLASS_WEIGHT_NORMALIZATION!r}: choose one of "
+            f"{list(CLASS_WEIGHT_NORMALIZATIONS)}"
+        )
     class_weight, class_weight_fn = _class_weight_config(cfg, terms)
     return SemSegLoss(
         sem.LOSS_TYPE,
@@ -312,4 +354,5 @@ def build_sem_seg_loss(cfg) -> SemSegLoss:
         class_weight_fn=class_weight_fn,
         top_k=sem.LOSS_TOP_K,
         focal_gamma=sem.FOCAL_GAMMA,
+        class_weight_normalization=sem.CLASS_WEIGHT_NORMALIZATION,
     )
