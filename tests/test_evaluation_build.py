@@ -24,7 +24,6 @@ import seg2
 from seg2 import Seg2Error
 from seg2.data import SHAPES_CLASSES, register_coco_with_sem_seg
 from seg2.evaluation import EVALUATORS, MaskAPEvaluator, MIoUEvaluator, build_evaluator
-from seg2.modeling import META_ARCH_TASKS
 
 LOGGER = "seg2.evaluation.build"
 # The types detectron2's tools/train_net.py handles.
@@ -81,19 +80,22 @@ def test_seg2_evaluators_where_they_compute_the_same(tiny_shapes_root, caplog):
             build_evaluator(_cfg("SemanticSegmentor" if evaluator_type == "coco" else "GeneralizedRCNN"), name, None)
 
 
-def test_coco_panoptic_type_evaluates_what_the_model_predicts(tiny_shapes_root, caplog, monkeypatch):
+def test_coco_panoptic_type_evaluates_what_the_model_predicts(tiny_shapes_root, caplog):
     name = _register_shapes(tiny_shapes_root, "seg2_test_build_eval_panoptic", "coco_panoptic_seg")
+    # PanopticFPN without combining its outputs predicts no panoptic maps
+    separate = _cfg("PanopticFPN")
+    separate.MODEL.PANOPTIC_FPN.COMBINE.ENABLED = False
     with caplog.at_level(logging.INFO, logger=LOGGER):
-        both = build_evaluator(_cfg("PanopticFPN"), name, None)
+        both = build_evaluator(separate, name, None)
     assert [type(e).__name__ for e in both._evaluators] == ["MaskAPEvaluator", "MIoUEvaluator"]
     assert "PanopticFPN predicts no panoptic_seg; not evaluated" in caplog.text
-    # A model that predicts panoptic maps gets detectron2's COCOPanopticEvaluator (PQ), which needs panopticapi.
-    monkeypatch.setitem(META_ARCH_TASKS, "Seg2TestPanoptic", frozenset({"instances", "sem_seg", "panoptic_seg"}))
+    # With detectron2's default (combined) it does, and gets detectron2's COCOPanopticEvaluator (PQ),
+    # which needs panopticapi.
     if importlib.util.find_spec("panopticapi") is None:
         with pytest.raises(Seg2Error, match="COCOPanopticEvaluator, which needs the 'panopticapi' package"):
-            build_evaluator(_cfg("Seg2TestPanoptic"), name, None)
+            build_evaluator(_cfg("PanopticFPN"), name, None)
     else:
-        ev = build_evaluator(_cfg("Seg2TestPanoptic"), name, None)
+        ev = build_evaluator(_cfg("PanopticFPN"), name, None)
         assert [type(e).__name__ for e in ev._evaluators] == ["MaskAPEvaluator", "MIoUEvaluator", "COCOPanopticEvaluator"]
 
 

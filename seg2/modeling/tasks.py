@@ -5,7 +5,8 @@ META_ARCH_TASKS = {
     "GeneralizedRCNN": frozenset({"instances"}),
     "ProposalNetwork": frozenset(),
     "SemanticSegmentor": frozenset({"sem_seg"}),
-    "PanopticFPN": frozenset({"instances", "sem_seg"}),
+    # panoptic_seg only while MODEL.PANOPTIC_FPN.COMBINE.ENABLED (detectron2's default), see model_tasks
+    "PanopticFPN": frozenset({"instances", "sem_seg", "panoptic_seg"}),
 }
 
 
@@ -17,4 +18,7 @@ def model_tasks(cfg) -> frozenset:
             f"MODEL.META_ARCHITECTURE={name!r}: seg2 does not know which outputs it predicts; add it "
             "to seg2.modeling.META_ARCH_TASKS"
         )
-    return META_ARCH_TASKS[name]
+    tasks = META_ARCH_TASKS[name]
+    if name == "PanopticFPN" and not cfg.MODEL.PANOPTIC_FPN.COMBINE.ENABLED:
+        tasks = tasks - {"panoptic_seg"}  # PanopticFPN.forward combines the outputs only when enabled
+    return tasks
