@@ -136,7 +136,9 @@ def _cache_path(records: List[dict], num_classes: int, ignore_label: int, datase
     return os.path.join(cache_dir, "class_weights", f"{digest}.json")
 
 
-def _read_cache(path: str, num_classes: int):
+def _read_counts(path: str, num_classes: int, what: str):
+    """(JSON data, pixels, image_pixels) of a cache entry or a partial count; None, with a warning,
+    where it is unreadable or has other class counts (None, silently, where it does not exist)."""
     try:
         with open(path) as f:
             data = json.load(f)
@@ -144,12 +146,17 @@ def _read_cache(path: str, num_classes: int):
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as e:
-        logger.warning(f"class weights: ignoring the unreadable cache {path} ({e}); recomputing")
+        logger.warning(f"class weights: ignoring the unreadable {what} {path} ({e}); counting again")
         return None
     if pixels.shape != (num_classes,) or image_pixels.shape != (num_classes,):
-        logger.warning(f"class weights: ignoring the cache {path}, which has other class counts; recomputing")
+        logger.warning(f"class weights: ignoring the {what} {path}, which has other class counts; counting again")
         return None
-    return pixels, image_pixels
+    return data, pixels, image_pixels
+
+
+def _read_cache(path: str, num_classes: int):
+    counts = _read_counts(path, num_classes, "cache")
+    return None if counts is None else counts[1:]
 
 
 def _write_json(path: str, data: dict):
@@ -179,20 +186,14 @@ def _write_cache(path: str, pixels, image_pixels, dataset_names, num_records: in
 
 def _read_partial(path: str, num_classes: int, num_records: int):
     """(maps done, pixels, image_pixels) of an interrupted count of the same cache key, or None."""
-    try:
-        with open(path) as f:
-            data = json.load(f)
-        done = int(data["done"])
-        pixels, image_pixels = np.array(data["pixels"], np.int64), np.array(data["image_pixels"], np.int64)
-    except FileNotFoundError:
+    counts = _read_counts(path, num_classes, "partial count")
+    if counts is None:
         return None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        logger.warning(f"class weights: ignoring the unreadable partial count {path} ({e}); counting from the start")
+    done = counts[0].get("done")
+    if not isinstance(done, int) or not 0 < done <= num_records:
+        logger.warning(f"class weights: ignoring the partial count {path} (done={done!r}); counting again")
         return None
-    if not 0 < done <= num_records or pixels.shape != (num_classes,) or image_pixels.shape != (num_classes,):
-        logger.warning(f"class weights: ignoring the partial count {path}, which does not fit; counting from the start")
-        return None
-    return done, pixels, image_pixels
+    return (done, *counts[1:])
 
 
 def _count_resumable(records: List[dict], num_classes: int, ignore_label: int, cache: str):
