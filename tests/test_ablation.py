@@ -43,12 +43,54 @@ def test_mean_std_and_the_papers_ordering_by_hand():
     assert (aggs["pool"]["n"], aggs["pool"]["runs"]) == (2, 3)
     assert aggs["pool"]["mask_AP"] == 54.5 and aggs["pool"]["mask_AP_std"] == pytest.approx(statistics.stdev([50, 59]))
     verdict = ablation.pooler_ordering(rows)
-    # seed 1: 60 > 50 holds; seed 2: 58 < 59 fails; seed 3: the RoIPool run diverged, nothing to compare
-    assert (verdict["holds_in_seeds"], verdict["seeds"]) == (1, 3)
+    # seed 1: 60 > 50 holds; seed 2: 58 < 59 fails; seed 3: the RoIPool run diverged, left out
+    assert (verdict["holds_in_seeds"], verdict["seeds"], verdict["incomplete_seeds"]) == (1, 2, [3])
     # mean gaps: AP 59.667 - 54.5 = 5.167; AP50 89.333 - 88 = 1.333; AP75 69.333 - 60.5 = 8.833
     assert verdict["gaps"]["mask_AP75"] == pytest.approx(8.8333, abs=1e-4) and verdict["largest_gap_at_AP75"]
     table = ablation.markdown_table(list(aggs.values()), "poolers")
     assert "| align | 3/3 | ROIAlign | avg | 59.7 ± 1.5 |" in table and "| pool | 2/3 |" in table
+
+
+def test_ordering_only_on_complete_seeds_gaps_of_variant_means_and_single_values():
+    rows = [
+        _row("align", 1, "ROIAlign", 60.0, 90.0, 70.0), _row("align", 2, "ROIAlign", 50.0, 80.0, 60.0),
+        _row("warp", 1, "ROIWarp", 55.0, 89.0, 60.0), _row("warp", 2, "ROIWarp", 45.0, 79.0, 50.0),
+        _row("pool", 1, "ROIPool", 40.0, 85.0, 44.0),
+        _row("pool", 2, "ROIPool", float("nan"), float("nan"), float("nan"), status="diverged at iteration 85"),
+        _row("align", 3, "ROIAlign", 30.0, 60.0, 30.0),  # seed 3: only one variant has run so far
+    ]  # fmt: skip
+    verdict = ablation.pooler_ordering(rows)
+    # seed 1 (all three finished): 60 > 55 and 40, holds. Seed 2 would hold on the finished runs
+    # alone (50 > 45) but pool diverged; seed 3 has one variant: both left out, not judged.
+    assert (verdict["holds_in_seeds"], verdict["seeds"], verdict["incomplete_seeds"]) == (1, 1, [2, 3])
+    # variant means: align AP 46.667, AP50 76.667, AP75 53.333; warp 50 / 84 / 55; pool (n=1) 40 / 85 / 44.
+    # Gap = align - mean(warp, pool): AP 46.667 - 45 = 1.667; AP50 76.667 - 84.5 = -7.833;
+    # AP75 53.333 - 49.5 = 3.833 (pooling the 3 runs of the others instead would give 53.333 - 51.333 = 2.0)
+    assert verdict["gaps"]["mask_AP"] == pytest.approx(1.6667, abs=1e-4)
+    assert verdict["gaps"]["mask_AP50"] == pytest.approx(-7.8333, abs=1e-4)
+    assert verdict["gaps"]["mask_AP75"] == pytest.approx(3.8333, abs=1e-4) and verdict["largest_gap_at_AP75"]
+    aggs = ablation.aggregate(rows, "poolers")
+    table = ablation.markdown_table(aggs, "poolers")
+    # one finished seed: the mean alone, no "± 0.0" that would read as a measured zero spread
+    assert "| pool | 1/2 | ROIPool | avg | 40.0 | 85.0 | 44.0 | 40.0 |" in table
+    assert "| align | 3/3 | ROIAlign | avg | 46.7 ± 15.3 |" in table  # std of 60, 50, 30 = 15.275
+
+
+def test_ablate_tool_takes_options_right_after_the_seeds():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("seg2_tools_ablate", os.path.join(REPO_ROOT, "tools", "ablate.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    base = ["--configs", "a.yaml", "--output-dir", "out"]
+    args = tool.parse_args(base + ["--seeds", "1", "2", "3", "DATASETS.TEST", "('camvid_test',)"])
+    assert args.seeds == [1, 2, 3] and args.opts == ["DATASETS.TEST", "('camvid_test',)"]
+    args = tool.parse_args(base + ["--seeds", "4", "--", "SOLVER.MAX_ITER", "10"])
+    assert args.seeds == [4] and args.opts == ["SOLVER.MAX_ITER", "10"] and not args.report_only
+    args = tool.parse_args(["--report-only"] + base + ["SOLVER.MAX_ITER", "10"])
+    assert args.seeds == [1] and args.opts == ["SOLVER.MAX_ITER", "10"] and args.report_only
+    with pytest.raises(SystemExit):
+        tool.parse_args(base + ["--seeds", "SOLVER.MAX_ITER", "10"])
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +129,13 @@ def test_pooler_study_two_seeds_end_to_end_and_resume(tiny_data, tmp_path):
     again = ablation.run_ablation(configs, [1, 2], str(tmp_path), opts, command="test")
     key = lambda r: (r["variant"], r["seed"], r["mask_AP"], r["box_AP"], r["inference_s_per_image"])  # noqa: E731
     assert again[0]["mask_AP"] == 12.5 and [key(r) for r in again[1:]] == [key(r) for r in rows[1:]]
+    # --report-only: seed 3 has not run; the report holds the four finished runs and trains nothing
+    report = ablation.run_ablation(configs, [1, 2, 3], str(tmp_path), opts, command="test", report_only=True)
+    assert [key(r) for r in report] == [key(r) for r in again]
+    assert not (tmp_path / configs[0].split("/")[-1][:-5] / "seed3").exists()
+    assert "(4 runs done)" in (tmp_path / "ablation.md").read_text()
+    with pytest.raises(seg2.Seg2Error, match="no finished run"):
+        ablation.run_ablation(configs, [3], str(tmp_path), opts, command="test", report_only=True)
 
 
 def test_decoder_study_reports_accuracies_and_refuses_other_keys(tiny_data, tmp_path):

@@ -13,10 +13,11 @@ protocol, over several seeds, and report mean ± std per variant.
     python3 tools/ablate.py --configs 'configs/camvid/*-basic_10k_camvid.yaml' --seeds 1 2 3 \\
         --output-dir output/camvid_decoders DATASETS.TEST "('camvid_test',)"
 
-Trailing KEY VALUE pairs apply to every variant. The study (which keys may differ between the
+Trailing KEY VALUE pairs apply to every variant (also right after --seeds). The study (which keys may differ between the
 variants, which metrics to report) is chosen from the configs (--study auto) or named. Running the
 same command again resumes: finished runs are read back, an unfinished one resumes from its last
-checkpoint. Outputs in --output-dir: ablation.md, ablation.json, ablation.png.
+checkpoint. Outputs in --output-dir: ablation.md, ablation.json, ablation.png, rewritten after every
+run; --report-only rewrites them from the finished runs without training (while a study runs).
 """
 
 import argparse
@@ -42,7 +43,9 @@ def main(args):
             raise seg2.Seg2Error(f"--configs {pattern}: no such config file")
         configs += matches
     command = " ".join(["python3"] + sys.argv)
-    run_ablation(configs, args.seeds, args.output_dir, args.opts, study=args.study, command=command)
+    run_ablation(
+        configs, args.seeds, args.output_dir, args.opts, study=args.study, command=command, report_only=args.report_only
+    )  # fmt: skip
 
 
 def parse_args(argv=None, default_configs=None):
@@ -51,14 +54,38 @@ def parse_args(argv=None, default_configs=None):
         "--configs", action="append", required=default_configs is None,
         help="a variant config or a quoted glob of them; repeatable",
     )  # fmt: skip
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="SEED values; every variant runs each")
+    parser.add_argument(
+        "--seeds", nargs="+", default=["1"],
+        help="SEED values; every variant runs each (KEY VALUE pairs right after them are options, not seeds)",
+    )  # fmt: skip
     parser.add_argument("--study", default="auto", choices=["auto"] + sorted(STUDIES))
     parser.add_argument("--output-dir", required=default_configs is None, default=None)
     parser.add_argument("--num-gpus", type=int, default=1)
+    parser.add_argument(
+        "--report-only", action="store_true",
+        help="train nothing: write the report from the runs finished so far (e.g. while the study runs)",
+    )  # fmt: skip
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE pairs applied to every variant")
     args = parser.parse_args(argv)
     args.configs = args.configs or default_configs
+    # argparse gives `--seeds 1 2 KEY VALUE` all four words: the leading integers are the seeds, the
+    # rest are KEY VALUE options (detectron2's config keys never parse as integers)
+    words = args.seeds
+    n = next((i for i, w in enumerate(words) if not _is_int(w)), len(words))
+    if n == 0:
+        parser.error(f"argument --seeds: expected integers, got {words[0]!r}")
+    args.seeds, extra = [int(w) for w in words[:n]], words[n:]
+    opts = args.opts[1:] if args.opts[:1] == ["--"] else args.opts  # `--seeds 1 2 -- KEY VALUE` too
+    args.opts = extra + opts
     return args
+
+
+def _is_int(word):
+    try:
+        int(word)
+        return True
+    except ValueError:
+        return False
 
 
 def invoke_main(args=None):

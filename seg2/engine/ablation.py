@@ -48,6 +48,7 @@ __all__ = [
     "aggregate",
     "pooler_ordering",
     "write_report",
+    "read_result",
     "run_ablation",
 ]
 
@@ -233,10 +234,11 @@ def run_variant(name: str, cfg, study: str) -> dict:
 
 
 def _mean_std(values: Sequence[float]):
+    """Mean and sample std; the std is NaN (not 0) for one value, where there is no spread to tell."""
     values = [v for v in values if v == v]
     if not values:
         return float("nan"), float("nan")
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
 
 
 def aggregate(rows: List[dict], study: str) -> List[dict]:
@@ -259,29 +261,44 @@ def aggregate(rows: List[dict], study: str) -> List[dict]:
 
 def pooler_ordering(rows: List[dict]) -> dict:
     """Whether the paper's ordering holds: per seed, every RoIAlign variant above every RoIPool and
-    RoIWarp variant in mask AP; and (on the means) the RoIAlign gap largest at AP75."""
+    RoIWarp variant in mask AP; and the RoIAlign gap largest at AP75.
+
+    The per-seed verdict counts only the seeds in which every variant finished (a seed where a
+    variant diverged or has not run yet is listed in ``incomplete_seeds``, not judged on the rest).
+    The gaps are the mean of the RoIAlign variants' means minus the mean of the other variants'
+    means (each variant weighs the same, whatever its number of finished seeds): the table's rows."""
     align = lambda r: r["pooler_type"] in ("ROIAlign", "ROIAlignV2")  # noqa: E731
+    variants = {r["variant"] for r in rows}
     seeds = sorted({r["seed"] for r in rows})
-    holds = 0
+    holds, complete = 0, []
     for s in seeds:
         runs = [r for r in rows if r["seed"] == s and r["status"] == "finished"]
+        if {r["variant"] for r in runs} != variants:
+            continue
+        complete.append(s)
         a = [r["mask_AP"] for r in runs if align(r)]
         b = [r["mask_AP"] for r in runs if not align(r)]
         holds += bool(a and b and min(a) > max(b))
+    aggs = aggregate(rows, "poolers")
 
     def gap(key):
-        a = [r[key] for r in rows if align(r) and r["status"] == "finished"]
-        b = [r[key] for r in rows if not align(r) and r["status"] == "finished"]
+        a = [g[key] for g in aggs if g["pooler_type"] in ("ROIAlign", "ROIAlignV2") and g[key] == g[key]]
+        b = [g[key] for g in aggs if g["pooler_type"] not in ("ROIAlign", "ROIAlignV2") and g[key] == g[key]]
         return (statistics.mean(a) - statistics.mean(b)) if a and b else float("nan")
 
     gaps = {k: gap(k) for k in ("mask_AP", "mask_AP50", "mask_AP75")}
     largest = max(gaps, key=lambda k: -math.inf if gaps[k] != gaps[k] else gaps[k])
-    return {"holds_in_seeds": holds, "seeds": len(seeds), "gaps": gaps, "largest_gap_at_AP75": largest == "mask_AP75"}
+    return {
+        "holds_in_seeds": holds, "seeds": len(complete), "incomplete_seeds": [s for s in seeds if s not in complete],
+        "gaps": gaps, "largest_gap_at_AP75": gaps["mask_AP75"] == gaps["mask_AP75"] and largest == "mask_AP75",
+    }  # fmt: skip
 
 
 def _fmt(mean, std, digits=1):
     if mean != mean:
         return "n/a"
+    if std != std:  # one value: the mean alone
+        return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
@@ -340,12 +357,19 @@ def write_report(rows: List[dict], study: str, output_dir: str, command: str) ->
     if study == "poolers":
         verdict = pooler_ordering(rows)
         g = verdict["gaps"]
+        left_out = verdict["incomplete_seeds"]
         text += (
             f"\nPaper's ordering (every RoIAlign variant above RoIPool and RoIWarp in mask AP): holds in "
-            f"{verdict['holds_in_seeds']} of {verdict['seeds']} seeds. RoIAlign minus the others, mean mask "
-            f"AP / AP50 / AP75: {g['mask_AP']:+.1f} / {g['mask_AP50']:+.1f} / {g['mask_AP75']:+.1f} "
+            f"{verdict['holds_in_seeds']} of {verdict['seeds']} seeds in which every variant finished"
+            + (f" (left out: seed {', '.join(map(str, left_out))})" if left_out else "")
+            + f". RoIAlign minus the others (mean of the variants' means), mask AP / AP50 / AP75: "
+            f"{g['mask_AP']:+.1f} / {g['mask_AP50']:+.1f} / {g['mask_AP75']:+.1f} "
             f"(largest at AP75: {'yes' if verdict['largest_gap_at_AP75'] else 'no'}).\n"
         )
+    diverged = [r for r in rows if r["status"] != "finished"]
+    text += "\nDiverged runs: " + (
+        "; ".join(f"{r['variant']} seed {r['seed']} ({r['status']})" for r in diverged) if diverged else "none"
+    ) + f" ({len(rows)} runs done).\n"  # fmt: skip
     machine = (
         f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), "
@@ -361,9 +385,23 @@ def write_report(rows: List[dict], study: str, output_dir: str, command: str) ->
     return text
 
 
-def run_ablation(config_files: Sequence[str], seeds: Sequence[int], output_dir: str, opts=(), study="auto", command=""):
+def read_result(cfg):
+    """The result of a finished (variant, seed), or None where it has not finished."""
+    path = os.path.join(cfg.OUTPUT_DIR, RESULT_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_ablation(
+    config_files: Sequence[str], seeds: Sequence[int], output_dir: str, opts=(), study="auto", command="",
+    report_only=False,
+):  # fmt: skip
     """Every (variant, seed) of ``config_files`` x ``seeds``, seed-major (all variants of a seed
-    before the next seed), then the report. Returns the per-run rows."""
+    before the next seed); the report is rewritten after every run, so that it always holds the
+    runs done so far. ``report_only``: train nothing, report the runs already finished (e.g. while
+    the study still runs in another process). Returns the per-run rows."""
     per_seed = {
         s: {os.path.splitext(os.path.basename(p))[0]: variant_cfg(p, opts, output_dir, s) for p in config_files}
         for s in seeds
@@ -374,9 +412,19 @@ def run_ablation(config_files: Sequence[str], seeds: Sequence[int], output_dir: 
         raise Seg2Error(f"--study {study!r}: choose auto or one of {sorted(STUDIES)}")
     check_same_protocol(first, study)
     runs = [(name, cfg) for s in seeds for name, cfg in per_seed[s].items()]
-    # a line with the ETA after every run (period 0): runs take minutes each; finished runs are read
-    # back from their result file, so an interrupted ablation resumes where it stopped
-    rows = [run_variant(name, cfg, study) for name, cfg in log_progress(runs, len(runs), "ablation runs", logger, 0.0)]
+    rows = []
+    if report_only:
+        rows = [r for r in (read_result(cfg) for _, cfg in runs) if r is not None]
+        logger.info(f"ablation: {len(rows)} of {len(runs)} runs finished; reporting those, training nothing")
+        if not rows:
+            raise Seg2Error(f"{output_dir}: no finished run ({RESULT_FILE}) to report yet")
+    else:
+        # a line with the ETA after every run (period 0): runs take minutes each; finished runs are
+        # read back from their result file, so an interrupted ablation resumes where it stopped
+        for name, cfg in log_progress(runs, len(runs), "ablation runs", logger, 0.0):
+            rows.append(run_variant(name, cfg, study))
+            if comm.is_main_process() and len(rows) < len(runs):
+                write_report(rows, study, output_dir, command)
     if comm.is_main_process():
         text = write_report(rows, study, output_dir, command)
         logger.info(f"{STUDIES[study]['title']}:\n" + text)
