@@ -1,6 +1,7 @@
 """Training: detectron2's ``DefaultTrainer`` with seg2's data mapper and evaluators, the setup
 that ``tools/train_net.py`` runs, and the training-speed benchmark of ``tools/benchmark.py``."""
 
+from .amp import Seg2AMPTrainer
 from .defaults import Trainer, setup
 
-__all__ = ["Trainer", "setup"]
+__all__ = ["Seg2AMPTrainer", "Trainer", "setup"]

@@ -18,6 +18,7 @@ from detectron2.utils.logger import setup_logger
 from ..config import load_seg2_config
 from ..data import MultiTaskDatasetMapper, check_dataset_names
 from ..evaluation import build_evaluator
+from .amp import Seg2AMPTrainer
 from .hooks import build_best_checkpoint_hooks
 
 __all__ = ["Trainer", "setup"]
@@ -25,7 +26,14 @@ __all__ = ["Trainer", "setup"]
 
 class Trainer(DefaultTrainer):
     """DefaultTrainer with seg2's mapper (instances and label maps) and evaluator choice, keeping
-    the best model by ``SEG2.BEST_CHECKPOINT``."""
+    the best model by ``SEG2.BEST_CHECKPOINT``; ``SOLVER.AMP.ENABLED`` also trains on the CPU
+    (bfloat16 autocast, :class:`Seg2AMPTrainer`)."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if cfg.SOLVER.AMP.ENABLED:  # detectron2's AMPTrainer requires CUDA; this one defers to it there
+            t = self._trainer
+            self._trainer = Seg2AMPTrainer(t.model, t.data_loader, t.optimizer)
 
     def build_hooks(self):
         ret = super().build_hooks()

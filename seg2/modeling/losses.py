@@ -288,7 +288,11 @@ class SemSegLoss(nn.Module):
             self.class_weight_fn = None
         if self.class_weight is not None and self.class_weight.numel() != logits.shape[1]:
             raise ValueError(f"{self.class_weight.numel()} class weights for {logits.shape[1]} classes")
-        return sum(self._term(t)(logits, targets, ignore_value=self.ignore_value) for t in self.terms)
+        # In float32 under mixed precision (SOLVER.AMP): softmax, sums over many pixels and
+        # Lovász's sort lose too much in float16/bfloat16 (CPU autocast keeps softmax in bf16).
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            logits = logits.float()
+            return sum(self._term(t)(logits, targets, ignore_value=self.ignore_value) for t in self.terms)
 
 
 def _class_weight_config(cfg, terms):

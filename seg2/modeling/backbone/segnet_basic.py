@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ...utils import Seg2Error
+from ..norm import check_norm
 
 __all__ = ["SegNetBasicEncoder", "build_segnet_basic_backbone"]
 
@@ -86,6 +87,7 @@ class SegNetBasicEncoder(Backbone):
 def build_segnet_basic_backbone(cfg, input_shape: ShapeSpec):
     """A :class:`SegNetBasicEncoder` from ``cfg.MODEL.SEGNET_BASIC``."""
     b = cfg.MODEL.SEGNET_BASIC
+    check_norm(b.NORM, [b.CHANNELS], "MODEL.SEGNET_BASIC.NORM", "MODEL.SEGNET_BASIC.CHANNELS")
     try:
         return SegNetBasicEncoder(
             in_channels=input_shape.channels,

@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ...utils import Seg2Error
+from ..norm import check_norm
 
 __all__ = ["UNetEncoder", "conv3x3_block", "build_unet_encoder_backbone"]
 
@@ -99,6 +100,7 @@ class UNetEncoder(Backbone):
 def build_unet_encoder_backbone(cfg, input_shape: ShapeSpec):
     """A :class:`UNetEncoder` from ``cfg.MODEL.UNET_ENCODER``."""
     enc = cfg.MODEL.UNET_ENCODER
+    check_norm(enc.NORM, enc.CHANNELS, "MODEL.UNET_ENCODER.NORM", "MODEL.UNET_ENCODER.CHANNELS")
     if enc.PADDING not in PADDING_MODES:
         raise Seg2Error(f"MODEL.UNET_ENCODER.PADDING={enc.PADDING!r}: must be one of {PADDING_MODES}")
     try:

@@ -10,6 +10,7 @@ from torchvision.models.vgg import cfgs as TORCHVISION_VGG_CFGS
 from torchvision.models.vgg import make_layers
 
 from ...utils import Seg2Error
+from ..norm import check_norm
 
 __all__ = ["VGG", "FCConv2d", "build_vgg_backbone", "vgg_feature_offsets"]
 
@@ -176,6 +177,7 @@ class VGG(Backbone):
 def build_vgg_backbone(cfg, input_shape: ShapeSpec):
     """A :class:`VGG` from ``cfg.MODEL.VGG``."""
     vgg = cfg.MODEL.VGG
+    check_norm(vgg.NORM, vgg.CHANNELS, "MODEL.VGG.NORM", "MODEL.VGG.CHANNELS")
     try:
         return VGG(
             depth=vgg.DEPTH,

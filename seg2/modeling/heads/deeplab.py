@@ -9,6 +9,7 @@ from detectron2.projects.deeplab import DeepLabV3PlusHead
 from torch import nn
 
 from ..losses import SemSegLoss, build_sem_seg_loss
+from ..norm import check_norm
 from ..upsample import Upsample
 from .common import check_upsample_mode, final_upsample, sem_seg_loss, sorted_features
 
@@ -64,7 +65,16 @@ class Seg2DeepLabV3PlusHead(DeepLabV3PlusHead):
 
     @classmethod
     def from_config(cls, cfg, input_shape):
-        sorted_features(input_shape, cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES)
+        sem = cfg.MODEL.SEM_SEG_HEAD
+        sorted_features(input_shape, sem.IN_FEATURES)
+        # detectron2's head puts MODEL.SEM_SEG_HEAD.NORM after every conv: the low-level
+        # projections, ASPP and the fuse convs.
+        for channels_key, channels in (
+            ("MODEL.SEM_SEG_HEAD.PROJECT_CHANNELS", sem.PROJECT_CHANNELS),
+            ("MODEL.SEM_SEG_HEAD.ASPP_CHANNELS", [sem.ASPP_CHANNELS]),
+            ("MODEL.SEM_SEG_HEAD.CONVS_DIM", [sem.CONVS_DIM]),
+        ):
+            check_norm(sem.NORM, channels, "MODEL.SEM_SEG_HEAD.NORM", channels_key)
         ret = super().from_config(cfg, input_shape)
         # detectron2 sizes ASPP's image pooling to the training crop, and then refuses inputs
         # whose feature map does not divide that window (VOC's test images, say); pool globally.

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ...utils import Seg2Error
+from ..norm import check_norm
 from ..upsample import Upsample
 from .common import BaseSemSegHead, check_upsample_mode, final_upsample, sorted_features
 
@@ -151,6 +152,12 @@ class SegNetHead(BaseSemSegHead):
             raise Seg2Error(f"MODEL.SEGNET_HEAD.SKIP={head.SKIP!r}: must be one of {SKIP_MODES}")
         if head.KERNEL_SIZE % 2 != 1:
             raise Seg2Error(f"MODEL.SEGNET_HEAD.KERNEL_SIZE={head.KERNEL_SIZE}: must be odd")
+        # The decoder convs mirror the encoder: they keep the channels of the stages they decode.
+        stages = sorted(maps, key=lambda f: shapes[f].stride)[:-1]
+        check_norm(
+            head.NORM, [shapes[f].channels for f in stages], "MODEL.SEGNET_HEAD.NORM",
+            f"the backbone's channels of the encoder stages {stages} (MODEL.SEM_SEG_HEAD.IN_FEATURES)",
+        )  # fmt: skip
         ret = super().from_config(cfg, input_shape)
         ret.update(
             input_shape=shapes,

@@ -10,6 +10,7 @@ import torch
 
 from ...utils import Seg2Error
 from ..backbone.unet_encoder import PADDING_MODES, conv3x3_block
+from ..norm import check_norm
 from ..upsample import Upsample, center_crop, match_size
 from .common import BaseSemSegHead, check_upsample_mode, final_upsample, nested_features
 
@@ -90,6 +91,12 @@ class UNetHead(BaseSemSegHead):
                 f"MODEL.UNET_HEAD.DECODER_CHANNELS={list(head.DECODER_CHANNELS)}: {len(names) - 1} up steps "
                 f"(MODEL.SEM_SEG_HEAD.IN_FEATURES={names}) need {len(names) - 1} values, or [] for the skips' channels"
             )
+        if head.DECODER_CHANNELS:
+            channels, channels_key = head.DECODER_CHANNELS, "MODEL.UNET_HEAD.DECODER_CHANNELS"
+        else:  # [] : each step keeps its skip feature's channels
+            channels = [input_shape[f].channels for f in names[:-1]]
+            channels_key = f"MODEL.UNET_HEAD.DECODER_CHANNELS=[] (the channels of the skip features {names[:-1]})"
+        check_norm(head.NORM, channels, "MODEL.UNET_HEAD.NORM", channels_key)
         ret = super().from_config(cfg, input_shape)
         ret.update(
             input_shape={f: input_shape[f] for f in names},
