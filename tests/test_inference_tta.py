@@ -16,7 +16,9 @@ import seg2
 from seg2 import Seg2Error
 from seg2.data import register_coco_with_sem_seg
 from seg2.engine import Trainer
-from seg2.inference import MultiTaskRCNNWithTTA, SemanticSegmentorWithTTA, TiledSemSegInference, build_tta_model
+from seg2.inference import (
+    MultiTaskRCNNWithTTA, Seg2Predictor, SemanticSegmentorWithTTA, TiledSemSegInference, build_tta_model,
+)
 
 
 def _image(h, w, seed=0):
@@ -145,3 +147,19 @@ def test_trainer_evaluates_with_tta(tiny_shapes_root, tmp_path):
     flip = Trainer.test_with_TTA(_aug(cfg, (48, 64), True, max_size=64), model)
     assert 0.0 <= flip["sem_seg_TTA"]["mIoU"] <= 100.0 and flip["sem_seg_TTA"] != plain["sem_seg"]
     assert os.path.isdir(tmp_path / "inference_TTA" / "seg2_test_tta_val")
+
+
+def test_predictor_with_tta():
+    torch.manual_seed(6)
+    cfg = tiny_semantic_cfg("UNetHead", "unet_same")
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 40, 1000
+    plain = Seg2Predictor(cfg)
+    bgr = np.random.default_rng(6).integers(0, 256, (40, 52, 3), dtype=np.uint8)
+    ref = plain(bgr)["sem_seg"]
+    identity = Seg2Predictor(_aug(cfg.clone(), (40,), False))
+    identity.model.load_state_dict(plain.model.state_dict())
+    assert torch.equal(identity(bgr)["sem_seg"], ref)
+    flip = Seg2Predictor(_aug(cfg.clone(), (40,), True))
+    flip.model.load_state_dict(plain.model.state_dict())
+    by_hand = (ref + plain(np.ascontiguousarray(bgr[:, ::-1]))["sem_seg"].flip(-1)) / 2
+    torch.testing.assert_close(flip(bgr)["sem_seg"], by_hand, rtol=1e-5, atol=1e-5)
