@@ -6,11 +6,13 @@ import time
 
 import numpy as np
 import pytest
+from detectron2.modeling import build_model
 from seg2_model_helpers import tiny_semantic_cfg
 
 from seg2.data import SHAPES_CLASSES, register_coco_with_sem_seg
 from seg2.engine.benchmark import benchmark_train
-from seg2.inference.benchmark import benchmark_tiling
+from seg2.inference import TiledSemSegInference
+from seg2.inference.benchmark import benchmark_tiling, tiling_bounds
 from seg2.utils.benchmark import PeakMemory, rss_mb, time_iterations, time_round_robin, timed
 
 
@@ -86,3 +88,15 @@ def test_benchmark_tiling_rows():
         (64, "tiled_labels", 4), (64, "tiled_logits", 4),
     ]
     assert all(r["seconds_per_iter"] > 0 and r["peak_mb"] >= r["start_mb"] > 0 for r in rows)
+    assert all(r["warmup"] == 1 and r["iters"] == 1 for r in rows)
+    # 4 tiles of 32 x 32 (stride 32, no overlap) cover 64 x 64 pixels of a 48 x 48 image
+    assert rows[0]["overlap_bound"] == 1.0 and rows[0]["pixel_bound"] == 4 * 32 * 32 / 48**2
+
+
+def test_tiling_bounds_by_hand():
+    cfg = tiny_semantic_cfg("UNetHead", "unet_same")  # largest feature stride 16
+    model = build_model(cfg).eval()
+    tiler = TiledSemSegInference(model, tile_size=64, stride=48, margin=8)
+    b = tiling_bounds(tiler, 160, 112)  # rows 0, 48, 96; columns 0, 48: 6 tiles of 80 x 80 seen
+    assert b["overlap_bound"] == (64 / 48) ** 2
+    assert b["pixel_bound"] == 6 * 80 * 80 / (160 * 112)

@@ -177,6 +177,33 @@ def test_labels_are_argmax_of_blended_logits_and_tiles_differ_from_whole():
     assert not torch.allclose(logits, _whole(model, image))
 
 
+def test_tiles_equal_stitching_by_hand_and_band_wraps_around():
+    # Reference: each tile cut with mirror_window, run alone, weighted and summed by hand in a
+    # full (K, H, W) buffer. The tiler cuts tiles from one mirror-padded copy of the image and
+    # keeps only a band of rows (a ring buffer): same logits, same labels.
+    _, model = _model("UNetHead", "unet_same")
+    image = _image(83, 45, seed=5)
+    tiler = TiledSemSegInference(model, tile_size=32, stride=16, batch_size=3, blend="linear", margin=5)
+    (th, tw), tiles = tiler.tiles(83, 45)
+    ys, xs = sorted({y for y, _ in tiles}), sorted({x for _, x in tiles})
+    assert ys == [0, 16, 32, 48, 64] and xs == [0, 16]  # the last row/column reach past the image
+    band = tiler._band_rows(tiles, 3, th, 83)
+    assert band == 48  # batches [(0,0),(0,16),(16,0)], [(16,16),(32,0),(32,16)], ...: 0..47 open at most
+    w = blend_window(32, "linear")
+    w2d = (w[:, None] * w[None, :]).float()
+    acc, norm = torch.zeros(4, 83 + 32, 45 + 32), torch.zeros(83 + 32, 45 + 32)
+    with torch.no_grad():
+        for y, x in tiles:
+            window = mirror_window(image, (y - 5, y + 32 + 5), (x - 5, x + 32 + 5))
+            logits = model.sem_seg_logits(window[None], (5, 5, 5, 5))[0]
+            acc[:, y : y + 32, x : x + 32] += logits * w2d
+            norm[y : y + 32, x : x + 32] += w2d
+    expected = (acc / norm)[:, :83, :45]
+    logits = tiler(image)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(tiler(image, output="labels").long(), logits.argmax(0))
+
+
 def test_tiling_config_errors_name_the_key():
     cfg, model = _model("UNetHead", "unet_same")
     cfg.SEG2.TILING.TILE_SIZE, cfg.SEG2.TILING.STRIDE = 32, 48

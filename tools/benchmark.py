@@ -37,8 +37,11 @@ def get_parser():
     p.add_argument("--iters", type=int, default=10, help="timed iterations")
     p.add_argument("--sizes", type=int, nargs="+", default=[4096], help="tiling: square image sides")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="tiling: cases to run")
-    p.add_argument("--tiling-warmup", type=int, default=0, help="tiling: untimed runs per case first")
-    p.add_argument("--tiling-iters", type=int, default=1, help="tiling: timed runs per case")
+    p.add_argument(
+        "--tiling-warmup", type=int, default=1,
+        help="tiling: untimed runs per case first (0 times the first call: cuDNN autotuning, allocator)",
+    )
+    p.add_argument("--tiling-iters", type=int, default=1, help="tiling: timed rounds, the cases taking turns")
     p.add_argument("--whole-max-size", type=int, default=4096, help="tiling: largest side also run whole")
     p.add_argument("--json", default="", help="write the results here (default OUTPUT_DIR/benchmark.json)")
     p.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
@@ -67,8 +70,10 @@ def format_table(results) -> str:
         extra = ""
         if r["mode"] != "whole" and r["size"] in whole:
             w = whole[r["size"]]
+            ratio = r["seconds_per_iter"] / w["seconds_per_iter"]
             extra = (
-                f"  time x{r['seconds_per_iter'] / w['seconds_per_iter']:.2f}, "
+                f"  time x{ratio:.2f} of whole (x{ratio / r['overlap_bound']:.2f} of the overlap bound "
+                f"{r['overlap_bound']:.2f}, x{ratio / r['pixel_bound']:.2f} of the tile-pixel bound {r['pixel_bound']:.2f}), "
                 f"peak-start x{(r['peak_mb'] - r['start_mb']) / max(w['peak_mb'] - w['start_mb'], 1e-9):.3f} of whole"
             )
         lines.append(

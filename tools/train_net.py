@@ -4,6 +4,8 @@ seg2 training script: Mask R-CNN, semantic and multi-task models on seg2's datas
 
     python tools/train_net.py --config-file configs/quickstart/mask_rcnn_R18_FPN_shapes_cpu.yaml
     python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
+    python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS ... TEST.AUG.ENABLED True \
+        TEST.AUG.MIN_SIZES "(288, 360, 432)" TEST.AUG.MAX_SIZE 1000   # also with test-time augmentation
 
 The trainer and the setup are :mod:`seg2.engine`'s, for scripts of your own to reuse.
 """
@@ -22,7 +24,10 @@ def main(args):
     if args.eval_only:
         model = Trainer.build_model(cfg)
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-        return Trainer.test(cfg, model)
+        res = Trainer.test(cfg, model)
+        if cfg.TEST.AUG.ENABLED:
+            res.update(Trainer.test_with_TTA(cfg, model))
+        return res
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()

@@ -8,7 +8,9 @@
     trainer.train()
 """
 
+import logging
 import os
+from collections import OrderedDict
 
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_setup, hooks
@@ -18,6 +20,7 @@ from detectron2.utils.logger import setup_logger
 from ..config import load_seg2_config
 from ..data import MultiTaskDatasetMapper, check_dataset_names
 from ..evaluation import build_evaluator
+from ..inference.tta import build_tta_model
 from .amp import Seg2AMPTrainer
 from .hooks import build_best_checkpoint_hooks
 
@@ -27,7 +30,7 @@ __all__ = ["Trainer", "setup"]
 class Trainer(DefaultTrainer):
     """DefaultTrainer with seg2's mapper (instances and label maps) and evaluator choice, keeping
     the best model by ``SEG2.BEST_CHECKPOINT``; ``SOLVER.AMP.ENABLED`` also trains on the CPU
-    (bfloat16 autocast, :class:`Seg2AMPTrainer`)."""
+    (bfloat16 autocast, :class:`Seg2AMPTrainer`); :meth:`test_with_TTA` evaluates with ``TEST.AUG``."""
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -47,6 +50,20 @@ class Trainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return build_evaluator(cfg, dataset_name, output_folder)
+
+    @classmethod
+    def test_with_TTA(cls, cfg, model):
+        """Evaluation with test-time augmentation (``TEST.AUG``, :func:`seg2.inference.build_tta_model`),
+        as detectron2's ``tools/train_net.py`` does it: results under "<dataset>_TTA", outputs in
+        OUTPUT_DIR/inference_TTA."""
+        logging.getLogger("seg2").info("Running inference with test-time augmentation ...")
+        tta_model = build_tta_model(cfg, model)
+        evaluators = [
+            cls.build_evaluator(cfg, name, output_folder=os.path.join(cfg.OUTPUT_DIR, "inference_TTA", name))
+            for name in cfg.DATASETS.TEST
+        ]
+        res = cls.test(cfg, tta_model, evaluators)
+        return OrderedDict((k + "_TTA", v) for k, v in res.items())
 
     @classmethod
     def build_train_loader(cls, cfg):

@@ -15,6 +15,7 @@ from ..modeling.tasks import model_tasks
 from ..utils import Seg2Error
 from .io import to_uint8_image
 from .tiling import TiledSemSegInference
+from .tta import build_tta_model
 
 __all__ = ["Seg2Predictor"]
 
@@ -27,7 +28,8 @@ class Seg2Predictor:
     resizes each image by ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST`` (0: native resolution) and
     returns the model's outputs at the image's own size. With ``SEG2.TILING.ENABLED`` the
     semantic branch runs tile by tile (:class:`TiledSemSegInference`); instances still come from
-    the whole (resized) image.
+    the whole (resized) image. With ``TEST.AUG.ENABLED`` the outputs are test-time augmented
+    (:func:`seg2.inference.build_tta_model`; scales of the resized image, each tiled if tiling is on).
 
     Example::
 
@@ -59,6 +61,8 @@ class Seg2Predictor:
                     "semantic map; tiling applies to semantic models and the semantic branch of multi-task ones"
                 )
             self.tiler = TiledSemSegInference(cfg, self.model)
+        # TEST.AUG.ENABLED: test-time augmentation (each scale tiled when SEG2.TILING.ENABLED).
+        self.tta = build_tta_model(self.cfg, self.model) if cfg.TEST.AUG.ENABLED else None
 
     @torch.no_grad()
     def __call__(self, original_image: np.ndarray, sem_seg_output: str = "logits") -> dict:
@@ -84,7 +88,9 @@ class Seg2Predictor:
         resized = transform.apply_image(image)
         tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
         inputs = {"image": tensor, "height": height, "width": width}
-        if self.tiler is None:
+        if self.tta is not None:
+            out = self.tta([inputs])[0]
+        elif self.tiler is None:
             out = self.model([inputs])[0]
         else:
             out = {}

@@ -96,29 +96,41 @@ def _sem_seg_logits_of(model) -> Callable:
 
 
 class _Stitcher:
-    """Sums weighted tile logits and divides by the summed weights. With ``keep_logits=False``
-    only the rows still open to later tiles are kept; finished rows become class indices."""
+    """
+    Sums weighted tile logits and divides by the summed weights. With ``keep_logits=False`` only
+    the ``band`` rows still open to later tiles are kept, in a ring buffer allocated once (image
+    row ``r`` lives in buffer row ``r % band``); finished rows become class indices and their
+    buffer rows are zeroed for the rows below.
+    """
 
-    def __init__(self, num_classes, height, width, norm_y, norm_x, keep_logits, device):
+    def __init__(self, num_classes, height, width, norm_y, norm_x, keep_logits, band, device, dtype):
         self.norm_y, self.norm_x = norm_y, norm_x
         self.keep_logits = keep_logits
         self.height = height
-        if keep_logits:
-            self.buf = torch.zeros(num_classes, height, width, device=device)
-        else:
-            self.buf = torch.zeros(num_classes, 0, width, device=device)
+        self.band = height if keep_logits else band
+        self.buf = torch.zeros(num_classes, self.band, width, device=device, dtype=dtype)
+        if not keep_logits:
             self.labels = torch.empty(height, width, dtype=torch.uint8 if num_classes <= 256 else torch.int64, device=device)
-        self.base = 0  # image row of self.buf[:, 0]
+        self.base = 0  # first image row not finished yet
 
-    def add(self, logits: torch.Tensor, y0: int, x0: int):
+    def _segments(self, y0: int, y1: int):
+        """(buffer row, image row, rows) pieces of image rows ``y0 .. y1-1`` in the ring."""
+        out, y = [], y0
+        while y < y1:
+            r = y % self.band
+            n = min(y1 - y, self.band - r)
+            out.append((r, y, n))
+            y += n
+        return out
+
+    def add(self, logits: torch.Tensor, weight: torch.Tensor, y0: int, x0: int):
+        """Adds ``logits * weight`` ((K, th, tw) and (th, tw)) at image position (y0, x0)."""
         # A tile reaching past the bottom/right border: keep the part inside the image.
-        logits = logits[:, : self.height - y0, : self.buf.shape[2] - x0]
-        k, th, tw = logits.shape
-        need = y0 + th - self.base
-        if need > self.buf.shape[1]:
-            grow = torch.zeros(k, need - self.buf.shape[1], self.buf.shape[2], device=self.buf.device, dtype=self.buf.dtype)
-            self.buf = torch.cat([self.buf, grow], dim=1)
-        self.buf[:, y0 - self.base : y0 - self.base + th, x0 : x0 + tw] += logits
+        th, tw = min(logits.shape[1], self.height - y0), min(logits.shape[2], self.buf.shape[2] - x0)
+        assert y0 >= self.base and y0 + th - self.base <= self.band, "tile outside the open band"
+        for r, y, n in self._segments(y0, y0 + th):
+            i = y - y0
+            self.buf[:, r : r + n, x0 : x0 + tw].addcmul_(logits[:, i : i + n, :tw], weight[i : i + n, :tw])
 
     def _normalise(self, part: torch.Tensor, y0: int, y1: int):
         part.div_(self.norm_y[y0:y1].view(1, -1, 1)).div_(self.norm_x.view(1, 1, -1))
@@ -127,12 +139,12 @@ class _Stitcher:
         """Rows above ``upto`` get no more tiles."""
         if self.keep_logits or upto <= self.base:
             return
-        n = upto - self.base
-        part = self.buf[:, :n]
-        self._normalise(part, self.base, upto)
-        # max(0).indices: argmax, first index on ties, several times faster than argmax(0) on CPU
-        self.labels[self.base : upto] = part.max(0).indices.to(self.labels.dtype)
-        self.buf = self.buf[:, n:]
+        for r, y, n in self._segments(self.base, upto):
+            part = self.buf[:, r : r + n]
+            self._normalise(part, y, y + n)
+            # max(0).indices: argmax, first index on ties, several times faster than argmax(0) on CPU
+            self.labels[y : y + n] = part.max(0).indices.to(self.labels.dtype)
+            part.zero_()
         self.base = upto
 
     def result(self) -> torch.Tensor:
@@ -232,6 +244,16 @@ class TiledSemSegInference:
             norm[s : s + side] += w[: length - s]
         return w.float().to(device), norm.float().to(device)
 
+    @staticmethod
+    def _band_rows(tiles: List[Tuple[int, int]], batch_size: int, tile_h: int, height: int) -> int:
+        """Rows the stitcher keeps open at most: from the first row of a batch's first tile to the
+        last row its tiles reach (rows above a batch's first tile are finished before it)."""
+        band = 1
+        for i in range(0, len(tiles), batch_size):
+            chunk = tiles[i : i + batch_size]
+            band = max(band, min(height, chunk[-1][0] + tile_h) - chunk[0][0])
+        return band
+
     @torch.no_grad()
     def __call__(self, image: torch.Tensor, output: str = "logits") -> torch.Tensor:
         """
@@ -249,7 +271,7 @@ class TiledSemSegInference:
         if image.dim() != 3 or min(image.shape) < 1:
             raise ValueError(f"expected a (C, H, W) image, got shape {tuple(image.shape)}")
         _, height, width = image.shape
-        device = self.model.device
+        device = torch.device(self.model.device)
         (th, tw), tiles = self.tiles(height, width)
         ys = sorted({y for y, _ in tiles})
         xs = sorted({x for _, x in tiles})
@@ -257,20 +279,50 @@ class TiledSemSegInference:
         wy, norm_y = self._weights(th, ys, height, device)
         wx, norm_x = self._weights(tw, xs, width, device)
         w2d = wy[:, None] * wx[None, :]
-        image = image.cpu()
+        cuda = device.type == "cuda"
+        if cuda and image.device.type == "cpu":
+            image = image.pin_memory()
+        # The image goes to the model's device once (asynchronously from pinned memory on CUDA)
+        # and is mirror-padded there once: every tile with its context is then a slice of it,
+        # cut on the device (the same pixels mirror_window gives tile by tile).
+        image = image.to(device, non_blocking=cuda)
+        rows, cols = (-top, ys[-1] + th + bottom), (-left, xs[-1] + tw + right)
+        if rows != (0, height) or cols != (0, width):
+            image = mirror_window(image, rows, cols)
+        ih, iw = top + th + bottom, left + tw + right
+        chunks = [tiles[i : i + self.batch_size] for i in range(0, len(tiles), self.batch_size)]
+
+        def cut(chunk):
+            return torch.stack([image[:, y : y + ih, x : x + iw] for y, x in chunk])
+
+        # CUDA: the next batch is cut on a side stream while the model runs on the current one.
+        # On the CPU there is nothing to overlap: batches are cut one after another.
+        side = torch.cuda.Stream(device) if cuda else None
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(device))
         stitcher = None
-        for i in range(0, len(tiles), self.batch_size):
-            chunk = tiles[i : i + self.batch_size]
-            windows = [mirror_window(image, (y - top, y + th + bottom), (x - left, x + tw + right)) for y, x in chunk]
-            batch = torch.stack(windows).to(device)
-            del windows
+        nxt = cut(chunks[0])
+        for k, chunk in enumerate(chunks):
+            batch = nxt
+            if side is not None:
+                current = torch.cuda.current_stream(device)
+                current.wait_stream(side)
+                batch.record_stream(current)
+            if k + 1 < len(chunks):
+                if side is not None:
+                    with torch.cuda.stream(side):
+                        nxt = cut(chunks[k + 1])
+                else:
+                    nxt = None
             logits = self.sem_seg_logits(batch, (top, bottom, left, right))
             del batch
+            if side is None and k + 1 < len(chunks):
+                nxt = cut(chunks[k + 1])
             if stitcher is None:
-                stitcher = _Stitcher(logits.shape[1], height, width, norm_y, norm_x, output == "logits", device)
+                band = self._band_rows(tiles, self.batch_size, th, height)
+                stitcher = _Stitcher(logits.shape[1], height, width, norm_y, norm_x, output == "logits", band, device, logits.dtype)
             for (y, x), tile_logits in zip(chunk, logits):
-                stitcher.add(tile_logits * w2d, y, x)
+                stitcher.add(tile_logits, w2d, y, x)
             del logits
-            nxt = i + self.batch_size
-            stitcher.finish_rows(tiles[nxt][0] if nxt < len(tiles) else height)
+            stitcher.finish_rows(chunks[k + 1][0][0] if k + 1 < len(chunks) else height)
         return stitcher.result()

@@ -12,7 +12,7 @@ from detectron2.utils.events import get_event_storage
 from ...utils import Seg2Error
 from ..tasks import META_ARCH_TASKS
 from .common import check_head_features, check_num_classes, check_registered, sem_seg_targets
-from .semantic_segmentor import inner_size
+from .semantic_segmentor import inner_size, needs_no_padding
 
 __all__ = ["Seg2MultiTaskRCNN"]
 
@@ -110,8 +110,12 @@ class Seg2MultiTaskRCNN(GeneralizedRCNN):
         """
         top, _, left, _ = context
         h, w = inner_size(images, context)
-        padded = self.preprocess_image([{"image": x} for x in images])
-        logits, _ = self.sem_seg_head(self.backbone(padded.tensor), None)
+        if needs_no_padding(images.shape[-2:], self.backbone):
+            # No padding needed (e.g. tiles of a fitting size): normalise the batch as it is.
+            x = (images.to(self.device) - self.pixel_mean) / self.pixel_std
+        else:
+            x = self.preprocess_image([{"image": x} for x in images]).tensor
+        logits, _ = self.sem_seg_head(self.backbone(x), None)
         return logits[:, :, top : top + h, left : left + w]
 
     def inference(

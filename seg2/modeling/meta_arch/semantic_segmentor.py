@@ -56,6 +56,13 @@ def inner_size(images: torch.Tensor, context: Tuple[int, int, int, int]) -> Tupl
     return h, w
 
 
+def needs_no_padding(size, backbone) -> bool:
+    """Whether ``ImageList.from_tensors`` would leave a batch of this (H, W) unpadded: a multiple
+    of the backbone's size divisibility and no square-size constraint."""
+    d = backbone.size_divisibility
+    square = (getattr(backbone, "padding_constraints", None) or {}).get("square_size", 0)
+    return square == 0 and (d <= 1 or (size[0] % d == 0 and size[1] % d == 0))
+
 
 @META_ARCH_REGISTRY.register()
 class Seg2SemanticSegmentor(SemanticSegmentor):
@@ -144,9 +151,10 @@ class Seg2SemanticSegmentor(SemanticSegmentor):
             "check MODEL.UNET_ENCODER / MODEL.UNET_HEAD"
         )
 
-    def _network_input(self, images: List[torch.Tensor], context=(0, 0, 0, 0)) -> torch.Tensor:
+    def _network_input(self, images, context=(0, 0, 0, 0)) -> torch.Tensor:
         """
-        The backbone's (N, C, H', W') input from normalised (C, H_i, W_i) images whose outer
+        The backbone's (N, C, H', W') input from normalised (C, H_i, W_i) images (a list, or an
+        (N, C, H, W) batch, which is used as it is when it needs no padding) whose outer
         ``context`` (top, bottom, left, right) pixels are context only.
         "Valid" padding: each image's window that the network needs for the largest image's
         output (:meth:`tile_geometry`), mirrored beyond the image; the output's top-left pixel is
@@ -156,7 +164,9 @@ class Seg2SemanticSegmentor(SemanticSegmentor):
         """
         if not self.overlap_tile:
             bb = self.backbone
-            return ImageList.from_tensors(images, bb.size_divisibility, padding_constraints=bb.padding_constraints).tensor
+            if isinstance(images, torch.Tensor) and needs_no_padding(images.shape[-2:], bb):
+                return images  # a batch that needs no padding: no copy (tiles of a fitting size)
+            return ImageList.from_tensors(list(images), bb.size_divisibility, padding_constraints=bb.padding_constraints).tensor
         top, bottom, left, right = context
         (ph, mh) = self.tile_geometry(max(im.shape[-2] for im in images) - top - bottom)
         (pw, mw) = self.tile_geometry(max(im.shape[-1] for im in images) - left - right)
@@ -182,7 +192,7 @@ class Seg2SemanticSegmentor(SemanticSegmentor):
         top, _, left, _ = context
         h, w = inner_size(images, context)
         x = (images.to(self.device) - self.pixel_mean) / self.pixel_std
-        logits, _ = self.sem_seg_head(self.backbone(self._network_input(list(x), context)), None)
+        logits, _ = self.sem_seg_head(self.backbone(self._network_input(x, context)), None)
         y0, x0 = (0, 0) if self.overlap_tile else (top, left)
         return logits[:, :, y0 : y0 + h, x0 : x0 + w]
 
