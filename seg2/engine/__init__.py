@@ -2,5 +2,6 @@
 that ``tools/train_net.py`` runs, and the training-speed benchmark of ``tools/benchmark.py``."""
 
 from .defaults import Trainer, setup
+from .resume import Seg2Checkpointer, trim_metrics_json
 
-__all__ = ["Trainer", "setup"]
+__all__ = ["Trainer", "setup", "Seg2Checkpointer", "trim_metrics_json"]
