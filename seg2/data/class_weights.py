@@ -14,8 +14,9 @@ Pixels labelled ``ignore_label`` count nowhere. A class that never appears gets 
 warning (it has no pixel to weight; no NaN or infinity). The counts are computed once (each label
 map read by :func:`seg2.data.read_sem_seg`) and cached, as JSON, in ``cache_dir``: ``$SEG2_CACHE``
 or else ``~/.cache/seg2``, subfolder ``class_weights``. A cache entry is keyed by the dataset
-names, every label file's path, size and modification time, the class count and the ignore label,
-so editing a label file recomputes it; delete the folder to clear it. Both methods derive from
+names, every label file's path and SHA-256 (its bytes, not its size or modification time), the
+class count and the ignore label, so changing a label file in any way recomputes it; hashing is
+much cheaper than decoding the maps. Delete the folder to clear it. Both methods derive from
 the same counts, so the method is not part of the key.
 """
 
@@ -23,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -32,6 +32,7 @@ from detectron2.utils import comm
 from tabulate import tabulate
 
 from ..utils import Seg2Error
+from ..utils.files import atomic_write, file_sha256, remove_stale_tmp_files
 from ..utils.progress import log_progress
 from .label_map import check_label_values, read_sem_seg
 
@@ -49,7 +50,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CLASS_WEIGHTINGS = ("median_frequency", "inverse_frequency")
-_CACHE_VERSION = 1
+# 2: keyed on the label files' SHA-256 (1 was their size and modification time).
+_CACHE_VERSION = 2
 _PROGRESS_SECONDS = 10.0
 
 
@@ -126,10 +128,10 @@ def _cache_path(records: List[dict], num_classes: int, ignore_label: int, datase
     for r in records:
         path = r["sem_seg_file_name"]
         try:
-            st = os.stat(path)
+            digest = file_sha256(path)
         except OSError as e:
             raise Seg2Error(f"{path}: cannot read the label map of {r.get('file_name', 'a record')} ({e})") from e
-        files.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
+        files.append([os.path.abspath(path), digest])
     key = json.dumps([_CACHE_VERSION, list(dataset_names), num_classes, ignore_label, files])
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]
     return os.path.join(cache_dir, "class_weights", f"{digest}.json")
@@ -154,6 +156,7 @@ def _read_cache(path: str, num_classes: int):
 def _write_cache(path: str, pixels, image_pixels, dataset_names, num_records: int):
     """Write atomically (a temporary file renamed over ``path``): readers never see half a file."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    remove_stale_tmp_files(os.path.dirname(path))
     data = {
         "version": _CACHE_VERSION,
         "datasets": list(dataset_names),
@@ -161,15 +164,8 @@ def _write_cache(path: str, pixels, image_pixels, dataset_names, num_records: in
         "pixels": pixels.tolist(),
         "image_pixels": image_pixels.tolist(),
     }
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path, "w") as f:
+        json.dump(data, f)
 
 
 def _read_with_progress(records: List[dict]):
