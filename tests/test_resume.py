@@ -52,8 +52,12 @@ def test_metrics_json_has_one_record_per_iteration_after_a_resume(tiny_shapes_ro
     assert trainer.start_iter == 20
     assert (
         f"{metrics}: dropped 1 record(s) at iterations >= 20, which this run (starting at iteration 20) "
-        "writes again, and 1 line(s) that are not JSON records (a write cut short); 1 kept"
+        "writes again, and 1 line(s) that are not JSON records (a write cut short); 1 kept. "
+        f"The dropped lines are in {metrics}.dropped"
     ) in caplog.text
+    # Nothing is lost: run 1's record of iteration 21 and the broken line are kept aside.
+    dropped = (tmp_path / "metrics.json.dropped").read_text().splitlines()
+    assert json.loads(dropped[0]) == first[1] and dropped[1] == '{"data_time": 0.01, "iter'
     trainer.train()
 
     rows = _records(metrics)
@@ -73,7 +77,9 @@ def test_trim_metrics_json_keeps_the_order_and_earlier_records(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert trim_metrics_json(str(path), 30) == (2, 3)
     assert _records(path) == [lines[0], lines[2]]
+    assert _records(str(path) + ".dropped") == [lines[1], lines[3], lines[4]]
     assert trim_metrics_json(str(path), 30) == (2, 0)  # nothing more to drop
+    assert len(_records(str(path) + ".dropped")) == 3
     assert trim_metrics_json(str(tmp_path / "none.json"), 0) == (0, 0)
 
 

@@ -53,7 +53,8 @@ def trim_metrics_json(path: str, start_iter: int) -> Tuple[int, int]:
     which the run starting at ``start_iter`` writes again, and lines that are not JSON (a write cut
     short by a kill); the kept records stay in their order. The file is rewritten in place: the
     ``JSONWriter`` of the trainer holds it open for appending (``O_APPEND``), so its next record
-    goes after the kept ones. Logs a warning when something is dropped.
+    goes after the kept ones. The dropped lines are appended to ``<path>.dropped`` (nothing is
+    lost) and a warning counts them.
 
     Returns:
         (kept, dropped): numbers of lines.
@@ -62,18 +63,23 @@ def trim_metrics_json(path: str, start_iter: int) -> Tuple[int, int]:
         return 0, 0
     with open(path, "r+") as f:
         lines = [line for line in f.read().splitlines() if line.strip()]
-        kept, late, broken = [], 0, 0
+        kept, dropped, late, broken = [], [], 0, 0
         for line in lines:
             try:
                 iteration = json.loads(line)["iteration"]
             except (ValueError, KeyError, TypeError):
                 broken += 1
+                dropped.append(line)
                 continue
             if iteration >= start_iter:
                 late += 1
+                dropped.append(line)
             else:
                 kept.append(line)
-        if late or broken or len(kept) != len(lines):
+        if dropped:
+            with open(path + ".dropped", "a") as d:
+                d.write("".join(line + "\n" for line in dropped))
+        if dropped or len(kept) != len(lines):
             f.seek(0)
             f.write("".join(line + "\n" for line in kept))
             f.truncate()
@@ -82,6 +88,6 @@ def trim_metrics_json(path: str, start_iter: int) -> Tuple[int, int]:
             f"{path}: dropped {late} record(s) at iterations >= {start_iter}, which this run (starting at "
             f"iteration {start_iter}) writes again"
             + (f", and {broken} line(s) that are not JSON records (a write cut short)" if broken else "")
-            + f"; {len(kept)} kept"
+            + f"; {len(kept)} kept. The dropped lines are in {path}.dropped"
         )
     return len(kept), late + broken
