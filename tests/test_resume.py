@@ -12,6 +12,7 @@ from test_train_net import _register_tiny, _run_cli, _tiny_cfg
 from seg2 import Seg2Error
 from seg2.engine import Trainer
 from seg2.engine.resume import Seg2Checkpointer, trim_metrics_json
+from seg2.inference import Seg2Predictor
 
 
 def _records(path):
@@ -107,6 +108,11 @@ def test_truncated_checkpoint_is_named(tiny_shapes_root, tmp_path):
     assert "\n" not in message and "last_checkpoint" in message
     with pytest.raises(Seg2Error, match=r"^cannot read the checkpoint .*model_final.pth"):
         Seg2Checkpointer(Trainer.build_model(cfg)).load(str(final))
+    # The predictor (tools/demo.py) loads MODEL.WEIGHTS the same way.
+    cfg = cfg.clone()
+    cfg.MODEL.WEIGHTS = str(final)
+    with pytest.raises(Seg2Error, match=r"^cannot read the checkpoint .*model_final.pth"):
+        Seg2Predictor(cfg)
 
 
 def test_cli_resume_from_truncated_checkpoint_stops_in_one_line(tiny_shapes_root, tmp_path):
