@@ -58,7 +58,8 @@ def test_coco_sem_seg_cache_is_keyed_on_the_json_content(tmp_path):
     for name in os.listdir(cache):
         os.remove(os.path.join(cache, name))
     records = load_coco_sem_seg(json_file, image_root, cache, dataset_name="t_cache_key")
-    np.testing.assert_array_equal(read_label_map(records[0]["sem_seg_file_name"]), expected_map(dog_value=1, cat_value=2))
+    expected = expected_map(dog_value=1, cat_value=2)
+    np.testing.assert_array_equal(read_label_map(records[0]["sem_seg_file_name"]), expected)
 
 
 def test_cache_made_by_a_size_keyed_seg2_is_refused_and_explained(tmp_path):

@@ -24,7 +24,8 @@ def _cfg(root, output_dir, max_iter):
     _register_tiny(root)
     cfg = _tiny_cfg(output_dir, max_iter=max_iter)
     cfg.merge_from_list([
-        "SOLVER.CHECKPOINT_PERIOD", 10, "SOLVER.IMS_PER_BATCH", 1, "DATASETS.TEST", (), "SEG2.BEST_CHECKPOINT.METRIC", "",
+        "SOLVER.CHECKPOINT_PERIOD", 10, "SOLVER.IMS_PER_BATCH", 1,
+        "DATASETS.TEST", (), "SEG2.BEST_CHECKPOINT.METRIC", "",
     ])
     return cfg
 

@@ -9,7 +9,6 @@
 """
 
 import os
-import weakref
 
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_setup, hooks
@@ -36,7 +35,7 @@ class Trainer(DefaultTrainer):
         super().__init__(cfg)
         # Again after the training data is loaded: a COCO dataset registered without its classes
         # learns them (its metadata) when it is loaded.
-        check_model_num_classes(cfg, self.model, cfg.DATASETS.TRAIN)
+        check_model_num_classes(self.cfg, self.model, self.cfg.DATASETS.TRAIN)
 
     @classmethod
     def build_model(cls, cfg):
@@ -49,7 +48,7 @@ class Trainer(DefaultTrainer):
         # (periodic and best checkpoints) and resume_or_load use ours, which names a bad file.
         old = self.checkpointer
         self.checkpointer = Seg2Checkpointer(
-            old.model, old.save_dir, save_to_disk=old.save_to_disk, trainer=weakref.proxy(self)
+            old.model, old.save_dir, save_to_disk=old.save_to_disk, **old.checkpointables
         )
         ret = super().build_hooks()
         if comm.is_main_process():
