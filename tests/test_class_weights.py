@@ -78,21 +78,36 @@ def test_cache_is_reused_and_invalidated(tiny_set, tmp_path):
     np.testing.assert_allclose(
         compute_class_weights(tiny_set, 4, "median_frequency", cache_dir=cache_dir), [3 / 8, 3 / 4, 3 / 2, 3]
     )
-    # A label file that changes (size / modification time) is a new key: counted again.
-    st = os.stat(tiny_set[0]["sem_seg_file_name"])
-    os.utime(tiny_set[0]["sem_seg_file_name"], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    # The key is the label files' content: a new modification time alone keeps it (the edited
+    # counts above are still used) ...
+    a = tiny_set[0]["sem_seg_file_name"]
+    st = os.stat(a)
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     np.testing.assert_allclose(
-        compute_class_weights(tiny_set, 4, "median_frequency", cache_dir=cache_dir), [1, 9 / 7, 4 / 7, 0]
+        compute_class_weights(tiny_set, 4, "median_frequency", cache_dir=cache_dir), [3 / 8, 3 / 4, 3 / 2, 3]
+    )
+    # ... while other labels of the same byte size, with the old modification time put back, are a
+    # new key (issue 15: a size + mtime key would reuse the stale counts). A' = [[0, 1], [1, 255]]:
+    # pixels c0 2, c1 2, c2 3; image pixels 7, 3, 4; freq 2/7, 2/3, 3/4, median 2/3.
+    write_label_map(np.array([[0, 1], [1, 255]], dtype=np.uint8), a)
+    assert os.path.getsize(a) == st.st_size
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
+    np.testing.assert_allclose(
+        compute_class_weights(tiny_set, 4, "median_frequency", cache_dir=cache_dir), [7 / 3, 1, 8 / 9, 0]
     )
     assert len(glob.glob(os.path.join(cache_dir, "class_weights", "*.json"))) == 2
     # a corrupt cache file is recomputed, not trusted
     with open(path, "w") as f:
         f.write("{not json")
-    os.utime(tiny_set[0]["sem_seg_file_name"], ns=(st.st_atime_ns, st.st_mtime_ns))
+    write_label_map(np.array([[0, 0], [1, 255]], dtype=np.uint8), a)  # back to A: the corrupt entry's key
     np.testing.assert_allclose(
         compute_class_weights(tiny_set, 4, "median_frequency", cache_dir=cache_dir), [1, 9 / 7, 4 / 7, 0]
     )
-
+    # cache files get the mode of normal files (0o666 less the umask), not mkstemp's 0600
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in glob.glob(os.path.join(cache_dir, "class_weights", "*.json")):
+        assert os.stat(p).st_mode & 0o777 == 0o666 & ~umask
 
 def test_bad_label_value_names_the_file(tiny_set, tmp_path):
     write_label_map(np.array([[0, 7], [1, 1]], dtype=np.uint8), tiny_set[1]["sem_seg_file_name"])

@@ -14,8 +14,9 @@ Pixels labelled ``ignore_label`` count nowhere. A class that never appears gets 
 warning (it has no pixel to weight; no NaN or infinity). The counts are computed once (each label
 map read by :func:`seg2.data.read_sem_seg`) and cached, as JSON, in ``cache_dir``: ``$SEG2_CACHE``
 or else ``~/.cache/seg2``, subfolder ``class_weights``. A cache entry is keyed by the dataset
-names, every label file's path, size and modification time, the class count and the ignore label,
-so editing a label file recomputes it; delete the folder to clear it. Both methods derive from
+names, every label file's path and SHA-256 (its bytes, not its size or modification time), the
+class count and the ignore label, so changing a label file in any way recomputes it; hashing is
+much cheaper than decoding the maps. Delete the folder to clear it. Both methods derive from
 the same counts, so the method is not part of the key.
 """
 
@@ -23,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from typing import Iterable, List, Optional, Sequence, Tuple
 
@@ -33,6 +33,7 @@ from detectron2.utils import comm
 from tabulate import tabulate
 
 from ..utils import Seg2Error
+from ..utils.files import atomic_write, file_sha256, remove_stale_tmp_files
 from ..utils.progress import log_progress
 from .label_map import check_label_values, read_sem_seg
 
@@ -50,7 +51,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CLASS_WEIGHTINGS = ("median_frequency", "inverse_frequency")
-_CACHE_VERSION = 1
+# 2: keyed on the label files' SHA-256 (1 was their size and modification time).
+_CACHE_VERSION = 2
 _PROGRESS_SECONDS = 10.0
 
 
@@ -127,10 +129,10 @@ def _cache_path(records: List[dict], num_classes: int, ignore_label: int, datase
     for r in records:
         path = r["sem_seg_file_name"]
         try:
-            st = os.stat(path)
+            digest = file_sha256(path)
         except OSError as e:
             raise Seg2Error(f"{path}: cannot read the label map of {r.get('file_name', 'a record')} ({e})") from e
-        files.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
+        files.append([os.path.abspath(path), digest])
     key = json.dumps([_CACHE_VERSION, list(dataset_names), num_classes, ignore_label, files])
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]
     return os.path.join(cache_dir, "class_weights", f"{digest}.json")
@@ -162,15 +164,9 @@ def _read_cache(path: str, num_classes: int):
 def _write_json(path: str, data: dict):
     """Write atomically (a temporary file renamed over ``path``): readers never see half a file."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    remove_stale_tmp_files(os.path.dirname(path))
+    with atomic_write(path, "w") as f:
+        json.dump(data, f)
 
 
 def _write_cache(path: str, pixels, image_pixels, dataset_names, num_records: int):
@@ -199,8 +195,8 @@ def _read_partial(path: str, num_classes: int, num_records: int):
 def _count_resumable(records: List[dict], num_classes: int, ignore_label: int, cache: str):
     """
     :func:`class_pixel_counts` over ``records`` with progress, saving the running counts to
-    ``<cache>.partial`` every few seconds: the file names (path, size, mtime of every label map)
-    are in the cache key, so an interrupted pass resumes after the maps it had counted.
+    ``<cache>.partial`` every few seconds: every label map's path and SHA-256 are in the cache
+    key, so an interrupted pass resumes after the maps it had counted.
     """
     partial = cache + ".partial"
     start = 0

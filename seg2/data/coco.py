@@ -13,6 +13,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
 from ..utils import Seg2Error
+from ..utils.files import file_sha256
 from .catalog import register_dataset
 from .coco_json import check_coco_json as _check_coco_json
 from .label_map import label_map_size
@@ -139,7 +140,8 @@ def load_coco_sem_seg(
         num_workers (int): processes for the first generation.
     """
     records = _load_checked(json_file, image_root, dataset_name, check_images)
-    source = {"json_file": os.path.basename(json_file), "json_bytes": os.path.getsize(json_file)}
+    # Keyed on the JSON's content: an edit that keeps its name and size is a different source.
+    source = {"json_file": os.path.basename(json_file), "json_sha256": file_sha256(json_file)}
     _generate_coco_sem_seg(records, cache_dir, num_workers=num_workers, source=source)
     for r in records:
         r["sem_seg_file_name"] = label_map_path(cache_dir, r)

@@ -331,24 +331,16 @@ def write_label_map(label: np.ndarray, path: str, palette=None):
     """
     Write ``label`` (H, W) uint8 as a palette PNG (VOC's colour map by default), atomically: a
     temporary file in the same folder is renamed onto ``path``, so a reader or a concurrent writer
-    never sees a half-written file and an interrupted run leaves none behind under ``path``.
+    never sees a half-written file and an interrupted run leaves none behind under ``path``. The
+    file gets the mode of any file the process creates (0o666 less the umask).
     """
-    import tempfile
-
+    from ..utils.files import atomic_write
     from .voc_palette import VOC_PALETTE
 
     if label.dtype != np.uint8:
         raise ValueError(f"{path}: label maps are written as uint8, got {label.dtype}")
     im = Image.fromarray(label, mode="P")
     im.putpalette(palette or VOC_PALETTE)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            # Label maps compress well even at level 1, which encodes several times faster than 6.
-            im.save(f, format="PNG", compress_level=1)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path) as f:
+        # Label maps compress well even at level 1, which encodes several times faster than 6.
+        im.save(f, format="PNG", compress_level=1)

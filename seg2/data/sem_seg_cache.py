@@ -9,8 +9,10 @@ they are written to once. They follow one rule (:func:`coco_sem_seg_map`):
   annotation) is on top, so small objects in front of large ones survive.
 
 The maps are written once to a cache folder (one palette PNG per image, each written to a
-temporary file and renamed) and reused: an interrupted generation resumes where it stopped, and
-several processes may generate at once (distributed ranks split the work).
+temporary file and renamed) and reused: an interrupted generation resumes where it stopped (and
+removes the temporary files it left), and several processes may generate at once (distributed
+ranks split the work). The cache is keyed on the content of the annotation file (its SHA-256,
+in ``seg2_source.json``): maps made from other annotations are refused, not reused.
 """
 
 import json
@@ -24,6 +26,7 @@ import numpy as np
 from pycocotools import mask as mask_util
 
 from ..utils import Seg2Error
+from ..utils.files import atomic_write, remove_stale_tmp_files
 from ..utils.progress import log_progress
 from .coco_json import _short
 from .label_map import write_label_map
@@ -86,7 +89,7 @@ def _write_one(args):
 
 
 def _check_source(out_dir: str, source: Optional[dict]):
-    """Refuse a cache made from another annotation file or rule version; mark a new one."""
+    """Refuse a cache made from another annotation file (by content) or rule version; mark a new one."""
     if source is None:
         return
     source = dict(source, rule_version=SEM_SEG_RULE_VERSION)
@@ -95,15 +98,24 @@ def _check_source(out_dir: str, source: Optional[dict]):
         with open(marker) as f:
             found = json.load(f)
         if found != source:
+            differ = ", ".join(
+                f"{k} {found.get(k, '(none)')} there, {source.get(k, '(none)')} now"
+                for k in sorted(set(found) | set(source))
+                if found.get(k) != source.get(k)
+            )
+            old = (
+                " (made by an earlier seg2, which keyed the cache on the file's size: annotations "
+                "edited in place were not noticed)"
+                if "json_sha256" in source and "json_sha256" not in found
+                else ""
+            )
             raise Seg2Error(
-                f"{out_dir} holds semantic maps made from {found}, not from {source}. Delete the "
+                f"{out_dir} holds semantic maps made from other annotations{old}: {differ}. Delete the "
                 "folder (it is a cache) to regenerate it."
             )
         return
-    tmp = f"{marker}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(marker, "w") as f:
         json.dump(source, f, sort_keys=True)
-    os.replace(tmp, marker)
 
 
 def generate_coco_sem_seg(
@@ -126,8 +138,8 @@ def generate_coco_sem_seg(
         out_dir (str): the cache folder.
         num_workers (int): processes to use (0: this process only).
         ignore_label (int): value of crowd regions.
-        source (dict or None): identifies the annotations (file, size); a cache made from other
-            annotations is refused instead of being silently mixed.
+        source (dict or None): identifies the annotations (file name, SHA-256 of the file); a
+            cache made from other annotations is refused instead of being silently mixed.
 
     Returns:
         int: the number of maps this process wrote.
@@ -148,6 +160,9 @@ def generate_coco_sem_seg(
     mine = todo[rank::world] if world > 1 else todo
     if world > 1:  # the ranks of one machine share its cores
         num_workers = min(num_workers, max(1, (os.cpu_count() or 1) // comm.get_local_size()))
+    if todo:
+        # Temporary files of a killed generation (a map is renamed into place once written).
+        remove_stale_tmp_files(out_dir)
     if mine:
         logger.info(f"Writing {len(mine)} semantic maps to {out_dir} ({len(records) - len(todo)} already there) ...")
     what = f"semantic maps to {out_dir}"

@@ -16,15 +16,18 @@ The whole tree is generated into a folder beside ``root`` (``.partial-<name>-<pa
 and renamed into place, with a manifest written last, so an interrupted run never leaves a
 half-written cache behind; the next run resumes in that folder where it stopped. Two processes may
 start generation at once: they take turns on a lock file beside it (POSIX ``flock``), and the later
-one finds the cache done. Progress, with an ETA, is logged every 10 s.
+one finds the cache done. Every call then removes what killed generations left beside ``root`` and
+no process is using (:func:`remove_stale_generations`). Progress, with an ETA, is logged every 10 s.
 """
 
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
+import time
 from typing import Dict, Optional
 
 import cv2
@@ -365,6 +368,7 @@ def generate_shapes(
     params = _params(splits, image_size, seed, max_instances)
     problem = check_shapes_cache(root, params) if os.path.exists(root) else "it does not exist yet"
     if problem is None:
+        remove_stale_generations(root)
         return root
 
     parent = os.path.dirname(os.path.abspath(root))
@@ -393,7 +397,86 @@ def generate_shapes(
         with open(os.path.join(partial, MANIFEST), "w") as f:
             json.dump({"params": params, "files": _file_list(partial)}, f, indent=1, sort_keys=True)
         _replace_dir(partial, root, params)
+    remove_stale_generations(root)
     return root
+
+
+# Folders older than this (no file in them changed since) are left over by a killed process.
+_STALE_SECONDS = 600
+
+
+def _try_lock(f) -> bool:
+    """Take the lock of the open file ``f`` if no other process holds it (closing ``f`` frees it)."""
+    import fcntl
+
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _newest_mtime(folder: str) -> float:
+    newest = os.stat(folder).st_mtime
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for n in dirnames + filenames:
+            try:
+                newest = max(newest, os.stat(os.path.join(dirpath, n), follow_symlinks=False).st_mtime)
+            except FileNotFoundError:
+                pass
+    return newest
+
+
+def remove_stale_generations(root: str) -> list:
+    """
+    Remove what killed generations of ``root`` left beside it, and only that:
+
+    * ``.partial-<name>-<hash>`` folders whose lock nobody holds (a generation in progress holds
+      it for its whole run, so its folder is kept). Those of ``root``'s current parameters were
+      resumed before this is called; the others (other parameters) would only be resumed if
+      those parameters were asked for again;
+    * ``.trash-<name>-*`` (a replaced cache being deleted) and ``.tmp-<name>-*`` (the temporary
+      folders of seg2 versions before resumable generation) in which nothing changed for 10 min.
+
+    The lock files stay (0 bytes): removing a lock file another process may be opening would let
+    two processes hold "the" lock. Returns the removed paths.
+    """
+    parent, name = os.path.dirname(os.path.abspath(root)), os.path.basename(os.path.abspath(root))
+    partial = re.compile(rf"\.partial-{re.escape(name)}-[0-9a-f]{{12}}")
+    aged = re.compile(rf"\.(trash|tmp)-{re.escape(name)}-[A-Za-z0-9_]{{8}}")
+    try:
+        entries = [e for e in os.scandir(parent) if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
+    removed = []
+    for e in entries:
+        if partial.fullmatch(e.name):
+            try:
+                import fcntl  # noqa: F401
+            except ImportError:  # pragma: no cover - Windows: no lock to tell a live one
+                continue
+            try:
+                lock = open(e.path + ".lock", "a")
+            except OSError:
+                continue
+            with lock:
+                if not _try_lock(lock):
+                    continue  # a generation is writing into it
+                shutil.rmtree(e.path, ignore_errors=True)
+        elif aged.fullmatch(e.name):
+            try:
+                if time.time() - _newest_mtime(e.path) < _STALE_SECONDS:
+                    continue
+            except FileNotFoundError:
+                continue
+            shutil.rmtree(e.path, ignore_errors=True)
+        else:
+            continue
+        if not os.path.exists(e.path):
+            removed.append(e.path)
+    if removed:
+        logger.info(f"Removed {len(removed)} folder(s) left beside {root} by interrupted generations: {removed}")
+    return removed
 
 
 def _lock(f):

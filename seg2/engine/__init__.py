@@ -3,5 +3,6 @@ that ``tools/train_net.py`` runs, and the training-speed benchmark of ``tools/be
 
 from .amp import Seg2AMPTrainer
 from .defaults import Trainer, setup
+from .resume import Seg2Checkpointer, trim_metrics_json
 
-__all__ = ["Seg2AMPTrainer", "Trainer", "setup"]
+__all__ = ["Seg2AMPTrainer", "Trainer", "setup", "Seg2Checkpointer", "trim_metrics_json"]

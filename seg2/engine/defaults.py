@@ -22,7 +22,9 @@ from ..data import MultiTaskDatasetMapper, check_dataset_names
 from ..evaluation import build_evaluator
 from ..inference.tta import build_tta_model
 from .amp import Seg2AMPTrainer
+from ..modeling.meta_arch.common import check_model_num_classes
 from .hooks import build_best_checkpoint_hooks
+from .resume import Seg2Checkpointer, trim_metrics_json
 
 __all__ = ["Trainer", "setup"]
 
@@ -30,21 +32,47 @@ __all__ = ["Trainer", "setup"]
 class Trainer(DefaultTrainer):
     """DefaultTrainer with seg2's mapper (instances and label maps) and evaluator choice, keeping
     the best model by ``SEG2.BEST_CHECKPOINT``; ``SOLVER.AMP.ENABLED`` also trains on the CPU
-    (bfloat16 autocast, :class:`Seg2AMPTrainer`); :meth:`test_with_TTA` evaluates with ``TEST.AUG``."""
+    (bfloat16 autocast, :class:`Seg2AMPTrainer`); :meth:`test_with_TTA` evaluates with ``TEST.AUG``.
+    The model's class counts are checked against the datasets' metadata, whatever the
+    meta-architecture; a checkpoint that cannot be read is named in a :class:`seg2.Seg2Error`; a
+    resumed run keeps one ``metrics.json`` record per iteration."""
 
     def __init__(self, cfg):
         super().__init__(cfg)
+        # Again after the training data is loaded: a COCO dataset registered without its classes
+        # learns them (its metadata) when it is loaded.
+        check_model_num_classes(self.cfg, self.model, self.cfg.DATASETS.TRAIN)
         if cfg.SOLVER.AMP.ENABLED:  # detectron2's AMPTrainer requires CUDA; this one defers to it there
             t = self._trainer
             self._trainer = Seg2AMPTrainer(t.model, t.data_loader, t.optimizer)
 
+    @classmethod
+    def build_model(cls, cfg):
+        model = super().build_model(cfg)
+        check_model_num_classes(cfg, model)
+        return model
+
     def build_hooks(self):
+        # DefaultTrainer.__init__ made a DetectionCheckpointer just before calling this; the hooks
+        # (periodic and best checkpoints) and resume_or_load use ours, which names a bad file.
+        old = self.checkpointer
+        self.checkpointer = Seg2Checkpointer(
+            old.model, old.save_dir, save_to_disk=old.save_to_disk, **old.checkpointables
+        )
         ret = super().build_hooks()
         if comm.is_main_process():
             # After the EvalHook, which puts the flattened results ("segm/AP") in the storage.
             at = next(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook)) + 1
             ret[at:at] = build_best_checkpoint_hooks(self.cfg, self.checkpointer)
         return ret
+
+    def resume_or_load(self, resume=True):
+        """detectron2's, then the records of ``metrics.json`` at iterations this run writes again
+        (from a run that was killed after its last checkpoint) are dropped
+        (:func:`~seg2.engine.resume.trim_metrics_json`)."""
+        super().resume_or_load(resume=resume)
+        if comm.is_main_process():
+            trim_metrics_json(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"), self.start_iter)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

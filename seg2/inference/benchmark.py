@@ -8,10 +8,10 @@ from typing import Dict, List
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 
+from ..engine.resume import Seg2Checkpointer
 from ..utils.benchmark import PeakMemory, time_iterations, timed
 from .io import read_image
 from .predictor import Seg2Predictor
@@ -69,7 +69,7 @@ def benchmark_tiling(
     """
     model = build_model(cfg).eval()
     if cfg.MODEL.WEIGHTS:
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        Seg2Checkpointer(model).load(cfg.MODEL.WEIGHTS)
     tiler = TiledSemSegInference(cfg, model)
     device = cfg.MODEL.DEVICE
     rows = []

@@ -4,13 +4,13 @@ import logging
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.utils.logger import log_first_n
 from torch.nn import functional as F
 
+from ..engine.resume import Seg2Checkpointer
 from ..modeling.tasks import model_tasks
 from ..utils import Seg2Error
 from .io import to_uint8_image
@@ -48,7 +48,7 @@ class Seg2Predictor:
         self.tasks = model_tasks(self.cfg)
         self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0]) if len(cfg.DATASETS.TEST) else None
         if cfg.MODEL.WEIGHTS:
-            DetectionCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
+            Seg2Checkpointer(self.model).load(cfg.MODEL.WEIGHTS)
         self.aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)
         self.input_format = cfg.INPUT.FORMAT
         if self.input_format not in ("RGB", "BGR"):
