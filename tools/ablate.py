@@ -30,6 +30,7 @@ from detectron2.utils.logger import setup_logger
 
 import seg2
 from seg2.engine.ablation import STUDIES, run_ablation
+from seg2.utils.cli import add_debug_argument, run_tool
 
 
 def main(args):
@@ -55,6 +56,7 @@ def parse_args(argv=None, default_configs=None):
     parser.add_argument("--study", default="auto", choices=["auto"] + sorted(STUDIES))
     parser.add_argument("--output-dir", required=default_configs is None, default=None)
     parser.add_argument("--num-gpus", type=int, default=1)
+    add_debug_argument(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE pairs applied to every variant")
     args = parser.parse_args(argv)
     args.configs = args.configs or default_configs
@@ -64,10 +66,7 @@ def parse_args(argv=None, default_configs=None):
 def invoke_main(args=None):
     args = args or parse_args()
     os.makedirs(args.output_dir, exist_ok=True)
-    try:
-        launch(main, args.num_gpus, args=(args,))
-    except seg2.Seg2Error as e:
-        sys.exit(f"seg2: error: {e}")
+    run_tool(launch, main, args.num_gpus, args=(args,), debug=args.debug)
 
 
 if __name__ == "__main__":
