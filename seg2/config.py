@@ -23,6 +23,13 @@ def add_seg2_config(cfg):
     # equal the datasets' metadata ignore_label) and INPUT.CROP.SINGLE_CATEGORY_MAX_AREA (from
     # detectron2's DeepLab project).
     cfg.SEG2.INPUT.PAD_TO_CROP_SIZE = False
+    # Training data (seg2.data.MultiTaskDatasetMapper): an image or label map that cannot be
+    # decoded (empty, truncated, not an image) is skipped with a warning naming it, and detectron2
+    # maps another sample instead. More unreadable files than this share of the files a loader
+    # read (judged over at least 100 files, or the whole dataset if smaller) stop the run with an
+    # error; 0 stops at the first. Evaluation always stops at an unreadable file.
+    cfg.SEG2.DATALOADER = CN()
+    cfg.SEG2.DATALOADER.MAX_BAD_SAMPLE_SHARE = 0.05
     # Evaluation (seg2.evaluation, used by build_evaluator / tools/train_net.py).
     cfg.SEG2.EVALUATION = CN()
     # MIoUEvaluator: also report detectron2's boundary IoU per class.

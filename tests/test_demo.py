@@ -70,6 +70,8 @@ def test_demo_semantic_overlay_palette_and_bad_files(tiny_shapes_root, tmp_path,
         f.write(data[: len(data) // 3])
     with open(os.path.join(folder, "notes.png"), "w") as f:
         f.write("not an image")
+    with open(os.path.join(folder, "readme.txt"), "w") as f:  # no image extension: skipped, and said so
+        f.write("about these images")
     gray16 = (np.arange(20 * 24, dtype=np.uint16).reshape(20, 24) * 137).astype(np.uint16)
     Image.fromarray(gray16).save(os.path.join(folder, "gray16.png"))
 
@@ -84,6 +86,7 @@ def test_demo_semantic_overlay_palette_and_bad_files(tiny_shapes_root, tmp_path,
     assert status == 1  # two files failed ...
     assert "3 image(s) written" in printed and "2 failed" in printed
     assert "truncated.jpg: cannot read the image" in printed and "notes.png: cannot read the image" in printed
+    assert f"demo: 1 file(s) in the input folders skipped, not image file names:\n  {folder}/readme.txt\n" in printed
     stems = ["gray16"] + [os.path.splitext(os.path.basename(p))[0] for p in good]
     assert sorted(os.listdir(out)) == sorted(f"{s}_{k}.png" for s in stems for k in ("sem_seg", "overlay_semantic"))
 
@@ -165,3 +168,11 @@ def test_read_image_bad_and_odd_files(tmp_path):
         read_image(str(tmp_path / "float.tif"))
     with pytest.raises(Seg2Error, match="nothing.jpg: no such file"):
         read_image(str(tmp_path / "nothing.jpg"))
+
+
+def test_demo_setup_error_is_one_line_and_status_1(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        demo.main(["--config-file", str(tmp_path / "missing.yaml"), "--input", str(tmp_path), "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and "Traceback" not in err
+    assert err.startswith("seg2: error: bad config (") and "missing.yaml" in err and len(err.splitlines()) == 1

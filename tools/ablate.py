@@ -31,6 +31,7 @@ from detectron2.utils.logger import setup_logger
 
 import seg2
 from seg2.engine.ablation import STUDIES, run_ablation
+from seg2.utils.cli import add_debug_argument, run_tool
 
 
 def main(args):
@@ -65,6 +66,7 @@ def parse_args(argv=None, default_configs=None):
         "--report-only", action="store_true",
         help="train nothing: write the report from the runs finished so far (e.g. while the study runs)",
     )  # fmt: skip
+    add_debug_argument(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE pairs applied to every variant")
     args = parser.parse_args(argv)
     args.configs = args.configs or default_configs
@@ -91,10 +93,7 @@ def _is_int(word):
 def invoke_main(args=None):
     args = args or parse_args()
     os.makedirs(args.output_dir, exist_ok=True)
-    try:
-        launch(main, args.num_gpus, args=(args,))
-    except seg2.Seg2Error as e:
-        sys.exit(f"seg2: error: {e}")
+    run_tool(launch, main, args.num_gpus, args=(args,), debug=args.debug)
 
 
 if __name__ == "__main__":

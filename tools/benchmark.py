@@ -24,6 +24,7 @@ import torch
 import seg2
 from seg2.engine.benchmark import benchmark_train
 from seg2.inference.benchmark import benchmark_inference, benchmark_tiling
+from seg2.utils.cli import add_debug_argument, run_tool
 
 TASKS = ("train", "inference", "tiling")
 MODES = ("tiled_labels", "tiled_logits", "whole")
@@ -44,6 +45,7 @@ def get_parser():
     p.add_argument("--tiling-iters", type=int, default=1, help="tiling: timed rounds, the cases taking turns")
     p.add_argument("--whole-max-size", type=int, default=4096, help="tiling: largest side also run whole")
     p.add_argument("--json", default="", help="write the results here (default OUTPUT_DIR/benchmark.json)")
+    add_debug_argument(p)
     p.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
     return p
 
@@ -83,35 +85,30 @@ def format_table(results) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    args = get_parser().parse_args(argv)
-    try:
-        cfg = setup_cfg(args)
-        results = {
-            "config_file": args.config_file,
-            "opts": args.opts,
-            "device": cfg.MODEL.DEVICE,
-            "torch_threads": torch.get_num_threads(),
-            "machine": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "warmup": args.warmup,
-            "iters": args.iters,
-            "tiling_warmup": args.tiling_warmup,
-            "tiling_iters": args.tiling_iters,
-        }
-        if "train" in args.tasks:
-            results["train"] = benchmark_train(cfg, args.warmup, args.iters)
-        if "inference" in args.tasks:
-            results["inference"] = benchmark_inference(cfg, args.warmup, args.iters)
-        if "tiling" in args.tasks:
-            t = cfg.SEG2.TILING
-            results["tiling_config"] = {k: t[k] for k in ("TILE_SIZE", "STRIDE", "BATCH_SIZE", "BLEND", "MARGIN")}
-            results["tiling"] = benchmark_tiling(
-                cfg, args.sizes, args.whole_max_size, args.tiling_warmup, args.tiling_iters, modes=args.modes
-            )
-    except seg2.Seg2Error as e:
-        print(f"seg2: error: {e}", file=sys.stderr)
-        return 2
+def run(args) -> int:
+    cfg = setup_cfg(args)
+    results = {
+        "config_file": args.config_file,
+        "opts": args.opts,
+        "device": cfg.MODEL.DEVICE,
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "warmup": args.warmup,
+        "iters": args.iters,
+        "tiling_warmup": args.tiling_warmup,
+        "tiling_iters": args.tiling_iters,
+    }
+    if "train" in args.tasks:
+        results["train"] = benchmark_train(cfg, args.warmup, args.iters)
+    if "inference" in args.tasks:
+        results["inference"] = benchmark_inference(cfg, args.warmup, args.iters)
+    if "tiling" in args.tasks:
+        t = cfg.SEG2.TILING
+        results["tiling_config"] = {k: t[k] for k in ("TILE_SIZE", "STRIDE", "BATCH_SIZE", "BLEND", "MARGIN")}
+        results["tiling"] = benchmark_tiling(
+            cfg, args.sizes, args.whole_max_size, args.tiling_warmup, args.tiling_iters, modes=args.modes
+        )
     print(format_table(results))
     path = args.json or os.path.join(cfg.OUTPUT_DIR, "benchmark.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -119,6 +116,11 @@ def main(argv=None) -> int:
         json.dump(results, f, indent=2)
     print(f"wrote {path}")
     return 0
+
+
+def main(argv=None) -> int:
+    args = get_parser().parse_args(argv)
+    return run_tool(run, args, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ Per input image ``<name>``, in ``--output``:
   <name>_overlay_instances.png  instance masks, boxes, class and score (detectron2's Visualizer)
 and for models that predict instances, ``instances_coco.json`` (COCO format, with scores).
 A file that cannot be read or run is reported at the end; the others are still written; the
-exit status is 1 when any failed. Large images: ``SEG2.TILING.ENABLED True INPUT.MIN_SIZE_TEST 0``.
+exit status is 1 when any failed. Files in an input folder whose extension is not an image's are
+skipped, and listed as such. A seg2 error of the setup (config, weights) ends it with one line
+``seg2: error: ...`` and exit status 1 (``--debug``: with its traceback). Large images: ``SEG2.TILING.ENABLED True INPUT.MIN_SIZE_TEST 0``.
 """
 
 import argparse
@@ -38,6 +40,7 @@ from seg2.inference.visualize import (
     draw_sem_seg_overlay,
     instances_to_coco_dataset,
 )
+from seg2.utils.cli import add_debug_argument, run_tool
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 logger = logging.getLogger("seg2.demo")
@@ -52,6 +55,7 @@ def get_parser():
     p.add_argument("--alpha", type=float, default=0.5, help="opacity of semantic colours in the overlay")
     p.add_argument("--uint16", choices=UINT16_MODES, default="scale", help="how 16-bit images become 8-bit")
     p.add_argument("--max-pixels", type=int, default=0, help="refuse images larger than this (0: no limit)")
+    add_debug_argument(p)
     p.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
     return p
 
@@ -64,14 +68,16 @@ def setup_cfg(args):
     return cfg
 
 
-def expand_inputs(inputs):
-    """(image paths in order, without repeats; [(pattern, problem)] for inputs that name nothing)."""
+def expand_inputs(inputs, skipped=None):
+    """(image paths in order, without repeats; [(pattern, problem)] for inputs that name nothing).
+    Files of a folder that have no image extension are appended to ``skipped`` (a list)."""
     paths, problems = [], []
     for item in inputs:
         if os.path.isdir(item):
-            found = sorted(
-                os.path.join(item, f) for f in os.listdir(item) if f.lower().endswith(IMAGE_EXTENSIONS)
-            )
+            entries = sorted(os.path.join(item, f) for f in os.listdir(item))
+            found = [f for f in entries if f.lower().endswith(IMAGE_EXTENSIONS)]
+            if skipped is not None:
+                skipped += [f for f in entries if os.path.isfile(f) and f not in found]
             if not found:
                 problems.append((item, f"folder has no images ({', '.join(IMAGE_EXTENSIONS)})"))
         elif glob.has_magic(item):
@@ -106,7 +112,10 @@ def run(args) -> int:
     predictor = Seg2Predictor(cfg)
     metadata = predictor.metadata or MetadataCatalog.get("__unused")
     os.makedirs(args.output, exist_ok=True)
-    paths, failures = expand_inputs(args.input)
+    skipped = []
+    paths, failures = expand_inputs(args.input, skipped)
+    for f in skipped:
+        logger.warning("%s: skipped: not an image file name (%s)", f, ", ".join(IMAGE_EXTENSIONS))
     records, used, done = [], set(), 0
     for path in tqdm.tqdm(paths, desc="demo", unit="image", file=sys.stderr):
         try:
@@ -146,16 +155,16 @@ def run(args) -> int:
     print(summary + (":" if failures else ""))
     for path, problem in failures:
         print(f"  {path}: {problem}" if not problem.startswith(str(path)) else f"  {problem}")
+    if skipped:
+        print(f"demo: {len(skipped)} file(s) in the input folders skipped, not image file names:")
+        for f in skipped:
+            print(f"  {f}")
     return 1 if failures else 0
 
 
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
-    try:
-        return run(args)
-    except seg2.Seg2Error as e:
-        print(f"seg2: error: {e}", file=sys.stderr)
-        return 2
+    return run_tool(run, args, debug=args.debug)
 
 
 if __name__ == "__main__":

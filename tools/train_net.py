@@ -7,16 +7,17 @@ seg2 training script: Mask R-CNN, semantic and multi-task models on seg2's datas
     python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS ... TEST.AUG.ENABLED True \
         TEST.AUG.MIN_SIZES "(288, 360, 432)" TEST.AUG.MAX_SIZE 1000   # also with test-time augmentation
 
+A seg2 error (bad config or data, wherever raised) ends it with one line ``seg2: error: ...`` and
+exit status 1; ``--debug`` (or ``SEG2_DEBUG=1``) prints its traceback too.
 The trainer and the setup are :mod:`seg2.engine`'s, for scripts of your own to reuse.
 """
 
-import sys
-
 from detectron2.engine import default_argument_parser, launch
 
-import seg2
+import seg2  # noqa: F401  (registers seg2's datasets and models)
 from seg2.engine import Trainer, setup
 from seg2.engine.resume import Seg2Checkpointer
+from seg2.utils.cli import add_debug_argument, run_tool
 
 
 def main(args):
@@ -34,19 +35,18 @@ def main(args):
 
 
 def invoke_main() -> None:
-    args = default_argument_parser().parse_args()
+    args = add_debug_argument(default_argument_parser()).parse_args()
     print("Command Line Args:", args)
-    try:
-        launch(
-            main,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            args=(args,),
-        )
-    except seg2.Seg2Error as e:
-        sys.exit(f"seg2: error: {e}")
+    run_tool(
+        launch,
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+        debug=args.debug,
+    )
 
 
 if __name__ == "__main__":

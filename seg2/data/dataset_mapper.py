@@ -13,10 +13,10 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.utils.logger import log_first_n
 
-from ..utils import Seg2Error
+from ..utils import Seg2Error, UnreadableFileError
 from .label_map import check_label_values, read_sem_seg
 
-__all__ = ["MultiTaskDatasetMapper", "CategoryAreaConstrainedCrop", "check_ignore_value"]
+__all__ = ["MultiTaskDatasetMapper", "CategoryAreaConstrainedCrop", "check_ignore_value", "read_image_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,51 @@ def check_ignore_value(ignore_value: int, dataset_names: Sequence[str]):
                 f"dataset {name!r} has ignore_label={ignore} in its metadata but MODEL.SEM_SEG_HEAD.IGNORE_VALUE="
                 f"{ignore_value}: the loss would train on the pixels its metrics skip; set "
                 f"MODEL.SEM_SEG_HEAD.IGNORE_VALUE: {ignore} (or correct the dataset's metadata)"
+            )
+
+
+def read_image_file(path: str, image_format: Optional[str] = None) -> np.ndarray:
+    """detectron2's ``read_image`` (EXIF orientation applied), an :class:`UnreadableFileError`
+    naming ``path`` for a file PIL cannot decode: missing, empty, truncated, not an image."""
+    try:
+        return utils.read_image(path, format=image_format)
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors of a missing, empty or corrupt file
+        raise UnreadableFileError(path, "image", str(e) or type(e).__name__) from e
+
+
+# The share of unreadable files is judged over at least this many distinct files (or the whole
+# dataset when smaller), so a bad file among the first few read does not stop a run.
+MIN_FILES_FOR_SHARE = 100
+
+
+class _BadSampleCounter:
+    """The unreadable samples one training mapper met (one per DataLoader worker and rank: each
+    sees a random share of the dataset, so its own share estimates the dataset's). Files are
+    counted once, however often the sampler draws them again."""
+
+    def __init__(self, max_share: float, num_records: Optional[int]):
+        self.max_share = max_share
+        self.min_files = min(MIN_FILES_FOR_SHARE, num_records) if num_records else MIN_FILES_FOR_SHARE
+        self.seen, self.bad = set(), set()
+
+    def read(self, file_name: str):
+        self.seen.add(file_name)
+
+    def skip(self, error: UnreadableFileError):
+        """Count ``error``'s file; a one-line Seg2Error once the unreadable files are more than
+        ``max_share`` of the files read, and of ``min_files``."""
+        new = error.path not in self.bad
+        self.bad.add(error.path)
+        n_bad, n_seen = len(self.bad), len(self.seen)
+        if n_bad > self.max_share * max(n_seen, self.min_files):
+            raise Seg2Error(
+                f"{n_bad} of {n_seen} training files read by this loader are unreadable, more than "
+                f"SEG2.DATALOADER.MAX_BAD_SAMPLE_SHARE={self.max_share:g}; the last: {error}"
+            )
+        if new:
+            logger.warning(
+                f"skipping training sample {error} ({n_bad} unreadable of {n_seen} files read by this loader, "
+                f"limit SEG2.DATALOADER.MAX_BAD_SAMPLE_SHARE={self.max_share:g})"
             )
 
 
@@ -72,6 +117,11 @@ class MultiTaskDatasetMapper(DatasetMapper):
       records without semantic map;
     * crops can be padded to the full crop size (``SEG2.INPUT.PAD_TO_CROP_SIZE``): the image with
       0, the semantic map with ``ignore_label``, instance masks with background;
+    * in training, an image or label map that cannot be decoded (missing, empty, truncated, not
+      an image) is skipped with a warning naming it: the mapper returns None, so detectron2's
+      ``MapDataset`` maps another sample instead; unreadable files are counted, and more than
+      ``max_bad_share`` of the files read stop the run with a :class:`Seg2Error`. In inference
+      the file is an :class:`UnreadableFileError` (no metric on partial data);
     * an image whose instances mix polygons with RLE or bitmasks gets ``BitMasks`` under
       ``INPUT.MASK_FORMAT="polygon"`` (``DatasetMapper`` fails), and so does a cropped image
       with polygons when shapely (which fvcore needs to crop polygons) is not installed.
@@ -86,6 +136,8 @@ class MultiTaskDatasetMapper(DatasetMapper):
         dataset_names: Sequence[str] = (),
         num_classes: Optional[int] = None,
         pad_to_size: Optional[Tuple[int, int]] = None,
+        max_bad_share: float = 0.05,
+        num_records: Optional[int] = None,
         **kwargs,
     ):
         """
@@ -100,6 +152,10 @@ class MultiTaskDatasetMapper(DatasetMapper):
                 ``stuff_classes``: the semantic head's, whose loss a larger label value would break.
             pad_to_size (tuple[int, int] or None): pad every training image to at least this
                 (height, width) at the bottom and right.
+            max_bad_share (float): training: the largest share of unreadable files skipped before
+                the run stops (``SEG2.DATALOADER.MAX_BAD_SAMPLE_SHARE``); 0 stops at the first.
+            num_records (int or None): the number of training records, when known (the share is
+                judged over at least min(100, num_records) files).
             kwargs: the arguments of detectron2's ``DatasetMapper``.
         """
         super().__init__(is_train, **kwargs)
@@ -108,6 +164,9 @@ class MultiTaskDatasetMapper(DatasetMapper):
         self.num_classes = num_classes
         self._resolved_num_classes = None
         self.pad_to_size = tuple(pad_to_size) if pad_to_size else None
+        if not 0.0 <= max_bad_share < 1.0:
+            raise Seg2Error(f"SEG2.DATALOADER.MAX_BAD_SAMPLE_SHARE must be in [0, 1), got {max_bad_share}")
+        self.bad_samples = _BadSampleCounter(max_bad_share, num_records)
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
@@ -131,6 +190,7 @@ class MultiTaskDatasetMapper(DatasetMapper):
         ret["ignore_label"] = cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
         ret["dataset_names"] = tuple(cfg.DATASETS.TRAIN if is_train else cfg.DATASETS.TEST)
         ret["num_classes"] = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+        ret["max_bad_share"] = cfg.SEG2.DATALOADER.MAX_BAD_SAMPLE_SHARE
         check_ignore_value(ret["ignore_label"], ret["dataset_names"])
         return ret
 
@@ -175,11 +235,22 @@ class MultiTaskDatasetMapper(DatasetMapper):
             dataset_dict (dict): one record in detectron2's dataset format.
 
         Returns:
-            dict: ``image`` (C, H, W) uint8 tensor; in training ``instances`` when the record has
-            annotations and ``sem_seg`` (H, W) long tensor when it has a semantic map.
+            dict or None: ``image`` (C, H, W) uint8 tensor; in training ``instances`` when the
+            record has annotations and ``sem_seg`` (H, W) long tensor when it has a semantic map.
+            None in training when its image or label map cannot be decoded (counted, see above).
         """
+        if not self.is_train:
+            return self._map(dataset_dict)
+        self.bad_samples.read(dataset_dict["file_name"])
+        try:
+            return self._map(dataset_dict)
+        except UnreadableFileError as e:
+            self.bad_samples.skip(e)
+            return None
+
+    def _map(self, dataset_dict):
         dataset_dict = copy.deepcopy(dataset_dict)
-        image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
+        image = read_image_file(dataset_dict["file_name"], self.image_format)
         utils.check_image_size(dataset_dict, image)
         orig_shape = image.shape[:2]
 

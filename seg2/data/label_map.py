@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from ..utils import Seg2Error
+from ..utils import Seg2Error, UnreadableFileError
 
 __all__ = [
     "IGNORE_LABEL",
@@ -138,7 +138,7 @@ def _read_sbd_mat(path: str) -> np.ndarray:
     try:
         mat = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)
     except (OSError, ValueError, TypeError) as e:
-        raise Seg2Error(f"{path}: cannot read the SBD .mat file ({e})") from e
+        raise UnreadableFileError(path, "SBD .mat file", str(e)) from e
     gt = mat.get("GTcls")
     seg = getattr(gt, "Segmentation", None)
     if seg is None or not isinstance(seg, np.ndarray) or seg.ndim != 2:
@@ -251,7 +251,8 @@ def read_label_map(
         void_colors (list[(r, g, b)]): colours that mean void, returned as 255 (with ``colors``).
 
     Raises:
-        Seg2Error: the file cannot be read; an index map that is an RGB image or (with
+        UnreadableFileError: the file cannot be read or decoded (a :class:`Seg2Error`).
+        Seg2Error: an index map that is an RGB image or (with
             ``expect_palette``) not a palette PNG; a colour-coded mask with a colour in neither
             ``colors`` nor ``void_colors`` (the message names the colours and their pixel counts)
             or with transparent pixels.
@@ -265,8 +266,8 @@ def read_label_map(
             if rgb:
                 return _decode_rgb(path, im, tuple(map(tuple, colors)), tuple(map(tuple, void_colors)))
             arr = np.asarray(im)
-    except OSError as e:
-        raise Seg2Error(f"{path}: cannot read the label map ({e})") from e
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors of a missing, empty or corrupt file
+        raise UnreadableFileError(path, "label map", str(e) or type(e).__name__) from e
     arr = arr.astype(np.int64) if arr.dtype != np.uint8 else arr
     return _map_void(arr, void)
 

@@ -12,7 +12,7 @@ import logging
 import os
 from collections import OrderedDict
 
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.engine import DefaultTrainer, default_setup, hooks
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -95,7 +95,16 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=MultiTaskDatasetMapper(cfg, True))
+        # The records as detectron2's build_detection_train_loader loads them, so the mapper knows
+        # the dataset's size when it judges the share of unreadable files.
+        dataset = get_detection_dataset_dicts(
+            cfg.DATASETS.TRAIN,
+            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+            min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
+            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+        )
+        mapper = MultiTaskDatasetMapper(cfg, True, num_records=len(dataset))
+        return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
