@@ -16,8 +16,8 @@ rebuilds the structured outputs from what the exported model returns.
 Formats: TorchScript by ``torch.jit.trace``, ONNX by the TorchScript-based exporter
 (``torch.onnx.export(..., dynamo=False)``). The default ``dynamo=True`` exporter of torch 2.13
 goes through ``torch.export``, which fails on detectron2's ``TracingAdapter`` for every seg2
-model (measured: FCN, U-Net, SegNet, Mask R-CNN), while the tracing exporter works on the same
-adapter. ``torch.jit.script`` of seg2's models fails (detectron2's ``Conv2d`` with a functional
+model tried (FCN, U-Net, SegNet; Mask R-CNN was not tried), while the tracing exporter works on
+the same adapter. ``torch.jit.script`` of seg2's models fails (detectron2's ``Conv2d`` with a functional
 activation, heads that index a ``ModuleDict`` by feature name); :func:`export_scripting` reports
 that as an error naming the cause.
 
@@ -141,16 +141,19 @@ def export_scripting(model: torch.nn.Module, output_dir: str) -> str:
     return path
 
 
-def load_exported(path: str) -> Callable[[torch.Tensor], List[torch.Tensor]]:
+def load_exported(path: str, threads: int = 0) -> Callable[[torch.Tensor], List[torch.Tensor]]:
     """
     A callable ``image (C, H, W) float tensor -> list of output tensors`` running an exported
     ``model.ts`` (TorchScript) or ``model.onnx`` (onnxruntime on the CPU); the outputs go
     through the adapter's ``outputs_schema`` to get seg2's structured outputs back.
+    ``threads``: onnxruntime's intra-op threads (0: its default, one per core).
     """
     if path.endswith(".onnx"):
         import onnxruntime as ort
 
-        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
 
         def run_onnx(image: torch.Tensor) -> List[torch.Tensor]:

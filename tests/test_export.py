@@ -18,10 +18,16 @@ from seg2_model_helpers import REPO_ROOT, base_cfg, one_thread, tiny_semantic_cf
 
 pytest.importorskip("onnxruntime")
 
-# Max abs difference of logits, exported vs eager, float32 (measured up to ~2e-5 on these models:
-# a different summation order in some kernels). Argmax maps must be equal.
+# Max abs difference of logits (and scores, masks), exported vs eager, float32, relative to the
+# largest eager logit where that is above 1. Measured: TorchScript 0 (same kernels); onnxruntime
+# up to 4.5e-5 (SegNet-Basic), 1.3e-6 (U-Net), 5e-5 px on boxes: other kernels, other summation
+# order. Argmax maps must be equal.
 LOGITS_ATOL = 1e-4
-BOX_ATOL = 1e-3  # pixels
+BOX_ATOL = 1e-2  # pixels (measured up to 9e-4 px on 128x128 inputs)
+
+
+def _close(a, b, atol=LOGITS_ATOL):
+    return (a - b).abs().max().item() <= atol * max(1.0, b.abs().max().item())
 
 SEMANTIC = [
     ("FCNHead", "vgg"),
@@ -70,7 +76,7 @@ def test_semantic_export_matches_eager(tmp_path, head, backbone, fmt):
         eager = model([{"image": image}])[0]["sem_seg"]
     out = structured(adapter, load_exported(path)(image))[0]["sem_seg"]
     assert out.shape == eager.shape == (cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, 45, 51)
-    assert (out - eager).abs().max().item() <= LOGITS_ATOL
+    assert _close(out, eager)
     assert torch.equal(out.argmax(0), eager.argmax(0))
 
 
@@ -97,10 +103,10 @@ def test_multitask_export_matches_eager(tmp_path, fmt):
     assert len(got) == len(ref)
     assert (got.pred_boxes.tensor - ref.pred_boxes.tensor).abs().max().item() <= BOX_ATOL
     assert torch.equal(got.pred_classes, ref.pred_classes)
-    assert (got.scores - ref.scores).abs().max().item() <= LOGITS_ATOL
-    assert (got.pred_masks - ref.pred_masks).abs().max().item() <= LOGITS_ATOL
+    assert _close(got.scores, ref.scores)
+    assert _close(got.pred_masks, ref.pred_masks)
     assert out["sem_seg"].shape == ref_sem.shape
-    assert (out["sem_seg"] - ref_sem).abs().max().item() <= LOGITS_ATOL
+    assert _close(out["sem_seg"], ref_sem)
     assert torch.equal(out["sem_seg"].argmax(0), ref_sem.argmax(0))
 
 

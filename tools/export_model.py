@@ -8,8 +8,9 @@ Export a seg2 model to TorchScript or ONNX, in the shape of detectron2's
 
 The model is traced on the sample image (``--sample-image``, resized as the predictor does;
 default: the first image of ``DATASETS.TEST``) and takes (C, H, W) float images of that size in
-``INPUT.FORMAT``. What each format gives and the measured numerics: docs/export.md. The logic is
-in :mod:`seg2.export`.
+``INPUT.FORMAT``. ``--check`` runs the exported file on the sample and prints its max abs
+difference to the eager model; ``--benchmark N`` then times both side by side. What each format
+gives and the measured numerics: docs/export.md. The logic is in :mod:`seg2.export`.
 """
 
 import argparse
@@ -62,7 +63,7 @@ def sample_image(cfg, path):
 def check(model, adapter, path, image, repeats):
     """Print the exported model's difference to the eager model and, with ``repeats``, both
     latencies (median of calls taking turns, after one warm-up round) and their ratio."""
-    run = load_exported(path)
+    run = load_exported(path, torch.get_num_threads())
     print(json.dumps({"check": compare_with_eager(model, adapter, run, image)}), flush=True)
     if repeats > 0:
         import numpy as np
@@ -86,8 +87,11 @@ def main(argv=None):
                         help="run the exported model on the sample and print its max abs difference to the eager model")
     parser.add_argument("--benchmark", type=int, default=0, metavar="N",
                         help="with --check: time N calls of eager and exported, side by side (CPU)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads of torch and onnxruntime (0: default)")
     parser.add_argument("opts", default=None, nargs=argparse.REMAINDER, help="config overrides, KEY VALUE ...")
     args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     setup_logger(name="seg2")
     setup_logger()
     cfg = setup_cfg(args)
