@@ -103,8 +103,9 @@ def time_inference(model, inputs, iters, warmup, device):
 
 
 def gflops(model, inputs):
-    """fvcore's FLOP count (a JIT trace), or NaN where the model cannot be traced: torch 2.13's
-    tracer fails inside ``max_unpool2d`` with an explicit ``output_size`` (SegNet)."""
+    """fvcore's FLOP count (a JIT trace), or NaN where the model cannot be traced. SegNet's
+    unpooling traces since it scatters (``seg2.modeling.upsample.max_unpool``); fvcore counts
+    no FLOPs for the scatter itself, as none for ``max_unpool2d``."""
     model.eval()
     flops = FlopCountAnalysis(model, [{"image": inputs[0]["image"]}])
     flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False)

@@ -25,7 +25,7 @@ from detectron2.layers import Conv2d, get_norm
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["UPSAMPLE_MODES", "Upsample", "bilinear_kernel", "match_size", "center_crop"]
+__all__ = ["UPSAMPLE_MODES", "Upsample", "bilinear_kernel", "match_size", "center_crop", "max_unpool"]
 
 UPSAMPLE_MODES = ("deconv", "bilinear", "nearest_conv", "bilinear_conv", "unpool")
 
@@ -56,6 +56,22 @@ def center_crop(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         raise ValueError(f"cannot centre-crop a {tuple(x.shape[-2:])} map to {(h, w)}")
     top, left = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
     return x[..., top : top + h, left : left + w]
+
+
+def max_unpool(x: torch.Tensor, indices: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """
+    ``F.max_unpool2d(x, indices, output_size=size)``, written as a scatter into the flattened
+    (H * W) plane: every value of ``x`` goes to the position its pooling index names, zeros
+    elsewhere. The result is the same, bit for bit (the same writes; 2x2 stride-2 pooling gives
+    distinct indices), but it traces: torch's JIT tracer, and so TorchScript tracing, ONNX
+    export and fvcore's FLOP count, fail inside ``max_unpool2d`` with an explicit
+    ``output_size`` (its size check compares traced sizes as Python bools), and without it
+    the output of a ceil-mode pooled odd size cannot be given. ONNX: ``ScatterElements``.
+    """
+    n, c = x.shape[0], x.shape[1]
+    h, w = size[0], size[1]
+    out = x.new_zeros((n, c, h * w))
+    return out.scatter(2, indices.flatten(2), x.flatten(2)).view(n, c, h, w)
 
 
 class Upsample(nn.Module):
@@ -149,7 +165,7 @@ class Upsample(nn.Module):
             if indices is None:
                 raise ValueError("up-sampling mode 'unpool' needs the encoder's pooling indices")
             size = output_size if output_size is not None else [s * self.factor for s in x.shape[-2:]]
-            x = F.max_unpool2d(x, indices, self.factor, self.factor, output_size=list(size))
+            x = max_unpool(x, indices, size)
         else:
             interp = "nearest" if self.mode == "nearest_conv" else "bilinear"
             kwargs = {} if interp == "nearest" else {"align_corners": False}

@@ -132,6 +132,9 @@ class Seg2SemanticSegmentor(SemanticSegmentor):
         """
         if not self.overlap_tile:
             return size, 0
+        # Under torch.jit.trace, sizes are traced tensors: the geometry is a Python-side constant
+        # of the traced size (an exported "valid" U-Net takes that size only).
+        size = int(size)
         if size in self._tile_cache:
             return self._tile_cache[size]
         p = size
