@@ -31,5 +31,9 @@ setup(
         # detectron2.model_zoo imports pkg_resources, which setuptools 81 removed.
         "setuptools<81",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={
+        # ONNX export (tools/export_model.py --format onnx) and its check with onnxruntime.
+        "export": ["onnx>=1.14", "onnxruntime>=1.16"],
+        "test": ["pytest", "onnx>=1.14", "onnxruntime>=1.16"],
+    },
 )
