@@ -18,9 +18,11 @@ from detectron2.utils.logger import setup_logger
 from ..config import load_seg2_config
 from ..data import MultiTaskDatasetMapper, check_dataset_names
 from ..evaluation import build_evaluator
+from ..modeling.tasks import META_ARCH_TASKS
+from ..utils import Seg2Error
 from .hooks import build_best_checkpoint_hooks
 
-__all__ = ["Trainer", "setup"]
+__all__ = ["Trainer", "setup", "check_same_tasks"]
 
 
 class Trainer(DefaultTrainer):
@@ -36,6 +38,12 @@ class Trainer(DefaultTrainer):
         return ret
 
     @classmethod
+    def build_model(cls, cfg):
+        """detectron2's model of ``cfg``, after :func:`check_same_tasks` (several processes)."""
+        check_same_tasks(cfg)
+        return super().build_model(cfg)
+
+    @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return build_evaluator(cfg, dataset_name, output_folder)
@@ -47,6 +55,36 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         return build_detection_test_loader(cfg, dataset_name, mapper=MultiTaskDatasetMapper(cfg, False))
+
+
+def _task_set(cfg) -> dict:
+    """What a process trains, as its config says: the meta-architecture, its tasks and their heads."""
+    name = cfg.MODEL.META_ARCHITECTURE
+    tasks = sorted(META_ARCH_TASKS.get(name, ()))
+    ret = {"MODEL.META_ARCHITECTURE": name, "tasks": tasks}
+    if "instances" in tasks:
+        ret.update({"MODEL.MASK_ON": cfg.MODEL.MASK_ON, "MODEL.KEYPOINT_ON": cfg.MODEL.KEYPOINT_ON})
+    if "sem_seg" in tasks:
+        ret["MODEL.SEM_SEG_HEAD.NAME"] = cfg.MODEL.SEM_SEG_HEAD.NAME
+    return ret
+
+
+def check_same_tasks(cfg):
+    """
+    In several processes, a :class:`Seg2Error` in every process when they do not train the same
+    task set (meta-architecture, tasks, heads): before DistributedDataParallel wraps the model,
+    where such a run would fail on mismatched parameters or wait forever in a gradient reduction
+    that the other processes never join. One gather of a small dict, once; nothing in one process.
+    """
+    if comm.get_world_size() == 1:
+        return
+    everyone = comm.all_gather(_task_set(cfg))
+    if any(t != everyone[0] for t in everyone):
+        per_rank = "; ".join(f"rank {r}: {t}" for r, t in enumerate(everyone))
+        raise Seg2Error(
+            f"the training processes disagree on the task set ({per_rank}); every process must load "
+            "the same config (the same --config-file and opts)"
+        )
 
 
 def setup(args):
