@@ -153,7 +153,7 @@ def test_weight_zero_branches_in_one_process(tiny_shapes_root):
     sem_batches, inst_batches = _batches(tiny_shapes_root)
     torch.manual_seed(0)
     model = Trainer.build_model(_cfg()).train()
-    assert model.keep_all_branches is None and not model._communicates
+    assert model.keep_all_branches is None
     branch = {"sem_seg": ("sem_seg_head.",), "instances": ("proposal_generator.", "roi_heads.")}
     with EventStorage(0):
         for batch, missing in [(sem_batches[0], "instances"), (inst_batches[0], "sem_seg"),
@@ -166,6 +166,7 @@ def test_weight_zero_branches_in_one_process(tiny_shapes_root):
                 losses = model(batch)
                 sum(losses.values()).backward()
                 grads.append({k: p.grad for k, p in model.named_parameters()})
+            assert model._communicates is False
             assert set(losses) == {"loss_sem_seg", "loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask"}
             skipped = branch.get(missing, branch["sem_seg"] + branch["instances"])
             for k, g in grads[1].items():
@@ -267,3 +268,78 @@ def test_sync_batch_norm_branches_train_on_mixed_targets(other_runs):
         assert torch.equal(a[k], b[k]), k
     for prefix in ("sem_seg_head.", "roi_heads.mask_head.", "proposal_generator."):
         assert any(not torch.equal(a[k], init[k[len("module."):]]) for k in a if k.startswith("module." + prefix))
+
+
+def test_benchmark_tool_checks_and_times_the_step(tiny_shapes_root, tmp_path):
+    """tools/benchmark_multitask_step.py: "before" (the reference forward) and "after" give the
+    same losses on a batch with both targets (checked by the tool), then every variant is timed."""
+    import importlib.util
+    import json
+
+    from seg2.data import SHAPES_CLASSES, register_coco_with_sem_seg
+
+    name = "seg2_test_multitask_step"
+    register_coco_with_sem_seg(
+        name,
+        os.path.join(tiny_shapes_root, "coco", "annotations", "instances_train.json"),
+        os.path.join(tiny_shapes_root, "coco", "train"),
+        os.path.join(tiny_shapes_root, "VOC2012", "SegmentationClass"),
+        thing_classes=SHAPES_CLASSES,
+    )
+    spec = importlib.util.spec_from_file_location("benchmark_multitask_step", os.path.join(REPO_ROOT, "tools", "benchmark_multitask_step.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "step.json"
+    tool.main([
+        "--warmup", "0", "--repeats", "1", "--json", str(out),
+        "DATASETS.TRAIN", f"('{name}',)", "SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(64,)",
+        "INPUT.MAX_SIZE_TRAIN", "64", "MODEL.FPN.OUT_CHANNELS", "16", "MODEL.ROI_BOX_HEAD.FC_DIM", "32",
+        "MODEL.ROI_MASK_HEAD.CONV_DIM", "8",
+    ])
+    result = json.loads(out.read_text())
+    assert result["images_per_batch"] == 2 and result["image_size"] == [64, 64]
+    assert set(result["both_targets"]) == {"before", "after, 1 process", "after, several processes",
+                                           "DDP find_unused=False", "DDP find_unused=True"}
+    assert set(result["semantic_only"]) == {"before", "after, several processes"}
+    for part in ("both_targets", "semantic_only"):
+        assert result[part]["before"]["ratio_to_before"] == 1.0
+        assert all(v["median_s"] > 0 for v in result[part].values())
+
+
+def test_train_loader_mixes_instance_and_semantic_only_datasets(tiny_shapes_root):
+    """DATASETS.TRAIN with an instance-only dataset first and a semantic-only one second (detectron2's
+    own loader fails on this: it filters every record as if it had "annotations")."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from seg2.data import SHAPES_CLASSES
+    from seg2.engine.defaults import train_dataset_dicts
+
+    records = load_records(tiny_shapes_root)
+    inst, sem = "seg2_test_mixed_instances", "seg2_test_mixed_semantic"
+    for name in (inst, sem):
+        DatasetCatalog.pop(name, None)
+        MetadataCatalog.pop(name, None)
+    # the instance dataset: 4 records without their semantic map, one of them without any object
+    inst_records = [{k: v for k, v in r.items() if k != "sem_seg_file_name"} for r in records[:4]]
+    for r in inst_records:  # COCO ids 1..3 -> contiguous 0..2, as a registered COCO dataset maps them
+        r["annotations"] = [{**a, "category_id": a["category_id"] - 1} for a in r["annotations"]]
+    inst_records[3]["annotations"] = []
+    DatasetCatalog.register(inst, lambda: [dict(r) for r in inst_records])
+    MetadataCatalog.get(inst).set(thing_classes=list(SHAPES_CLASSES))
+    DatasetCatalog.register(sem, lambda: [{k: v for k, v in r.items() if k != "annotations"} for r in records[4:]])
+    MetadataCatalog.get(sem).set(stuff_classes=["background"] + list(SHAPES_CLASSES), ignore_label=255)
+
+    cfg = _cfg()
+    cfg.DATASETS.TRAIN = (inst, sem)
+    dicts = train_dataset_dicts(cfg)
+    assert [("annotations" in d, "sem_seg_file_name" in d) for d in dicts] == [(True, False)] * 3 + [(False, True)] * 4
+    cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_WORKERS = 7, 0
+    cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (64,), 64
+    cfg.DATALOADER.ASPECT_RATIO_GROUPING = False
+    batch = next(iter(Trainer.build_train_loader(cfg)))
+    assert sorted(("instances" in x, "sem_seg" in x) for x in batch) == [(False, True)] * 4 + [(True, False)] * 3
+    cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = False
+    assert len(train_dataset_dicts(cfg)) == 8
+    MetadataCatalog.get(sem).set(thing_classes=["other"])
+    with pytest.raises(Seg2Error, match="thing_classes differ"):
+        train_dataset_dicts(cfg)

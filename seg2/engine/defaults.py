@@ -8,9 +8,16 @@
     trainer.train()
 """
 
+import logging
 import os
 
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.data import (
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+    print_instances_class_histogram,
+)
 from detectron2.engine import DefaultTrainer, default_setup, hooks
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -22,7 +29,7 @@ from ..modeling.tasks import META_ARCH_TASKS
 from ..utils import Seg2Error
 from .hooks import build_best_checkpoint_hooks
 
-__all__ = ["Trainer", "setup", "check_same_tasks"]
+__all__ = ["Trainer", "setup", "check_same_tasks", "train_dataset_dicts"]
 
 
 class Trainer(DefaultTrainer):
@@ -50,11 +57,49 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=MultiTaskDatasetMapper(cfg, True))
+        return build_detection_train_loader(cfg, mapper=MultiTaskDatasetMapper(cfg, True), dataset=train_dataset_dicts(cfg))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         return build_detection_test_loader(cfg, dataset_name, mapper=MultiTaskDatasetMapper(cfg, False))
+
+
+def train_dataset_dicts(cfg) -> list:
+    """
+    The records of ``DATASETS.TRAIN``, as detectron2's ``get_detection_dataset_dicts`` gives them
+    to its train loader, for datasets that mix records with instances and records with only a
+    semantic map (``DATASETS.TRAIN: ("coco_instances", "semantic_only")``, say). detectron2
+    decides from the first record whether the records have "annotations" and then filters and
+    counts all of them as such (a KeyError on the first semantic-only record); here
+    ``DATALOADER.FILTER_EMPTY_ANNOTATIONS`` drops the records with "annotations" but no
+    non-crowd object, as detectron2 does, and keeps the records without "annotations".
+    """
+    names = cfg.DATASETS.TRAIN
+    dicts = get_detection_dataset_dicts(
+        names,
+        filter_empty=False,
+        min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
+        proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+        check_consistency=False,
+    )
+    with_instances = [d for d in dicts if "annotations" in d]
+    if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS and with_instances:
+        before = len(dicts)
+        dicts = [d for d in dicts if "annotations" not in d or any(a.get("iscrowd", 0) == 0 for a in d["annotations"])]
+        logging.getLogger(__name__).info(
+            f"Removed {before - len(dicts)} images with annotations but no usable object; {len(dicts)} images left "
+            f"({before - len(with_instances)} without annotations, kept for their semantic maps)."
+        )
+        with_instances = [d for d in dicts if "annotations" in d]
+    classes = [MetadataCatalog.get(n).get("thing_classes") for n in names]
+    classes = [c for c in classes if c is not None]
+    if classes and any(c != classes[0] for c in classes):
+        raise Seg2Error(f"DATASETS.TRAIN={tuple(names)}: the datasets' thing_classes differ: {classes}")
+    if classes and with_instances:
+        print_instances_class_histogram(with_instances, classes[0])
+    if not dicts:
+        raise Seg2Error(f"DATASETS.TRAIN={tuple(names)}: no record left to train on")
+    return dicts
 
 
 def _task_set(cfg) -> dict:

@@ -71,8 +71,9 @@ class Seg2MultiTaskRCNN(GeneralizedRCNN):
         self._loss_keys_checked = False
         # A model with synchronised batch norm makes collective calls in its forward and backward
         # passes, which every process must make in the same order: there a branch without targets
-        # runs as usual, on stand-in targets, at weight 0 (see forward).
-        self._communicates = _communicates(self)
+        # runs as usual, on stand-in targets, at weight 0 (see forward). Found at the first
+        # training step, after any conversion (nn.SyncBatchNorm.convert_sync_batchnorm).
+        self._communicates = None
 
     @classmethod
     def from_config(cls, cfg):
@@ -107,6 +108,8 @@ class Seg2MultiTaskRCNN(GeneralizedRCNN):
         if not self.training:
             return self.inference(batched_inputs)
         keep_all = self.keep_all_branches if self.keep_all_branches is not None else comm.get_world_size() > 1
+        if self._communicates is None:
+            self._communicates = _communicates(self)
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
         losses = {}
