@@ -8,8 +8,8 @@ summed in the same two terms, a halving is exact in floating point and the missi
 weight-0 loss adds exact zeros. The two batches as one batch of 4 in one pass are the same
 objective (each task's loss is normalised within the images that have its target; GroupNorm is
 per image) but not the same floating-point sums: equal within rounding for one step, and after
-a few steps ReLU and max-pool near-ties turn the rounding into differences of 1e-4 (measured), so
-that comparison is made for one step.
+4 steps ReLU and max-pool near-ties have turned the rounding into weight differences of up to 3e-4
+(measured), so that comparison is made for one step.
 """
 
 import datetime
@@ -17,7 +17,6 @@ import os
 import pickle
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -92,7 +91,7 @@ def _ddp_worker(root, out_dir):
         pickle.dump({"state": state, "losses": losses}, f)
 
 
-def test_mixed_targets_on_two_processes_equal_one_process_on_the_union(tiny_shapes_root, tmp_path):
+def test_mixed_targets_on_two_processes_equal_one_process_on_both_batches(tiny_shapes_root, tmp_path):
     launch(
         _ddp_worker, 2, dist_url="auto", args=(tiny_shapes_root, str(tmp_path)),
         timeout=datetime.timedelta(minutes=3),  # a collective that waits fails instead of hanging the suite
@@ -179,6 +178,12 @@ def test_weight_zero_branches_in_one_process(tiny_shapes_root):
                     assert torch.equal(g, grads[0][k]), k
             for name in model._loss_keys["instances" if missing == "instances" else "sem_seg"]:
                 assert losses[name].item() == 0.0
+        # under autocast (SOLVER.AMP.ENABLED: bfloat16 features, float32 parameters)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses = model(sem_batches[1])
+        sum(losses.values()).backward()
+        assert losses["loss_mask"].item() == 0.0 and not model.roi_heads.mask_head.predictor.weight.grad.any()
 
 
 # ---- bad input, and branches that communicate in their forward ---------------------------------
