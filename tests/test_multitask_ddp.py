@@ -29,7 +29,8 @@ from detectron2.utils.events import EventStorage
 from seg2.engine import Trainer
 from seg2.utils import Seg2Error
 
-from seg2_model_helpers import base_cfg, load_records, mapped_inputs, one_thread  # noqa: F401 (one thread, as the workers: the same sums)
+# one_thread: the test process sums on one thread, as the workers do (the same floating-point sums)
+from seg2_model_helpers import base_cfg, load_records, mapped_inputs, one_thread  # noqa: F401
 
 STEPS = 4
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -166,7 +167,8 @@ def test_weight_zero_branches_in_one_process(tiny_shapes_root):
                 sum(losses.values()).backward()
                 grads.append({k: p.grad for k, p in model.named_parameters()})
             assert model._communicates is False
-            assert set(losses) == {"loss_sem_seg", "loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask"}
+            assert set(losses) == {"loss_sem_seg", "loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg",
+                                   "loss_mask"}
             skipped = branch.get(missing, branch["sem_seg"] + branch["instances"])
             for k, g in grads[1].items():
                 assert g is not None, k  # every parameter is in the graph (what DDP needs)
@@ -291,7 +293,8 @@ def test_benchmark_tool_checks_and_times_the_step(tiny_shapes_root, tmp_path):
         os.path.join(tiny_shapes_root, "VOC2012", "SegmentationClass"),
         thing_classes=SHAPES_CLASSES,
     )
-    spec = importlib.util.spec_from_file_location("benchmark_multitask_step", os.path.join(REPO_ROOT, "tools", "benchmark_multitask_step.py"))
+    path = os.path.join(REPO_ROOT, "tools", "benchmark_multitask_step.py")
+    spec = importlib.util.spec_from_file_location("benchmark_multitask_step", path)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     out = tmp_path / "step.json"

@@ -5,8 +5,7 @@ weight-0 losses that let mixed-target datasets train on several processes, side 
 run, as ratios to "before" (the forward of seg2 before that change, kept below as the reference).
 
     OMP_NUM_THREADS=1 python tools/benchmark_multitask_step.py               # quickstart FCN-8s, CPU
-    python tools/benchmark_multitask_step.py --config-file configs/multitask/mask_rcnn_R50_FPN_fcn8s_1x_coco.yaml \
-        --device cuda DATASETS.TRAIN "('seg2_shapes_train',)" MODEL.ROI_HEADS.NUM_CLASSES 3 MODEL.SEM_SEG_HEAD.NUM_CLASSES 4
+    python tools/benchmark_multitask_step.py --device cuda --config-file CONFIG [KEY VALUE ...]
 
 Variants on a batch with both targets (what must not get slower):
   before                    the reference forward (a task without targets is skipped)
@@ -17,8 +16,9 @@ Variants on a batch with both targets (what must not get slower):
 On a batch with semantic maps only: "before" (detection skipped) against "after, several
 processes" (detection losses at weight 0: sums of the parameters and features). Every variant
 runs once per round, in turn (seg2.utils.benchmark.time_round_robin), each round starting with
-the next variant, so that load from other jobs hits all alike; the median over rounds is reported. Before timing, the tool checks that "before"
-and "after" give the same losses, bit for bit, on the batch with both targets.
+the next variant, so that load from other jobs hits all alike; the median over rounds is
+reported. Before timing, the tool checks that "before" and "after" give the same losses, bit for
+bit, on the batch with both targets.
 """
 
 import argparse

@@ -57,7 +57,8 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=MultiTaskDatasetMapper(cfg, True), dataset=train_dataset_dicts(cfg))
+        mapper = MultiTaskDatasetMapper(cfg, True)
+        return build_detection_train_loader(cfg, mapper=mapper, dataset=train_dataset_dicts(cfg))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

@@ -263,7 +263,8 @@ def _zero_gradient_term(modules: Iterable[torch.nn.Module], features: Dict[str, 
     it costs no convolution, unlike a forward pass of the branch at weight 0.
     """
     sums = [p.sum().float() for m in modules for p in m.parameters() if p.requires_grad]
-    sums += [f.sum().float() for f in features.values() if f.is_floating_point() and f.requires_grad]  # AMP: half
+    # float32 sums: under autocast the features are half precision
+    sums += [f.sum().float() for f in features.values() if f.is_floating_point() and f.requires_grad]
     if not sums:
         return torch.zeros(())
     return torch.stack(sums).sum() * 0.0
