@@ -2,7 +2,7 @@
 that ``tools/train_net.py`` runs, and the training-speed benchmark of ``tools/benchmark.py``."""
 
 from .amp import Seg2AMPTrainer
-from .defaults import Trainer, setup
+from .defaults import Trainer, check_same_tasks, setup
 from .resume import Seg2Checkpointer, trim_metrics_json
 
-__all__ = ["Seg2AMPTrainer", "Trainer", "setup", "Seg2Checkpointer", "trim_metrics_json"]
+__all__ = ["Seg2AMPTrainer", "Trainer", "check_same_tasks", "setup", "Seg2Checkpointer", "trim_metrics_json"]

@@ -12,7 +12,13 @@ import logging
 import os
 from collections import OrderedDict
 
-from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data import (
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+    print_instances_class_histogram,
+)
 from detectron2.engine import DefaultTrainer, default_setup, hooks
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -21,12 +27,14 @@ from ..config import load_seg2_config
 from ..data import MultiTaskDatasetMapper, check_dataset_names
 from ..evaluation import build_evaluator
 from ..inference.tta import build_tta_model
-from .amp import Seg2AMPTrainer
 from ..modeling.meta_arch.common import check_model_num_classes
+from ..modeling.tasks import META_ARCH_TASKS
+from ..utils import Seg2Error
+from .amp import Seg2AMPTrainer
 from .hooks import build_best_checkpoint_hooks
 from .resume import Seg2Checkpointer, trim_metrics_json
 
-__all__ = ["Trainer", "setup"]
+__all__ = ["Trainer", "setup", "check_same_tasks", "train_dataset_dicts"]
 
 
 class Trainer(DefaultTrainer):
@@ -45,12 +53,6 @@ class Trainer(DefaultTrainer):
         if cfg.SOLVER.AMP.ENABLED:  # detectron2's AMPTrainer requires CUDA; this one defers to it there
             t = self._trainer
             self._trainer = Seg2AMPTrainer(t.model, t.data_loader, t.optimizer)
-
-    @classmethod
-    def build_model(cls, cfg):
-        model = super().build_model(cfg)
-        check_model_num_classes(cfg, model)
-        return model
 
     def build_hooks(self):
         # DefaultTrainer.__init__ made a DetectionCheckpointer just before calling this; the hooks
@@ -75,6 +77,15 @@ class Trainer(DefaultTrainer):
             trim_metrics_json(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"), self.start_iter)
 
     @classmethod
+    def build_model(cls, cfg):
+        """detectron2's model of ``cfg``, after :func:`check_same_tasks` (several processes), its
+        class counts checked against the datasets' metadata."""
+        check_same_tasks(cfg)
+        model = super().build_model(cfg)
+        check_model_num_classes(cfg, model)
+        return model
+
+    @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return build_evaluator(cfg, dataset_name, output_folder)
@@ -95,20 +106,84 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        # The records as detectron2's build_detection_train_loader loads them, so the mapper knows
-        # the dataset's size when it judges the share of unreadable files.
-        dataset = get_detection_dataset_dicts(
-            cfg.DATASETS.TRAIN,
-            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
-            min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
-            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
-        )
+        # The records as detectron2's build_detection_train_loader loads them (mixed-target
+        # datasets included), so the mapper knows the dataset's size when it judges the share of
+        # unreadable files.
+        dataset = train_dataset_dicts(cfg)
         mapper = MultiTaskDatasetMapper(cfg, True, num_records=len(dataset))
         return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         return build_detection_test_loader(cfg, dataset_name, mapper=MultiTaskDatasetMapper(cfg, False))
+
+
+def train_dataset_dicts(cfg) -> list:
+    """
+    The records of ``DATASETS.TRAIN``, as detectron2's ``get_detection_dataset_dicts`` gives them
+    to its train loader, for datasets that mix records with instances and records with only a
+    semantic map (``DATASETS.TRAIN: ("coco_instances", "semantic_only")``, say). detectron2
+    decides from the first record whether the records have "annotations" and then filters and
+    counts all of them as such (a KeyError on the first semantic-only record); here
+    ``DATALOADER.FILTER_EMPTY_ANNOTATIONS`` drops the records with "annotations" but no
+    non-crowd object, as detectron2 does, and keeps the records without "annotations".
+    """
+    names = cfg.DATASETS.TRAIN
+    dicts = get_detection_dataset_dicts(
+        names,
+        filter_empty=False,
+        min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
+        proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+        check_consistency=False,
+    )
+    with_instances = [d for d in dicts if "annotations" in d]
+    if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS and with_instances:
+        before = len(dicts)
+        dicts = [d for d in dicts if "annotations" not in d or any(a.get("iscrowd", 0) == 0 for a in d["annotations"])]
+        logging.getLogger(__name__).info(
+            f"Removed {before - len(dicts)} images with annotations but no usable object; {len(dicts)} images left "
+            f"({before - len(with_instances)} without annotations, kept for their semantic maps)."
+        )
+        with_instances = [d for d in dicts if "annotations" in d]
+    classes = [MetadataCatalog.get(n).get("thing_classes") for n in names]
+    classes = [c for c in classes if c is not None]
+    if classes and any(c != classes[0] for c in classes):
+        raise Seg2Error(f"DATASETS.TRAIN={tuple(names)}: the datasets' thing_classes differ: {classes}")
+    if classes and with_instances:
+        print_instances_class_histogram(with_instances, classes[0])
+    if not dicts:
+        raise Seg2Error(f"DATASETS.TRAIN={tuple(names)}: no record left to train on")
+    return dicts
+
+
+def _task_set(cfg) -> dict:
+    """What a process trains, as its config says: the meta-architecture, its tasks and their heads."""
+    name = cfg.MODEL.META_ARCHITECTURE
+    tasks = sorted(META_ARCH_TASKS.get(name, ()))
+    ret = {"MODEL.META_ARCHITECTURE": name, "tasks": tasks}
+    if "instances" in tasks:
+        ret.update({"MODEL.MASK_ON": cfg.MODEL.MASK_ON, "MODEL.KEYPOINT_ON": cfg.MODEL.KEYPOINT_ON})
+    if "sem_seg" in tasks:
+        ret["MODEL.SEM_SEG_HEAD.NAME"] = cfg.MODEL.SEM_SEG_HEAD.NAME
+    return ret
+
+
+def check_same_tasks(cfg):
+    """
+    In several processes, a :class:`Seg2Error` in every process when they do not train the same
+    task set (meta-architecture, tasks, heads): before DistributedDataParallel wraps the model,
+    where such a run would fail on mismatched parameters or wait forever in a gradient reduction
+    that the other processes never join. One gather of a small dict, once; nothing in one process.
+    """
+    if comm.get_world_size() == 1:
+        return
+    everyone = comm.all_gather(_task_set(cfg))
+    if any(t != everyone[0] for t in everyone):
+        per_rank = "; ".join(f"rank {r}: {t}" for r, t in enumerate(everyone))
+        raise Seg2Error(
+            f"the training processes disagree on the task set ({per_rank}); every process must load "
+            "the same config (the same --config-file and opts)"
+        )
 
 
 def setup(args):

@@ -1,12 +1,14 @@
 """Mask R-CNN with a semantic head on its backbone, trained jointly."""
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from detectron2.config import configurable
+from detectron2.layers import NaiveSyncBatchNorm
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, build_sem_seg_head
 from detectron2.modeling.postprocessing import detector_postprocess, sem_seg_postprocess
-from detectron2.structures import ImageList, Instances
+from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
 from ...utils import Seg2Error
@@ -28,18 +30,30 @@ class Seg2MultiTaskRCNN(GeneralizedRCNN):
     Each task's loss is weighted (``MODEL.MULTITASK.INSTANCE_LOSS_WEIGHT`` for the RPN and RoI
     heads, ``MODEL.SEM_SEG_HEAD.LOSS_WEIGHT`` for the semantic head). Images without
     "instances" are left out of the detection losses and images without "sem_seg" out of the
-    semantic loss, so datasets that give only one of the two targets train; a batch with
-    neither target for a task skips that task's loss. Outputs per image: "instances" and
-    "sem_seg" ((C, height, width) logits). :meth:`sem_seg_logits` runs the semantic branch
-    alone (tiled inference uses it).
+    semantic loss, so datasets that give only one of the two targets train. A batch with no
+    target for a task has no loss for that task: in one process the task is skipped; in several
+    processes (``keep_all_branches``) it gets a loss of weight 0 that keeps its branch in the graph
+    (see :meth:`forward`). Outputs per image: "instances" and "sem_seg" ((C, height, width)
+    logits). :meth:`sem_seg_logits` runs the semantic branch alone (tiled inference uses it).
     """
 
     @configurable
-    def __init__(self, *, sem_seg_head: torch.nn.Module, instance_loss_weight: float = 1.0, **kwargs):
+    def __init__(
+        self,
+        *,
+        sem_seg_head: torch.nn.Module,
+        instance_loss_weight: float = 1.0,
+        keep_all_branches: Optional[bool] = None,
+        **kwargs,
+    ):
         """
         Args:
             sem_seg_head (nn.Module): a semantic head in detectron2's interface.
             instance_loss_weight (float): weight of the RPN and RoI-head losses.
+            keep_all_branches (bool or None): give a task without targets in the batch a loss of
+                weight 0 that keeps its parameters in the graph (what DistributedDataParallel
+                without ``find_unused_parameters`` needs) instead of skipping it. None: when
+                training in several processes (``comm.get_world_size() > 1``).
             kwargs: the arguments of detectron2's ``GeneralizedRCNN``.
         """
         super().__init__(**kwargs)
@@ -50,6 +64,16 @@ class Seg2MultiTaskRCNN(GeneralizedRCNN):
             )
         self.sem_seg_head = sem_seg_head
         self.instance_loss_weight = instance_loss_weight
+        self.keep_all_branches = keep_all_branches
+        # Loss names per task, as the branches return them; the detection names are learnt from the
+        # first batch that runs the RPN and RoI heads (they depend on the heads: cascade, keypoints).
+        self._loss_keys = {"sem_seg": ("loss_sem_seg",), "instances": None}
+        self._loss_keys_checked = False
+        # A model with synchronised batch norm makes collective calls in its forward and backward
+        # passes, which every process must make in the same order: there a branch without targets
+        # runs as usual, on stand-in targets, at weight 0 (see forward). Found at the first
+        # training step, after any conversion (nn.SyncBatchNorm.convert_sync_batchnorm).
+        self._communicates = None
 
     @classmethod
     def from_config(cls, cfg):
@@ -68,17 +92,45 @@ class Seg2MultiTaskRCNN(GeneralizedRCNN):
 
         Returns:
             training: dict of losses; inference: list of ``{"instances", "sem_seg"}``.
+
+        Training in several processes, a task without any target in this process's batch gets
+        its usual loss names with the value 0 and a zero gradient for each of its parameters
+        (0 x the sum of its parameters and of the backbone features). DistributedDataParallel
+        then sees the same parameters used in every process (it needs no
+        ``find_unused_parameters``, which detectron2's trainers do not set and which costs a walk
+        of the autograd graph at every step) and averages the other processes' gradients with
+        these zeros, as it averages any gradient; every process returns the same loss names, as
+        detectron2's metric gathering needs. In a model with synchronised batch norm, whose
+        forward and backward passes make collective calls that must come in the same order in
+        every process, the branch instead runs as usual at weight 0, on stand-in targets (no
+        object; every pixel labelled 0). A batch with both targets runs exactly as in one process.
         """
         if not self.training:
             return self.inference(batched_inputs)
+        keep_all = self.keep_all_branches if self.keep_all_branches is not None else comm.get_world_size() > 1
+        if self._communicates is None:
+            self._communicates = _communicates(self)
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
         losses = {}
 
-        targets = sem_seg_targets(batched_inputs, images.tensor.shape[-2:], self.sem_seg_head.ignore_value, self.device)
+        ignore = self.sem_seg_head.ignore_value
+        targets = sem_seg_targets(batched_inputs, images.tensor.shape[-2:], ignore, self.device)
+        if keep_all and self._communicates and targets is not None and not bool((targets != ignore).any()):
+            targets = None  # no labelled pixel: the head runs once, in the weight-0 pass below
+        sem_seg_losses = {}
         if targets is not None:
             _, sem_seg_losses = self.sem_seg_head(features, targets)
-            losses.update(sem_seg_losses)
+            if sem_seg_losses:
+                self._loss_keys["sem_seg"] = tuple(sem_seg_losses)
+        if not sem_seg_losses and keep_all:
+            if self._communicates:
+                stand_in = torch.full_like(images.tensor[:, 0], 1 if ignore == 0 else 0, dtype=torch.long)
+                sem_seg_losses = {k: v * 0.0 for k, v in self.sem_seg_head(features, stand_in)[1].items()}
+            else:
+                zero = _zero_gradient_term([self.sem_seg_head], features)
+                sem_seg_losses = {k: zero for k in self._loss_keys["sem_seg"]}
+        losses.update(sem_seg_losses)
 
         keep = [i for i, x in enumerate(batched_inputs) if "instances" in x]
         if keep:
@@ -87,18 +139,60 @@ class Seg2MultiTaskRCNN(GeneralizedRCNN):
                 images = ImageList(images.tensor[index], [images.image_sizes[i] for i in keep])
                 features = {k: v[index] for k, v in features.items()}
             gt_instances = [batched_inputs[i]["instances"].to(self.device) for i in keep]
-            proposals, proposal_losses = self.proposal_generator(images, features, gt_instances)
-            _, detector_losses = self.roi_heads(images, features, proposals, gt_instances)
+            proposals, instance_losses = self._instance_losses(images, features, gt_instances)
             if self.vis_period > 0:
                 storage = get_event_storage()
                 if storage.iter % self.vis_period == 0:
                     self.visualize_training([batched_inputs[i] for i in keep], proposals)
-            for k, v in {**proposal_losses, **detector_losses}.items():
-                losses[k] = v * self.instance_loss_weight
+            losses.update({k: v * self.instance_loss_weight for k, v in instance_losses.items()})
+        elif keep_all:
+            losses.update(self._zero_instance_losses(images, features))
         if not losses:
             # No labelled pixel and no image with instances: nothing to learn from this batch.
             losses["loss_sem_seg"] = torch.zeros((), device=self.device, requires_grad=True)
+        if comm.get_world_size() > 1 and not (keep_all and self._loss_keys_checked):
+            # With keep_all the names are the same at every step: checking the first one suffices.
+            self._check_loss_keys(losses)
         return losses
+
+    def _instance_losses(self, images: ImageList, features, gt_instances: List[Instances]):
+        """(proposals, the RPN and RoI-head losses, unweighted); remembers the loss names."""
+        proposals, proposal_losses = self.proposal_generator(images, features, gt_instances)
+        _, detector_losses = self.roi_heads(images, features, proposals, gt_instances)
+        losses = {**proposal_losses, **detector_losses}
+        self._loss_keys["instances"] = tuple(losses)
+        return proposals, losses
+
+    def _zero_instance_losses(self, images: ImageList, features) -> Dict[str, torch.Tensor]:
+        """The detection losses at weight 0 for a batch without instances (several processes)."""
+        if self._loss_keys["instances"] is None or self._communicates:
+            # Learn the loss names (first time) / make the collective calls: run the RPN and RoI
+            # heads on images without objects (detectron2 supports empty targets) at weight 0.
+            empty = [
+                Instances(size, gt_boxes=Boxes(images.tensor.new_zeros((0, 4))),
+                          gt_classes=torch.zeros(0, dtype=torch.long, device=self.device))
+                for size in images.image_sizes
+            ]
+            _, losses = self._instance_losses(images, features, empty)
+            return {k: v * 0.0 for k, v in losses.items()}
+        zero = _zero_gradient_term([self.proposal_generator, self.roi_heads], features)
+        return {k: zero for k in self._loss_keys["instances"]}
+
+    def _check_loss_keys(self, losses: Dict[str, torch.Tensor]):
+        """
+        In several processes, a :class:`Seg2Error` in every process when the processes' loss
+        names differ: detectron2's metric gathering would fail in the main process and leave the
+        others waiting in the next step's gradient reduction. One gather of the names, at the
+        first step (at every step when ``keep_all_branches`` is False).
+        """
+        self._loss_keys_checked = True
+        names = comm.all_gather(sorted(losses))
+        if any(n != names[0] for n in names):
+            per_rank = "; ".join(f"rank {r}: {n}" for r, n in enumerate(names))
+            raise Seg2Error(
+                f"Seg2MultiTaskRCNN: the training processes disagree on the task set (loss names {per_rank}); "
+                "every process must build the same model from the same config"
+            )
 
     def sem_seg_logits(self, images: torch.Tensor, context: Tuple[int, int, int, int] = (0, 0, 0, 0)) -> torch.Tensor:
         """
@@ -158,3 +252,23 @@ class Seg2MultiTaskRCNN(GeneralizedRCNN):
                 out["sem_seg"] = sem_seg_postprocess(sem_seg_results[i], image_size, height, width)
             processed.append(out)
         return processed
+
+
+def _communicates(module: torch.nn.Module) -> bool:
+    """Whether a module makes collective calls in its forward and backward passes
+    (synchronised batch norm)."""
+    return any(isinstance(m, (torch.nn.SyncBatchNorm, NaiveSyncBatchNorm)) for m in module.modules())
+
+
+def _zero_gradient_term(modules: Iterable[torch.nn.Module], features: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """
+    0 x (the sum of the trainable parameters of ``modules`` and of the floating-point
+    ``features``): a loss of value 0 whose gradient is 0 for each of them. One sum per tensor;
+    it costs no convolution, unlike a forward pass of the branch at weight 0.
+    """
+    sums = [p.sum().float() for m in modules for p in m.parameters() if p.requires_grad]
+    # float32 sums: under autocast the features are half precision
+    sums += [f.sum().float() for f in features.values() if f.is_floating_point() and f.requires_grad]
+    if not sums:
+        return torch.zeros(())
+    return torch.stack(sums).sum() * 0.0
