@@ -30,6 +30,7 @@ from ..inference.tta import build_tta_model
 from ..modeling.meta_arch.common import check_model_num_classes
 from ..modeling.tasks import META_ARCH_TASKS
 from ..utils import Seg2Error
+from ..utils.dist import check_same_in_all_processes
 from .amp import Seg2AMPTrainer
 from .hooks import build_best_checkpoint_hooks
 from .resume import Seg2Checkpointer, trim_metrics_json
@@ -175,15 +176,9 @@ def check_same_tasks(cfg):
     where such a run would fail on mismatched parameters or wait forever in a gradient reduction
     that the other processes never join. One gather of a small dict, once; nothing in one process.
     """
-    if comm.get_world_size() == 1:
-        return
-    everyone = comm.all_gather(_task_set(cfg))
-    if any(t != everyone[0] for t in everyone):
-        per_rank = "; ".join(f"rank {r}: {t}" for r, t in enumerate(everyone))
-        raise Seg2Error(
-            f"the training processes disagree on the task set ({per_rank}); every process must load "
-            "the same config (the same --config-file and opts)"
-        )
+    check_same_in_all_processes(
+        _task_set(cfg), "the task set", "every process must load the same config (the same --config-file and opts)"
+    )
 
 
 def setup(args):

@@ -12,6 +12,7 @@ from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
 from ...utils import Seg2Error
+from ...utils.dist import check_same_in_all_processes
 from ..tasks import META_ARCH_TASKS
 from .common import check_head_features, check_num_classes, check_registered, sem_seg_targets
 from .semantic_segmentor import inner_size, needs_no_padding
@@ -186,13 +187,11 @@ class Seg2MultiTaskRCNN(GeneralizedRCNN):
         first step (at every step when ``keep_all_branches`` is False).
         """
         self._loss_keys_checked = True
-        names = comm.all_gather(sorted(losses))
-        if any(n != names[0] for n in names):
-            per_rank = "; ".join(f"rank {r}: {n}" for r, n in enumerate(names))
-            raise Seg2Error(
-                f"Seg2MultiTaskRCNN: the training processes disagree on the task set (loss names {per_rank}); "
-                "every process must build the same model from the same config"
-            )
+        check_same_in_all_processes(
+            sorted(losses),
+            "the task set of Seg2MultiTaskRCNN (its loss names)",
+            "every process must build the same model from the same config",
+        )
 
     def sem_seg_logits(self, images: torch.Tensor, context: Tuple[int, int, int, int] = (0, 0, 0, 0)) -> torch.Tensor:
         """
