@@ -141,3 +141,15 @@ def miou(pred: torch.Tensor, gt: torch.Tensor, num_classes: int, ignore: int = 2
         if union:
             ious.append((p & g).sum().item() / union)
     return sum(ious) / len(ious)
+
+
+def register_tiny_shapes(name: str, root: str, split: str, thing_classes=seg2.data.SHAPES_CLASSES):
+    """Register the ``split`` of a generated shapes ``root`` (``tiny_shapes_root``) as a COCO
+    dataset with label maps under ``name``; ``thing_classes=None`` leaves them to the JSON."""
+    return seg2.data.register_coco_with_sem_seg(
+        name,
+        os.path.join(root, "coco", "annotations", f"instances_{split}.json"),
+        os.path.join(root, "coco", split),
+        os.path.join(root, "VOC2012", "SegmentationClass"),
+        thing_classes=thing_classes,
+    )

@@ -7,9 +7,9 @@ import statistics
 
 import pytest
 import torch
+from seg2_model_helpers import register_tiny_shapes
 
 import seg2
-from seg2.data import register_coco_with_sem_seg
 from seg2.engine import ablation
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,13 +97,7 @@ def test_ablate_tool_takes_options_right_after_the_seeds():
 def tiny_data(tiny_shapes_root):
     coco = os.path.join(tiny_shapes_root, "coco")
     for split in ("train", "val"):
-        register_coco_with_sem_seg(
-            f"abl_tiny_{split}",
-            os.path.join(coco, "annotations", f"instances_{split}.json"),
-            os.path.join(coco, split),
-            os.path.join(tiny_shapes_root, "VOC2012", "SegmentationClass"),
-            thing_classes=seg2.data.SHAPES_CLASSES,
-        )
+        register_tiny_shapes(f"abl_tiny_{split}", tiny_shapes_root, split)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -8,9 +8,8 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 import seg2
-from seg2.data import register_coco_with_sem_seg
 from seg2.engine import Seg2AMPTrainer, Trainer
-from seg2_model_helpers import CONFIGS, base_cfg, load_records, mapped_inputs, one_thread, tiny_semantic_cfg  # noqa: F401
+from seg2_model_helpers import CONFIGS, base_cfg, load_records, mapped_inputs, one_thread, register_tiny_shapes, tiny_semantic_cfg  # noqa: F401
 
 # One model per semantic head family (SegNet with max-unpooling on VGG's indices), and the
 # multi-task Mask R-CNN with an FCN-8s and a U-Net head.
@@ -116,13 +115,7 @@ def test_trainer_with_amp_enabled_trains_on_the_cpu(tiny_shapes_root, tmp_path):
     """seg2's Trainer (tools/train_net.py) with SOLVER.AMP.ENABLED on the CPU: detectron2's
     AMPTrainer would assert CUDA; seg2's runs the steps in bfloat16 autocast."""
     for split in ("train", "val"):
-        register_coco_with_sem_seg(
-            f"seg2_test_amp_{split}",
-            os.path.join(tiny_shapes_root, "coco", "annotations", f"instances_{split}.json"),
-            os.path.join(tiny_shapes_root, "coco", split),
-            os.path.join(tiny_shapes_root, "VOC2012", "SegmentationClass"),
-            thing_classes=seg2.data.SHAPES_CLASSES,
-        )
+        register_tiny_shapes(f"seg2_test_amp_{split}", tiny_shapes_root, split)
     cfg = get_cfg()
     seg2.add_seg2_config(cfg)
     cfg.merge_from_file(os.path.join(CONFIGS, "quickstart", "mask_rcnn_R18_FPN_unet_shapes_cpu.yaml"))

@@ -7,9 +7,7 @@ import time
 import numpy as np
 import pytest
 from detectron2.modeling import build_model
-from seg2_model_helpers import tiny_semantic_cfg
-
-from seg2.data import SHAPES_CLASSES, register_coco_with_sem_seg
+from seg2_model_helpers import register_tiny_shapes, tiny_semantic_cfg
 from seg2.engine.benchmark import benchmark_train
 from seg2.inference import TiledSemSegInference
 from seg2.inference.benchmark import benchmark_tiling, tiling_bounds
@@ -63,13 +61,7 @@ def test_time_round_robin_interleaves_the_steps_and_drops_warmup_rounds():
 
 def test_benchmark_train_times_the_trainers_model_and_loader(tiny_shapes_root):
     name = "seg2_test_benchmark_train"
-    register_coco_with_sem_seg(
-        name,
-        os.path.join(tiny_shapes_root, "coco", "annotations", "instances_train.json"),
-        os.path.join(tiny_shapes_root, "coco", "train"),
-        os.path.join(tiny_shapes_root, "VOC2012", "SegmentationClass"),
-        thing_classes=SHAPES_CLASSES,
-    )
+    register_tiny_shapes(name, tiny_shapes_root, "train")
     cfg = tiny_semantic_cfg("UNetHead", "unet_same")
     cfg.DATASETS.TRAIN = (name,)
     cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_WORKERS = 2, 0

@@ -6,10 +6,10 @@ import os
 
 import pytest
 from test_train_net import _register_tiny, _run_cli, _tiny_cfg
+from seg2_model_helpers import register_tiny_shapes
 
 import seg2
 from seg2 import Seg2Error
-from seg2.data import register_coco_with_sem_seg
 from seg2.engine import Trainer
 
 
@@ -34,12 +34,7 @@ def test_classes_learned_when_the_dataset_loads_are_checked(tiny_shapes_root, tm
     # Registered without thing_classes: the metadata gets them from the JSON when the Trainer
     # loads the training data, after the model is built.
     for split in ("train", "val"):
-        register_coco_with_sem_seg(
-            f"seg2_test_lazy_{split}",
-            os.path.join(tiny_shapes_root, "coco", "annotations", f"instances_{split}.json"),
-            os.path.join(tiny_shapes_root, "coco", split),
-            os.path.join(tiny_shapes_root, "VOC2012", "SegmentationClass"),
-        )
+        register_tiny_shapes(f"seg2_test_lazy_{split}", tiny_shapes_root, split, thing_classes=None)
     cfg = _tiny_cfg(tmp_path, max_iter=2)
     cfg.merge_from_list([
         "DATASETS.TRAIN", ("seg2_test_lazy_train",), "DATASETS.TEST", ("seg2_test_lazy_val",),

@@ -19,10 +19,10 @@ from detectron2.evaluation import (
     PascalVOCDetectionEvaluator,
 )
 from detectron2.structures import Boxes, Instances
+from seg2_model_helpers import register_tiny_shapes
 
 import seg2
 from seg2 import Seg2Error
-from seg2.data import SHAPES_CLASSES, register_coco_with_sem_seg
 from seg2.evaluation import EVALUATORS, MaskAPEvaluator, MIoUEvaluator, build_evaluator
 
 LOGGER = "seg2.evaluation.build"
@@ -40,13 +40,7 @@ def _cfg(meta_arch, mask_on=True):
 
 def _register_shapes(tiny_shapes_root, name, evaluator_type):
     """The tiny shapes val split (instances and label maps) under ``name`` with ``evaluator_type``."""
-    register_coco_with_sem_seg(
-        name,
-        os.path.join(tiny_shapes_root, "coco", "annotations", "instances_val.json"),
-        os.path.join(tiny_shapes_root, "coco", "val"),
-        os.path.join(tiny_shapes_root, "VOC2012", "SegmentationClass"),
-        thing_classes=SHAPES_CLASSES,
-    )
+    register_tiny_shapes(name, tiny_shapes_root, "val")
     meta = dict(MetadataCatalog.get(name).as_dict(), evaluator_type=evaluator_type)
     del meta["name"]
     MetadataCatalog.remove(name)

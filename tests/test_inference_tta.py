@@ -10,11 +10,10 @@ import torch
 from detectron2.data import transforms as T
 from detectron2.modeling import GeneralizedRCNNWithTTA, build_model
 from detectron2.modeling.postprocessing import sem_seg_postprocess
-from seg2_model_helpers import base_cfg, tiny_semantic_cfg
+from seg2_model_helpers import base_cfg, register_tiny_shapes, tiny_semantic_cfg
 
 import seg2
 from seg2 import Seg2Error
-from seg2.data import register_coco_with_sem_seg
 from seg2.engine import Trainer
 from seg2.inference import (
     MultiTaskRCNNWithTTA, Seg2Predictor, SemanticSegmentorWithTTA, TiledSemSegInference, build_tta_model,
@@ -130,13 +129,7 @@ def test_tta_config_errors():
 
 def test_trainer_evaluates_with_tta(tiny_shapes_root, tmp_path):
     for split in ("train", "val"):
-        register_coco_with_sem_seg(
-            f"seg2_test_tta_{split}",
-            os.path.join(tiny_shapes_root, "coco", "annotations", f"instances_{split}.json"),
-            os.path.join(tiny_shapes_root, "coco", split),
-            os.path.join(tiny_shapes_root, "VOC2012", "SegmentationClass"),
-            thing_classes=seg2.data.SHAPES_CLASSES,
-        )
+        register_tiny_shapes(f"seg2_test_tta_{split}", tiny_shapes_root, split)
     cfg, model = _semantic(5)
     cfg.DATASETS.TEST = ("seg2_test_tta_val",)
     cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 64, 64

@@ -30,7 +30,7 @@ from seg2.engine import Trainer
 from seg2.utils import Seg2Error
 
 # one_thread: the test process sums on one thread, as the workers do (the same floating-point sums)
-from seg2_model_helpers import base_cfg, load_records, mapped_inputs, one_thread  # noqa: F401
+from seg2_model_helpers import base_cfg, load_records, mapped_inputs, one_thread, register_tiny_shapes  # noqa: F401
 
 STEPS = 4
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -283,16 +283,8 @@ def test_benchmark_tool_checks_and_times_the_step(tiny_shapes_root, tmp_path):
     import importlib.util
     import json
 
-    from seg2.data import SHAPES_CLASSES, register_coco_with_sem_seg
-
     name = "seg2_test_multitask_step"
-    register_coco_with_sem_seg(
-        name,
-        os.path.join(tiny_shapes_root, "coco", "annotations", "instances_train.json"),
-        os.path.join(tiny_shapes_root, "coco", "train"),
-        os.path.join(tiny_shapes_root, "VOC2012", "SegmentationClass"),
-        thing_classes=SHAPES_CLASSES,
-    )
+    register_tiny_shapes(name, tiny_shapes_root, "train")
     path = os.path.join(REPO_ROOT, "tools", "benchmark_multitask_step.py")
     spec = importlib.util.spec_from_file_location("benchmark_multitask_step", path)
     tool = importlib.util.module_from_spec(spec)

@@ -13,9 +13,10 @@ from detectron2.engine import SimpleTrainer
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model, build_roi_heads
 from detectron2.utils.env import seed_all_rng
+from seg2_model_helpers import register_tiny_shapes
 
 import seg2
-from seg2.data import MultiTaskDatasetMapper, register_coco_with_sem_seg
+from seg2.data import MultiTaskDatasetMapper
 from seg2.modeling.poolers import POOLER_AGGREGATIONS, ExtendedROIPooler
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,13 +32,7 @@ def tiny_shapes(tiny_shapes_root):
     """The tiny shapes training split under a name of this module's own (seg2_shapes_train stays
     as it is; re-pointing it would regenerate its cache at the default size)."""
     coco = os.path.join(tiny_shapes_root, "coco")
-    register_coco_with_sem_seg(
-        TINY_TRAIN,
-        os.path.join(coco, "annotations", "instances_train.json"),
-        os.path.join(coco, "train"),
-        os.path.join(tiny_shapes_root, "VOC2012", "SegmentationClass"),
-        thing_classes=seg2.data.SHAPES_CLASSES,
-    )
+    register_tiny_shapes(TINY_TRAIN, tiny_shapes_root, "train")
     # One thread: these models are tiny, and extra threads only spin on a shared 2-core machine.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

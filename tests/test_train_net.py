@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 from detectron2.config import get_cfg
+from seg2_model_helpers import register_tiny_shapes
 
 import seg2
-from seg2.data import register_coco_with_sem_seg
 from seg2.engine import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,13 +21,7 @@ TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
 
 def _register_tiny(root):
     for split in ("train", "val"):
-        register_coco_with_sem_seg(
-            f"seg2_test_tiny_{split}",
-            os.path.join(root, "coco", "annotations", f"instances_{split}.json"),
-            os.path.join(root, "coco", split),
-            os.path.join(root, "VOC2012", "SegmentationClass"),
-            thing_classes=seg2.data.SHAPES_CLASSES,
-        )
+        register_tiny_shapes(f"seg2_test_tiny_{split}", root, split)
 
 
 def _tiny_cfg(output_dir, max_iter):
