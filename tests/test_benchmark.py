@@ -1,6 +1,7 @@
 """Timing and memory helpers (seg2.utils.benchmark) and the model benchmarks of tools/benchmark.py
 (seg2.engine.benchmark, seg2.inference.benchmark)."""
 
+import mmap
 import os
 import time
 
@@ -8,16 +9,25 @@ import numpy as np
 import pytest
 from detectron2.modeling import build_model
 from seg2_model_helpers import register_tiny_shapes, tiny_semantic_cfg
+
 from seg2.engine.benchmark import benchmark_train
 from seg2.inference import TiledSemSegInference
 from seg2.inference.benchmark import benchmark_tiling, tiling_bounds
 from seg2.utils.benchmark import PeakMemory, rss_mb, time_iterations, time_round_robin, timed
 
 
+def _touched_pages(size):
+    """``size`` bytes of fresh anonymous memory, every page written: always new resident memory
+    (np.ones may be served by malloc from memory an earlier test freed and left resident)."""
+    m = mmap.mmap(-1, size)
+    np.frombuffer(m, dtype=np.uint8)[:] = 1
+    return m
+
+
 def test_peak_memory_sees_a_freed_allocation():
     with PeakMemory("cpu") as mem:
-        a = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB, touched
-        del a
+        a = _touched_pages(64 * 2**20)
+        a.close()
     if not mem.method.startswith("VmHWM"):
         pytest.skip(f"peak RSS cannot be reset here ({mem.method})")
     assert mem.peak_bytes - mem.start_bytes >= 60 * 2**20
@@ -30,9 +40,9 @@ def test_rss_counts_touched_memory():
     before = rss_mb()
     if before != before:
         pytest.skip("no /proc/self/status here")
-    a = np.ones(64 * 2**20, dtype=np.uint8)
+    a = _touched_pages(64 * 2**20)
     assert rss_mb() - before >= 60
-    del a
+    a.close()
 
 
 def test_timed_returns_the_result_and_the_wall_time():
