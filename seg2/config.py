@@ -59,11 +59,22 @@ def add_seg2_config(cfg):
     # several test sets); empty: off. MODE: "max" or "min". METRICS and WEIGHTS (same length):
     # track the weighted sum of these results instead, stored under the name METRIC (e.g.
     # "combined/score" for 0.5 * segm/AP + 0.5 * sem_seg/mIoU of the multi-task model).
+    # The optimizer (seg2.engine.optimizer.build_optimizer, which seg2's Trainer uses): what the
+    # biases (shifts) of norm layers get. "bias": SOLVER.BIAS_LR_FACTOR and WEIGHT_DECAY_BIAS, as
+    # detectron2 gives every parameter named "bias"; "norm": SOLVER.BASE_LR and WEIGHT_DECAY_NORM,
+    # as their weights (Caffe's BN layer in SegNet's prototxts, whose conv biases alone have
+    # lr_mult 2 and decay_mult 0).
+    cfg.SEG2.SOLVER = CN()
+    cfg.SEG2.SOLVER.NORM_BIAS_HYPERPARAMS = "bias"
     cfg.SEG2.BEST_CHECKPOINT = CN()
     cfg.SEG2.BEST_CHECKPOINT.METRIC = ""
     cfg.SEG2.BEST_CHECKPOINT.MODE = "max"
     cfg.SEG2.BEST_CHECKPOINT.METRICS = []
     cfg.SEG2.BEST_CHECKPOINT.WEIGHTS = []
+    # After training, evaluate the best model (model_best.pth) on these datasets, which must not be
+    # in DATASETS.TEST: choose on a validation set, report once on a test set (results in
+    # OUTPUT_DIR/model_best_test.json; tools/ablate.py reports them). Empty: off.
+    cfg.SEG2.BEST_CHECKPOINT.TEST_DATASETS = ()
     _add_modeling_config(cfg)
     _register_renamed_keys(cfg)
 

@@ -148,3 +148,24 @@ def test_decoder_study_reports_accuracies_and_refuses_other_keys(tiny_data, tmp_
     other.write_text(f'_BASE_: "{configs[0]}"\nSOLVER:\n  BASE_LR: 0.5\n')
     with pytest.raises(seg2.Seg2Error, match=r"differ in more than the decoders study varies: SOLVER.BASE_LR"):
         ablation.run_ablation([configs[0], str(other)], [1], str(tmp_path / "bad"), TINY_OPTS, command="test")
+
+
+def test_decoder_study_reports_the_val_best_checkpoint_on_the_test_set(tiny_data, tmp_path):
+    """As configs/camvid/ run it: evaluated on val every iteration, the best checkpoint by mIoU is
+    tested on another dataset after training, and those are the figures the study reports."""
+    base = os.path.join(REPO_ROOT, "configs", "quickstart", "unet_tiny_shapes_cpu.yaml")
+    config = tmp_path / "unet_deconv.yaml"
+    config.write_text(f'_BASE_: "{base}"\n')
+    opts = TINY_OPTS + ["SOLVER.MAX_ITER", "3", "TEST.EVAL_PERIOD", "1", "SEG2.BEST_CHECKPOINT.METRIC", "sem_seg/mIoU",
+                        "SEG2.BEST_CHECKPOINT.TEST_DATASETS", "('abl_tiny_train',)"]  # fmt: skip
+    (row,) = ablation.run_ablation([str(config)], [1], str(tmp_path / "out"), opts, command="test")
+    run_dir = tmp_path / "out" / "unet_deconv" / "seed1"
+    record = json.loads((run_dir / "model_best_test.json").read_text())
+    assert record["datasets"] == ["abl_tiny_train"] and record["selected_on"] == ["abl_tiny_val"]
+    assert row["selected_iteration"] == record["iteration"] in (1, 2, 3)
+    assert (row["global_acc"], row["class_avg_acc"], row["mIoU"]) == tuple(
+        record["results"]["sem_seg"][k] for k in ("pACC", "mACC", "mIoU")
+    )
+    report = (tmp_path / "out" / "ablation.md").read_text()
+    assert "Metrics of abl_tiny_train: the checkpoint with the best sem_seg/mIoU on abl_tiny_val" in report
+    assert f"unet_deconv seed 1: {record['iteration']}" in report

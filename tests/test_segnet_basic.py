@@ -1,15 +1,18 @@
 """SegNet-Basic (the SegNet authors' CamVid model) and its decoder variants, from configs/camvid/."""
 
+import itertools
 import os
 
 import numpy as np
 import pytest
 import torch
 from detectron2.data import DatasetCatalog
+from detectron2.engine import SimpleTrainer
 from detectron2.modeling import build_model
-from detectron2.solver import build_optimizer
 
+from seg2 import Seg2Error
 from seg2.data import MultiTaskDatasetMapper, register_camvid
+from seg2.engine import build_optimizer as seg2_build_optimizer
 from seg2_model_helpers import base_cfg, one_thread  # noqa: F401  (fixture)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,7 +77,7 @@ def test_segnet_basic_learns_on_camvid_mini_with_median_frequency_weights(tmp_pa
     cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (90,), 120
     torch.manual_seed(0)
     model = build_model(cfg)
-    optimizer = build_optimizer(cfg, model)
+    optimizer = seg2_build_optimizer(cfg, model)
     mapper = MultiTaskDatasetMapper(cfg, is_train=True)
     records = DatasetCatalog.get("camvid_mini_sb_train")
     batches = [[mapper(records[(4 * i + j) % len(records)]) for j in range(4)] for i in range(4)]
@@ -88,3 +91,147 @@ def test_segnet_basic_learns_on_camvid_mini_with_median_frequency_weights(tmp_pa
         losses.append(loss.item())
     assert np.isfinite(losses).all()
     assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4]), losses
+
+
+# ---- the recipe, step by step, against the prototxt's semantics written out by hand ---------------
+# segnet_basic_train.prototxt / segnet_basic_solver.prototxt, per parameter (lr_mult, decay_mult):
+# conv weights (1, 1), conv biases (2, 0), BN scale and shift (no param spec: Caffe's defaults 1, 1).
+PROTOTXT_MULTS = {"conv_weight": (1, 1), "conv_bias": (2, 0), "bn_scale": (1, 1), "bn_shift": (1, 1)}
+AUTHORS_WEIGHTS = [0.2595, 0.1826, 4.5640, 0.1417, 0.9051, 0.3826, 9.6446, 1.8418, 0.6823, 6.2478, 7.3614]
+
+
+def _kind(name):
+    if name.endswith("norm.weight"):
+        return "bn_scale"
+    if name.endswith("norm.bias"):
+        return "bn_shift"
+    return "conv_weight" if name.endswith("weight") else "conv_bias"
+
+
+def test_segnet_basic_optimizer_has_the_prototxts_multipliers():
+    cfg = _cfg("segnet-basic_10k_camvid")
+    model = build_model(cfg)
+    optimizer = seg2_build_optimizer(cfg, model)
+    lr, decay = cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY
+    assert (lr, decay, cfg.SOLVER.MOMENTUM) == (0.1, 0.0005, 0.9)  # segnet_basic_solver.prototxt
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    kinds = {}
+    for name, p in model.named_parameters():
+        lr_mult, decay_mult = PROTOTXT_MULTS[_kind(name)]
+        g = group_of[id(p)]
+        assert (g["lr"], g["weight_decay"]) == pytest.approx((lr * lr_mult, decay * decay_mult)), name
+        kinds[_kind(name)] = kinds.get(_kind(name), 0) + 1
+    # 9 convs (4 encoder, 4 decoder, the classifier) and 8 BN layers
+    assert kinds == {"conv_weight": 9, "conv_bias": 9, "bn_scale": 8, "bn_shift": 8}
+    # detectron2's own rule (SEG2.SOLVER.NORM_BIAS_HYPERPARAMS "bias") gives BN shifts the conv biases' settings
+    cfg.SEG2.SOLVER.NORM_BIAS_HYPERPARAMS = "bias"
+    d2 = {id(p): g for g in seg2_build_optimizer(cfg, model).param_groups for p in g["params"]}
+    shift = model.backbone.stages[0].norm.bias
+    assert (d2[id(shift)]["lr"], d2[id(shift)]["weight_decay"]) == pytest.approx((0.2, 0.0))
+    cfg.SEG2.SOLVER.NORM_BIAS_HYPERPARAMS = "weights"
+    with pytest.raises(Seg2Error, match=r"SEG2.SOLVER.NORM_BIAS_HYPERPARAMS='weights': choose one of \['bias', 'norm'\]"):
+        seg2_build_optimizer(cfg, model)
+
+
+def test_segnet_basic_convs_start_from_caffes_msra_filler():
+    # Caffe's "msra" filler: N(0, 2 / fan_in), fan_in = input channels x kernel area; biases 0.
+    torch.manual_seed(0)
+    model = build_model(_cfg("segnet-basic_10k_camvid"))
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 9
+    for conv in convs:
+        fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        std = conv.weight.std().item()
+        assert abs(std / (2.0 / fan_in) ** 0.5 - 1) < 0.1, (conv, std)  # 704 to 200,704 samples each
+        assert not conv.bias.any()
+    classifier = model.sem_seg_head.decoder["conv1"][1]
+    assert classifier.out_channels == 11 and classifier.weight.std().item() == pytest.approx((2 / 64) ** 0.5, rel=0.1)
+
+
+def _by_hand_step(params, images, targets, state, *, eps):
+    """One SGD step of SegNet-Basic as the prototxt and Caffe define it, written out: LRN of the raw
+    input, conv + BN (batch statistics) + ReLU + ceil-mode max-pool, unpool + conv + BN, classifier,
+    SoftmaxWithLoss with class weights divided by the labelled pixels, then Caffe's SGD update
+    v = momentum * v + lr * lr_mult * (grad + decay * decay_mult * w); w -= v. Returns the loss."""
+    x = images
+    sq = torch.nn.functional.pad(x * x, (0, 0, 0, 0, 2, 2))  # zero channels beyond the 3
+    window = sum(sq[:, i : i + x.shape[1]] for i in range(5))
+    x = x / (1 + 1e-4 / 5 * window) ** 0.75
+
+    def bn(x, name):
+        mean = x.mean(dim=(0, 2, 3), keepdim=True)
+        var = x.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+        g, b = params[name + ".norm.weight"], params[name + ".norm.bias"]
+        return (x - mean) / torch.sqrt(var + eps) * g.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
+
+    def conv(x, name):
+        return torch.nn.functional.conv2d(x, params[name + ".weight"], params[name + ".bias"], padding=3)
+
+    sizes, indices = [], []
+    for i in range(4):
+        name = f"backbone.stages.{i}"
+        x = torch.relu(bn(conv(x, name), name))
+        sizes.append(x.shape[-2:])
+        x, idx = torch.nn.functional.max_pool2d(x, 2, 2, ceil_mode=True, return_indices=True)
+        indices.append(idx)
+    for i in (4, 3, 2, 1):
+        x = torch.nn.functional.max_unpool2d(x, indices[i - 1], 2, 2, output_size=sizes[i - 1])
+        name = f"sem_seg_head.decoder.conv{i}.0"
+        x = bn(conv(x, name), name)
+    logits = torch.nn.functional.conv2d(
+        x, params["sem_seg_head.decoder.conv1.1.weight"], params["sem_seg_head.decoder.conv1.1.bias"]
+    )
+    log_p = torch.log_softmax(logits, dim=1)
+    valid = targets != 255
+    t = targets.clamp(max=10)
+    nll = -log_p.gather(1, t[:, None])[:, 0]
+    w = torch.tensor(AUTHORS_WEIGHTS)[t]
+    loss = (w * nll)[valid].sum() / valid.sum()
+    grads = torch.autograd.grad(loss, list(params.values()))
+    with torch.no_grad():
+        for (name, p), g in zip(params.items(), grads):
+            lr_mult, decay_mult = PROTOTXT_MULTS[_kind(name)]
+            v = state.setdefault(name, torch.zeros_like(p))
+            v.mul_(0.9).add_(0.1 * lr_mult * (g + 0.0005 * decay_mult * p))
+            p.sub_(v)
+    return loss.item()
+
+
+def test_segnet_basic_training_steps_equal_the_prototxt_by_hand():
+    """Three training steps of seg2's SegNet-Basic recipe (config, model, optimizer, detectron2's
+    SimpleTrainer) on two real 360x480 CamVid images equal the same steps written out by hand from
+    the prototxt (8 channels instead of 64, to be quick)."""
+    if not os.path.isdir(CAMVID_MINI):
+        pytest.skip(f"{CAMVID_MINI} is absent: CamVid_mini is only in the seg2 team's checkout (../shared)")
+    register_camvid("camvid_mini_recipe_train", CAMVID_MINI, "train")
+    cfg = _cfg("segnet-basic_10k_camvid")
+    cfg.MODEL.SEGNET_BASIC.CHANNELS = 8
+    cfg.INPUT.RANDOM_FLIP = "none"  # the same batch on both sides
+    cfg.DATASETS.TRAIN = ("camvid_mini_recipe_train",)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
+    initial = {n: p.detach().clone() for n, p in params.items()}
+    assert {_kind(n) for n in params} == set(PROTOTXT_MULTS)
+    mapper = MultiTaskDatasetMapper(cfg, is_train=True)
+    batch = [mapper(r) for r in DatasetCatalog.get("camvid_mini_recipe_train")[:2]]
+    images = torch.stack([b["image"] for b in batch]).float()  # raw BGR 0-255, as Caffe reads them
+    targets = torch.stack([b["sem_seg"] for b in batch])
+    assert images.shape == (2, 3, 360, 480) and (targets == 255).any()  # void decoded to 255
+    eps = model.backbone.stages[0].norm.eps  # torch's 1e-5 (Caffe's BN layer: 1e-9)
+
+    model.train()
+    trainer = SimpleTrainer(model, itertools.repeat(batch), seg2_build_optimizer(cfg, model))
+    losses = []
+    model.register_forward_hook(lambda module, args, out: losses.append(out["loss_sem_seg"].item()))
+    trainer.train(0, 3)
+    state = {}
+    by_hand = [_by_hand_step(params, images, targets, state, eps=eps) for _ in range(3)]
+    assert losses == pytest.approx(by_hand, rel=1e-5)
+    assert by_hand[2] < by_hand[0]
+    for name, p in model.named_parameters():
+        # float32 round-off of the two orders of summation: at most a few 1e-6 here
+        torch.testing.assert_close(p.detach(), params[name].detach(), rtol=1e-4, atol=1e-5, msg=name)
+        if _kind(name) != "conv_bias":  # a conv bias before BN gets no gradient (BN removes it)
+            moved = (p.detach() - initial[name]).abs().max().item()
+            assert moved > 3e-4, (name, moved)  # the steps moved it far beyond the tolerance

@@ -8,13 +8,14 @@ import pytest
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
-from detectron2.solver import build_lr_scheduler, build_optimizer
+from detectron2.solver import build_lr_scheduler
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 from PIL import Image
 
 import seg2
 from seg2_model_helpers import CONFIGS, base_cfg, one_thread, tiny_semantic_cfg  # noqa: F401  (fixture)
+from seg2.engine import build_optimizer  # the Trainer's (SEG2.SOLVER.NORM_BIAS_HYPERPARAMS)
 
 # Every config under configs/ except the _BASE_-only files (Base-*.yaml), found anew on each run.
 SHIPPED = sorted(

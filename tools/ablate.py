@@ -9,9 +9,10 @@ protocol, over several seeds, and report mean ± std per variant.
     # COCO, R50-C4 as in the paper (8 GPUs)
     python3 tools/ablate.py --num-gpus 8 --configs 'configs/pooler_ablation/mask_rcnn_*_R50_C4_1x_coco.yaml' \\
         --output-dir output/pooler_ablation_c4
-    # SegNet-Basic and its decoder variants on CamVid (the SegNet paper's Table 1), one GPU
+    # SegNet-Basic and its decoder variants on CamVid (the SegNet paper's Table 1), one GPU: each
+    # run keeps its best checkpoint on camvid_val and is reported on camvid_test
     python3 tools/ablate.py --configs 'configs/camvid/*-basic_10k_camvid.yaml' --seeds 1 2 3 \\
-        --output-dir output/camvid_decoders DATASETS.TEST "('camvid_test',)"
+        --output-dir output/camvid_decoders
 
 Trailing KEY VALUE pairs apply to every variant (also right after --seeds). The study (which keys may differ between the
 variants, which metrics to report) is chosen from the configs (--study auto) or named. Running the

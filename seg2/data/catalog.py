@@ -11,17 +11,21 @@ from ..utils import Seg2Error
 
 def check_dataset_names(cfg):
     """
-    Raise :class:`Seg2Error` naming the config key if ``DATASETS.TRAIN`` or ``DATASETS.TEST``
-    holds a name that is not registered (detectron2 would fail only later, inside the loader).
+    Raise :class:`Seg2Error` naming the config key if ``DATASETS.TRAIN``, ``DATASETS.TEST`` or
+    ``SEG2.BEST_CHECKPOINT.TEST_DATASETS`` holds a name that is not registered (detectron2 would
+    fail only later, inside the loader; the best model's test only after training).
     """
     registered = DatasetCatalog.list()
-    for key in ("TRAIN", "TEST"):
-        for name in getattr(cfg.DATASETS, key):
+    keys = {"DATASETS.TRAIN": cfg.DATASETS.TRAIN, "DATASETS.TEST": cfg.DATASETS.TEST}
+    if "SEG2" in cfg:
+        keys["SEG2.BEST_CHECKPOINT.TEST_DATASETS"] = cfg.SEG2.BEST_CHECKPOINT.TEST_DATASETS
+    for key, names in keys.items():
+        for name in names:
             if name not in registered:
                 close = difflib.get_close_matches(name, registered, n=3)
                 hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
                 raise Seg2Error(
-                    f"DATASETS.{key} names {name!r}, which is not a registered dataset.{hint} "
+                    f"{key} names {name!r}, which is not a registered dataset.{hint} "
                     "Registered names: `python -c \"import seg2; from detectron2.data import "
                     "DatasetCatalog; print(DatasetCatalog.list())\"`."
                 )

@@ -50,6 +50,7 @@ __all__ = [
     "write_report",
     "read_result",
     "run_ablation",
+    "evaluation_protocol",
 ]
 
 logger = logging.getLogger(__name__)
@@ -217,7 +218,11 @@ def run_variant(name: str, cfg, study: str) -> dict:
         AblationTrainer.last_seconds_per_image = float("nan")
     if not comm.is_main_process():
         return {}
-    row = {"variant": name, "seed": cfg.SEED, "status": status}
+    row = {"variant": name, "seed": cfg.SEED, "status": status, "evaluated": evaluation_protocol(cfg)}
+    if cfg.SEG2.BEST_CHECKPOINT.TEST_DATASETS:  # the best model on val, tested (BestModelTest)
+        best = getattr(trainer, "best_model_test", None) if status == "finished" else None
+        results = best["results"] if best else {}
+        row["selected_iteration"] = best["iteration"] if best else None
     if study == "poolers":
         row["pooler_type"], row["aggregation"] = pooler_of(cfg)
     for column, task, key in STUDIES[study]["metrics"]:
@@ -231,6 +236,18 @@ def run_variant(name: str, cfg, study: str) -> dict:
     with open(result_path, "w") as f:
         json.dump(row, f, indent=1)
     return row
+
+
+def evaluation_protocol(cfg) -> str:
+    """What the reported metrics are of: the final model on ``DATASETS.TEST``, or the best model
+    by ``SEG2.BEST_CHECKPOINT.METRIC`` on ``DATASETS.TEST`` tested on its ``TEST_DATASETS``."""
+    best = cfg.SEG2.BEST_CHECKPOINT
+    if best.TEST_DATASETS:
+        return (
+            f"{', '.join(best.TEST_DATASETS)}: the checkpoint with the best {best.METRIC} on "
+            f"{', '.join(cfg.DATASETS.TEST)} (evaluated every {cfg.TEST.EVAL_PERIOD} iterations and at the end)"
+        )
+    return f"{', '.join(cfg.DATASETS.TEST)}: the final model"
 
 
 def _mean_std(values: Sequence[float]):
@@ -366,6 +383,14 @@ def write_report(rows: List[dict], study: str, output_dir: str, command: str) ->
             f"{g['mask_AP']:+.1f} / {g['mask_AP50']:+.1f} / {g['mask_AP75']:+.1f} "
             f"(largest at AP75: {'yes' if verdict['largest_gap_at_AP75'] else 'no'}).\n"
         )
+    protocols = sorted({r.get("evaluated", "") for r in rows} - {""})
+    if protocols:
+        text += "\nMetrics of " + "; ".join(protocols) + ".\n"
+    chosen = [r for r in rows if r.get("selected_iteration") is not None]
+    if chosen:
+        text += "Chosen iterations: " + "; ".join(
+            f"{r['variant']} seed {r['seed']}: {r['selected_iteration']}" for r in chosen
+        ) + ".\n"  # fmt: skip
     diverged = [r for r in rows if r["status"] != "finished"]
     text += "\nDiverged runs: " + (
         "; ".join(f"{r['variant']} seed {r['seed']} ({r['status']})" for r in diverged) if diverged else "none"

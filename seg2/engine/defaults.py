@@ -32,7 +32,8 @@ from ..modeling.tasks import META_ARCH_TASKS
 from ..utils import Seg2Error
 from ..utils.dist import check_same_in_all_processes
 from .amp import Seg2AMPTrainer
-from .hooks import build_best_checkpoint_hooks
+from .hooks import BestModelTest, build_best_checkpoint_hooks, check_best_checkpoint_config
+from .optimizer import build_optimizer
 from .resume import Seg2Checkpointer, trim_metrics_json
 
 __all__ = ["Trainer", "setup", "check_same_tasks", "train_dataset_dicts"]
@@ -40,8 +41,9 @@ __all__ = ["Trainer", "setup", "check_same_tasks", "train_dataset_dicts"]
 
 class Trainer(DefaultTrainer):
     """DefaultTrainer with seg2's mapper (instances and label maps) and evaluator choice, keeping
-    the best model by ``SEG2.BEST_CHECKPOINT``; ``SOLVER.AMP.ENABLED`` also trains on the CPU
-    (bfloat16 autocast, :class:`Seg2AMPTrainer`); :meth:`test_with_TTA` evaluates with ``TEST.AUG``.
+    the best model by ``SEG2.BEST_CHECKPOINT`` (and testing it on its ``TEST_DATASETS`` after
+    training); the optimizer of :func:`seg2.engine.optimizer.build_optimizer`;
+    ``SOLVER.AMP.ENABLED`` also trains on the CPU (bfloat16 autocast, :class:`Seg2AMPTrainer`); :meth:`test_with_TTA` evaluates with ``TEST.AUG``.
     The model's class counts are checked against the datasets' metadata, whatever the
     meta-architecture; a checkpoint that cannot be read is named in a :class:`seg2.Seg2Error`; a
     resumed run keeps one ``metrics.json`` record per iteration."""
@@ -63,10 +65,13 @@ class Trainer(DefaultTrainer):
             old.model, old.save_dir, save_to_disk=old.save_to_disk, **old.checkpointables
         )
         ret = super().build_hooks()
-        if comm.is_main_process():
-            # After the EvalHook, which puts the flattened results ("segm/AP") in the storage.
-            at = next(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook)) + 1
-            ret[at:at] = build_best_checkpoint_hooks(self.cfg, self.checkpointer)
+        # After the EvalHook, which puts the flattened results ("segm/AP") in the storage.
+        at = next(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook)) + 1
+        check_best_checkpoint_config(self.cfg)  # in every process, so that none waits for a failed one
+        best = build_best_checkpoint_hooks(self.cfg, self.checkpointer) if comm.is_main_process() else []
+        if self.cfg.SEG2.BEST_CHECKPOINT.TEST_DATASETS:  # in every process: a distributed evaluation
+            best.append(BestModelTest(self.cfg, type(self)))
+        ret[at:at] = best
         return ret
 
     def resume_or_load(self, resume=True):
@@ -85,6 +90,12 @@ class Trainer(DefaultTrainer):
         model = super().build_model(cfg)
         check_model_num_classes(cfg, model)
         return model
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """detectron2's optimizer, with ``SEG2.SOLVER.NORM_BIAS_HYPERPARAMS``
+        (:func:`seg2.engine.optimizer.build_optimizer`)."""
+        return build_optimizer(cfg, model)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

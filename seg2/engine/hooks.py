@@ -1,19 +1,37 @@
 """
 Keep the best model of a run (``SEG2.BEST_CHECKPOINT``): detectron2's ``BestCheckpointer`` on one
 evaluation metric (e.g. ``segm/AP``, ``sem_seg/mIoU``), or on a weighted sum of several for the
-multi-task model, which :class:`WeightedMetric` puts in the event storage first.
+multi-task model, which :class:`WeightedMetric` puts in the event storage first; after training,
+:class:`BestModelTest` evaluates that best model on held-out datasets (select on val, report on
+test).
 """
 
+import copy
+import json
 import logging
 import math
+import os
 from typing import List, Sequence
 
 from detectron2.engine import hooks
 from detectron2.engine.train_loop import HookBase
+from detectron2.evaluation import print_csv_format
+from detectron2.utils import comm
+from torch.nn.parallel import DistributedDataParallel
 
 from ..utils import Seg2Error
+from ..utils.files import atomic_write
 
-__all__ = ["WeightedMetric", "build_best_checkpoint_hooks"]
+__all__ = [
+    "WeightedMetric",
+    "BestModelTest",
+    "build_best_checkpoint_hooks",
+    "check_best_checkpoint_config",
+    "BEST_MODEL_TEST_FILE",
+]
+
+# In OUTPUT_DIR: the results of BestModelTest.
+BEST_MODEL_TEST_FILE = "model_best_test.json"
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +73,72 @@ class WeightedMetric(HookBase):
             self._combine()
 
 
-def _check_config(cfg) -> None:
+class BestModelTest(HookBase):
+    """
+    After the last iteration, the best model that ``BestCheckpointer`` kept (``model_best.pth``,
+    with the BN statistics it was evaluated with, ``TEST.PRECISE_BN`` included) is evaluated on
+    ``SEG2.BEST_CHECKPOINT.TEST_DATASETS``: the model is chosen on ``DATASETS.TEST`` (a validation
+    set) and reported once on data it was not chosen on. The results are logged, written to
+    ``OUTPUT_DIR/model_best_test.json`` (with the iteration and the metric it was chosen by) and
+    kept as the trainer's ``best_model_test`` attribute. The trainer's own model stays the final one.
+    Runs in every process (the evaluation is distributed); place it after ``BestCheckpointer``.
+    """
+
+    def __init__(self, cfg, trainer_cls):
+        """
+        Args:
+            cfg: the run's config.
+            trainer_cls: the trainer class whose ``build_evaluator`` and ``test`` evaluate (e.g.
+                :class:`seg2.engine.Trainer`; a hook sees its trainer through a weak proxy only).
+        """
+        self.trainer_cls = trainer_cls
+        self.cfg = cfg.clone()
+        self.cfg.defrost()
+        self.cfg.DATASETS.TEST = tuple(cfg.SEG2.BEST_CHECKPOINT.TEST_DATASETS)
+        self.cfg.freeze()
+
+    def after_train(self):
+        if self.trainer.iter + 1 < self.trainer.max_iter:
+            return  # training stopped early: no final best model
+        comm.synchronize()  # the main process has written model_best.pth
+        cfg, best = self.cfg, self.cfg.SEG2.BEST_CHECKPOINT
+        path = os.path.join(cfg.OUTPUT_DIR, "model_best.pth")
+        if not os.path.isfile(path):
+            logger.warning(
+                f"SEG2.BEST_CHECKPOINT.TEST_DATASETS: no {path} (was {best.METRIC} ever evaluated?); the best model "
+                f"is not evaluated on {list(cfg.DATASETS.TEST)}"
+            )
+            self.trainer.best_model_test = None
+            return
+        from .resume import Seg2Checkpointer
+
+        model = self.trainer.model
+        model = copy.deepcopy(model.module if isinstance(model, DistributedDataParallel) else model)
+        saved_at = Seg2Checkpointer(model).load(path, checkpointables=[]).get("iteration", -1)
+        # BestCheckpointer saves the trainer's counter: k - 1 after k iterations, max_iter at the end
+        iteration = min(saved_at + 1, self.trainer.max_iter)
+        logger.info(
+            f"Evaluating the best model by {best.METRIC} (after {iteration} iterations, {path}) on "
+            f"{tuple(cfg.DATASETS.TEST)}"
+        )
+        trainer_cls = self.trainer_cls
+        evaluators = [
+            trainer_cls.build_evaluator(cfg, name, output_folder=os.path.join(cfg.OUTPUT_DIR, "inference_best", name))
+            for name in cfg.DATASETS.TEST
+        ]
+        results = trainer_cls.test(cfg, model, evaluators)
+        record = {"checkpoint": path, "iteration": iteration, "selected_by": best.METRIC,
+                  "selected_on": list(self.trainer.cfg.DATASETS.TEST), "datasets": list(cfg.DATASETS.TEST),
+                  "results": results}  # fmt: skip
+        self.trainer.best_model_test = record
+        if comm.is_main_process():
+            print_csv_format(results)
+            with atomic_write(os.path.join(cfg.OUTPUT_DIR, BEST_MODEL_TEST_FILE), "w") as f:
+                json.dump(record, f, indent=1)
+
+
+def check_best_checkpoint_config(cfg) -> None:
+    """A :class:`Seg2Error` naming the key for a bad ``SEG2.BEST_CHECKPOINT`` value."""
     best = cfg.SEG2.BEST_CHECKPOINT
     if best.MODE not in ("max", "min"):
         raise Seg2Error(f'SEG2.BEST_CHECKPOINT.MODE must be "max" or "min", not {best.MODE!r}')
@@ -68,6 +151,17 @@ def _check_config(cfg) -> None:
         raise Seg2Error(
             f"SEG2.BEST_CHECKPOINT.METRIC ({best.METRIC!r}) names the weighted sum of "
             "SEG2.BEST_CHECKPOINT.METRICS: give it a name of its own, e.g. 'combined/score'"
+        )
+    if best.TEST_DATASETS and not best.METRIC:
+        raise Seg2Error(
+            f"SEG2.BEST_CHECKPOINT.TEST_DATASETS={list(best.TEST_DATASETS)} evaluates the best model, but "
+            "SEG2.BEST_CHECKPOINT.METRIC is empty: name the metric that chooses it (e.g. 'sem_seg/mIoU')"
+        )
+    overlap = sorted(set(best.TEST_DATASETS) & set(cfg.DATASETS.TEST))
+    if overlap:
+        raise Seg2Error(
+            f"SEG2.BEST_CHECKPOINT.TEST_DATASETS and DATASETS.TEST share {overlap}: the best model would be "
+            "reported on the data it was chosen on; choose on a validation set (DATASETS.TEST) and test on another"
         )
     if best.METRICS and not best.METRIC:
         raise Seg2Error(
@@ -84,7 +178,7 @@ def build_best_checkpoint_hooks(cfg, checkpointer) -> List[HookBase]:
     Raises:
         Seg2Error: a bad ``SEG2.BEST_CHECKPOINT`` key, named.
     """
-    _check_config(cfg)
+    check_best_checkpoint_config(cfg)
     best = cfg.SEG2.BEST_CHECKPOINT
     if not best.METRIC:
         return []

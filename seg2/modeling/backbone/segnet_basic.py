@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 from ...utils import Seg2Error
 from ..norm import check_norm
+from ..weight_init import caffe_msra_fill
 
 __all__ = ["SegNetBasicEncoder", "build_segnet_basic_backbone"]
 
@@ -52,9 +53,7 @@ class SegNetBasicEncoder(Backbone):
                 cin, channels, kernel_size, padding=kernel_size // 2, bias=True,
                 norm=get_norm(norm, channels), activation=F.relu,
             )
-            # Caffe's "msra" filler: N(0, 2 / fan_in); biases 0.
-            nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")
-            nn.init.zeros_(conv.bias)
+            caffe_msra_fill(conv)
             self.stages.append(conv)
             for name, stride in ((f"conv{i}", 2 ** (i - 1)), (f"pool{i}", 2**i), (f"pool{i}_indices", 2**i)):
                 self._out_feature_channels[name] = channels

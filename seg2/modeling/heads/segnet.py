@@ -2,7 +2,6 @@
 
 from typing import Dict, List
 
-import fvcore.nn.weight_init as weight_init
 from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
@@ -12,6 +11,7 @@ from torch.nn import functional as F
 from ...utils import Seg2Error
 from ..norm import check_norm
 from ..upsample import Upsample
+from ..weight_init import caffe_msra_fill
 from .common import BaseSemSegHead, check_upsample_mode, final_upsample, sorted_features
 
 __all__ = ["SegNetHead"]
@@ -36,7 +36,8 @@ class SegNetHead(BaseSemSegHead):
     ``IN_FEATURES`` lists the encoder stages (e.g. VGG's ``conv1`` ... ``conv5``, whose sizes
     and channels the decoder mirrors), the decoder input (``pool5``) and, for "unpool", the
     indices (``pool1_indices`` ... ``pool5_indices``). On backbones without indices (ResNet)
-    choose another up-sampling mode.
+    choose another up-sampling mode. The convs start from Caffe's "msra" filler (fan-in), as the
+    SegNet prototxts initialise them.
     """
 
     @configurable
@@ -110,7 +111,7 @@ class SegNetHead(BaseSemSegHead):
                     cin, cout, kernel_size, padding=kernel_size // 2, bias=True,
                     norm=get_norm(norm, cout), activation=activation,
                 )
-                weight_init.c2_msra_fill(conv)
+                caffe_msra_fill(conv)
                 layers.append(conv)
             if last_stage and separate_classifier:
                 layers.append(self._classifier(out, num_classes, classifier_kernel))
@@ -121,7 +122,7 @@ class SegNetHead(BaseSemSegHead):
     @staticmethod
     def _classifier(in_channels, num_classes, kernel):
         conv = Conv2d(in_channels, num_classes, kernel, padding=kernel // 2)
-        weight_init.c2_msra_fill(conv)
+        caffe_msra_fill(conv)
         return conv
 
     @classmethod
