@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..utils import Seg2Error
 from ..utils.files import atomic_write
+from .resume import Seg2Checkpointer
 
 __all__ = [
     "WeightedMetric",
@@ -110,8 +111,6 @@ class BestModelTest(HookBase):
             )
             self.trainer.best_model_test = None
             return
-        from .resume import Seg2Checkpointer
-
         model = self.trainer.model
         model = copy.deepcopy(model.module if isinstance(model, DistributedDataParallel) else model)
         saved_at = Seg2Checkpointer(model).load(path, checkpointables=[]).get("iteration", -1)
