@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 from detectron2.config import get_cfg
+from detectron2.utils import comm
 
 import seg2
 from seg2.data import MultiTaskDatasetMapper, load_coco_with_sem_seg
@@ -153,3 +154,13 @@ def register_tiny_shapes(name: str, root: str, split: str, thing_classes=seg2.da
         os.path.join(root, "VOC2012", "SegmentationClass"),
         thing_classes=thing_classes,
     )
+
+
+def leave_process_group():
+    """The end of a worker under detectron2's ``launch``: every process waits for the others, then
+    the gloo process group is destroyed. A process that exits with the group alive can abort in
+    gloo's threads ("terminate called without an active exception", SIGABRT) while another still
+    talks to it; ``launch`` does not destroy the group. Nothing without a process group."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        comm.synchronize()
+        torch.distributed.destroy_process_group()

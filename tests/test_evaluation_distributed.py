@@ -11,6 +11,7 @@ from detectron2.data import DatasetCatalog
 from detectron2.engine import launch
 from detectron2.structures import Boxes, Instances
 from detectron2.utils import comm
+from seg2_model_helpers import leave_process_group
 
 DATASET = "seg2_test_dist_val"
 
@@ -81,6 +82,7 @@ def _evaluate(root, out_file):
     if comm.is_main_process():
         with open(out_file, "wb") as f:
             pickle.dump({k: dict(v) for k, v in results.items()}, f)
+    leave_process_group()
 
 
 def _load(path):

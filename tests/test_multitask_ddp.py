@@ -30,7 +30,7 @@ from seg2.engine import Trainer
 from seg2.utils import Seg2Error
 
 # one_thread: the test process sums on one thread, as the workers do (the same floating-point sums)
-from seg2_model_helpers import base_cfg, load_records, mapped_inputs, one_thread, register_tiny_shapes  # noqa: F401
+from seg2_model_helpers import base_cfg, leave_process_group, load_records, mapped_inputs, one_thread, register_tiny_shapes  # noqa: F401
 
 STEPS = 4
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -90,6 +90,7 @@ def _ddp_worker(root, out_dir):
     state, losses = _train(model, batches)
     with open(os.path.join(out_dir, f"rank{comm.get_rank()}.pkl"), "wb") as f:
         pickle.dump({"state": state, "losses": losses}, f)
+    leave_process_group()
 
 
 def test_mixed_targets_on_two_processes_equal_one_process_on_both_batches(tiny_shapes_root, tmp_path):
@@ -225,6 +226,7 @@ def _other_runs_worker(root, out_dir):
     out["sync_bn"], _ = _train(model, batches[:2])
     with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
         pickle.dump(out, f)
+    leave_process_group()
 
 
 def _launch_other_runs(root, out_dir):
