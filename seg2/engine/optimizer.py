@@ -59,10 +59,8 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     mode = cfg.SEG2.SOLVER.NORM_BIAS_HYPERPARAMS
     if mode not in NORM_BIAS_HYPERPARAMS:
         raise Seg2Error(f"SEG2.SOLVER.NORM_BIAS_HYPERPARAMS={mode!r}: choose one of {list(NORM_BIAS_HYPERPARAMS)}")
-    if mode == "bias":
-        return d2_build_optimizer(cfg, model)
     optimizer = d2_build_optimizer(cfg, model)  # gradient clipping and all, as detectron2 builds it
-    norm_biases = {id(p) for p in norm_bias_parameters(model)}
+    norm_biases = {id(p) for p in norm_bias_parameters(model)} if mode == "norm" else set()
     if not norm_biases:
         return optimizer
     moved = [p for g in optimizer.param_groups for p in g["params"] if id(p) in norm_biases]
