@@ -62,6 +62,32 @@ def test_segnet_basic_covers_odd_sizes_and_the_variants_share_the_encoder():
     assert extra["fcn-basic"] == 4 * 64 * 64 * 4 * 4  # four 4x4 transposed convs, 64 -> 64, no bias
 
 
+def _flat(node, prefix=""):
+    """A CfgNode as {"A.B.C": value}."""
+    out = {}
+    for k, v in node.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def test_chainercv_schedule_differs_from_the_authors_recipe_only_in_its_schedule_and_weights():
+    # ChainerCV's examples/segnet/train.py: batch 12, 16,000 iterations, class weights from its
+    # calc_weight.py (median frequency over the training labels); everything else as the prototxt.
+    authors = _flat(base_cfg(os.path.join("camvid", "segnet-basic_10k_camvid.yaml")))
+    chainercv = _flat(base_cfg(os.path.join("camvid", "segnet-basic_16k-batch12_camvid.yaml")))
+    diff = {k: (authors[k], chainercv[k]) for k in authors if authors[k] != chainercv[k]}
+    assert diff == {
+        "SOLVER.IMS_PER_BATCH": (4, 12),
+        "SOLVER.MAX_ITER": (10000, 16000),
+        "MODEL.SEM_SEG_HEAD.CLASS_WEIGHT": (
+            [0.2595, 0.1826, 4.5640, 0.1417, 0.9051, 0.3826, 9.6446, 1.8418, 0.6823, 6.2478, 7.3614], [],
+        ),
+        "MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING": ("", "median_frequency"),
+        "TEST.PRECISE_BN.NUM_ITER": (92, 31),  # one pass over the 367 training images
+        "OUTPUT_DIR": ("output/camvid/segnet-basic_10k", "output/camvid/segnet-basic_16k-batch12"),
+    }  # images shown: 4 x 10,000 = 40,000 and 12 x 16,000 = 192,000 (4.8x)
+
+
 def test_segnet_basic_learns_on_camvid_mini_with_median_frequency_weights(tmp_path, monkeypatch):
     """A narrow SegNet-Basic (16 channels) on 16 real CamVid images at 120x90, with class weights
     computed by seg2's median-frequency pass and the authors' solver: the loss falls."""
