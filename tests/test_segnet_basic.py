@@ -13,6 +13,7 @@ from detectron2.modeling import build_model
 from seg2 import Seg2Error
 from seg2.data import MultiTaskDatasetMapper, register_camvid
 from seg2.engine import build_optimizer as seg2_build_optimizer
+from seg2.engine.ablation import _flatten  # a CfgNode as {"A.B.C": value}
 from seg2_model_helpers import base_cfg, one_thread  # noqa: F401  (fixture)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,19 +63,11 @@ def test_segnet_basic_covers_odd_sizes_and_the_variants_share_the_encoder():
     assert extra["fcn-basic"] == 4 * 64 * 64 * 4 * 4  # four 4x4 transposed convs, 64 -> 64, no bias
 
 
-def _flat(node, prefix=""):
-    """A CfgNode as {"A.B.C": value}."""
-    out = {}
-    for k, v in node.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
-
-
 def test_chainercv_schedule_differs_from_the_authors_recipe_only_in_its_schedule_and_weights():
     # ChainerCV's examples/segnet/train.py: batch 12, 16,000 iterations, class weights from its
     # calc_weight.py (median frequency over the training labels); everything else as the prototxt.
-    authors = _flat(base_cfg(os.path.join("camvid", "segnet-basic_10k_camvid.yaml")))
-    chainercv = _flat(base_cfg(os.path.join("camvid", "segnet-basic_16k-batch12_camvid.yaml")))
+    authors = _flatten(base_cfg(os.path.join("camvid", "segnet-basic_10k_camvid.yaml")))
+    chainercv = _flatten(base_cfg(os.path.join("camvid", "segnet-basic_16k-batch12_camvid.yaml")))
     diff = {k: (authors[k], chainercv[k]) for k in authors if authors[k] != chainercv[k]}
     assert diff == {
         "SOLVER.IMS_PER_BATCH": (4, 12),
