@@ -1,5 +1,6 @@
 """SegNet-Basic (the SegNet authors' CamVid model) and its decoder variants, from configs/camvid/."""
 
+import glob
 import itertools
 import os
 
@@ -61,6 +62,19 @@ def test_segnet_basic_covers_odd_sizes_and_the_variants_share_the_encoder():
     extra = {v: sum(p.numel() for p in m.parameters()) - 1_416_587 for v, m in models.items()}
     assert extra["segnet-basic"] == extra["bilinear-basic"] == 0
     assert extra["fcn-basic"] == 4 * 64 * 64 * 4 * 4  # four 4x4 transposed convs, 64 -> 64, no bias
+
+
+def test_the_shipped_decoder_study_is_one_protocol(tmp_path):
+    # tools/ablate.py --configs 'configs/camvid/*-basic_10k_camvid.yaml': the glob takes exactly the
+    # three decoders, and they differ only in the keys the decoder study varies.
+    from seg2.engine import ablation
+
+    pattern = os.path.join(REPO_ROOT, "configs", "camvid", "*-basic_10k_camvid.yaml")
+    files = sorted(glob.glob(pattern))
+    assert [os.path.basename(f) for f in files] == [f"{v}_10k_camvid.yaml" for v in sorted(VARIANTS)]
+    cfgs = {os.path.basename(f): ablation.variant_cfg(f, [], str(tmp_path), seed=1) for f in files}
+    assert ablation.detect_study(cfgs) == "decoders"
+    ablation.check_same_protocol(cfgs)
 
 
 def test_chainercv_schedule_differs_from_the_authors_recipe_only_in_its_schedule_and_weights():

@@ -128,6 +128,15 @@ def test_shipped_config_trains_one_step_and_infers(config, label_datasets, tmp_p
         assert out["instances"].image_size == (SIZE, SIZE)
 
 
+@pytest.mark.parametrize("config", [c for c in SHIPPED if c.startswith("camvid" + os.sep)])
+def test_every_camvid_config_tunes_on_val_and_reports_test_once(config):
+    cfg = seg2.load_seg2_config(os.path.join(CONFIGS, config))  # as shipped, datasets kept
+    assert cfg.DATASETS.TRAIN == ("camvid_train",) and cfg.DATASETS.TEST == ("camvid_val",)
+    assert cfg.SEG2.BEST_CHECKPOINT.METRIC == "sem_seg/mIoU"
+    assert cfg.SEG2.BEST_CHECKPOINT.TEST_DATASETS == ("camvid_test",)
+    assert cfg.TEST.EVAL_PERIOD > 0
+
+
 # A norm that cannot normalise a layer's channels: a Seg2Error at build time naming the norm's key
 # and the key the channel count comes from (before: torch's GroupNorm ValueError, no key).
 @pytest.mark.parametrize(
