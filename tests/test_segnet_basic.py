@@ -64,6 +64,40 @@ def test_segnet_basic_covers_odd_sizes_and_the_variants_share_the_encoder():
     assert extra["fcn-basic"] == 4 * 64 * 64 * 4 * 4  # four 4x4 transposed convs, 64 -> 64, no bias
 
 
+def test_the_papers_fcn_basic_has_its_parameter_count_and_8x8_bilinear_deconvs():
+    # SegNet paper, Table 1: FCN-Basic 0.65M. SegNet-Basic's encoder (conv1 9,472 + conv2..4
+    # 3 x 200,768 + 4 BN x 128 = 612,288), four 1x1 score convs 64 -> 11 (4 x 715) and four 8x8
+    # transposed convs 11 -> 11 without bias (4 x 11 * 11 * 64), no decoder conv:
+    model = build_model(_cfg("fcn-basic-paper_10k_camvid"))
+    assert sum(p.numel() for p in model.parameters()) == 612_288 + 4 * 715 + 4 * 7_744 == 646_124
+    head = model.sem_seg_head
+    deconvs = [u.deconv for u in list(head.up.values()) + [head.final_up]]
+    assert [tuple(d.kernel_size) + tuple(d.stride) for d in deconvs] == [(8, 8, 2, 2)] * 4
+    # bilinear init (Caffe's "bilinear" filler for kernel 8: 1 - |x - 3.5| / 4 per axis), per class
+    axis = 1 - (torch.arange(8.0) - 3.5).abs() / 4
+    for d in deconvs:
+        torch.testing.assert_close(d.weight[3, 3], axis[:, None] * axis[None, :])
+        assert d.weight[3, 4].abs().max() == 0
+    # score convs from Caffe's msra filler (fan-in 64: std sqrt(2 / 64) = 0.177), not zeros
+    for score in head.score.values():
+        assert abs(score.weight.std().item() - (2 / 64) ** 0.5) < 0.03 and score.bias.abs().max() == 0
+    with torch.no_grad():
+        out = model.eval()([{"image": torch.rand(3, 45, 60) * 255, "height": 45, "width": 60}])[0]["sem_seg"]
+    assert out.shape == (11, 45, 60)
+
+
+@pytest.mark.parametrize(
+    "key,value,match",
+    [("MODEL.FCN_HEAD.SCORE_INIT", "xavier", r"SCORE_INIT='xavier': choose one of \['zeros', 'msra'\]"),
+     ("MODEL.FCN_HEAD.DECONV_KERNEL_MULTIPLE", 0, r"DECONV_KERNEL_MULTIPLE=0: .* needs m >= 1")],
+)  # fmt: skip
+def test_fcn_head_keys_refuse_bad_values(key, value, match):
+    cfg = _cfg("fcn-basic-paper_10k_camvid")
+    cfg.merge_from_list([key, value])
+    with pytest.raises(Seg2Error, match=match):
+        build_model(cfg)
+
+
 def test_the_shipped_decoder_study_is_one_protocol(tmp_path):
     # tools/ablate.py --configs 'configs/camvid/*-basic_10k_camvid.yaml': the glob takes exactly the
     # three decoders, and they differ only in the keys the decoder study varies.
@@ -75,6 +109,9 @@ def test_the_shipped_decoder_study_is_one_protocol(tmp_path):
     cfgs = {os.path.basename(f): ablation.variant_cfg(f, [], str(tmp_path), seed=1) for f in files}
     assert ablation.detect_study(cfgs) == "decoders"
     ablation.check_same_protocol(cfgs)
+    # the paper's FCN-Basic (another head on the same encoder) joins the study with a second --configs
+    paper = os.path.join(REPO_ROOT, "configs", "camvid", "fcn-basic-paper_10k_camvid.yaml")
+    ablation.check_same_protocol(dict(cfgs, paper=ablation.variant_cfg(paper, [], str(tmp_path), seed=1)))
 
 
 def test_chainercv_schedule_differs_from_the_authors_recipe_only_in_its_schedule_and_weights():

@@ -67,6 +67,7 @@ PAPER_TABLE_2C = {
 }
 
 _HEAD_NODES = ("MODEL.SEGNET_HEAD.", "MODEL.FCN_HEAD.", "MODEL.UNET_HEAD.", "MODEL.DEEPLAB_HEAD.")
+_HEAD_CHOICE = ("MODEL.SEM_SEG_HEAD.NAME", "MODEL.SEM_SEG_HEAD.IN_FEATURES")
 STUDIES = {
     "poolers": {
         "title": "RoI pooling ablation",
@@ -77,7 +78,8 @@ STUDIES = {
     },
     "decoders": {
         "title": "Decoder ablation",
-        "varies": lambda k: k.startswith(_HEAD_NODES),
+        # the head's own keys, and which head on which backbone features
+        "varies": lambda k: k.startswith(_HEAD_NODES) or k in _HEAD_CHOICE,
         "metrics": [("global_acc", "sem_seg", "pACC"), ("class_avg_acc", "sem_seg", "mACC"),
                     ("mIoU", "sem_seg", "mIoU")],  # fmt: skip
     },

@@ -7,11 +7,15 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from torch import nn
 
+from ...utils import Seg2Error
 from ..backbone import feature_offsets
 from ..upsample import Upsample
+from ..weight_init import caffe_msra_fill
 from .common import BaseSemSegHead, check_upsample_mode, final_upsample, nested_features
 
-__all__ = ["FCNHead"]
+__all__ = ["FCNHead", "FCN_SCORE_INITS"]
+
+FCN_SCORE_INITS = ("zeros", "msra")
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
@@ -35,6 +39,8 @@ class FCNHead(BaseSemSegHead):
         offsets: Optional[Dict[str, float]] = None,
         upsample: str = "deconv",
         learn_final_upsample: bool = True,
+        deconv_kernel_multiple: int = 2,
+        score_init: str = "zeros",
         **kwargs,
     ):
         """
@@ -47,38 +53,63 @@ class FCNHead(BaseSemSegHead):
             upsample (str): up-sampling mode (see :mod:`seg2.modeling.upsample`); FCN: "deconv".
             learn_final_upsample (bool): False keeps the last transposed conv at bilinear, as the
                 paper does.
+            deconv_kernel_multiple (int): a transposed conv's kernel is this times its factor
+                (FCN: 2; the SegNet paper's FCN-Basic: 4, 8x8 kernels for 2x).
+            score_init (str): "zeros" (the FCN paper) or "msra" (Caffe's msra filler).
             kwargs: ``ignore_value``, ``loss_weight``, ``loss``: see :class:`BaseSemSegHead`.
         """
         super().__init__(num_classes=num_classes, **kwargs)
+        if score_init not in FCN_SCORE_INITS:
+            raise ValueError(f"score_init={score_init!r}: one of {FCN_SCORE_INITS}")
         self.in_features = sorted(input_shape, key=lambda f: input_shape[f].stride)
         self.strides = {f: input_shape[f].stride for f in self.in_features}
         self.offsets = offsets or {f: (s - 1) / 2 for f, s in self.strides.items()}
         self.score = nn.ModuleDict()
         for f in self.in_features:
             score = nn.Conv2d(input_shape[f].channels, num_classes, kernel_size=1)
-            nn.init.zeros_(score.weight)  # the paper zero-initialises its score layers
-            nn.init.zeros_(score.bias)
+            if score_init == "zeros":  # the FCN paper zero-initialises its score layers
+                nn.init.zeros_(score.weight)
+                nn.init.zeros_(score.bias)
+            else:
+                caffe_msra_fill(score)
             self.score[f] = score
+        def kernel(factor):
+            return deconv_kernel_multiple * factor if upsample == "deconv" else None
+
         # up[f]: from the fused map one level deeper to the stride of skip feature f.
         self.up = nn.ModuleDict()
         for shallow, deep in zip(self.in_features[:-1], self.in_features[1:]):
             factor = self.strides[deep] // self.strides[shallow]
-            self.up[shallow] = Upsample(upsample, factor, num_classes)
+            self.up[shallow] = Upsample(upsample, factor, num_classes, kernel_size=kernel(factor))
         first = self.strides[self.in_features[0]]
-        self.final_up = final_upsample(upsample, first, num_classes, learnable=learn_final_upsample)
+        self.final_up = final_upsample(
+            upsample, first, num_classes, learnable=learn_final_upsample, kernel_size=kernel(first)
+        )
 
     @classmethod
     def from_config(cls, cfg, input_shape):
-        names, _ = nested_features(input_shape, cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES)
+        names, strides = nested_features(input_shape, cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES)
         no_unpool = "FCN has no pooling indices to unpool score maps with"
         mode = check_upsample_mode(cfg.MODEL.FCN_HEAD.UPSAMPLE, "MODEL.FCN_HEAD.UPSAMPLE", no_unpool=no_unpool)
         shapes = {f: input_shape[f] for f in names}
+        fcn = cfg.MODEL.FCN_HEAD
+        if fcn.SCORE_INIT not in FCN_SCORE_INITS:
+            raise Seg2Error(f"MODEL.FCN_HEAD.SCORE_INIT={fcn.SCORE_INIT!r}: choose one of {list(FCN_SCORE_INITS)}")
+        factors = [b // a for a, b in zip(strides[:-1], strides[1:])] + [strides[0]]
+        m = fcn.DECONV_KERNEL_MULTIPLE
+        if mode == "deconv" and (m < 1 or any(f > 1 and (m - 1) * f % 2 for f in factors)):
+            raise Seg2Error(
+                f"MODEL.FCN_HEAD.DECONV_KERNEL_MULTIPLE={m}: a transposed conv of factor f gets an m*f kernel, "
+                f"which needs m >= 1 and (m - 1) * f even; the factors here are {factors}"
+            )
         ret = super().from_config(cfg, input_shape)
         ret.update(
             input_shape=shapes,
             offsets=feature_offsets(cfg, shapes),
             upsample=mode,
             learn_final_upsample=cfg.MODEL.FCN_HEAD.LEARN_FINAL_UPSAMPLE,
+            deconv_kernel_multiple=cfg.MODEL.FCN_HEAD.DECONV_KERNEL_MULTIPLE,
+            score_init=cfg.MODEL.FCN_HEAD.SCORE_INIT,
         )
         return ret
 
