@@ -124,7 +124,8 @@ def test_chainercv_schedule_differs_from_the_authors_recipe_only_in_its_schedule
         "SOLVER.IMS_PER_BATCH": (4, 12),
         "SOLVER.MAX_ITER": (10000, 16000),
         "MODEL.SEM_SEG_HEAD.CLASS_WEIGHT": (
-            [0.2595, 0.1826, 4.5640, 0.1417, 0.9051, 0.3826, 9.6446, 1.8418, 0.6823, 6.2478, 7.3614], [],
+            [0.2595, 0.1826, 4.5640, 0.1417, 0.9051, 0.3826, 9.6446, 1.8418, 0.6823, 6.2478, 7.3614],
+            [],
         ),
         "MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING": ("", "median_frequency"),
         "TEST.PRECISE_BN.NUM_ITER": (92, 31),  # one pass over the 367 training images

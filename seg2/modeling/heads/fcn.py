@@ -73,7 +73,8 @@ class FCNHead(BaseSemSegHead):
             else:
                 caffe_msra_fill(score)
             self.score[f] = score
-        def kernel(factor):
+
+        def kernel(factor):  # a transposed conv's kernel; None where the mode has none
             return deconv_kernel_multiple * factor if upsample == "deconv" else None
 
         # up[f]: from the fused map one level deeper to the stride of skip feature f.
@@ -107,9 +108,9 @@ class FCNHead(BaseSemSegHead):
             input_shape=shapes,
             offsets=feature_offsets(cfg, shapes),
             upsample=mode,
-            learn_final_upsample=cfg.MODEL.FCN_HEAD.LEARN_FINAL_UPSAMPLE,
-            deconv_kernel_multiple=cfg.MODEL.FCN_HEAD.DECONV_KERNEL_MULTIPLE,
-            score_init=cfg.MODEL.FCN_HEAD.SCORE_INIT,
+            learn_final_upsample=fcn.LEARN_FINAL_UPSAMPLE,
+            deconv_kernel_multiple=m,
+            score_init=fcn.SCORE_INIT,
         )
         return ret
 
