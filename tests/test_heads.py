@@ -36,11 +36,12 @@ HEAD_BACKBONES = [
 
 
 # ---- the up-sampling module ----------------------------------------------------------------
-@pytest.mark.parametrize("factor", [2, 4, 8])
-def test_bilinear_deconv_matches_interpolate_in_interior(factor):
+@pytest.mark.parametrize("factor,kernel", [(2, None), (4, None), (8, None), (2, 8)])
+def test_bilinear_deconv_matches_interpolate_in_interior(factor, kernel):
+    # (2, 8): the SegNet paper's 8x8 kernels for 2x start as the same 2x bilinear interpolation
     torch.manual_seed(0)
     x = torch.randn(2, 3, 9, 11)
-    up = Upsample("deconv", factor, 3)
+    up = Upsample("deconv", factor, 3, kernel_size=kernel)
     ref = F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)
     out = up(x)
     assert out.shape == ref.shape == (2, 3, 9 * factor, 11 * factor)
@@ -54,6 +55,11 @@ def test_bilinear_kernel_by_hand():
     # FCN's 4x4 kernel for 2x: outer product of [0.25, 0.75, 0.75, 0.25].
     k = torch.tensor([0.25, 0.75, 0.75, 0.25])
     torch.testing.assert_close(bilinear_kernel(4), k[:, None] * k[None, :])
+    # an 8x8 kernel for 2x holds it in the centre: [0, 0, .25, .75, .75, .25, 0, 0] per axis
+    k8 = torch.tensor([0, 0, 0.25, 0.75, 0.75, 0.25, 0, 0])
+    w = Upsample("deconv", 2, 2, kernel_size=8).deconv.weight
+    torch.testing.assert_close(w[1, 1], k8[:, None] * k8[None, :])
+    assert w[0, 1].abs().max() == 0
 
 
 @pytest.mark.parametrize("mode", ["bilinear", "nearest_conv", "bilinear_conv", "deconv"])

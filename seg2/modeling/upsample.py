@@ -7,7 +7,10 @@ notes of Odena et al. 2016):
 * ``"deconv"``: a transposed convolution, stride = factor, kernel ``2 * factor`` unless given
   (FCN: 4, 16, 64; U-Net's 2x2 "up-conv": kernel 2), padding ``(kernel - factor) / 2`` so the
   output is exactly ``factor`` times the input. With equal input and output channels the weights
-  start as bilinear interpolation (per channel), as in FCN.
+  start as bilinear interpolation by ``factor`` (per channel), as in FCN; a kernel larger than
+  ``2 * factor`` holds that filter in its centre, zeros around it (the SegNet paper's 8x8 kernels
+  for 2x: Caffe's "bilinear" filler would fill 8x8 with the 4x filter, which at stride 2 sums to 4
+  per output pixel, and four such steps multiply the logits by 256).
 * ``"bilinear"``: ``F.interpolate(..., "bilinear", align_corners=False)``, no weights.
 * ``"nearest_conv"`` / ``"bilinear_conv"``: resize, then a 3x3 convolution (no checkerboard).
 * ``"unpool"``: max-unpooling with the encoder's pooling indices (SegNet).
@@ -141,7 +144,11 @@ class Upsample(nn.Module):
         with torch.no_grad():
             if self.in_channels == self.out_channels:
                 w.zero_()
-                kernel = bilinear_kernel(w.shape[-1]).to(w)
+                k, f = w.shape[-1], self.factor
+                if k > 2 * f and (k - 2 * f) % 2 == 0:  # this factor's 2f x 2f bilinear filter, centred
+                    kernel = F.pad(bilinear_kernel(2 * f), ((k - 2 * f) // 2,) * 4).to(w)
+                else:
+                    kernel = bilinear_kernel(k).to(w)
                 for c in range(self.in_channels):
                     w[c, c] = kernel
             else:
