@@ -153,9 +153,6 @@ def _add_modeling_config(cfg):
     # UPSAMPLE "deconv": each transposed conv's kernel is this times its factor (FCN's 2: 4, 16, 64;
     # the SegNet paper's FCN-Basic: 4, i.e. 8x8 for its 2x steps).
     cfg.MODEL.FCN_HEAD.DECONV_KERNEL_MULTIPLE = 2
-    # The 1x1 score layers: "zeros" (the FCN paper, on a pretrained backbone) or "msra" (Caffe's
-    # msra filler, as the SegNet paper's FCN-Basic, trained from scratch, starts every conv).
-    cfg.MODEL.FCN_HEAD.SCORE_INIT = "zeros"
     cfg.MODEL.UNET_HEAD = CN()
     cfg.MODEL.UNET_HEAD.UPSAMPLE = "deconv"  # the paper's 2x2 up-conv
     cfg.MODEL.UNET_HEAD.PADDING = "same"  # or "valid" (with Seg2SemanticSegmentor's overlap-tile)

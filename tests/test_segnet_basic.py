@@ -78,23 +78,17 @@ def test_the_papers_fcn_basic_has_its_parameter_count_and_8x8_bilinear_deconvs()
     for d in deconvs:
         torch.testing.assert_close(d.weight[3, 3], axis[:, None] * axis[None, :])
         assert d.weight[3, 4].abs().max() == 0
-    # score convs from Caffe's msra filler (fan-in 64: std sqrt(2 / 64) = 0.177), not zeros
-    for score in head.score.values():
-        assert abs(score.weight.std().item() - (2 / 64) ** 0.5) < 0.03 and score.bias.abs().max() == 0
+    # score convs at zero, as FCN's (the msra filler diverged at the recipe's learning rate)
+    assert all(s.weight.abs().max() == 0 and s.bias.abs().max() == 0 for s in head.score.values())
     with torch.no_grad():
         out = model.eval()([{"image": torch.rand(3, 45, 60) * 255, "height": 45, "width": 60}])[0]["sem_seg"]
     assert out.shape == (11, 45, 60)
 
 
-@pytest.mark.parametrize(
-    "key,value,match",
-    [("MODEL.FCN_HEAD.SCORE_INIT", "xavier", r"SCORE_INIT='xavier': choose one of \['zeros', 'msra'\]"),
-     ("MODEL.FCN_HEAD.DECONV_KERNEL_MULTIPLE", 0, r"DECONV_KERNEL_MULTIPLE=0: .* needs m >= 1")],
-)  # fmt: skip
-def test_fcn_head_keys_refuse_bad_values(key, value, match):
+def test_fcn_deconv_kernel_multiple_refuses_a_kernel_that_cannot_fit():
     cfg = _cfg("fcn-basic-paper_10k_camvid")
-    cfg.merge_from_list([key, value])
-    with pytest.raises(Seg2Error, match=match):
+    cfg.MODEL.FCN_HEAD.DECONV_KERNEL_MULTIPLE = 0
+    with pytest.raises(Seg2Error, match=r"DECONV_KERNEL_MULTIPLE=0: .* needs m >= 1 .* factors here are \[2, 2, 2, 2\]"):
         build_model(cfg)
 
 
@@ -157,7 +151,7 @@ def test_segnet_basic_learns_on_camvid_mini_with_median_frequency_weights(config
     batches = [[mapper(records[(4 * i + j) % len(records)]) for j in range(4)] for i in range(4)]
     model.train()
     losses = []
-    for it in range(24):
+    for it in range(48):
         loss = model(batches[it % len(batches)])["loss_sem_seg"]
         optimizer.zero_grad()
         loss.backward()
