@@ -49,7 +49,6 @@ VOID = 0
 # Segment ids below this go through the lookup table (the ids RGB PNGs can hold); others through
 # np.unique.
 _LUT_SIZE = 256**3
-_LUT_MAX_SEGMENTS = 2**15 - 2
 
 
 def rgb2id(color: np.ndarray) -> np.ndarray:
@@ -74,36 +73,47 @@ def id2rgb(id_map: np.ndarray) -> np.ndarray:
 
 
 def read_panoptic_png(path: str) -> np.ndarray:
-    """The (H, W) int64 segment ids of a panoptic PNG; :class:`UnreadableFileError` if it cannot be read."""
+    """The (H, W) segment ids of a panoptic PNG (uint32 for RGB); :class:`UnreadableFileError` if it
+    cannot be read."""
     try:
         with PathManager.open(path, "rb") as f:
             img = Image.open(f)
             img.load()
     except (OSError, ValueError, SyntaxError) as e:
         raise UnreadableFileError(path, "panoptic PNG", str(e).splitlines()[0] if str(e) else type(e).__name__)
+    if img.mode == "RGB":
+        # PIL holds RGB pixels as 4 bytes: as little-endian uint32 they are R + 256 G + 256^2 B
+        # plus the pad byte, masked off; a third of the time of rgb2id on the (H, W, 3) array.
+        ids = np.frombuffer(img.tobytes("raw", "RGBX"), dtype="<u4").reshape(img.size[1], img.size[0])
+        return ids & np.uint32(0xFFFFFF)
     return rgb2id(np.asarray(img))
 
 
 class _SegmentIndex:
-    """Maps segment ids to 1..K (0: VOID and, for the caller to check, ``-1``: an id not listed)
-    through one shared lookup table over all 2^24 RGB ids, reset after each use; np.unique would
-    sort the whole image instead."""
+    """Maps segment ids to ``scale`` * (1..K) (0: VOID; ``-1``: an id not listed, for the caller to
+    report) through one shared lookup table over all 2^24 RGB ids, reset after each use: np.unique
+    would sort the whole image, and with both maps scaled so, one addition gives the index of each
+    pixel's (gt, pred) pair."""
 
     _lut = None
     _lock = threading.Lock()
 
     @classmethod
-    def index(cls, id_map: np.ndarray, segment_ids: Sequence[int]) -> np.ndarray:
+    def index(cls, id_map: np.ndarray, segment_ids: Sequence[int], scale: int = 1) -> np.ndarray:
         ids = np.asarray(segment_ids, dtype=np.int64)
-        in_range = not id_map.size or (int(id_map.min()) >= 0 and int(id_map.max()) < _LUT_SIZE)
-        if not in_range or len(ids) > _LUT_MAX_SEGMENTS or (ids.size and (ids.min() < 0 or ids.max() >= _LUT_SIZE)):
-            return cls._index_sorted(id_map, ids)
+        values = np.arange(1, len(ids) + 1, dtype=np.int64) * scale
+        in_range = not id_map.size or (
+            (id_map.dtype == np.uint32 or int(id_map.min()) >= 0) and int(id_map.max()) < _LUT_SIZE
+        )
+        big = values.size and values[-1] >= 2**31
+        if not in_range or big or (ids.size and (ids.min() < 0 or ids.max() >= _LUT_SIZE)):
+            return cls._index_sorted(id_map, ids, values)
         with cls._lock:
             if cls._lut is None:
-                cls._lut = np.full(_LUT_SIZE, -1, dtype=np.int16)
+                cls._lut = np.full(_LUT_SIZE, -1, dtype=np.int32)
             lut = cls._lut
             lut[VOID] = 0
-            lut[ids] = np.arange(1, len(ids) + 1, dtype=np.int16)
+            lut[ids] = values
             try:
                 return lut[id_map]
             finally:
@@ -111,14 +121,13 @@ class _SegmentIndex:
                 lut[VOID] = -1
 
     @staticmethod
-    def _index_sorted(id_map, ids):
-        order = np.argsort(ids, kind="stable")
-        keys = np.concatenate([[VOID], ids[order]])
-        values = np.concatenate([[0], order + 1])
-        pos = np.clip(np.searchsorted(keys[1:], id_map) + 1, 1, max(len(keys) - 1, 1))
-        if len(keys) == 1:
+    def _index_sorted(id_map, ids, values):
+        if not len(ids):
             return np.where(id_map == VOID, 0, -1)
-        out = np.where(keys[pos] == id_map, values[pos], -1)
+        order = np.argsort(ids, kind="stable")
+        keys, vals = ids[order], values[order]
+        pos = np.clip(np.searchsorted(keys, id_map), 0, len(keys) - 1)
+        out = np.where(keys[pos] == id_map, vals[pos], -1)
         return np.where(id_map == VOID, 0, out)
 
 
@@ -197,16 +206,14 @@ def image_stats(
     gt_cat = categories.lookup(gt_segments, gt_name)
     pred_cat = categories.lookup(pred_segments, pred_name)
     kg, kp = len(gt_segments), len(pred_segments)
-    gi = _SegmentIndex.index(gt_ids, [s["id"] for s in gt_segments])
+    gi = _SegmentIndex.index(gt_ids, [s["id"] for s in gt_segments], scale=kp + 1)
     pi = _SegmentIndex.index(pred_ids, [s["id"] for s in pred_segments])
     for idx, name, kind in ((gi, gt_name, "gt"), (pi, pred_name, "predicted")):
         if idx.size and idx.min() < 0:
             ids = gt_ids if kind == "gt" else pred_ids
             bad = int(ids[idx < 0][0])
             raise Seg2Error(f"{name}: {kind} PNG has segment id {bad}, which is not in its JSON segments_info")
-    conf = np.bincount(
-        (gi.astype(np.int64) * (kp + 1) + pi).ravel(), minlength=(kg + 1) * (kp + 1)
-    ).reshape(kg + 1, kp + 1)
+    conf = np.bincount((gi + pi).ravel(), minlength=(kg + 1) * (kp + 1)).reshape(kg + 1, kp + 1)
     gt_png_area = conf[1:].sum(axis=1)
     pred_area = conf[:, 1:].sum(axis=0)
     for area, segs, name, kind in ((gt_png_area, gt_segments, gt_name, "gt"), (pred_area, pred_segments, pred_name, "predicted")):
