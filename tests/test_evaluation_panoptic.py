@@ -45,7 +45,11 @@ def _write(root, name, images, categories=CATEGORIES):
         ids = np.array([row], np.int64)
         file_name = f"{image_id:04d}.png"
         Image.fromarray(id2rgb(ids)).save(os.path.join(folder, file_name))
-        segs = [dict(s, area=int((ids == s["id"]).sum())) for s in segments] if name == "gt" else segments
+        segs = (
+            [dict(s, area=int((ids == s["id"]).sum())) for s in segments]
+            if name == "gt"
+            else segments
+        )
         anns.append({"image_id": image_id, "file_name": file_name, "segments_info": segs})
     path = os.path.join(root, name + ".json")
     with open(path, "w") as f:
@@ -65,16 +69,25 @@ def _close(a, b):
 
 def _check(res, per_class, groups):
     for cid, want in per_class.items():
-        assert all(_close(res["per_class"][cid][k], v) for k, v in zip(("pq", "sq", "rq"), want)), (cid, res["per_class"][cid])
+        assert all(_close(res["per_class"][cid][k], v) for k, v in zip(("pq", "sq", "rq"), want)), (
+            cid,
+            res["per_class"][cid],
+        )
     for name, want in groups.items():
         got = res[name]
-        assert got["n"] == want[3] and all(_close(got[k], v) for k, v in zip(("pq", "sq", "rq"), want[:3])), (name, got)
+        assert got["n"] == want[3] and all(
+            _close(got[k], v) for k, v in zip(("pq", "sq", "rq"), want[:3])
+        ), (name, got)
 
 
 def test_rgb_ids_round_trip():
     ids = np.array([[0, 1, 255, 256, 65536, 256**3 - 1]])
     assert (rgb2id(id2rgb(ids)) == ids).all()
-    assert tuple(id2rgb(np.array([[1 + 2 * 256 + 3 * 65536]]))[0, 0]) == (1, 2, 3)  # R + 256 G + 256^2 B
+    assert tuple(id2rgb(np.array([[1 + 2 * 256 + 3 * 65536]]))[0, 0]) == (
+        1,
+        2,
+        3,
+    )  # R + 256 G + 256^2 B
 
 
 # 1 = person (thing), 2 = car (thing) in gt; px 9 is void.
@@ -108,7 +121,9 @@ def test_crowd_regions_neither_match_nor_count(tmp_path):
     pred = ([21, 21, 21, 23, 23, 23, 22, 22, 22, 22], [_seg(21, 2), _seg(23, 1), _seg(22, 1)])
     res = _pq(tmp_path, [gt], [pred])
     # car: the crowd is no FN and the prediction on it no FP: the category is not counted.
-    _check(res, {1: (1 / 1.5, 1.0, 1 / 1.5), 2: (0.0, 0.0, 0.0)}, {"All": (1 / 1.5, 1.0, 1 / 1.5, 1)})
+    _check(
+        res, {1: (1 / 1.5, 1.0, 1 / 1.5), 2: (0.0, 0.0, 0.0)}, {"All": (1 / 1.5, 1.0, 1 / 1.5, 1)}
+    )
 
 
 def test_unmatched_prediction_over_half_void_or_crowd_is_no_false_positive(tmp_path):
@@ -117,12 +132,19 @@ def test_unmatched_prediction_over_half_void_or_crowd_is_no_false_positive(tmp_p
     # A (car): 1 void + 1 crowd-of-cars px of 3 = 2/3 > 0.5: ignored (neither alone is over half);
     # B (car): 1 crowd px of 2 = 0.5: FP; C (person): all void: ignored; D (sky): IoU 5/7.
     row = [3, 3, 1, 1, 2, 1, 2, 4, 4, 4, 4, 4]
-    pred = ([[0, 101, 102, 103, 104][v] for v in row], [_seg(101, 2), _seg(102, 2), _seg(103, 1), _seg(104, 3)])
+    pred = (
+        [[0, 101, 102, 103, 104][v] for v in row],
+        [_seg(101, 2), _seg(102, 2), _seg(103, 1), _seg(104, 3)],
+    )
     res = _pq(tmp_path, [gt], [pred])
     _check(
         res,
         {1: (0.0, 0.0, 0.0), 2: (0.0, 0.0, 0.0), 3: (5 / 7, 5 / 7, 1.0)},
-        {"All": (5 / 14, 5 / 14, 0.5, 2), "Things": (0.0, 0.0, 0.0, 1), "Stuff": (5 / 7, 5 / 7, 1.0, 1)},
+        {
+            "All": (5 / 14, 5 / 14, 0.5, 2),
+            "Things": (0.0, 0.0, 0.0, 1),
+            "Stuff": (5 / 7, 5 / 7, 1.0, 1),
+        },
     )
 
 
@@ -165,15 +187,34 @@ def test_bad_input_is_one_line_naming_file_and_id(tmp_path):
     pred_png = os.path.join(str(tmp_path), "pred", "0000.png")
     gt_png = os.path.join(str(tmp_path), "gt", "0000.png")
     # a PNG id that its JSON does not list
-    _expect_error(tmp_path, [gt], [([7, 7, 9, 9], [_seg(7, 1)])], f"{pred_png}: predicted PNG has segment id 9, which is not in")
-    _expect_error(tmp_path, [([1, 1, 6, 6], [_seg(1, 1)])], [gt], f"{gt_png}: gt PNG has segment id 6")
+    _expect_error(
+        tmp_path,
+        [gt],
+        [([7, 7, 9, 9], [_seg(7, 1)])],
+        f"{pred_png}: predicted PNG has segment id 9, which is not in",
+    )
+    _expect_error(
+        tmp_path, [([1, 1, 6, 6], [_seg(1, 1)])], [gt], f"{gt_png}: gt PNG has segment id 6"
+    )
     # a JSON segment absent from the PNG
-    _expect_error(tmp_path, [gt], [([7, 7, 7, 7], [_seg(7, 1), _seg(8, 3)])], f"{pred_png}: predicted JSON segment id 8 is not in its PNG")
+    _expect_error(
+        tmp_path,
+        [gt],
+        [([7, 7, 7, 7], [_seg(7, 1), _seg(8, 3)])],
+        f"{pred_png}: predicted JSON segment id 8 is not in its PNG",
+    )
     # an unknown category
-    _expect_error(tmp_path, [gt], [([7, 7, 7, 7], [_seg(7, 42)])], f"{pred_png}: segment id 7 has category_id 42, which is not among")
+    _expect_error(
+        tmp_path,
+        [gt],
+        [([7, 7, 7, 7], [_seg(7, 42)])],
+        f"{pred_png}: segment id 7 has category_id 42, which is not among",
+    )
     # one category id both a thing and stuff
     both = CATEGORIES + [{"id": 3, "name": "sky-thing", "isthing": 1}]
-    _expect_error(tmp_path, [gt], [gt], "gt.json: category id 3 is listed as a thing and as stuff", both)
+    _expect_error(
+        tmp_path, [gt], [gt], "gt.json: category id 3 is listed as a thing and as stuff", both
+    )
     # a missing PNG
     _write(str(tmp_path), "gt", [gt])
     _write(str(tmp_path), "pred", [gt])
@@ -218,11 +259,22 @@ def _outputs(contiguous=True):
             cat = s["category_id"]
             if contiguous:
                 isthing = cat in THING_MAP
-                infos.append({"id": s["id"], "category_id": (THING_MAP if isthing else STUFF_MAP)[cat], "isthing": isthing})
+                infos.append(
+                    {
+                        "id": s["id"],
+                        "category_id": (THING_MAP if isthing else STUFF_MAP)[cat],
+                        "isthing": isthing,
+                    }
+                )
             else:
                 infos.append({"id": s["id"], "category_id": cat})
         img = torch.tensor([row], dtype=torch.int32)
-        out.append(({"image_id": image_id, "file_name": f"/data/images/{image_id:04d}.jpg"}, {"panoptic_seg": (img, infos)}))
+        out.append(
+            (
+                {"image_id": image_id, "file_name": f"/data/images/{image_id:04d}.jpg"},
+                {"panoptic_seg": (img, infos)},
+            )
+        )
     return out
 
 
@@ -230,17 +282,28 @@ def test_evaluator_on_detectron2_outputs(tmp_path):
     _register(str(tmp_path), "seg2_test_panoptic_eval")
     out_dir = str(tmp_path / "inference")
     for contiguous in (True, False):
-        ev = Seg2PanopticEvaluator("seg2_test_panoptic_eval", output_dir=out_dir if contiguous else None)
+        ev = Seg2PanopticEvaluator(
+            "seg2_test_panoptic_eval", output_dir=out_dir if contiguous else None
+        )
         ev.reset()
         for inp, out in _outputs(contiguous):
             ev.process([inp], [out])
         res = ev.evaluate()["panoptic_seg"]
         for key, group in (("", "All"), ("_th", "Things"), ("_st", "Stuff")):
             for i, m in enumerate(("PQ", "SQ", "RQ")):
-                assert abs(res[m + key] - 100 * TWO_IMAGES[group][i]) < 1e-9, (m + key, res[m + key])
-        assert abs(res["PQ-car"] - 60) < 1e-9 and abs(res["SQ-sky"] - 80) < 1e-9 and res["RQ-person"] == 0
+                assert abs(res[m + key] - 100 * TWO_IMAGES[group][i]) < 1e-9, (
+                    m + key,
+                    res[m + key],
+                )
+        assert (
+            abs(res["PQ-car"] - 60) < 1e-9
+            and abs(res["SQ-sky"] - 80) < 1e-9
+            and res["RQ-person"] == 0
+        )
         assert math.isnan(res["PQ-road"])  # no gt and no prediction
-        assert "panoptic_seg/PQ" in flatten_results_dict({"panoptic_seg": res})  # SEG2.BEST_CHECKPOINT.METRIC
+        assert "panoptic_seg/PQ" in flatten_results_dict(
+            {"panoptic_seg": res}
+        )  # SEG2.BEST_CHECKPOINT.METRIC
     # what it wrote is panopticapi's input, and gives the same numbers
     files = pq_compute(str(tmp_path / "gt.json"), os.path.join(out_dir, "predictions.json"))
     assert sorted(os.listdir(os.path.join(out_dir, "predictions"))) == ["0000.png", "0001.png"]
@@ -253,14 +316,20 @@ def test_evaluator_bad_outputs(tmp_path):
     ev.reset()
     inp, out = _outputs()[0]
     img, infos = out["panoptic_seg"]
-    with pytest.raises(Seg2Error, match="0000.jpg: segment id 11 has contiguous thing category_id 7"):
+    with pytest.raises(
+        Seg2Error, match="0000.jpg: segment id 11 has contiguous thing category_id 7"
+    ):
         ev.process([inp], [{"panoptic_seg": (img, [dict(infos[0], category_id=7), infos[1]])}])
-    with pytest.raises(Seg2Error, match="prediction for /data/images/0000.jpg: predicted PNG has segment id 12"):
+    with pytest.raises(
+        Seg2Error, match="prediction for /data/images/0000.jpg: predicted PNG has segment id 12"
+    ):
         ev.process([inp], [{"panoptic_seg": (img, infos[:1])}])
     with pytest.raises(Seg2Error, match="no annotation for image_id 9"):
         ev.process([dict(inp, image_id=9)], [out])
     MetadataCatalog.get("seg2_test_panoptic_eval_none").set(evaluator_type="coco_panoptic_seg")
-    with pytest.raises(Seg2Error, match="'seg2_test_panoptic_eval_none': metadata has no 'panoptic_json'"):
+    with pytest.raises(
+        Seg2Error, match="'seg2_test_panoptic_eval_none': metadata has no 'panoptic_json'"
+    ):
         Seg2PanopticEvaluator("seg2_test_panoptic_eval_none")
 
 

@@ -29,7 +29,7 @@ import multiprocessing
 import os
 import threading
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -41,7 +41,14 @@ from detectron2.utils.file_io import PathManager
 
 from ..utils import Seg2Error, UnreadableFileError
 
-__all__ = ["Seg2PanopticEvaluator", "id2rgb", "pq_compute", "pq_from_stats", "rgb2id", "PanopticStats"]
+__all__ = [
+    "Seg2PanopticEvaluator",
+    "id2rgb",
+    "pq_compute",
+    "pq_from_stats",
+    "rgb2id",
+    "PanopticStats",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +75,13 @@ def id2rgb(id_map: np.ndarray) -> np.ndarray:
     """The (H, W, 3) uint8 PNG colours of segment ids (inverse of :func:`rgb2id`)."""
     id_map = np.asarray(id_map).astype(np.int64)
     if id_map.size and (id_map.min() < 0 or id_map.max() >= _LUT_SIZE):
-        raise Seg2Error(f"panoptic ids must lie in [0, 2^24) to be written as RGB, got {id_map.min()}..{id_map.max()}")
-    return np.stack([id_map & 255, (id_map >> 8) & 255, (id_map >> 16) & 255], axis=-1).astype(np.uint8)
+        raise Seg2Error(
+            "panoptic ids must lie in [0, 2^24) to be written as RGB, got "
+            f"{id_map.min()}..{id_map.max()}"
+        )
+    return np.stack([id_map & 255, (id_map >> 8) & 255, (id_map >> 16) & 255], axis=-1).astype(
+        np.uint8
+    )
 
 
 def read_panoptic_png(path: str) -> np.ndarray:
@@ -80,11 +92,15 @@ def read_panoptic_png(path: str) -> np.ndarray:
             img = Image.open(f)
             img.load()
     except (OSError, ValueError, SyntaxError) as e:
-        raise UnreadableFileError(path, "panoptic PNG", str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise UnreadableFileError(
+            path, "panoptic PNG", str(e).splitlines()[0] if str(e) else type(e).__name__
+        )
     if img.mode == "RGB":
         # PIL holds RGB pixels as 4 bytes: as little-endian uint32 they are R + 256 G + 256^2 B
         # plus the pad byte, masked off; a third of the time of rgb2id on the (H, W, 3) array.
-        ids = np.frombuffer(img.tobytes("raw", "RGBX"), dtype="<u4").reshape(img.size[1], img.size[0])
+        ids = np.frombuffer(img.tobytes("raw", "RGBX"), dtype="<u4").reshape(
+            img.size[1], img.size[0]
+        )
         return ids & np.uint32(0xFFFFFF)
     return rgb2id(np.asarray(img))
 
@@ -159,7 +175,9 @@ class _Categories:
             cid = cat["id"]
             if cid in self.index:
                 other = self.isthing[self.index[cid]]
-                kinds = "as a thing and as stuff" if other != bool(cat.get("isthing", 0)) else "twice"
+                kinds = (
+                    "as a thing and as stuff" if other != bool(cat.get("isthing", 0)) else "twice"
+                )
                 raise Seg2Error(f"{source}: category id {cid} is listed {kinds}")
             self.index[cid] = len(self.ids)
             self.ids.append(cid)
@@ -174,7 +192,8 @@ class _Categories:
         except KeyError:
             bad = next(s for s in segments if s["category_id"] not in self.index)
             raise Seg2Error(
-                f"{where}: segment id {bad['id']} has category_id {bad['category_id']}, which is not among "
+                f"{where}: segment id {bad['id']} has category_id {bad['category_id']}, which is "
+                "not among "
                 f"the gt JSON's categories"
             ) from None
 
@@ -200,7 +219,10 @@ def image_stats(
 ) -> PanopticStats:
     """PQ sums of one image from its gt and predicted id maps and segments_info lists."""
     if gt_ids.shape != pred_ids.shape:
-        raise Seg2Error(f"{pred_name}: panoptic map is {pred_ids.shape} (H, W) but its gt {gt_name} is {gt_ids.shape}")
+        raise Seg2Error(
+            f"{pred_name}: panoptic map is {pred_ids.shape} (H, W) but its gt {gt_name} is "
+            f"{gt_ids.shape}"
+        )
     _check_segment_ids(gt_segments, gt_name)
     _check_segment_ids(pred_segments, pred_name)
     gt_cat = categories.lookup(gt_segments, gt_name)
@@ -212,11 +234,16 @@ def image_stats(
         if idx.size and idx.min() < 0:
             ids = gt_ids if kind == "gt" else pred_ids
             bad = int(ids[idx < 0][0])
-            raise Seg2Error(f"{name}: {kind} PNG has segment id {bad}, which is not in its JSON segments_info")
+            raise Seg2Error(
+                f"{name}: {kind} PNG has segment id {bad}, which is not in its JSON segments_info"
+            )
     conf = np.bincount((gi + pi).ravel(), minlength=(kg + 1) * (kp + 1)).reshape(kg + 1, kp + 1)
     gt_png_area = conf[1:].sum(axis=1)
     pred_area = conf[:, 1:].sum(axis=0)
-    for area, segs, name, kind in ((gt_png_area, gt_segments, gt_name, "gt"), (pred_area, pred_segments, pred_name, "predicted")):
+    for area, segs, name, kind in (
+        (gt_png_area, gt_segments, gt_name, "gt"),
+        (pred_area, pred_segments, pred_name, "predicted"),
+    ):
         missing = np.flatnonzero(area == 0)
         if missing.size:
             raise Seg2Error(
@@ -285,7 +312,9 @@ def pq_from_stats(stats: PanopticStats, categories: _Categories) -> Dict:
             results[name] = {"pq": float("nan"), "sq": float("nan"), "rq": float("nan"), "n": 0}
         else:
             ids = [cid for i, cid in enumerate(categories.ids) if sel[i]]
-            results[name] = {k: sum(per_class[cid][k] for cid in ids) / n for k in ("pq", "sq", "rq")}
+            results[name] = {
+                k: sum(per_class[cid][k] for cid in ids) / n for k in ("pq", "sq", "rq")
+            }
             results[name]["n"] = n
         if name == "All":
             results["per_class"] = per_class
@@ -349,15 +378,24 @@ def pq_compute(
     for gt_ann in gt_json["annotations"]:
         if gt_ann["image_id"] not in pred_annotations:
             raise Seg2Error(f"{pred_json_file}: no prediction for image_id {gt_ann['image_id']!r}")
-        pairs.append((gt_ann, pred_annotations[gt_ann["image_id"]], gt_folder, pred_folder, categories))
+        pairs.append(
+            (gt_ann, pred_annotations[gt_ann["image_id"]], gt_folder, pred_folder, categories)
+        )
     extra = len(set(pred_annotations) - {a["image_id"] for a in gt_json["annotations"]})
     if extra:
-        logger.warning(f"{pred_json_file}: {extra} predicted images have no gt in {gt_json_file}; not evaluated")
+        logger.warning(
+            f"{pred_json_file}: {extra} predicted images have no gt in {gt_json_file}; "
+            "not evaluated"
+        )
     stats = PanopticStats(len(categories.ids))
     if num_workers > 0 and len(pairs) > 1:
-        ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+        ctx = multiprocessing.get_context(
+            "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+        )
         with ctx.Pool(num_workers) as pool:
-            for s in pool.imap(_pair_stats, pairs, chunksize=max(1, len(pairs) // (4 * num_workers))):
+            for s in pool.imap(
+                _pair_stats, pairs, chunksize=max(1, len(pairs) // (4 * num_workers))
+            ):
                 stats += s
     else:
         for p in pairs:
@@ -371,7 +409,10 @@ def format_pq_table(pq_res: Dict) -> str:
     """The All/Things/Stuff table as detectron2 logs it."""
     from tabulate import tabulate
 
-    data = [[n] + [pq_res[n][k] * 100 for k in ("pq", "sq", "rq")] + [pq_res[n]["n"]] for n in ("All", "Things", "Stuff")]
+    data = [
+        [n] + [pq_res[n][k] * 100 for k in ("pq", "sq", "rq")] + [pq_res[n]["n"]]
+        for n in ("All", "Things", "Stuff")
+    ]
     return tabulate(
         data,
         headers=["", "PQ", "SQ", "RQ", "#categories"],
@@ -390,7 +431,9 @@ class Seg2PanopticEvaluator(DatasetEvaluator):
     per-image sums are gathered to the main process, which returns the results.
     """
 
-    def __init__(self, dataset_name: str, output_dir: Optional[str] = None, distributed: bool = True):
+    def __init__(
+        self, dataset_name: str, output_dir: Optional[str] = None, distributed: bool = True
+    ):
         """
         Args:
             dataset_name: a dataset whose metadata has ``panoptic_json``, ``panoptic_root``,
@@ -404,7 +447,10 @@ class Seg2PanopticEvaluator(DatasetEvaluator):
         self._metadata = MetadataCatalog.get(dataset_name)
         for key in ("panoptic_json", "panoptic_root"):
             if not self._metadata.get(key, None):
-                raise Seg2Error(f"dataset {dataset_name!r}: metadata has no {key!r}; PQ needs the panoptic ground truth")
+                raise Seg2Error(
+                    f"dataset {dataset_name!r}: metadata has no {key!r}; PQ needs the panoptic "
+                    "ground truth"
+                )
         self._thing_contiguous_id_to_dataset_id = {
             v: k for k, v in self._metadata.get("thing_dataset_id_to_contiguous_id", {}).items()
         }
@@ -431,13 +477,18 @@ class Seg2PanopticEvaluator(DatasetEvaluator):
         if isthing is None:
             # the model produces panoptic (dataset) category ids directly, as in detectron2
             return segment_info
-        table = self._thing_contiguous_id_to_dataset_id if isthing else self._stuff_contiguous_id_to_dataset_id
+        table = (
+            self._thing_contiguous_id_to_dataset_id
+            if isthing
+            else self._stuff_contiguous_id_to_dataset_id
+        )
         cid = segment_info["category_id"]
         if cid not in table:
             kind = "thing" if isthing else "stuff"
             raise Seg2Error(
-                f"{where}: segment id {segment_info['id']} has contiguous {kind} category_id {cid}, which is not in "
-                f"the metadata's {kind}_dataset_id_to_contiguous_id of {self._dataset_name!r}"
+                f"{where}: segment id {segment_info['id']} has contiguous {kind} category_id "
+                f"{cid}, which is not in the metadata's {kind}_dataset_id_to_contiguous_id of "
+                f"{self._dataset_name!r}"
             )
         segment_info["category_id"] = table[cid]
         return segment_info
@@ -453,7 +504,11 @@ class Seg2PanopticEvaluator(DatasetEvaluator):
                 continue
             pred_class = int(panoptic_label) // label_divisor
             segments_info.append(
-                {"id": int(panoptic_label) + 1, "category_id": pred_class, "isthing": pred_class in thing_contiguous}
+                {
+                    "id": int(panoptic_label) + 1,
+                    "category_id": pred_class,
+                    "isthing": pred_class in thing_contiguous,
+                }
             )
         return segments_info, panoptic_img + 1
 
@@ -468,7 +523,9 @@ class Seg2PanopticEvaluator(DatasetEvaluator):
             image_id = input["image_id"]
             gt_ann = self._gt.get(image_id)
             if gt_ann is None:
-                raise Seg2Error(f"{self._gt_json_file}: no annotation for image_id {image_id!r} ({file_name})")
+                raise Seg2Error(
+                    f"{self._gt_json_file}: no annotation for image_id {image_id!r} ({file_name})"
+                )
             gt_path = os.path.join(self._gt_root, gt_ann["file_name"])
             self._stats[image_id] = image_stats(
                 read_panoptic_png(gt_path),
@@ -481,9 +538,13 @@ class Seg2PanopticEvaluator(DatasetEvaluator):
             )
             if self._output_dir:
                 png = os.path.splitext(os.path.basename(file_name))[0] + ".png"
-                with PathManager.open(os.path.join(self._output_dir, "predictions", png), "wb") as f:
+                with PathManager.open(
+                    os.path.join(self._output_dir, "predictions", png), "wb"
+                ) as f:
                     Image.fromarray(id2rgb(panoptic_img)).save(f, format="PNG")
-                self._annotations.append({"image_id": image_id, "file_name": png, "segments_info": segments_info})
+                self._annotations.append(
+                    {"image_id": image_id, "file_name": png, "segments_info": segments_info}
+                )
 
     def evaluate(self):
         stats, annotations = self._stats, self._annotations
@@ -498,11 +559,14 @@ class Seg2PanopticEvaluator(DatasetEvaluator):
                 merged.update(s)
             stats = merged
         if not stats:
-            raise Seg2Error(f"dataset {self._dataset_name!r}: no panoptic predictions were processed; no PQ")
+            raise Seg2Error(
+                f"dataset {self._dataset_name!r}: no panoptic predictions were processed; no PQ"
+            )
         missing = len(set(self._gt) - set(stats))
         if missing:
             logger.warning(
-                f"{self._gt_json_file}: {missing} of {len(self._gt)} images have no prediction; PQ is over "
+                f"{self._gt_json_file}: {missing} of {len(self._gt)} images have no prediction; "
+                "PQ is over "
                 f"the {len(stats)} evaluated"
             )
         total = PanopticStats(len(self._categories.ids))

@@ -30,8 +30,14 @@ NUM_THINGS, NUM_STUFF = 80, 53  # COCO panoptic's category counts
 
 
 def categories():
-    cats = [{"id": i + 1, "name": f"thing{i + 1}", "isthing": 1, "supercategory": "t"} for i in range(NUM_THINGS)]
-    cats += [{"id": 101 + i, "name": f"stuff{i + 1}", "isthing": 0, "supercategory": "s"} for i in range(NUM_STUFF)]
+    cats = [
+        {"id": i + 1, "name": f"thing{i + 1}", "isthing": 1, "supercategory": "t"}
+        for i in range(NUM_THINGS)
+    ]
+    cats += [
+        {"id": 101 + i, "name": f"stuff{i + 1}", "isthing": 0, "supercategory": "s"}
+        for i in range(NUM_STUFF)
+    ]
     return cats
 
 
@@ -39,7 +45,9 @@ def _voronoi(rng, h, w, seeds):
     """Cell index per pixel of a Voronoi partition (computed at 1/8 and upsampled: blocky stuff)."""
     hs, ws = h // 8, w // 8
     yy, xx = np.mgrid[0:hs, 0:ws]
-    d = (yy[None] - seeds[:, 0, None, None] / 8) ** 2 + (xx[None] - seeds[:, 1, None, None] / 8) ** 2
+    d = (yy[None] - seeds[:, 0, None, None] / 8) ** 2 + (
+        xx[None] - seeds[:, 1, None, None] / 8
+    ) ** 2
     small = d.argmin(0)
     return np.kron(small, np.ones((8, 8), dtype=small.dtype))[:h, :w]
 
@@ -61,14 +69,18 @@ def _new_id(rng, used):
 
 def make_image(rng, h, w):
     """(gt ids, gt segments, pred ids, pred segments) of one image."""
-    stuff_cats = rng.choice(np.arange(101, 101 + NUM_STUFF), size=int(rng.integers(4, 9)), replace=False)
+    stuff_cats = rng.choice(
+        np.arange(101, 101 + NUM_STUFF), size=int(rng.integers(4, 9)), replace=False
+    )
     n_cells = len(stuff_cats) * 2
     seeds = np.stack([rng.uniform(0, h, n_cells), rng.uniform(0, w, n_cells)], 1)
     cell_cat = np.concatenate([stuff_cats, rng.choice(stuff_cats, n_cells - len(stuff_cats))])
     gt_cat_map = cell_cat[_voronoi(rng, h, w, seeds)]
     jitter = seeds + rng.normal(0, 25, seeds.shape)
     pred_cat_map = cell_cat[_voronoi(rng, h, w, jitter)]
-    pred_cat_map = np.where(rng.random(n_cells)[_voronoi(rng, h, w, jitter)] < 0.1, rng.choice(stuff_cats), pred_cat_map)
+    pred_cat_map = np.where(
+        rng.random(n_cells)[_voronoi(rng, h, w, jitter)] < 0.1, rng.choice(stuff_cats), pred_cat_map
+    )
 
     gt_seg = np.zeros((h, w), np.int64)  # segment index + 1; 0 void
     pred_seg = np.zeros((h, w), np.int64)
@@ -93,12 +105,30 @@ def make_image(rng, h, w):
         if r < 0.15:
             continue  # missed: a false negative
         s = rng.uniform(0.7, 1.3)
-        pm = _draw(rng, h, w, cy + rng.normal(0, ry * 0.3), cx + rng.normal(0, rx * 0.3), ry * s, rx * s, ellipse)
+        pm = _draw(
+            rng,
+            h,
+            w,
+            cy + rng.normal(0, ry * 0.3),
+            cx + rng.normal(0, rx * 0.3),
+            ry * s,
+            rx * s,
+            ellipse,
+        )
         pcat = cat if rng.random() > 0.1 else int(rng.integers(1, NUM_THINGS + 1))
         pred_info.append((pcat, 0))
         pred_seg[pm] = len(pred_info)
     for _ in range(int(rng.integers(1, 6))):  # false positives
-        m = _draw(rng, h, w, rng.uniform(0, h), rng.uniform(0, w), rng.uniform(5, 40), rng.uniform(5, 40), True)
+        m = _draw(
+            rng,
+            h,
+            w,
+            rng.uniform(0, h),
+            rng.uniform(0, w),
+            rng.uniform(5, 40),
+            rng.uniform(5, 40),
+            True,
+        )
         pred_info.append((int(rng.integers(1, NUM_THINGS + 1)), 0))
         pred_seg[m] = len(pred_info)
     # void: thin borders between gt segments, and a few blobs in both
@@ -107,7 +137,18 @@ def make_image(rng, h, w):
     border[1:, :] |= gt_seg[1:, :] != gt_seg[:-1, :]
     gt_seg[border] = 0
     for _ in range(int(rng.integers(0, 4))):
-        gt_seg[_draw(rng, h, w, rng.uniform(0, h), rng.uniform(0, w), rng.uniform(5, 50), rng.uniform(5, 50), True)] = 0
+        gt_seg[
+            _draw(
+                rng,
+                h,
+                w,
+                rng.uniform(0, h),
+                rng.uniform(0, w),
+                rng.uniform(5, 50),
+                rng.uniform(5, 50),
+                True,
+            )
+        ] = 0
     if rng.random() < 0.3:
         pred_seg[_draw(rng, h, w, rng.uniform(0, h), rng.uniform(0, w), 30, 30, False)] = 0
 
@@ -146,8 +187,12 @@ def write_set(root, num_images, h, w, seed):
         Image.fromarray(id2rgb(gt_ids)).save(os.path.join(root, "gt", name))
         Image.fromarray(id2rgb(pred_ids)).save(os.path.join(root, "pred", name))
         gt_json["images"].append({"id": i, "file_name": f"{i:06d}.jpg", "height": h, "width": w})
-        gt_json["annotations"].append({"image_id": i, "file_name": name, "segments_info": gt_segments})
-        pred_json["annotations"].append({"image_id": i, "file_name": name, "segments_info": pred_segments})
+        gt_json["annotations"].append(
+            {"image_id": i, "file_name": name, "segments_info": gt_segments}
+        )
+        pred_json["annotations"].append(
+            {"image_id": i, "file_name": name, "segments_info": pred_segments}
+        )
     for d, data in (("gt", gt_json), ("pred", pred_json)):
         with open(os.path.join(root, d + ".json"), "w") as f:
             json.dump(data, f)
@@ -197,8 +242,12 @@ def evaluators(gt_json, gt_folder, pred_json, pred_folder):
         panoptic_json=gt_json,
         panoptic_root=gt_folder,
         evaluator_type="coco_panoptic_seg",
-        thing_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(c for c in cats if c["isthing"])},
-        stuff_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(c for c in cats if not c["isthing"])},
+        thing_dataset_id_to_contiguous_id={
+            c["id"]: i for i, c in enumerate(c for c in cats if c["isthing"])
+        },
+        stuff_dataset_id_to_contiguous_id={
+            c["id"]: i for i, c in enumerate(c for c in cats if not c["isthing"])
+        },
     )
     with open(pred_json) as f:
         anns = json.load(f)["annotations"]
@@ -206,7 +255,9 @@ def evaluators(gt_json, gt_folder, pred_json, pred_folder):
     samples = [
         (
             {"image_id": a["image_id"], "file_name": a["file_name"].replace(".png", ".jpg")},
-            torch.from_numpy(read_panoptic_png(os.path.join(pred_folder, a["file_name"])).astype(np.int32)),
+            torch.from_numpy(
+                read_panoptic_png(os.path.join(pred_folder, a["file_name"])).astype(np.int32)
+            ),
             a["segments_info"],
         )
         for a in anns
@@ -244,9 +295,13 @@ def main():
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=0, help="also time seg2 with this many processes")
+    parser.add_argument(
+        "--workers", type=int, default=0, help="also time seg2 with this many processes"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-evaluators", action="store_true", help="skip the evaluator comparison")
+    parser.add_argument(
+        "--no-evaluators", action="store_true", help="skip the evaluator comparison"
+    )
     args = parser.parse_args()
 
     sys.path.insert(0, os.path.abspath(args.panopticapi))
@@ -259,7 +314,8 @@ def main():
         gt_json, pred_json = write_set(root, args.images, args.height, args.width, args.seed)
         segs = [len(a["segments_info"]) for a in json.load(open(gt_json))["annotations"]]
         print(
-            f"{args.images} images {args.height}x{args.width}, gt segments per image {min(segs)}-{max(segs)} "
+            f"{args.images} images {args.height}x{args.width}, gt segments per image "
+            f"{min(segs)}-{max(segs)} "
             f"(mean {np.mean(segs):.1f}), written in {time.perf_counter() - t0:.1f} s"
         )
         gt_folder, pred_folder = os.path.join(root, "gt"), os.path.join(root, "pred")
@@ -293,7 +349,8 @@ def main():
                     got, want = results[name][m.upper() + key], 100 * ref[group][m]
                     assert abs(got - want) <= 1e-7, (name, m.upper() + key, got, want)
         print(
-            "equal to 1e-9: PQ {pq:.6f} SQ {sq:.6f} RQ {rq:.6f} (n={n}); things PQ {tpq:.6f}, stuff PQ {spq:.6f}".format(
+            "equal to 1e-9: PQ {pq:.6f} SQ {sq:.6f} RQ {rq:.6f} (n={n}); "
+            "things PQ {tpq:.6f}, stuff PQ {spq:.6f}".format(
                 **{k: ref["All"][k] * (100 if k != "n" else 1) for k in ("pq", "sq", "rq", "n")},
                 tpq=100 * ref["Things"]["pq"],
                 spq=100 * ref["Stuff"]["pq"],
@@ -308,7 +365,10 @@ def main():
                 f"{name:36s} median {m:7.3f} s ({1000 * m / args.images:6.2f} ms/image) "
                 f"over {len(times[name])} runs; speed-up {ref_time / m:5.2f}x"
             )
-        print(f"{'PNG decoding alone (PIL, gt + pred)':36s} median {floor:7.3f} s: the floor of both pq_compute")
+        print(
+            f"{'PNG decoding alone (PIL, gt + pred)':36s} median {floor:7.3f} s: "
+            "the floor of both pq_compute"
+        )
         seg2 = med["seg2 pq_compute"]
         print(
             f"beyond PNG decoding: panopticapi {base - floor:.3f} s, seg2 {seg2 - floor:.3f} s: "
