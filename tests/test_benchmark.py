@@ -83,7 +83,7 @@ def test_benchmark_train_times_the_trainers_model_and_loader(tiny_shapes_root):
 
 def test_benchmark_tiling_rows():
     cfg = tiny_semantic_cfg("UNetHead", "unet_same")
-    cfg.SEG2.TILING.TILE_SIZE, cfg.SEG2.TILING.STRIDE, cfg.SEG2.TILING.BATCH_SIZE = 32, 32, 2
+    cfg.TEST.TILING.TILE_SIZE, cfg.TEST.TILING.STRIDE, cfg.TEST.TILING.BATCH_SIZE = 32, 32, 2
     rows = benchmark_tiling(cfg, sizes=[48, 64], whole_max_size=48)
     assert [(r["size"], r["mode"], r["tiles"]) for r in rows] == [
         (48, "tiled_labels", 4), (48, "tiled_logits", 4), (48, "whole", 1),

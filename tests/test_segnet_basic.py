@@ -11,6 +11,7 @@ from detectron2.data import DatasetCatalog
 from detectron2.engine import SimpleTrainer
 from detectron2.modeling import build_model
 
+import seg2
 from seg2 import Seg2Error
 from seg2.data import MultiTaskDatasetMapper, register_camvid
 from seg2.engine import build_optimizer as seg2_build_optimizer
@@ -142,7 +143,9 @@ def test_segnet_basic_learns_on_camvid_mini_with_median_frequency_weights(config
     cfg.MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING = "median_frequency"
     cfg.MODEL.SEGNET_BASIC.CHANNELS = 16
     cfg.DATASETS.TRAIN = (dataset,)
+    cfg.DATASETS.TEST, cfg.SEG2.BEST_CHECKPOINT.TEST_DATASETS = (), ()
     cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (90,), 120
+    cfg = seg2.resolve_config(cfg)  # counts the weights, before the model is built
     torch.manual_seed(0)
     model = build_model(cfg)
     optimizer = seg2_build_optimizer(cfg, model)
@@ -191,13 +194,13 @@ def test_segnet_basic_optimizer_has_the_prototxts_multipliers():
         kinds[_kind(name)] = kinds.get(_kind(name), 0) + 1
     # 9 convs (4 encoder, 4 decoder, the classifier) and 8 BN layers
     assert kinds == {"conv_weight": 9, "conv_bias": 9, "bn_scale": 8, "bn_shift": 8}
-    # detectron2's own rule (SEG2.SOLVER.NORM_BIAS_HYPERPARAMS "bias") gives BN shifts the conv biases' settings
-    cfg.SEG2.SOLVER.NORM_BIAS_HYPERPARAMS = "bias"
+    # detectron2's own rule (SOLVER.NORM_BIAS_HYPERPARAMS "bias") gives BN shifts the conv biases' settings
+    cfg.SOLVER.NORM_BIAS_HYPERPARAMS = "bias"
     d2 = {id(p): g for g in seg2_build_optimizer(cfg, model).param_groups for p in g["params"]}
     shift = model.backbone.stages[0].norm.bias
     assert (d2[id(shift)]["lr"], d2[id(shift)]["weight_decay"]) == pytest.approx((0.2, 0.0))
-    cfg.SEG2.SOLVER.NORM_BIAS_HYPERPARAMS = "weights"
-    with pytest.raises(Seg2Error, match=r"SEG2.SOLVER.NORM_BIAS_HYPERPARAMS='weights': choose one of \['bias', 'norm'\]"):
+    cfg.SOLVER.NORM_BIAS_HYPERPARAMS = "weights"
+    with pytest.raises(Seg2Error, match=r"SOLVER.NORM_BIAS_HYPERPARAMS='weights': choose one of \['bias', 'norm'\]"):
         seg2_build_optimizer(cfg, model)
 
 

@@ -7,7 +7,7 @@ against whole-image semantic inference of large images. Prints a table and write
         --tasks train inference --warmup 2 --iters 10 --json output/benchmark.json
     python tools/benchmark.py --config-file configs/quickstart/unet_tiny_shapes_cpu.yaml \
         --tasks tiling --sizes 4096 8192 --whole-max-size 4096 \
-        SEG2.TILING.TILE_SIZE 512 SEG2.TILING.STRIDE 384 SEG2.TILING.BATCH_SIZE 4
+        TEST.TILING.TILE_SIZE 512 TEST.TILING.STRIDE 384 TEST.TILING.BATCH_SIZE 4
 
 Peak memory is RSS on the CPU (VmHWM, reset before each measurement) and
 torch.cuda.max_memory_allocated on a GPU; see seg2.utils.benchmark.
@@ -104,7 +104,7 @@ def run(args) -> int:
     if "inference" in args.tasks:
         results["inference"] = benchmark_inference(cfg, args.warmup, args.iters)
     if "tiling" in args.tasks:
-        t = cfg.SEG2.TILING
+        t = cfg.TEST.TILING
         results["tiling_config"] = {k: t[k] for k in ("TILE_SIZE", "STRIDE", "BATCH_SIZE", "BLEND", "MARGIN")}
         results["tiling"] = benchmark_tiling(
             cfg, args.sizes, args.whole_max_size, args.tiling_warmup, args.tiling_iters, modes=args.modes

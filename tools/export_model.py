@@ -21,14 +21,14 @@ import sys
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
-from detectron2.data import build_detection_test_loader, detection_utils
+from detectron2.data import build_detection_test_loader
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import seg2  # noqa: E402
+from seg2.data import MultiTaskDatasetMapper, read_image  # noqa: E402
 from seg2.export import FORMATS, compare_with_eager, export_scripting, export_tracing, load_exported  # noqa: E402
 from seg2.utils.benchmark import time_round_robin  # noqa: E402
 from seg2.utils import Seg2Error  # noqa: E402
@@ -37,11 +37,9 @@ logger = logging.getLogger("seg2.export")
 
 
 def setup_cfg(args):
-    cfg = get_cfg()
+    cfg = seg2.load_seg2_config(args.config_file, args.opts)
     cfg.DATALOADER.NUM_WORKERS = 0
-    seg2.add_seg2_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = seg2.resolve_config(cfg, class_weights=False)
     cfg.freeze()
     return cfg
 
@@ -52,8 +50,9 @@ def sample_image(cfg, path):
     if path is None:
         if not cfg.DATASETS.TEST:
             raise Seg2Error("no --sample-image and DATASETS.TEST is empty: give an image to trace on")
-        return next(iter(build_detection_test_loader(cfg, cfg.DATASETS.TEST[0])))[0]["image"].float()
-    image = detection_utils.read_image(path, format=cfg.INPUT.FORMAT)
+        mapper = MultiTaskDatasetMapper(cfg, False)
+        return next(iter(build_detection_test_loader(cfg, cfg.DATASETS.TEST[0], mapper=mapper)))[0]["image"].float()
+    image = read_image(path, format=cfg.INPUT.FORMAT)
     if cfg.INPUT.MIN_SIZE_TEST > 0:
         aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
         image = aug.get_transform(image).apply_image(image)

@@ -18,7 +18,8 @@ from ..utils.files import file_sha256
 from .catalog import register_dataset
 from .coco_json import check_coco_json as _check_coco_json
 from .label_map import label_map_size
-from .sem_seg_cache import IGNORE_LABEL, label_map_path
+from ..constants import IGNORE_LABEL
+from .sem_seg_cache import label_map_path
 from .sem_seg_cache import generate_coco_sem_seg as _generate_coco_sem_seg
 
 __all__ = [

@@ -24,11 +24,11 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..config import load_seg2_config
-from ..data import MultiTaskDatasetMapper, check_dataset_names
+from ..data import MultiTaskDatasetMapper
 from ..evaluation import build_evaluator
 from ..inference.tta import build_tta_model
-from ..modeling.meta_arch.common import check_model_num_classes
-from ..modeling.tasks import META_ARCH_TASKS
+from ..resolve import resolve_config
+from ..tasks import META_ARCH_TASKS
 from ..utils import Seg2Error
 from ..utils.dist import check_same_in_all_processes
 from .amp import Seg2AMPTrainer
@@ -44,15 +44,14 @@ class Trainer(DefaultTrainer):
     the best model by ``SEG2.BEST_CHECKPOINT`` (and testing it on its ``TEST_DATASETS`` after
     training); the optimizer of :func:`seg2.engine.optimizer.build_optimizer`;
     ``SOLVER.AMP.ENABLED`` also trains on the CPU (bfloat16 autocast, :class:`Seg2AMPTrainer`); :meth:`test_with_TTA` evaluates with ``TEST.AUG``.
-    The model's class counts are checked against the datasets' metadata, whatever the
-    meta-architecture; a checkpoint that cannot be read is named in a :class:`seg2.Seg2Error`; a
-    resumed run keeps one ``metrics.json`` record per iteration."""
+    The config goes through the resolve step (:func:`seg2.resolve_config`: class counts and
+    ignore value checked against the datasets, class weights counted) before anything is built;
+    a checkpoint that cannot be read is named in a :class:`seg2.Seg2Error`; a resumed run keeps
+    one ``metrics.json`` record per iteration."""
 
     def __init__(self, cfg):
+        cfg = resolve_config(cfg)
         super().__init__(cfg)
-        # Again after the training data is loaded: a COCO dataset registered without its classes
-        # learns them (its metadata) when it is loaded.
-        check_model_num_classes(self.cfg, self.model, self.cfg.DATASETS.TRAIN)
         if cfg.SOLVER.AMP.ENABLED:  # detectron2's AMPTrainer requires CUDA; this one defers to it there
             t = self._trainer
             self._trainer = Seg2AMPTrainer(t.model, t.data_loader, t.optimizer)
@@ -84,16 +83,16 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_model(cls, cfg):
-        """detectron2's model of ``cfg``, after :func:`check_same_tasks` (several processes), its
-        class counts checked against the datasets' metadata."""
+        """detectron2's model of ``cfg`` after the resolve step (:func:`seg2.resolve_config`,
+        idempotent: a config from :func:`setup` passes unchanged) and :func:`check_same_tasks`
+        (several processes)."""
+        cfg = resolve_config(cfg, class_weights=False)
         check_same_tasks(cfg)
-        model = super().build_model(cfg)
-        check_model_num_classes(cfg, model)
-        return model
+        return super().build_model(cfg)
 
     @classmethod
     def build_optimizer(cls, cfg, model):
-        """detectron2's optimizer, with ``SEG2.SOLVER.NORM_BIAS_HYPERPARAMS``
+        """detectron2's optimizer, with ``SOLVER.NORM_BIAS_HYPERPARAMS``
         (:func:`seg2.engine.optimizer.build_optimizer`)."""
         return build_optimizer(cfg, model)
 
@@ -194,15 +193,18 @@ def check_same_tasks(cfg):
 
 def setup(args):
     """
-    The frozen config of a run from detectron2's command-line ``args`` (``--config-file`` and
-    ``opts``), after detectron2's ``default_setup`` (output folder, logs, seed); seg2's loggers
-    write to the same console and log file. Raises :class:`seg2.Seg2Error` for a bad config or
-    an unregistered dataset name.
+    The frozen, resolved config of a run from detectron2's command-line ``args``
+    (``--config-file`` and ``opts``): loaded, through the resolve step
+    (:func:`seg2.resolve_config`; ``--eval-only`` counts no class weights), then detectron2's
+    ``default_setup`` (output folder, logs, seed; its ``config.yaml`` holds the resolved values,
+    the class weights as numbers); seg2's loggers write to the same console and log file. Raises
+    :class:`seg2.Seg2Error` for a bad config or one that does not fit its datasets.
     """
     cfg = load_seg2_config(args.config_file, args.opts)
+    # seg2's loggers (default_setup configures detectron2's only) before the resolve step, whose
+    # lines (class weights) go to the same console and log file.
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="seg2")
+    cfg = resolve_config(cfg, class_weights=not getattr(args, "eval_only", False))
     cfg.freeze()
     default_setup(cfg, args)
-    # default_setup configures detectron2's loggers only.
-    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="seg2")
-    check_dataset_names(cfg)
     return cfg

@@ -13,16 +13,16 @@ from detectron2.modeling import build_model
 
 from ..engine.resume import Seg2Checkpointer
 from ..utils.benchmark import PeakMemory, time_iterations, timed
-from .io import read_image
+from ..data.image import read_image
 from .predictor import Seg2Predictor
-from .tiling import TiledSemSegInference
+from ..modeling.tiling import TiledSemSegInference
 
 __all__ = ["benchmark_inference", "benchmark_tiling", "tiling_bounds"]
 
 
 def benchmark_inference(cfg, warmup: int = 2, iters: int = 10) -> Dict[str, float]:
     """Inference images/s of :class:`Seg2Predictor` (resize, model, post-processing; tiled when
-    ``SEG2.TILING.ENABLED``) on images of ``DATASETS.TEST[0]`` read beforehand."""
+    ``TEST.TILING.ENABLED``) on images of ``DATASETS.TEST[0]`` read beforehand."""
     predictor = Seg2Predictor(cfg)
     records = DatasetCatalog.get(cfg.DATASETS.TEST[0])
     images = [read_image(r["file_name"], "BGR") for r in records[: min(warmup + iters, 8)]]
@@ -59,7 +59,7 @@ def benchmark_tiling(
     modes=("tiled_labels", "tiled_logits", "whole"),
 ) -> List[dict]:
     """
-    Tiled (``SEG2.TILING``, logits and band-wise labels) against whole-image semantic inference
+    Tiled (``TEST.TILING``, logits and band-wise labels) against whole-image semantic inference
     of ``cfg``'s model on random square images of each side in ``sizes``; whole-image inference
     only up to ``whole_max_size``; ``modes``: which of "tiled_labels", "tiled_logits", "whole".
     Each mode runs ``warmup`` untimed times first (cuDNN autotuning, allocator, caches), then the

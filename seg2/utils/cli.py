@@ -26,7 +26,7 @@ DEBUG_ENV = "SEG2_DEBUG"
 # traceback as its message; the original message follows the last "<module>.Seg2Error: " line
 # (the exception object itself does not cross the process boundary).
 _WORKER = re.compile(r"\ACaught \w+ in (DataLoader worker process \d+)\.")
-_LAST_SEG2_ERROR = re.compile(r"^(?:[\w.]+\.)?(?:Seg2Error|UnreadableFileError): ", re.MULTILINE)
+_LAST_SEG2_ERROR = re.compile(r"^(?:[\w.]+\.)?(?:Seg2Error|UnreadableFileError|InvalidArgument): ", re.MULTILINE)
 
 
 def add_debug_argument(parser):
