@@ -3,6 +3,7 @@ equal to the run's own evaluations at the same iterations; bad input is one line
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -42,10 +43,18 @@ def tiny_run(tiny_shapes_root, tmp_path_factory):
     )  # fmt: skip
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    # train_net's setup_logger stops propagation (caplog of later tests would see nothing); the
+    # autouse _restore_loggers of conftest.py runs after this module-scoped fixture, so undo it here.
+    loggers = [logging.getLogger(n) for n in ("seg2", "detectron2", "fvcore", "d2")]
+    saved = [(lg, list(lg.handlers), lg.propagate, lg.level) for lg in loggers]
     try:
         train_net.main(args)
     finally:
         torch.set_num_threads(threads)
+        for lg, handlers, propagate, level in saved:
+            lg.handlers[:] = handlers
+            lg.propagate = propagate
+            lg.setLevel(level)
     return out
 
 
