@@ -5,7 +5,7 @@ seg2 training script: Mask R-CNN, semantic and multi-task models on seg2's datas
     python tools/train_net.py --config-file configs/quickstart/mask_rcnn_R18_FPN_shapes_cpu.yaml
     python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
     python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS ... TEST.AUG.ENABLED True \
-        TEST.AUG.MIN_SIZES "(288, 360, 432)" TEST.AUG.MAX_SIZE 1000   # also with test-time augmentation
+        TEST.AUG.SCALE_RATIOS "(0.75, 1.0, 1.25)"   # also with test-time augmentation
 
 A seg2 error (bad config or data, wherever raised) ends it with one line ``seg2: error: ...`` and
 exit status 1; ``--debug`` (or ``SEG2_DEBUG=1``) prints its traceback too.
