@@ -16,22 +16,20 @@ gives and the measured numerics: docs/export.md. The logic is in :mod:`seg2.expo
 import argparse
 import json
 import logging
-import os
 import sys
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import build_detection_test_loader, detection_utils
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import seg2  # noqa: E402
-from seg2.export import FORMATS, compare_with_eager, export_scripting, export_tracing, load_exported  # noqa: E402
-from seg2.utils.benchmark import time_round_robin  # noqa: E402
-from seg2.utils import Seg2Error  # noqa: E402
+import seg2
+from seg2.checkpoint import Seg2Checkpointer
+from seg2.export import FORMATS, compare_with_eager, export_scripting, export_tracing, load_exported
+from seg2.utils import Seg2Error
+from seg2.utils.benchmark import time_round_robin
 
 logger = logging.getLogger("seg2.export")
 
@@ -96,7 +94,7 @@ def main(argv=None):
     setup_logger()
     cfg = setup_cfg(args)
     model = build_model(cfg)
-    DetectionCheckpointer(model).resume_or_load(cfg.MODEL.WEIGHTS)
+    Seg2Checkpointer(model).resume_or_load(cfg.MODEL.WEIGHTS)
     model.eval()
     if args.export_method == "scripting":
         if args.format != "torchscript":

@@ -16,7 +16,7 @@ from detectron2.engine import default_argument_parser, launch
 
 import seg2  # noqa: F401  (registers seg2's datasets and models)
 from seg2.engine import Trainer, setup
-from seg2.engine.resume import Seg2Checkpointer
+from seg2.checkpoint import Seg2Checkpointer
 from seg2.utils.cli import add_debug_argument, run_tool
 
 

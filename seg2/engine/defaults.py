@@ -23,6 +23,7 @@ from detectron2.engine import DefaultTrainer, default_setup, hooks
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from ..checkpoint import Seg2Checkpointer
 from ..config import load_seg2_config
 from ..data import MultiTaskDatasetMapper, check_dataset_names
 from ..evaluation import build_evaluator
@@ -34,7 +35,7 @@ from ..utils.dist import check_same_in_all_processes
 from .amp import Seg2AMPTrainer
 from .hooks import BestModelTest, build_best_checkpoint_hooks, check_best_checkpoint_config
 from .optimizer import build_optimizer
-from .resume import Seg2Checkpointer, trim_metrics_json
+from .resume import trim_metrics_json
 
 __all__ = ["Trainer", "setup", "check_same_tasks", "train_dataset_dicts"]
 

@@ -10,7 +10,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.logger import log_first_n
 from torch.nn import functional as F
 
-from ..engine.resume import Seg2Checkpointer
+from ..checkpoint import Seg2Checkpointer
 from ..modeling.tasks import model_tasks
 from ..utils import Seg2Error
 from .io import to_uint8_image
