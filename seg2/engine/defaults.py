@@ -36,6 +36,7 @@ from .amp import Seg2AMPTrainer
 from .hooks import BestModelTest, build_best_checkpoint_hooks, check_best_checkpoint_config
 from .optimizer import build_optimizer
 from .resume import trim_metrics_json
+from .run_lock import acquire_run_lock
 
 __all__ = ["Trainer", "setup", "check_same_tasks", "train_dataset_dicts"]
 
@@ -50,6 +51,9 @@ class Trainer(DefaultTrainer):
     resumed run keeps one ``metrics.json`` record per iteration."""
 
     def __init__(self, cfg):
+        # One run per OUTPUT_DIR (seg2.engine.run_lock), before anything is written there; the
+        # main process holds it (shared with setup()'s in the same process) until train() ends.
+        self._run_lock = acquire_run_lock(cfg.OUTPUT_DIR) if comm.is_main_process() and cfg.OUTPUT_DIR else None
         super().__init__(cfg)
         # Again after the training data is loaded: a COCO dataset registered without its classes
         # learns them (its metadata) when it is loaded.
@@ -82,6 +86,13 @@ class Trainer(DefaultTrainer):
         super().resume_or_load(resume=resume)
         if comm.is_main_process():
             trim_metrics_json(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"), self.start_iter)
+
+    def train(self):
+        try:
+            return super().train()
+        finally:
+            if self._run_lock is not None:
+                self._run_lock.release()
 
     @classmethod
     def build_model(cls, cfg):
@@ -193,15 +204,23 @@ def check_same_tasks(cfg):
     )
 
 
+# The run locks that setup() took: held for the life of the process (the run).
+_SETUP_LOCKS = []
+
+
 def setup(args):
     """
     The frozen config of a run from detectron2's command-line ``args`` (``--config-file`` and
     ``opts``), after detectron2's ``default_setup`` (output folder, logs, seed); seg2's loggers
     write to the same console and log file. Raises :class:`seg2.Seg2Error` for a bad config or
-    an unregistered dataset name.
+    an unregistered dataset name, or when another run holds ``OUTPUT_DIR``
+    (:mod:`seg2.engine.run_lock`; ``--eval-only`` runs too).
     """
     cfg = load_seg2_config(args.config_file, args.opts)
     cfg.freeze()
+    if comm.is_main_process() and cfg.OUTPUT_DIR:
+        # Before default_setup writes config.yaml and log.txt there; held until the process ends.
+        _SETUP_LOCKS.append(acquire_run_lock(cfg.OUTPUT_DIR))
     default_setup(cfg, args)
     # default_setup configures detectron2's loggers only.
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="seg2")

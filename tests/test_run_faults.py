@@ -1,0 +1,97 @@
+"""Issue 23, parts 2-5: the faults users make with runs, on real files in tmp folders: two runs on
+one OUTPUT_DIR, weights that are not the model's, exact resume, and one line per user mistake."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
+EXPORT = os.path.join(REPO, "tools", "export_model.py")
+UNET = os.path.join(REPO, "configs", "quickstart", "unet_tiny_shapes_cpu.yaml")
+FCN = os.path.join(REPO, "configs", "quickstart", "fcn8s_vgg16-tiny_shapes_cpu.yaml")
+
+
+def _env():
+    pythonpath = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONPATH=pythonpath)
+    env.pop("SEG2_DEBUG", None)
+    return env
+
+
+def _small(shapes_root, out):
+    """A U-Net of a few thousand parameters on 64-px shapes: seconds per run."""
+    return ["SEG2.SHAPES_ROOT", str(shapes_root), "OUTPUT_DIR", str(out),
+            "MODEL.UNET_ENCODER.CHANNELS", "[4, 4, 8, 8, 8]",
+            "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64", "INPUT.MIN_SIZE_TEST", "64",
+            "INPUT.MAX_SIZE_TEST", "64", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1",
+            "DATALOADER.NUM_WORKERS", "0", "SEED", "5"]
+
+
+def _train_net(*args, config=UNET, timeout=600):
+    return subprocess.run([sys.executable, TRAIN_NET, "--config-file", config, *args], capture_output=True,
+                          text=True, timeout=timeout, env=_env(), cwd=REPO)
+
+
+def _one_line_error(r, starts):
+    """The run ended with exit status 1 and the last stderr line ``seg2: error: <starts>...``, no
+    traceback."""
+    log = r.stdout + r.stderr
+    assert r.returncode == 1, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("seg2: error: " + starts), last
+    return last
+
+
+# ---- 2. Runs that mix ---------------------------------------------------------------------------
+
+_HOLDER = textwrap.dedent("""
+    import sys, time
+    from seg2.engine.run_lock import acquire_run_lock
+    lock = acquire_run_lock(sys.argv[1], what="holder-script --for-the-test")
+    print("locked", flush=True)
+    time.sleep(600)
+""")
+
+
+def test_second_run_on_one_output_dir_is_refused_and_a_killed_run_leaves_no_lock(tiny_shapes_root, tmp_path):
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(out)], stdout=subprocess.PIPE, text=True,
+                              env=_env(), cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        r = _train_net(*_small(tiny_shapes_root, out), "SOLVER.MAX_ITER", "1", "DATASETS.TEST", "()")
+        line = _one_line_error(r, f"OUTPUT_DIR={out} is in use by another seg2 run (pid {holder.pid} on host ")
+        assert "holder-script --for-the-test" in line and "started 20" in line
+        assert not (out / "config.yaml").exists()  # refused before default_setup writes anything
+        # --eval-only takes the lock too (it writes config.yaml, log.txt and inference/ there)
+        r = _train_net("--eval-only", *_small(tiny_shapes_root, out))
+        _one_line_error(r, f"OUTPUT_DIR={out} is in use by another seg2 run (pid {holder.pid} ")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # The kernel dropped the killed holder's lock: the next run starts.
+    r = _train_net(*_small(tiny_shapes_root, out), "SOLVER.MAX_ITER", "1", "DATASETS.TEST", "()")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert (out / "model_final.pth").is_file()
+
+
+def test_run_lock_is_shared_within_one_process_and_released_after_training(tmp_path):
+    from seg2.engine.run_lock import acquire_run_lock
+
+    a = acquire_run_lock(str(tmp_path))
+    b = acquire_run_lock(str(tmp_path))  # setup() and then the Trainer, in one process
+    a.release()
+    assert b.held
+    probe = [sys.executable, "-c", "import sys; from seg2.engine.run_lock import acquire_run_lock as a; "
+             "a(sys.argv[1]); print('got it')", str(tmp_path)]
+    r = subprocess.run(probe, capture_output=True, text=True, env=_env(), cwd=REPO)
+    assert r.returncode != 0 and f"pid {os.getpid()} " in r.stderr
+    b.release()
+    r = subprocess.run(probe, capture_output=True, text=True, env=_env(), cwd=REPO)
+    assert r.returncode == 0 and "got it" in r.stdout, r.stderr
