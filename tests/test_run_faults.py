@@ -95,3 +95,84 @@ def test_run_lock_is_shared_within_one_process_and_released_after_training(tmp_p
     b.release()
     r = subprocess.run(probe, capture_output=True, text=True, env=_env(), cwd=REPO)
     assert r.returncode == 0 and "got it" in r.stdout, r.stderr
+
+
+# ---- 3. Weights that are not the model's ------------------------------------------------------------
+
+
+def _save_model_of(tmp_path, name, shapes_root, *opts, config=UNET):
+    """A real checkpoint ({"model": state_dict}) of the model of ``config`` with ``opts``."""
+    import torch
+    from detectron2.modeling import build_model
+
+    from seg2 import load_seg2_config
+
+    cfg = load_seg2_config(config, _small(shapes_root, tmp_path / "unused") + list(opts))
+    model = build_model(cfg)
+    path = tmp_path / name
+    torch.save({"model": model.state_dict()}, path)
+    return str(path), len(model.state_dict())
+
+
+def test_eval_only_with_weights_of_another_model_is_an_error(tiny_shapes_root, tmp_path):
+    # Before: detectron2 logged the mismatch, loaded nothing and reported a random model's mIoU.
+    wider, n = _save_model_of(tmp_path, "wider.pth", tiny_shapes_root, "MODEL.UNET_ENCODER.CHANNELS", "[8, 8, 8, 8, 8]")
+    r = _train_net("--eval-only", *_small(tiny_shapes_root, tmp_path / "out"), "MODEL.WEIGHTS", wider)
+    line = _one_line_error(r, f"the checkpoint {wider} does not fit this config's Seg2SemanticSegmentor: ")
+    assert " have another shape (" in line and "mIoU" not in r.stdout
+    fcn, _ = _save_model_of(tmp_path, "fcn.pth", tiny_shapes_root, config=FCN)
+    r = _train_net("--eval-only", *_small(tiny_shapes_root, tmp_path / "out"), "MODEL.WEIGHTS", fcn)
+    line = _one_line_error(r, f"the checkpoint {fcn} does not fit this config's Seg2SemanticSegmentor: ")
+    assert "parameters and buffers are not in the file (e.g. 'backbone." in line and "entries are not in the model" in line
+    # No weights at all: a random model.
+    r = _train_net("--eval-only", *_small(tiny_shapes_root, tmp_path / "out"), "MODEL.WEIGHTS", "")
+    _one_line_error(r, "--eval-only with MODEL.WEIGHTS empty would evaluate a randomly initialised model")
+
+
+def test_checkpointer_strict_and_training_start(tiny_shapes_root, tmp_path):
+    from detectron2.modeling import build_model
+
+    from seg2 import Seg2Error, load_seg2_config
+    from seg2.checkpoint import Seg2Checkpointer
+
+    own, n = _save_model_of(tmp_path, "own.pth", tiny_shapes_root)
+    fcn, n_fcn = _save_model_of(tmp_path, "fcn.pth", tiny_shapes_root, config=FCN)
+    model = build_model(load_seg2_config(UNET, _small(tiny_shapes_root, tmp_path / "o")))
+    Seg2Checkpointer(model).load(own)  # the model's own weights: fine
+    with pytest.raises(Seg2Error) as e:
+        Seg2Checkpointer(model).load(fcn)
+    # The counts by hand: the models share no name; BatchNorm's step counters (num_batches_tracked)
+    # are excused.
+    import torch
+
+    mine = set(torch.load(own, weights_only=False)["model"])
+    theirs = set(torch.load(fcn, weights_only=False)["model"])
+    assert not mine & theirs
+    missing = [k for k in mine if not k.endswith("num_batches_tracked")]
+    assert len(missing) < n  # the U-Net has BatchNorm
+    assert f"{len(missing)} of the model's {n} parameters and buffers are not in the file" in str(e.value)
+    assert f"{n_fcn} of the file's {n_fcn} entries are not in the model" in str(e.value)
+    # Starting a training (strict=False): a file of which nothing fits is refused, ...
+    with pytest.raises(Seg2Error, match=rf"^none of the {n_fcn} entries of {fcn} fits this config's Seg2Semantic"):
+        Seg2Checkpointer(model, strict=False).load(fcn)
+    # ... a backbone alone (heads new, as with ImageNet weights) is not.
+    backbone = {k: v for k, v in torch.load(own, weights_only=False)["model"].items() if k.startswith("backbone.")}
+    torch.save({"model": backbone}, tmp_path / "backbone.pth")
+    Seg2Checkpointer(model, strict=False).load(str(tmp_path / "backbone.pth"))
+    with pytest.raises(Seg2Error, match="parameters and buffers are not in the file .e.g. 'sem_seg_head"):
+        Seg2Checkpointer(model).load(str(tmp_path / "backbone.pth"))
+
+
+def test_export_refuses_random_weights_unless_asked(tmp_path, tiny_shapes_root):
+    args = [sys.executable, EXPORT, "--config-file", UNET, "--format", "torchscript", "--output", str(tmp_path / "x")]
+    small = _small(tiny_shapes_root, tmp_path / "o")
+    r = subprocess.run([*args, *small, "MODEL.WEIGHTS", ""], capture_output=True, text=True, env=_env(), cwd=REPO)
+    _one_line_error(r, "MODEL.WEIGHTS is empty: the export would hold a randomly initialised model")
+    assert not (tmp_path / "x" / "model.ts").exists()
+    fcn, _ = _save_model_of(tmp_path, "fcn.pth", tiny_shapes_root, config=FCN)
+    r = subprocess.run([*args, *small, "MODEL.WEIGHTS", fcn], capture_output=True, text=True, env=_env(), cwd=REPO)
+    _one_line_error(r, f"the checkpoint {fcn} does not fit this config's Seg2SemanticSegmentor")
+    own, _ = _save_model_of(tmp_path, "own.pth", tiny_shapes_root)
+    r = subprocess.run([*args, *small, "MODEL.WEIGHTS", own], capture_output=True, text=True, env=_env(), cwd=REPO)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert (tmp_path / "x" / "model.ts").is_file()

@@ -31,6 +31,7 @@ from ..inference.tta import build_tta_model
 from ..modeling.meta_arch.common import check_model_num_classes
 from ..modeling.tasks import META_ARCH_TASKS
 from ..utils import Seg2Error
+from ..utils.cli import check_device
 from ..utils.dist import check_same_in_all_processes
 from .amp import Seg2AMPTrainer
 from .hooks import BestModelTest, build_best_checkpoint_hooks, check_best_checkpoint_config
@@ -64,10 +65,12 @@ class Trainer(DefaultTrainer):
 
     def build_hooks(self):
         # DefaultTrainer.__init__ made a DetectionCheckpointer just before calling this; the hooks
-        # (periodic and best checkpoints) and resume_or_load use ours, which names a bad file.
+        # (periodic and best checkpoints) and resume_or_load use ours, which names a bad file,
+        # refuses weights of another model (MODEL.WEIGHTS of which nothing fits; any mismatch on a
+        # resume) and saves atomically.
         old = self.checkpointer
         self.checkpointer = Seg2Checkpointer(
-            old.model, old.save_dir, save_to_disk=old.save_to_disk, **old.checkpointables
+            old.model, old.save_dir, save_to_disk=old.save_to_disk, strict=False, **old.checkpointables
         )
         ret = super().build_hooks()
         # After the EvalHook, which puts the flattened results ("segm/AP") in the storage.
@@ -218,6 +221,7 @@ def setup(args):
     """
     cfg = load_seg2_config(args.config_file, args.opts)
     cfg.freeze()
+    check_device(cfg.MODEL.DEVICE)
     if comm.is_main_process() and cfg.OUTPUT_DIR:
         # Before default_setup writes config.yaml and log.txt there; held until the process ends.
         _SETUP_LOCKS.append(acquire_run_lock(cfg.OUTPUT_DIR))
