@@ -176,3 +176,100 @@ def test_export_refuses_random_weights_unless_asked(tmp_path, tiny_shapes_root):
     r = subprocess.run([*args, *small, "MODEL.WEIGHTS", own], capture_output=True, text=True, env=_env(), cwd=REPO)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert (tmp_path / "x" / "model.ts").is_file()
+
+
+# ---- 4. Exact resume ------------------------------------------------------------------------------
+
+
+def _mixed_folder(root, n=7):
+    """Images wider than tall and taller than wide (aspect-ratio grouping leaves half-filled
+    batches), with 4-class label maps."""
+    import numpy as np
+    from PIL import Image
+
+    from seg2.data import write_label_map
+
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    os.makedirs(os.path.join(root, "labels"), exist_ok=True)
+    rng = np.random.default_rng(11)
+    for i in range(n):
+        h, w = (40, 56) if rng.random() < 0.5 else (56, 40)
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(os.path.join(root, "images", f"{i}.png"))
+        label = np.zeros((h, w), np.uint8)
+        label[h // 4: h // 2, w // 4:] = 1 + i % 3
+        write_label_map(label, os.path.join(root, "labels", f"{i}.png"))
+
+
+class _Record:
+    """A hook recording a draw of python's, numpy's and torch's RNGs before each step (as dropout
+    or RoI sampling would draw), and stopping the run (as Ctrl-C does) after iteration ``stop``."""
+
+    def __init__(self, stop=None):
+        from detectron2.engine import HookBase
+
+        outer = self
+
+        class Hook(HookBase):
+            def before_step(self):
+                import random
+
+                import numpy as np
+                import torch
+
+                outer.draws[self.trainer.iter] = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+
+            def after_step(self):
+                if outer.stop is not None and self.trainer.iter == outer.stop:
+                    raise KeyboardInterrupt
+
+        self.stop, self.draws, self.hook = stop, {}, Hook()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(tmp_path, workers):
+    import torch
+    from detectron2.utils.env import seed_all_rng
+
+    from seg2 import load_seg2_config
+    from seg2.data import register_sem_seg_folder
+    from seg2.engine import Trainer
+
+    name = f"seg2_test_exact_resume_{workers}"
+    _mixed_folder(str(tmp_path / "data"))
+    register_sem_seg_folder(name, str(tmp_path / "data" / "images"), str(tmp_path / "data" / "labels"),
+                            ["bg", "a", "b", "c"])
+
+    def run(out, resume=False, stop=None):
+        cfg = load_seg2_config(UNET, _small("", out) + [
+            "DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", "()", "SEG2.BEST_CHECKPOINT.METRIC", "",
+            "INPUT.MIN_SIZE_TRAIN", "(32, 40)", "INPUT.MAX_SIZE_TRAIN", "64", "INPUT.RANDOM_FLIP", "horizontal",
+            "SOLVER.MAX_ITER", "9", "SOLVER.CHECKPOINT_PERIOD", "3", "SOLVER.BASE_LR", "0.05",
+            "DATALOADER.NUM_WORKERS", str(workers), "DATALOADER.ASPECT_RATIO_GROUPING", "True", "SEED", "3"])
+        seed_all_rng(cfg.SEED if not resume else 12345)  # a resumed process starts from other RNG states
+        trainer = Trainer(cfg)
+        record = _Record(stop)
+        trainer.register_hooks([record.hook])
+        trainer.resume_or_load(resume=resume)
+        try:
+            trainer.train()
+        except KeyboardInterrupt:
+            pass
+        return trainer, record.draws
+
+    full, full_draws = run(tmp_path / "full")
+    part, _ = run(tmp_path / "part", stop=4)  # Ctrl-C during iteration 4; the last checkpoint is after iteration 2
+    assert (tmp_path / "part" / "last_checkpoint").read_text() == "model_0000002.pth"
+    assert not (tmp_path / "part" / "model_final.pth").exists()
+    state = torch.load(tmp_path / "part" / "model_0000002.pth", weights_only=False)["data_order"]
+    assert state["position"] == 3 * 2 + sum(len(b) for b in state["buckets"])  # 3 batches of 2 + waiting
+    resumed, resumed_draws = run(tmp_path / "part", resume=True)
+    assert resumed.start_iter == 3
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different
+    # the weights did change, and the RNG draws after the resume are the uninterrupted run's
+    first = torch.load(tmp_path / "part" / "model_0000002.pth", weights_only=False)["model"]
+    assert any(not torch.equal(first[k], a[k]) for k in a)
+    assert {i: resumed_draws[i] for i in range(3, 9)} == {i: full_draws[i] for i in range(3, 9)}
+

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".seg2_run.lock"
 
-# realpath of the lock file -> [open file, count of RunLock objects holding it]
+# realpath of the lock file -> [open file, count of RunLock objects holding it, owner pid]
 _HELD: Dict[str, List] = {}
 _MUTEX = threading.Lock()
 
@@ -60,7 +60,11 @@ def _release(key: str) -> None:
         entry[1] -= 1
         if entry[1] <= 0:
             del _HELD[key]
-            entry[0].close()  # closing the file drops the flock
+            if entry[2] == os.getpid():
+                # Unlock explicitly: forked children (DataLoader workers still alive) share the
+                # open file, and closing our descriptor alone would leave it locked.
+                fcntl.flock(entry[0].fileno(), fcntl.LOCK_UN)
+            entry[0].close()
 
 
 def _describe_holder(f) -> str:
@@ -80,17 +84,25 @@ def acquire_run_lock(output_dir: str, what: Optional[str] = None) -> RunLock:
     Raises:
         Seg2Error: another process holds it; the message names that process.
     """
-    os.makedirs(output_dir, exist_ok=True)
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as e:
+        raise Seg2Error(f"OUTPUT_DIR={output_dir}: cannot create the folder ({e.strerror})") from e
     key = os.path.realpath(os.path.join(output_dir, LOCK_FILE))
     with _MUTEX:
         entry = _HELD.get(key)
+        if entry is not None and entry[2] != os.getpid():  # inherited by a fork: not ours
+            del _HELD[key]
+            entry = None
         if entry is not None:
             entry[1] += 1
             return RunLock(key)
         try:
             f = open(key, "a+")
         except OSError as e:
-            raise Seg2Error(f"OUTPUT_DIR={output_dir}: cannot create the run lock {key} ({e.strerror})") from e
+            raise Seg2Error(
+                f"OUTPUT_DIR={output_dir}: cannot create the run lock {key} ({e.strerror}): is the folder read-only?"
+            ) from e
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -105,9 +117,13 @@ def acquire_run_lock(output_dir: str, what: Optional[str] = None) -> RunLock:
             ) from None
         command = what or " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
         started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on host {socket.gethostname()}, started {started}: {command}\n")
-        f.flush()
-        _HELD[key] = [f, 1]
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on host {socket.gethostname()}, started {started}: {command}\n")
+            f.flush()
+        except OSError as e:
+            f.close()
+            raise Seg2Error(f"OUTPUT_DIR={output_dir}: cannot write {key} ({e.strerror}): is the disk full?") from e
+        _HELD[key] = [f, 1, os.getpid()]
         return RunLock(key)
