@@ -209,13 +209,14 @@ class Seg2Checkpointer(DetectionCheckpointer):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
             try:
                 os.remove(tmp)
             except OSError:
                 pass
+            reason = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise Seg2Error(
-                f"cannot write {path} ({e.strerror or e}): is {self.save_dir} (OUTPUT_DIR) full or read-only? "
+                f"cannot write {path} ({reason}): is {self.save_dir} (OUTPUT_DIR) full or read-only? "
                 "The partial file was removed; last_checkpoint names the previous checkpoint"
             ) from e
         except BaseException:

@@ -273,3 +273,109 @@ def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(tmp_path, work
     assert any(not torch.equal(first[k], a[k]) for k in a)
     assert {i: resumed_draws[i] for i in range(3, 9)} == {i: full_draws[i] for i in range(3, 9)}
 
+
+# ---- 5. One line for every user mistake ---------------------------------------------------------
+
+
+def _train_once(shapes_root, out, *extra, flags=()):
+    r = _train_net(*flags, *_small(shapes_root, out), "DATASETS.TEST", "()", "SEG2.BEST_CHECKPOINT.METRIC", "", *extra)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    return r
+
+
+def test_device_and_gpu_count_beyond_the_machine(tiny_shapes_root, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device: the mistake is not one here")
+    small = _small(tiny_shapes_root, tmp_path / "out")
+    r = _train_net(*small, "MODEL.DEVICE", "cuda", "SOLVER.MAX_ITER", "1")
+    _one_line_error(r, "MODEL.DEVICE=cuda, but torch finds no CUDA device on this machine")
+    r = _train_net("--num-gpus", "2", *small, "SOLVER.MAX_ITER", "1")
+    _one_line_error(r, "--num-gpus 2, but torch finds 0 CUDA device(s) on this machine: use --num-gpus 1")
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text('_BASE_: "{}"\nSOLVER:\n  BASE_LR: [0.01\n  MAX_ITER: 5\n'.format(UNET))
+    r = _train_net(config=str(bad))
+    line = _one_line_error(r, f"bad YAML in {bad}, line ")
+    assert "column" in line
+
+
+def test_missing_weights_file_is_named(tiny_shapes_root, tmp_path):
+    missing = tmp_path / "no_such_model.pth"
+    r = _train_net(*_small(tiny_shapes_root, tmp_path / "out"), "MODEL.WEIGHTS", str(missing), "SOLVER.MAX_ITER", "1")
+    _one_line_error(r, f"the checkpoint {missing} does not exist (MODEL.WEIGHTS")
+
+
+def test_resume_when_last_checkpoint_was_deleted(tiny_shapes_root, tmp_path):
+    out = tmp_path / "out"
+    _train_once(tiny_shapes_root, out, "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2")
+    assert (out / "last_checkpoint").read_text() == "model_final.pth"
+    os.remove(out / "model_final.pth")
+    # Falls back to the newest checkpoint left, saying so.
+    r = _train_once(tiny_shapes_root, out, "SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "2", flags=["--resume"])
+    log = r.stdout + r.stderr
+    assert (f"--resume: {out / 'last_checkpoint'} names {out / 'model_final.pth'}, which does not exist; resuming "
+            f"from {out / 'model_0000003.pth'}, the newest checkpoint left (of 2)") in log
+    assert "Starting training from iteration 4" in log
+    # Nothing left at all: an error, not a silent start from scratch.
+    for name in os.listdir(out):
+        if name.endswith(".pth"):
+            os.remove(out / name)
+    r = _train_net("--resume", *_small(tiny_shapes_root, out), "DATASETS.TEST", "()", "SOLVER.MAX_ITER", "6")
+    _one_line_error(r, f"--resume: {out / 'last_checkpoint'} names {out / 'model_final.pth'}, which does not exist, "
+                       f"and {out} holds no other checkpoint")
+
+
+def test_resume_from_another_architecture(tiny_shapes_root, tmp_path):
+    out = tmp_path / "out"
+    _train_once(tiny_shapes_root, out, "SOLVER.MAX_ITER", "1")
+    r = _train_net("--resume", *_small(tiny_shapes_root, out), "DATASETS.TEST", "()", "SOLVER.MAX_ITER", "2",
+                   "MODEL.UNET_ENCODER.CHANNELS", "[8, 8, 8, 8, 8]")
+    line = _one_line_error(r, f"the checkpoint {out / 'model_final.pth'} does not fit this config's Seg2SemanticSegmentor")
+    assert "have another shape" in line
+
+
+_FSIZE_LAUNCHER = textwrap.dedent("""
+    import resource, runpy, signal, sys
+    # Writes past {limit} bytes per file fail (EFBIG) as on a full disk: a checkpoint does, logs do not.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+    sys.argv = [{train_net!r}] + sys.argv[1:]
+    runpy.run_path({train_net!r}, run_name="__main__")
+""")
+
+
+def test_checkpoint_write_cut_short_leaves_no_partial_file(tiny_shapes_root, tmp_path):
+    out = tmp_path / "out"
+    _train_once(tiny_shapes_root, out, "SOLVER.MAX_ITER", "1")
+    size = os.path.getsize(out / "model_final.pth")
+    old = (out / "model_final.pth").read_bytes()
+    # A wider model: its checkpoints are larger than the limit; the small one's and the logs fit.
+    wide = "[32, 32, 32, 32, 32]"
+    limit = 4 * size
+    script = tmp_path / "launch.py"
+    script.write_text(_FSIZE_LAUNCHER.format(limit=limit, train_net=TRAIN_NET))
+    r = subprocess.run([sys.executable, str(script), "--config-file", UNET, *_small(tiny_shapes_root, out),
+                        "DATASETS.TEST", "()", "SOLVER.MAX_ITER", "2", "MODEL.UNET_ENCODER.CHANNELS", wide],
+                       capture_output=True, text=True, timeout=600, env=_env(), cwd=REPO)
+    line = _one_line_error(r, f"cannot write {out / 'model_final.pth'} (")
+    assert "is " + str(out) + " (OUTPUT_DIR) full or read-only?" in line
+    assert sorted(n for n in os.listdir(out) if n.startswith(".tmp-")) == []  # the partial file is gone
+    assert (out / "model_final.pth").read_bytes() == old  # the earlier checkpoint is untouched
+    assert (out / "last_checkpoint").read_text() == "model_final.pth"
+
+
+def test_read_only_output_dir(tiny_shapes_root, tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders; run as a user to test this")
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        r = _train_net(*_small(tiny_shapes_root, out), "SOLVER.MAX_ITER", "1")
+        _one_line_error(r, f"OUTPUT_DIR={out}: cannot create the run lock ")
+    finally:
+        out.chmod(0o755)

@@ -9,6 +9,7 @@ single line ``seg2: error: <message>`` on stderr and exit status 1; its tracebac
     run_tool(main, args, debug=args.debug)
 """
 
+import errno
 import logging
 import os
 import re
@@ -49,6 +50,9 @@ def seg2_error_message(exc: BaseException) -> Optional[str]:
     yaml_error = _yaml_error_message(exc)
     if yaml_error is not None:
         return yaml_error
+    if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
+        # A full disk or a read-only folder, wherever the write was (a log, metrics.json, events).
+        return f"cannot write {exc.filename or 'a file'}: {exc.strerror}"
     if not isinstance(exc, Seg2Error):
         if type(exc).__name__ != "ProcessRaisedException" or not _LAST_SEG2_ERROR.search(text):
             return None
@@ -58,6 +62,9 @@ def seg2_error_message(exc: BaseException) -> Optional[str]:
     message = text[matches[-1].end():].strip()
     worker = _WORKER.match(text)
     return f"{message} (in {worker.group(1)})" if worker else message
+
+
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
 
 def _yaml_error_message(exc: BaseException) -> Optional[str]:
