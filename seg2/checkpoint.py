@@ -60,7 +60,9 @@ class Seg2Checkpointer(DetectionCheckpointer):
             ``last_checkpoint`` is always strict.
     """
 
-    def __init__(self, model, save_dir="", *, save_to_disk=None, strict: bool = True, **checkpointables):
+    def __init__(
+        self, model, save_dir="", *, save_to_disk=None, strict: bool = True, **checkpointables
+    ):
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
         self.strict = strict
         self._strict_now = strict
@@ -73,8 +75,15 @@ class Seg2Checkpointer(DetectionCheckpointer):
         if path:
             local = path.split("?", 1)[0]
             if "://" not in local and not os.path.isfile(local):
-                what = "is a folder, not a checkpoint file" if os.path.isdir(local) else "does not exist"
-                raise Seg2Error(f"the checkpoint {local} {what} (MODEL.WEIGHTS, or the file named in last_checkpoint)")
+                what = (
+                    "is a folder, not a checkpoint file"
+                    if os.path.isdir(local)
+                    else "does not exist"
+                )
+                raise Seg2Error(
+                    f"the checkpoint {local} {what} (MODEL.WEIGHTS, or the file named in "
+                    "last_checkpoint)"
+                )
         self._strict_now = self.strict if strict is None else strict
         self._loading = path
         try:
@@ -114,11 +123,14 @@ class Seg2Checkpointer(DetectionCheckpointer):
         tag = os.path.join(self.save_dir, "last_checkpoint")
         if not left:
             raise Seg2Error(
-                f"--resume: {tag} names {named}, which does not exist, and {self.save_dir} holds no other "
-                "checkpoint (model_NNNNNNN.pth, model_final.pth): run without --resume to start from MODEL.WEIGHTS"
+                f"--resume: {tag} names {named}, which does not exist, and {self.save_dir} "
+                "holds no other "
+                "checkpoint (model_NNNNNNN.pth, model_final.pth): run without --resume to start "
+                "from MODEL.WEIGHTS"
             )
         logger.warning(
-            f"--resume: {tag} names {named}, which does not exist; resuming from {left[-1]}, the newest "
+            f"--resume: {tag} names {named}, which does not exist; resuming from {left[-1]}, "
+            "the newest "
             f"checkpoint left (of {len(left)})"
         )
         return left[-1]
@@ -126,16 +138,26 @@ class Seg2Checkpointer(DetectionCheckpointer):
     def _load_file(self, filename):
         try:
             return super()._load_file(filename)
-        except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        except (
+            RuntimeError,
+            EOFError,
+            ValueError,
+            OSError,
+            pickle.UnpicklingError,
+            zipfile.BadZipFile,
+        ) as e:
             try:
                 size = f"{os.path.getsize(filename)} bytes"
             except OSError:
                 size = "unreadable"
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise Seg2Error(
-                f"cannot read the checkpoint {filename} ({size}): {reason}. A truncated file (a save "
-                "or copy cut short) fails this way: delete it and resume from an earlier checkpoint "
-                "(write its file name into last_checkpoint in the output folder), or set MODEL.WEIGHTS "
+                f"cannot read the checkpoint {filename} ({size}): {reason}. A truncated file (a "
+                "save "
+                "or copy cut short) fails this way: delete it and resume from an earlier "
+                "checkpoint "
+                "(write its file name into last_checkpoint in the output folder), or set "
+                "MODEL.WEIGHTS "
                 "to another file"
             ) from e
 
@@ -143,38 +165,58 @@ class Seg2Checkpointer(DetectionCheckpointer):
         model_keys = list(self.model.state_dict())
         in_file = len(checkpoint.get("model", {}) or {})
         incompatible = super()._load_model(checkpoint)
-        missing = [k for k in incompatible.missing_keys if not k.endswith(EXPECTED_MISSING_SUFFIXES)]
+        missing = [
+            k for k in incompatible.missing_keys if not k.endswith(EXPECTED_MISSING_SUFFIXES)
+        ]
         unexpected = list(incompatible.unexpected_keys)
         shapes = list(incompatible.incorrect_shapes)
         # torch's BatchNorm fills a num_batches_tracked absent from the file without reporting it
         not_loaded = set(incompatible.missing_keys) | {k for k, _, _ in shapes}
-        loaded = sum(1 for k in model_keys if k not in not_loaded and not k.endswith(EXPECTED_MISSING_SUFFIXES))
+        loaded = sum(
+            1
+            for k in model_keys
+            if k not in not_loaded and not k.endswith(EXPECTED_MISSING_SUFFIXES)
+        )
         path = self._loading
         model = type(self.model).__name__
         if self._strict_now and (missing or unexpected or shapes):
             parts = []
             if missing:
-                parts.append(f"{len(missing)} of the model's {len(model_keys)} parameters and buffers are not in "
-                             f"the file{_examples(missing)}")
+                parts.append(
+                    f"{len(missing)} of the model's {len(model_keys)} parameters and buffers "
+                    "are not in "
+                    f"the file{_examples(missing)}"
+                )
             if unexpected:
-                parts.append(f"{len(unexpected)} of the file's {in_file} entries are not in the model"
-                             f"{_examples(unexpected)}")
+                parts.append(
+                    f"{len(unexpected)} of the file's {in_file} entries are not in the model"
+                    f"{_examples(unexpected)}"
+                )
             if shapes:
-                ex = ", ".join(f"{k!r}: {tuple(a)} in the file, {tuple(b)} in the model" for k, a, b in shapes[:2])
+                ex = ", ".join(
+                    f"{k!r}: {tuple(a)} in the file, {tuple(b)} in the model"
+                    for k, a, b in shapes[:2]
+                )
                 parts.append(f"{len(shapes)} have another shape ({ex})")
             raise Seg2Error(
-                f"the checkpoint {path} does not fit this config's {model}: " + "; ".join(parts)
-                + ". Is it a checkpoint of another model (MODEL.META_ARCHITECTURE, backbone, head, class count)?"
+                f"the checkpoint {path} does not fit this config's {model}: "
+                + "; ".join(parts)
+                + ". Is it a checkpoint of another model (MODEL.META_ARCHITECTURE, backbone, head, "
+                "class count)?"
             )
         if not self._strict_now and in_file and loaded <= 0:
             raise Seg2Error(
-                f"none of the {in_file} entries of {path} fits this config's {model} ({len(missing)} of its "
-                f"{len(model_keys)} parameters and buffers missing{_examples(missing)}; file entries"
+                f"none of the {in_file} entries of {path} fits this config's {model} "
+                f"({len(missing)} of its "
+                f"{len(model_keys)} parameters and buffers missing{_examples(missing)}; file "
+                "entries"
                 f"{_examples(unexpected)}): MODEL.WEIGHTS names weights of another model"
             )
         if not self._strict_now and (missing or shapes):
-            logger.info(f"{path}: {loaded} of the model's {len(model_keys)} parameters and buffers loaded; "
-                        f"{len(missing) + len(shapes)} start from their initialisation")
+            logger.info(
+                f"{path}: {loaded} of the model's {len(model_keys)} parameters and buffers loaded; "
+                f"{len(missing) + len(shapes)} start from their initialisation"
+            )
         return incompatible
 
     # ---- saving --------------------------------------------------------------------------------
@@ -196,13 +238,19 @@ class Seg2Checkpointer(DetectionCheckpointer):
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        self._write_atomic(os.path.join(self.save_dir, "last_checkpoint"),
-                           lambda f: f.write(last_filename_basename), "w")
+        self._write_atomic(
+            os.path.join(self.save_dir, "last_checkpoint"),
+            lambda f: f.write(last_filename_basename),
+            "w",
+        )
 
     def _write_atomic(self, path: str, write, mode: str) -> None:
         # detectron2 writes into the final file (PathManager.open(path, "wb")): a full disk leaves
         # a partial checkpoint there, and then names it in last_checkpoint.
-        tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}")
+        tmp = os.path.join(
+            os.path.dirname(path),
+            f".tmp-{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}",
+        )
         try:
             with open(tmp, mode) as f:
                 write(f)
@@ -214,9 +262,13 @@ class Seg2Checkpointer(DetectionCheckpointer):
                 os.remove(tmp)
             except OSError:
                 pass
-            reason = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+            reason = (
+                getattr(e, "strerror", None)
+                or (str(e).strip().splitlines() or [type(e).__name__])[0]
+            )
             raise Seg2Error(
-                f"cannot write {path} ({reason}): is {self.save_dir} (OUTPUT_DIR) full or read-only? "
+                f"cannot write {path} ({reason}): is {self.save_dir} (OUTPUT_DIR) full or "
+                "read-only? "
                 "The partial file was removed; last_checkpoint names the previous checkpoint"
             ) from e
         except BaseException:

@@ -25,16 +25,41 @@ def _env():
 
 def _small(shapes_root, out):
     """A U-Net of a few thousand parameters on 64-px shapes: seconds per run."""
-    return ["SEG2.SHAPES_ROOT", str(shapes_root), "OUTPUT_DIR", str(out),
-            "MODEL.UNET_ENCODER.CHANNELS", "[4, 4, 8, 8, 8]",
-            "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64", "INPUT.MIN_SIZE_TEST", "64",
-            "INPUT.MAX_SIZE_TEST", "64", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1",
-            "DATALOADER.NUM_WORKERS", "0", "SEED", "5"]
+    return [
+        "SEG2.SHAPES_ROOT",
+        str(shapes_root),
+        "OUTPUT_DIR",
+        str(out),
+        "MODEL.UNET_ENCODER.CHANNELS",
+        "[4, 4, 8, 8, 8]",
+        "INPUT.MIN_SIZE_TRAIN",
+        "(64,)",
+        "INPUT.MAX_SIZE_TRAIN",
+        "64",
+        "INPUT.MIN_SIZE_TEST",
+        "64",
+        "INPUT.MAX_SIZE_TEST",
+        "64",
+        "SOLVER.IMS_PER_BATCH",
+        "2",
+        "SOLVER.WARMUP_ITERS",
+        "1",
+        "DATALOADER.NUM_WORKERS",
+        "0",
+        "SEED",
+        "5",
+    ]
 
 
 def _train_net(*args, config=UNET, timeout=600):
-    return subprocess.run([sys.executable, TRAIN_NET, "--config-file", config, *args], capture_output=True,
-                          text=True, timeout=timeout, env=_env(), cwd=REPO)
+    return subprocess.run(
+        [sys.executable, TRAIN_NET, "--config-file", config, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(),
+        cwd=REPO,
+    )
 
 
 def _one_line_error(r, starts):
@@ -59,14 +84,25 @@ _HOLDER = textwrap.dedent("""
 """)
 
 
-def test_second_run_on_one_output_dir_is_refused_and_a_killed_run_leaves_no_lock(tiny_shapes_root, tmp_path):
+def test_second_run_on_one_output_dir_is_refused_and_a_killed_run_leaves_no_lock(
+    tiny_shapes_root, tmp_path
+):
     out = tmp_path / "out"
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(out)], stdout=subprocess.PIPE, text=True,
-                              env=_env(), cwd=REPO)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(out)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        cwd=REPO,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        r = _train_net(*_small(tiny_shapes_root, out), "SOLVER.MAX_ITER", "1", "DATASETS.TEST", "()")
-        line = _one_line_error(r, f"OUTPUT_DIR={out} is in use by another seg2 run (pid {holder.pid} on host ")
+        r = _train_net(
+            *_small(tiny_shapes_root, out), "SOLVER.MAX_ITER", "1", "DATASETS.TEST", "()"
+        )
+        line = _one_line_error(
+            r, f"OUTPUT_DIR={out} is in use by another seg2 run (pid {holder.pid} on host "
+        )
         assert "holder-script --for-the-test" in line and "started 20" in line
         assert not (out / "config.yaml").exists()  # refused before default_setup writes anything
         # --eval-only takes the lock too (it writes config.yaml, log.txt and inference/ there)
@@ -88,8 +124,13 @@ def test_run_lock_is_shared_within_one_process_and_released_after_training(tmp_p
     b = acquire_run_lock(str(tmp_path))  # setup() and then the Trainer, in one process
     a.release()
     assert b.held
-    probe = [sys.executable, "-c", "import sys; from seg2.engine.run_lock import acquire_run_lock as a; "
-             "a(sys.argv[1]); print('got it')", str(tmp_path)]
+    probe = [
+        sys.executable,
+        "-c",
+        "import sys; from seg2.engine.run_lock import acquire_run_lock as a; "
+        "a(sys.argv[1]); print('got it')",
+        str(tmp_path),
+    ]
     r = subprocess.run(probe, capture_output=True, text=True, env=_env(), cwd=REPO)
     assert r.returncode != 0 and f"pid {os.getpid()} " in r.stderr
     b.release()
@@ -97,7 +138,7 @@ def test_run_lock_is_shared_within_one_process_and_released_after_training(tmp_p
     assert r.returncode == 0 and "got it" in r.stdout, r.stderr
 
 
-# ---- 3. Weights that are not the model's ------------------------------------------------------------
+# ---- 3. Weights that are not the model's -------------------------------------------------------
 
 
 def _save_model_of(tmp_path, name, shapes_root, *opts, config=UNET):
@@ -116,17 +157,30 @@ def _save_model_of(tmp_path, name, shapes_root, *opts, config=UNET):
 
 def test_eval_only_with_weights_of_another_model_is_an_error(tiny_shapes_root, tmp_path):
     # Before: detectron2 logged the mismatch, loaded nothing and reported a random model's mIoU.
-    wider, n = _save_model_of(tmp_path, "wider.pth", tiny_shapes_root, "MODEL.UNET_ENCODER.CHANNELS", "[8, 8, 8, 8, 8]")
-    r = _train_net("--eval-only", *_small(tiny_shapes_root, tmp_path / "out"), "MODEL.WEIGHTS", wider)
-    line = _one_line_error(r, f"the checkpoint {wider} does not fit this config's Seg2SemanticSegmentor: ")
+    wider, n = _save_model_of(
+        tmp_path, "wider.pth", tiny_shapes_root, "MODEL.UNET_ENCODER.CHANNELS", "[8, 8, 8, 8, 8]"
+    )
+    r = _train_net(
+        "--eval-only", *_small(tiny_shapes_root, tmp_path / "out"), "MODEL.WEIGHTS", wider
+    )
+    line = _one_line_error(
+        r, f"the checkpoint {wider} does not fit this config's Seg2SemanticSegmentor: "
+    )
     assert " have another shape (" in line and "mIoU" not in r.stdout
     fcn, _ = _save_model_of(tmp_path, "fcn.pth", tiny_shapes_root, config=FCN)
     r = _train_net("--eval-only", *_small(tiny_shapes_root, tmp_path / "out"), "MODEL.WEIGHTS", fcn)
-    line = _one_line_error(r, f"the checkpoint {fcn} does not fit this config's Seg2SemanticSegmentor: ")
-    assert "parameters and buffers are not in the file (e.g. 'backbone." in line and "entries are not in the model" in line
+    line = _one_line_error(
+        r, f"the checkpoint {fcn} does not fit this config's Seg2SemanticSegmentor: "
+    )
+    assert (
+        "parameters and buffers are not in the file (e.g. 'backbone." in line
+        and "entries are not in the model" in line
+    )
     # No weights at all: a random model.
     r = _train_net("--eval-only", *_small(tiny_shapes_root, tmp_path / "out"), "MODEL.WEIGHTS", "")
-    _one_line_error(r, "--eval-only with MODEL.WEIGHTS empty would evaluate a randomly initialised model")
+    _one_line_error(
+        r, "--eval-only with MODEL.WEIGHTS empty would evaluate a randomly initialised model"
+    )
 
 
 def test_checkpointer_strict_and_training_start(tiny_shapes_root, tmp_path):
@@ -150,35 +204,60 @@ def test_checkpointer_strict_and_training_start(tiny_shapes_root, tmp_path):
     assert not mine & theirs
     missing = [k for k in mine if not k.endswith("num_batches_tracked")]
     assert len(missing) < n  # the U-Net has BatchNorm
-    assert f"{len(missing)} of the model's {n} parameters and buffers are not in the file" in str(e.value)
+    assert f"{len(missing)} of the model's {n} parameters and buffers are not in the file" in str(
+        e.value
+    )
     assert f"{n_fcn} of the file's {n_fcn} entries are not in the model" in str(e.value)
     # Starting a training (strict=False): a file of which nothing fits is refused, ...
-    with pytest.raises(Seg2Error, match=rf"^none of the {n_fcn} entries of {fcn} fits this config's Seg2Semantic"):
+    with pytest.raises(
+        Seg2Error, match=rf"^none of the {n_fcn} entries of {fcn} fits this config's Seg2Semantic"
+    ):
         Seg2Checkpointer(model, strict=False).load(fcn)
     # ... a backbone alone (heads new, as with ImageNet weights) is not.
-    backbone = {k: v for k, v in torch.load(own, weights_only=False)["model"].items() if k.startswith("backbone.")}
+    backbone = {
+        k: v
+        for k, v in torch.load(own, weights_only=False)["model"].items()
+        if k.startswith("backbone.")
+    }
     torch.save({"model": backbone}, tmp_path / "backbone.pth")
     Seg2Checkpointer(model, strict=False).load(str(tmp_path / "backbone.pth"))
-    with pytest.raises(Seg2Error, match="parameters and buffers are not in the file .e.g. 'sem_seg_head"):
+    with pytest.raises(
+        Seg2Error, match="parameters and buffers are not in the file .e.g. 'sem_seg_head"
+    ):
         Seg2Checkpointer(model).load(str(tmp_path / "backbone.pth"))
 
 
 def test_export_refuses_random_weights_unless_asked(tmp_path, tiny_shapes_root):
-    args = [sys.executable, EXPORT, "--config-file", UNET, "--format", "torchscript", "--output", str(tmp_path / "x")]
+    args = [
+        sys.executable,
+        EXPORT,
+        "--config-file",
+        UNET,
+        "--format",
+        "torchscript",
+        "--output",
+        str(tmp_path / "x"),
+    ]
     small = _small(tiny_shapes_root, tmp_path / "o")
-    r = subprocess.run([*args, *small, "MODEL.WEIGHTS", ""], capture_output=True, text=True, env=_env(), cwd=REPO)
+    r = subprocess.run(
+        [*args, *small, "MODEL.WEIGHTS", ""], capture_output=True, text=True, env=_env(), cwd=REPO
+    )
     _one_line_error(r, "MODEL.WEIGHTS is empty: the export would hold a randomly initialised model")
     assert not (tmp_path / "x" / "model.ts").exists()
     fcn, _ = _save_model_of(tmp_path, "fcn.pth", tiny_shapes_root, config=FCN)
-    r = subprocess.run([*args, *small, "MODEL.WEIGHTS", fcn], capture_output=True, text=True, env=_env(), cwd=REPO)
+    r = subprocess.run(
+        [*args, *small, "MODEL.WEIGHTS", fcn], capture_output=True, text=True, env=_env(), cwd=REPO
+    )
     _one_line_error(r, f"the checkpoint {fcn} does not fit this config's Seg2SemanticSegmentor")
     own, _ = _save_model_of(tmp_path, "own.pth", tiny_shapes_root)
-    r = subprocess.run([*args, *small, "MODEL.WEIGHTS", own], capture_output=True, text=True, env=_env(), cwd=REPO)
+    r = subprocess.run(
+        [*args, *small, "MODEL.WEIGHTS", own], capture_output=True, text=True, env=_env(), cwd=REPO
+    )
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert (tmp_path / "x" / "model.ts").is_file()
 
 
-# ---- 4. Exact resume ------------------------------------------------------------------------------
+# ---- 4. Exact resume ---------------------------------------------------------------------------
 
 
 def _mixed_folder(root, n=7):
@@ -194,9 +273,11 @@ def _mixed_folder(root, n=7):
     rng = np.random.default_rng(11)
     for i in range(n):
         h, w = (40, 56) if rng.random() < 0.5 else (56, 40)
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(os.path.join(root, "images", f"{i}.png"))
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
+            os.path.join(root, "images", f"{i}.png")
+        )
         label = np.zeros((h, w), np.uint8)
-        label[h // 4: h // 2, w // 4:] = 1 + i % 3
+        label[h // 4 : h // 2, w // 4 :] = 1 + i % 3
         write_label_map(label, os.path.join(root, "labels", f"{i}.png"))
 
 
@@ -216,7 +297,11 @@ class _Record:
                 import numpy as np
                 import torch
 
-                outer.draws[self.trainer.iter] = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+                outer.draws[self.trainer.iter] = (
+                    random.random(),
+                    float(np.random.rand()),
+                    float(torch.rand(1)),
+                )
 
             def after_step(self):
                 if outer.stop is not None and self.trainer.iter == outer.stop:
@@ -236,16 +321,47 @@ def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(tmp_path, work
 
     name = f"seg2_test_exact_resume_{workers}"
     _mixed_folder(str(tmp_path / "data"))
-    register_sem_seg_folder(name, str(tmp_path / "data" / "images"), str(tmp_path / "data" / "labels"),
-                            ["bg", "a", "b", "c"])
+    register_sem_seg_folder(
+        name,
+        str(tmp_path / "data" / "images"),
+        str(tmp_path / "data" / "labels"),
+        ["bg", "a", "b", "c"],
+    )
 
     def run(out, resume=False, stop=None):
-        cfg = load_seg2_config(UNET, _small("", out) + [
-            "DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", "()", "SEG2.BEST_CHECKPOINT.METRIC", "",
-            "INPUT.MIN_SIZE_TRAIN", "(32, 40)", "INPUT.MAX_SIZE_TRAIN", "64", "INPUT.RANDOM_FLIP", "horizontal",
-            "SOLVER.MAX_ITER", "9", "SOLVER.CHECKPOINT_PERIOD", "3", "SOLVER.BASE_LR", "0.05",
-            "DATALOADER.NUM_WORKERS", str(workers), "DATALOADER.ASPECT_RATIO_GROUPING", "True", "SEED", "3"])
-        seed_all_rng(cfg.SEED if not resume else 12345)  # a resumed process starts from other RNG states
+        cfg = load_seg2_config(
+            UNET,
+            _small("", out)
+            + [
+                "DATASETS.TRAIN",
+                f"('{name}',)",
+                "DATASETS.TEST",
+                "()",
+                "SEG2.BEST_CHECKPOINT.METRIC",
+                "",
+                "INPUT.MIN_SIZE_TRAIN",
+                "(32, 40)",
+                "INPUT.MAX_SIZE_TRAIN",
+                "64",
+                "INPUT.RANDOM_FLIP",
+                "horizontal",
+                "SOLVER.MAX_ITER",
+                "9",
+                "SOLVER.CHECKPOINT_PERIOD",
+                "3",
+                "SOLVER.BASE_LR",
+                "0.05",
+                "DATALOADER.NUM_WORKERS",
+                str(workers),
+                "DATALOADER.ASPECT_RATIO_GROUPING",
+                "True",
+                "SEED",
+                "3",
+            ],
+        )
+        seed_all_rng(
+            cfg.SEED if not resume else 12345
+        )  # a resumed process starts from other RNG states
         trainer = Trainer(cfg)
         record = _Record(stop)
         trainer.register_hooks([record.hook])
@@ -257,11 +373,15 @@ def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(tmp_path, work
         return trainer, record.draws
 
     full, full_draws = run(tmp_path / "full")
-    part, _ = run(tmp_path / "part", stop=4)  # Ctrl-C during iteration 4; the last checkpoint is after iteration 2
+    part, _ = run(
+        tmp_path / "part", stop=4
+    )  # Ctrl-C during iteration 4; the last checkpoint is after iteration 2
     assert (tmp_path / "part" / "last_checkpoint").read_text() == "model_0000002.pth"
     assert not (tmp_path / "part" / "model_final.pth").exists()
     state = torch.load(tmp_path / "part" / "model_0000002.pth", weights_only=False)["data_order"]
-    assert state["position"] == 3 * 2 + sum(len(b) for b in state["buckets"])  # 3 batches of 2 + waiting
+    assert state["position"] == 3 * 2 + sum(
+        len(b) for b in state["buckets"]
+    )  # 3 batches of 2 + waiting
     resumed, resumed_draws = run(tmp_path / "part", resume=True)
     assert resumed.start_iter == 3
     a, b = full.model.state_dict(), resumed.model.state_dict()
@@ -278,7 +398,15 @@ def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(tmp_path, work
 
 
 def _train_once(shapes_root, out, *extra, flags=()):
-    r = _train_net(*flags, *_small(shapes_root, out), "DATASETS.TEST", "()", "SEG2.BEST_CHECKPOINT.METRIC", "", *extra)
+    r = _train_net(
+        *flags,
+        *_small(shapes_root, out),
+        "DATASETS.TEST",
+        "()",
+        "SEG2.BEST_CHECKPOINT.METRIC",
+        "",
+        *extra,
+    )
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     return r
 
@@ -292,7 +420,9 @@ def test_device_and_gpu_count_beyond_the_machine(tiny_shapes_root, tmp_path):
     r = _train_net(*small, "MODEL.DEVICE", "cuda", "SOLVER.MAX_ITER", "1")
     _one_line_error(r, "MODEL.DEVICE=cuda, but torch finds no CUDA device on this machine")
     r = _train_net("--num-gpus", "2", *small, "SOLVER.MAX_ITER", "1")
-    _one_line_error(r, "--num-gpus 2, but torch finds 0 CUDA device(s) on this machine: use --num-gpus 1")
+    _one_line_error(
+        r, "--num-gpus 2, but torch finds 0 CUDA device(s) on this machine: use --num-gpus 1"
+    )
 
 
 def test_yaml_syntax_error_names_file_and_line(tmp_path):
@@ -305,7 +435,13 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path):
 
 def test_missing_weights_file_is_named(tiny_shapes_root, tmp_path):
     missing = tmp_path / "no_such_model.pth"
-    r = _train_net(*_small(tiny_shapes_root, tmp_path / "out"), "MODEL.WEIGHTS", str(missing), "SOLVER.MAX_ITER", "1")
+    r = _train_net(
+        *_small(tiny_shapes_root, tmp_path / "out"),
+        "MODEL.WEIGHTS",
+        str(missing),
+        "SOLVER.MAX_ITER",
+        "1",
+    )
     _one_line_error(r, f"the checkpoint {missing} does not exist (MODEL.WEIGHTS")
 
 
@@ -315,32 +451,62 @@ def test_resume_when_last_checkpoint_was_deleted(tiny_shapes_root, tmp_path):
     assert (out / "last_checkpoint").read_text() == "model_final.pth"
     os.remove(out / "model_final.pth")
     # Falls back to the newest checkpoint left, saying so.
-    r = _train_once(tiny_shapes_root, out, "SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "2", flags=["--resume"])
+    r = _train_once(
+        tiny_shapes_root,
+        out,
+        "SOLVER.MAX_ITER",
+        "6",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "2",
+        flags=["--resume"],
+    )
     log = r.stdout + r.stderr
-    assert (f"--resume: {out / 'last_checkpoint'} names {out / 'model_final.pth'}, which does not exist; resuming "
-            f"from {out / 'model_0000003.pth'}, the newest checkpoint left (of 2)") in log
+    assert (
+        f"--resume: {out / 'last_checkpoint'} names {out / 'model_final.pth'}, which does not "
+        "exist; resuming "
+        f"from {out / 'model_0000003.pth'}, the newest checkpoint left (of 2)"
+    ) in log
     assert "Starting training from iteration 4" in log
     # Nothing left at all: an error, not a silent start from scratch.
     for name in os.listdir(out):
         if name.endswith(".pth"):
             os.remove(out / name)
-    r = _train_net("--resume", *_small(tiny_shapes_root, out), "DATASETS.TEST", "()", "SOLVER.MAX_ITER", "6")
-    _one_line_error(r, f"--resume: {out / 'last_checkpoint'} names {out / 'model_final.pth'}, which does not exist, "
-                       f"and {out} holds no other checkpoint")
+    r = _train_net(
+        "--resume", *_small(tiny_shapes_root, out), "DATASETS.TEST", "()", "SOLVER.MAX_ITER", "6"
+    )
+    _one_line_error(
+        r,
+        f"--resume: {out / 'last_checkpoint'} names {out / 'model_final.pth'}, which does not "
+        "exist, "
+        f"and {out} holds no other checkpoint",
+    )
 
 
 def test_resume_from_another_architecture(tiny_shapes_root, tmp_path):
     out = tmp_path / "out"
     _train_once(tiny_shapes_root, out, "SOLVER.MAX_ITER", "1")
-    r = _train_net("--resume", *_small(tiny_shapes_root, out), "DATASETS.TEST", "()", "SOLVER.MAX_ITER", "2",
-                   "MODEL.UNET_ENCODER.CHANNELS", "[8, 8, 8, 8, 8]")
-    line = _one_line_error(r, f"the checkpoint {out / 'model_final.pth'} does not fit this config's Seg2SemanticSegmentor")
+    r = _train_net(
+        "--resume",
+        *_small(tiny_shapes_root, out),
+        "DATASETS.TEST",
+        "()",
+        "SOLVER.MAX_ITER",
+        "2",
+        "MODEL.UNET_ENCODER.CHANNELS",
+        "[8, 8, 8, 8, 8]",
+    )
+    line = _one_line_error(
+        r,
+        f"the checkpoint {out / 'model_final.pth'} does not fit this config's "
+        "Seg2SemanticSegmentor",
+    )
     assert "have another shape" in line
 
 
 _FSIZE_LAUNCHER = textwrap.dedent("""
     import resource, runpy, signal, sys
-    # Writes past {limit} bytes per file fail (EFBIG) as on a full disk: a checkpoint does, logs do not.
+    # Writes past {limit} bytes per file fail (EFBIG) as on a full disk: a checkpoint's do, logs'
+    # do not.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
     sys.argv = [{train_net!r}] + sys.argv[1:]
@@ -358,12 +524,31 @@ def test_checkpoint_write_cut_short_leaves_no_partial_file(tiny_shapes_root, tmp
     limit = 4 * size
     script = tmp_path / "launch.py"
     script.write_text(_FSIZE_LAUNCHER.format(limit=limit, train_net=TRAIN_NET))
-    r = subprocess.run([sys.executable, str(script), "--config-file", UNET, *_small(tiny_shapes_root, out),
-                        "DATASETS.TEST", "()", "SOLVER.MAX_ITER", "2", "MODEL.UNET_ENCODER.CHANNELS", wide],
-                       capture_output=True, text=True, timeout=600, env=_env(), cwd=REPO)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--config-file",
+            UNET,
+            *_small(tiny_shapes_root, out),
+            "DATASETS.TEST",
+            "()",
+            "SOLVER.MAX_ITER",
+            "2",
+            "MODEL.UNET_ENCODER.CHANNELS",
+            wide,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(),
+        cwd=REPO,
+    )
     line = _one_line_error(r, f"cannot write {out / 'model_final.pth'} (")
     assert "is " + str(out) + " (OUTPUT_DIR) full or read-only?" in line
-    assert sorted(n for n in os.listdir(out) if n.startswith(".tmp-")) == []  # the partial file is gone
+    assert (
+        sorted(n for n in os.listdir(out) if n.startswith(".tmp-")) == []
+    )  # the partial file is gone
     assert (out / "model_final.pth").read_bytes() == old  # the earlier checkpoint is untouched
     assert (out / "last_checkpoint").read_text() == "model_final.pth"
 

@@ -25,11 +25,14 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        checkpointer = Seg2Checkpointer(model, save_dir=cfg.OUTPUT_DIR)  # strict: every parameter from the file
+        # strict: every parameter must come from the file
+        checkpointer = Seg2Checkpointer(model, save_dir=cfg.OUTPUT_DIR)
         if not cfg.MODEL.WEIGHTS and not (args.resume and checkpointer.has_checkpoint()):
             raise Seg2Error(
-                "--eval-only with MODEL.WEIGHTS empty would evaluate a randomly initialised model: set "
-                "MODEL.WEIGHTS to a trained checkpoint (or add --resume in an OUTPUT_DIR with last_checkpoint)"
+                "--eval-only with MODEL.WEIGHTS empty would evaluate a randomly initialised "
+                "model: set "
+                "MODEL.WEIGHTS to a trained checkpoint (or add --resume in an OUTPUT_DIR with "
+                "last_checkpoint)"
             )
         checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)

@@ -35,24 +35,42 @@ from typing import List, Optional
 import numpy as np
 import torch
 from detectron2.data import DatasetFromList
-from detectron2.data.samplers import RandomSubsetTrainingSampler, RepeatFactorTrainingSampler, TrainingSampler
+from detectron2.data.samplers import (
+    RandomSubsetTrainingSampler,
+    RepeatFactorTrainingSampler,
+    TrainingSampler,
+)
 from detectron2.utils import comm
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..utils import Seg2Error
 
-__all__ = ["ResumableTrainLoader", "RNGStates", "forked_rng", "build_resumable_sampler", "RESUMABLE_SAMPLERS"]
+__all__ = [
+    "ResumableTrainLoader",
+    "RNGStates",
+    "forked_rng",
+    "build_resumable_sampler",
+    "RESUMABLE_SAMPLERS",
+]
 
 logger = logging.getLogger(__name__)
 
-RESUMABLE_SAMPLERS = ("TrainingSampler", "RepeatFactorTrainingSampler", "RandomSubsetTrainingSampler")
+RESUMABLE_SAMPLERS = (
+    "TrainingSampler",
+    "RepeatFactorTrainingSampler",
+    "RandomSubsetTrainingSampler",
+)
 # Attempts to replace an unreadable sample before giving up (the mapper's own share limit,
 # SEG2.DATALOADER.MAX_BAD_SAMPLE_SHARE, normally stops the run long before).
 _MAX_ATTEMPTS = 1000
 
 
 def _get_states():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
 
 
 def _set_states(states):
@@ -77,7 +95,9 @@ def forked_rng(seed: Optional[int] = None):
 
 
 def _sample_seed(seed: int, rank: int, position: int, attempt: int = 0) -> int:
-    words = np.random.SeedSequence([seed % 2**63, rank, position, attempt]).generate_state(2, dtype=np.uint32)
+    words = np.random.SeedSequence([seed % 2**63, rank, position, attempt]).generate_state(
+        2, dtype=np.uint32
+    )
     return (int(words[0]) << 31) | (int(words[1]) >> 1)  # < 2**63: torch.manual_seed takes it
 
 
@@ -91,7 +111,13 @@ class RNGStates:
         states = _get_states()
         # As plain values and tensors: torch.load(weights_only=True) refuses numpy arrays.
         name, keys, pos, has_gauss, gauss = states["numpy"]
-        states["numpy"] = [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
+        states["numpy"] = [
+            name,
+            torch.from_numpy(keys.astype(np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(gauss),
+        ]
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             states["cuda"] = torch.cuda.get_rng_state_all()
         return states
@@ -108,8 +134,11 @@ class RNGStates:
             if len(cuda) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(cuda)
             else:
-                logger.warning(f"The checkpoint holds the CUDA RNG states of {len(cuda)} device(s), this machine has "
-                               f"{torch.cuda.device_count()}: they are not restored")
+                logger.warning(
+                    f"The checkpoint holds the CUDA RNG states of {len(cuda)} device(s), this "
+                    "machine has "
+                    f"{torch.cuda.device_count()}: they are not restored"
+                )
 
 
 def build_resumable_sampler(cfg, dataset: list) -> Optional[torch.utils.data.Sampler]:
@@ -126,7 +155,10 @@ def build_resumable_sampler(cfg, dataset: list) -> Optional[torch.utils.data.Sam
         return RepeatFactorTrainingSampler(factors, seed=cfg.SEED)
     if name == "RandomSubsetTrainingSampler":
         return RandomSubsetTrainingSampler(
-            len(dataset), cfg.DATALOADER.RANDOM_SUBSET_RATIO, seed_shuffle=cfg.SEED, seed_subset=cfg.SEED
+            len(dataset),
+            cfg.DATALOADER.RANDOM_SUBSET_RATIO,
+            seed_shuffle=cfg.SEED,
+            seed_subset=cfg.SEED,
         )
     return None
 
@@ -149,7 +181,10 @@ class _Stream(IterableDataset):
                 return
             if j % nw == wid:
                 first = self.start + j * B
-                yield [(first + k, self.owner.map_sample(first + k, idx)) for k, idx in enumerate(chunk)]
+                yield [
+                    (first + k, self.owner.map_sample(first + k, idx))
+                    for k, idx in enumerate(chunk)
+                ]
 
 
 def _no_collate(batch):
@@ -172,10 +207,21 @@ class ResumableTrainLoader:
         seed: the seed of the per-sample RNGs (``SEED``; a random one where negative).
     """
 
-    def __init__(self, dataset: list, mapper, sampler, batch_size: int, *, num_workers: int = 0,
-                 aspect_ratio_grouping: bool = True, seed: int = -1):
+    def __init__(
+        self,
+        dataset: list,
+        mapper,
+        sampler,
+        batch_size: int,
+        *,
+        num_workers: int = 0,
+        aspect_ratio_grouping: bool = True,
+        seed: int = -1,
+    ):
         if batch_size <= 0:
-            raise Seg2Error(f"SOLVER.IMS_PER_BATCH gives {batch_size} image(s) per process: it must be positive")
+            raise Seg2Error(
+                f"SOLVER.IMS_PER_BATCH gives {batch_size} image(s) per process: it must be positive"
+            )
         self.records = DatasetFromList(dataset, copy=False)
         self.mapper, self.sampler = mapper, sampler
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -199,7 +245,10 @@ class ResumableTrainLoader:
                     return data
                 # An unreadable sample: another index, drawn from (seed, rank, position, attempt).
                 index = random.randrange(len(self.records))
-        raise Seg2Error(f"{_MAX_ATTEMPTS} training samples in a row were unreadable (stream position {position})")
+        raise Seg2Error(
+            f"{_MAX_ATTEMPTS} training samples in a row were unreadable (stream position "
+            f"{position})"
+        )
 
     def state_dict(self):
         return {
@@ -213,15 +262,21 @@ class ResumableTrainLoader:
     def load_state_dict(self, state):
         if state.get("batch_size") != self.batch_size:
             raise Seg2Error(
-                f"the checkpoint's train loader took {state.get('batch_size')} image(s) per batch and process, "
-                f"this run {self.batch_size} (SOLVER.IMS_PER_BATCH / processes): resume with the same "
+                f"the checkpoint's train loader took {state.get('batch_size')} image(s) per "
+                "batch and process, "
+                f"this run {self.batch_size} (SOLVER.IMS_PER_BATCH / processes): resume with "
+                "the same "
                 "SOLVER.IMS_PER_BATCH and --num-gpus"
             )
         self.seed = int(state["seed"])
         self.position = int(state["position"])
         # Only the main process's state is saved: in the others, the same position (exact without
         # aspect-ratio grouping, where every process takes batch_size positions per iteration).
-        self.buckets = [[(p, None) for p in b] for b in state["buckets"]] if comm.is_main_process() else [[], []]
+        self.buckets = (
+            [[(p, None) for p in b] for b in state["buckets"]]
+            if comm.is_main_process()
+            else [[], []]
+        )
         self.restored = True
 
     def start_at_iteration(self, iteration: int) -> None:
@@ -236,12 +291,20 @@ class ResumableTrainLoader:
 
     def __iter__(self):
         # Buckets restored from a checkpoint hold positions only: map them again (same result).
-        self.buckets = [[(p, d if d is not None else self.map_sample(p, self._index_at(p))) for p, d in b]
-                        for b in self.buckets]
+        self.buckets = [
+            [(p, d if d is not None else self.map_sample(p, self._index_at(p))) for p, d in b]
+            for b in self.buckets
+        ]
         generator = torch.Generator()
-        generator.manual_seed(_sample_seed(self.seed, self.rank, 2**40))  # worker seeds, not from the global RNG
+        generator.manual_seed(
+            _sample_seed(self.seed, self.rank, 2**40)
+        )  # worker seeds, not from the global RNG
         chunks = DataLoader(
-            _Stream(self, self.position), batch_size=None, num_workers=self.num_workers, collate_fn=_no_collate, generator=generator,
+            _Stream(self, self.position),
+            batch_size=None,
+            num_workers=self.num_workers,
+            collate_fn=_no_collate,
+            generator=generator,
             prefetch_factor=2 if self.num_workers > 0 else None,
         )
         for chunk in chunks:

@@ -101,7 +101,8 @@ def acquire_run_lock(output_dir: str, what: Optional[str] = None) -> RunLock:
             f = open(key, "a+")
         except OSError as e:
             raise Seg2Error(
-                f"OUTPUT_DIR={output_dir}: cannot create the run lock {key} ({e.strerror}): is the folder read-only?"
+                f"OUTPUT_DIR={output_dir}: cannot create the run lock {key} ({e.strerror}): is "
+                "the folder read-only?"
             ) from e
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -112,7 +113,8 @@ def acquire_run_lock(output_dir: str, what: Optional[str] = None) -> RunLock:
             holder = _describe_holder(f)
             f.close()
             raise Seg2Error(
-                f"OUTPUT_DIR={output_dir} is in use by another seg2 run ({holder}); wait for it, stop "
+                f"OUTPUT_DIR={output_dir} is in use by another seg2 run ({holder}); wait for "
+                "it, stop "
                 "it, or give this run another OUTPUT_DIR"
             ) from None
         command = what or " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
@@ -120,10 +122,14 @@ def acquire_run_lock(output_dir: str, what: Optional[str] = None) -> RunLock:
         try:
             f.seek(0)
             f.truncate()
-            f.write(f"pid {os.getpid()} on host {socket.gethostname()}, started {started}: {command}\n")
+            f.write(
+                f"pid {os.getpid()} on host {socket.gethostname()}, started {started}: {command}\n"
+            )
             f.flush()
         except OSError as e:
             f.close()
-            raise Seg2Error(f"OUTPUT_DIR={output_dir}: cannot write {key} ({e.strerror}): is the disk full?") from e
+            raise Seg2Error(
+                f"OUTPUT_DIR={output_dir}: cannot write {key} ({e.strerror}): is the disk full?"
+            ) from e
         _HELD[key] = [f, 1, os.getpid()]
         return RunLock(key)
