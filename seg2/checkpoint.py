@@ -266,10 +266,14 @@ class Seg2Checkpointer(DetectionCheckpointer):
                 getattr(e, "strerror", None)
                 or (str(e).strip().splitlines() or [type(e).__name__])[0]
             )
+            try:  # torch's message for a full disk is "unexpected pos ...": say how full it is
+                st = os.statvfs(os.path.dirname(path) or ".")
+                reason += f"; {st.f_bavail * st.f_frsize} bytes free there"
+            except OSError:
+                pass
             raise Seg2Error(
                 f"cannot write {path} ({reason}): is {self.save_dir} (OUTPUT_DIR) full or "
-                "read-only? "
-                "The partial file was removed; last_checkpoint names the previous checkpoint"
+                "read-only? The partial file was removed; last_checkpoint is unchanged"
             ) from e
         except BaseException:
             try:
