@@ -4,6 +4,8 @@ that ``tools/train_net.py`` runs, and the training-speed benchmark of ``tools/be
 from .amp import Seg2AMPTrainer
 from .defaults import Trainer, check_same_tasks, setup
 from .optimizer import build_optimizer
-from .resume import Seg2Checkpointer, trim_metrics_json
+from .resume import trim_metrics_json
 
-__all__ = ["Seg2AMPTrainer", "Trainer", "build_optimizer", "check_same_tasks", "setup", "Seg2Checkpointer", "trim_metrics_json"]
+__all__ = [
+    "Seg2AMPTrainer", "Trainer", "build_optimizer", "check_same_tasks", "setup", "trim_metrics_json",
+]

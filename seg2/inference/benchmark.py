@@ -11,7 +11,7 @@ import torch
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 
-from ..engine.resume import Seg2Checkpointer
+from ..checkpoint import Seg2Checkpointer
 from ..utils.benchmark import PeakMemory, time_iterations, timed
 from ..data.image import read_image
 from .predictor import Seg2Predictor

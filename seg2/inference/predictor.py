@@ -9,8 +9,8 @@ from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.utils.logger import log_first_n
 
+from ..checkpoint import Seg2Checkpointer
 from ..data.image import to_uint8_image
-from ..engine.resume import Seg2Checkpointer
 from ..resolve import resolve_config
 from ..tasks import model_tasks
 from ..utils import Seg2Error
