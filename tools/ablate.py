@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """
-Ablation studies (seg2.engine.ablation): train and evaluate every config variant under one
+Ablation studies (the harness is tools/ablation/): train and evaluate every config variant under one
 protocol, over several seeds, and report mean ± std per variant.
 
     # the Mask R-CNN RoI pooler ablation on seg2_shapes, CPU, 5 seeds (6 variants)
@@ -26,12 +26,13 @@ import glob
 import os
 import sys
 
+from ablation.report import STUDIES
+from ablation.runner import run_ablation
 from detectron2.engine import launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import seg2
-from seg2.engine.ablation import STUDIES, run_ablation
 from seg2.utils.cli import add_debug_argument, run_tool
 
 

@@ -30,7 +30,7 @@ from detectron2.utils.logger import setup_logger
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import seg2  # noqa: E402
 from seg2.export import FORMATS, compare_with_eager, export_scripting, export_tracing, load_exported  # noqa: E402
-from seg2.utils.benchmark import time_round_robin  # noqa: E402
+from benchmarks.timing import time_round_robin  # noqa: E402  (tools/benchmarks/timing.py)
 from seg2.utils import Seg2Error  # noqa: E402
 
 logger = logging.getLogger("seg2.export")

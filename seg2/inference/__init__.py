@@ -1,4 +1,4 @@
-"""Inference for users: overlap-tile semantic inference, test-time augmentation, a predictor, image reading, benchmarks."""
+"""Inference for users: overlap-tile semantic inference, test-time augmentation, a predictor, image reading."""
 
 from .io import UINT16_MODES, read_image, to_uint8_image
 from .predictor import Seg2Predictor
