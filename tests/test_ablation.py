@@ -4,6 +4,7 @@ paper's ordering, the protocol check, resume, and both studies end to end on tin
 import json
 import os
 import statistics
+import subprocess
 
 import pytest
 import torch
@@ -166,3 +167,54 @@ def test_decoder_study_reports_the_val_best_checkpoint_on_the_test_set(tiny_data
     report = (tmp_path / "out" / "ablation.md").read_text()
     assert "Metrics of abl_tiny_train: the checkpoint with the best sem_seg/mIoU on abl_tiny_val" in report
     assert f"unet_deconv seed 1: {record['iteration']}" in report
+
+
+def test_a_run_folder_is_reused_only_with_its_whole_setting(tiny_data, tmp_path):
+    """A rerun in the same --output-dir reads a run back only where its recorded setting (merged
+    config, seed, code version) is the one asked for now; otherwise it refuses in one line naming
+    the folder and the keys, or with rerun_changed moves the folder aside and trains again."""
+    base = os.path.join(REPO_ROOT, "configs", "quickstart", "unet_tiny_shapes_cpu.yaml")
+    config = tmp_path / "unet.yaml"
+    config.write_text(f'_BASE_: "{base}"\n')
+    out = tmp_path / "out"
+    cfg = ablation.variant_cfg(str(config), TINY_OPTS, str(out), seed=1)
+    run_dir = out / "unet" / "seed1"
+    run_dir.mkdir(parents=True)
+    setting = ablation.run_setting(cfg)
+    version = ablation.code_version()
+    assert setting["seed"] == 1 and setting["seg2"] == seg2.__version__ and "OUTPUT_DIR" not in setting["config"]
+    assert setting["config"]["SOLVER.MAX_ITER"] == 2 and setting["config"]["INPUT.MIN_SIZE_TRAIN"] == [64]
+    head = subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # a git checkout: the commit, and a hash of uncommitted changes to seg2/ or tools/
+        assert version["seg2_git"].startswith(head.stdout.strip())
+    marker = {"variant": "unet", "seed": 1, "status": "finished", "global_acc": 12.5, "class_avg_acc": 10.0,
+              "mIoU": 5.0, "train_s_per_iter": 1.0, "inference_s_per_image": 0.1}  # fmt: skip
+    (run_dir / ablation.RESULT_FILE).write_text(json.dumps(marker))
+    (run_dir / ablation.SETTING_FILE).write_text(json.dumps(setting))
+    # the same setting: read back, nothing trains
+    (row,) = ablation.run_ablation([str(config)], [1], str(out), TINY_OPTS, command="test")
+    assert row == marker
+    # another config value: refused, naming the folder and the key with both values
+    with pytest.raises(seg2.Seg2Error, match=rf"^{run_dir}: a run made with another setting: SOLVER.BASE_LR: "
+                       rf"{cfg.SOLVER.BASE_LR} recorded, 0.5 now; .*--rerun-changed"):  # fmt: skip
+        ablation.run_ablation([str(config)], [1], str(out), TINY_OPTS + ["SOLVER.BASE_LR", "0.5"], command="test")
+    # another code version or seed recorded: refused, the code keys named first
+    for key, value in (("seg2_git", "0" * 40), ("detectron2", "0.1"), ("seed", 7)):
+        (run_dir / ablation.SETTING_FILE).write_text(json.dumps(dict(setting, **{key: value})))
+        with pytest.raises(seg2.Seg2Error, match=rf"another setting: {key}: {value!r} recorded"):
+            ablation.run_ablation([str(config)], [1], str(out), TINY_OPTS, command="test")
+    # a folder of seg2 before settings were recorded: compared on its config.yaml
+    (run_dir / ablation.SETTING_FILE).unlink()
+    (run_dir / "config.yaml").write_text(cfg.dump())
+    assert ablation.run_ablation([str(config)], [1], str(out), TINY_OPTS, command="test") == [marker]
+    with pytest.raises(seg2.Seg2Error, match=r"another setting: SOLVER.MAX_ITER: 2 recorded, 3 now"):
+        ablation.run_ablation([str(config)], [1], str(out), TINY_OPTS + ["SOLVER.MAX_ITER", "3"], command="test")
+    # rerun_changed: the old folder is kept aside, the run trains with the new setting and records it
+    opts = TINY_OPTS + ["SOLVER.MAX_ITER", "3"]
+    (row,) = ablation.run_ablation([str(config)], [1], str(out), opts, command="test", rerun_changed=True)
+    assert json.loads((out / "unet" / "seed1.old1" / ablation.RESULT_FILE).read_text()) == marker
+    assert row["status"] == "finished" and row["iterations"] == 3 and row["global_acc"] != marker["global_acc"]
+    recorded = json.loads((run_dir / ablation.SETTING_FILE).read_text())
+    assert recorded == ablation.run_setting(ablation.variant_cfg(str(config), opts, str(out), seed=1))
+    # and the new run is read back by the same command
+    assert ablation.run_ablation([str(config)], [1], str(out), opts, command="test") == [row]

@@ -14,21 +14,32 @@ Two studies are built in (:data:`report.STUDIES`):
 
 ``tools/ablate.py`` is the command line. Each (variant, seed) trains in
 ``<output-dir>/<variant>/seed<k>/``; a finished one (its ``ablation_result.json``, also written for
-a run that diverged) is read back, an unfinished one resumes from its last checkpoint.
+a run that diverged) is read back, an unfinished one resumes from its last checkpoint, but only
+where the run folder's recorded setting (``ablation_setting.json``: the full merged config, the
+seed, seg2's version and git commit, detectron2's version) is the one asked for now: otherwise the
+study refuses, naming the folder and the keys that differ, or with ``rerun_changed`` moves the old
+folder aside and runs again.
 """
 
+import functools
+import hashlib
 import json
 import logging
 import os
+import shutil
 import statistics
-from typing import Dict, Sequence
+import subprocess
+from typing import Dict, List, Sequence
 
+import detectron2
 import torch
+import yaml
 from benchmarks.timing import timed
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from torch import nn
 
+import seg2
 from seg2.config import load_seg2_config
 from seg2.data import check_dataset_names
 from seg2.engine import Trainer
@@ -41,6 +52,7 @@ from .report import STUDIES, write_report
 logger = logging.getLogger("seg2.ablation")
 
 RESULT_FILE = "ablation_result.json"
+SETTING_FILE = "ablation_setting.json"
 _ALWAYS_DIFFERENT = ("OUTPUT_DIR", "SEED")
 
 
@@ -151,6 +163,106 @@ def train_s_per_iter(output_dir: str) -> float:
     return statistics.median(times.values()) if times else float("nan")
 
 
+@functools.lru_cache(maxsize=None)
+def code_version() -> Dict[str, str]:
+    """seg2's and detectron2's versions, and the git commit of the seg2 checkout that is imported
+    ("<commit>+dirty.<hash of the diff>" with uncommitted changes to seg2/ or tools/; None where
+    seg2 is not imported from a git checkout of its own, e.g. installed from a wheel)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(seg2.__file__)))
+
+    def git(*args):
+        out = subprocess.run(["git", "-C", root, *args], capture_output=True, timeout=60, check=True)
+        return out.stdout
+
+    try:
+        if os.path.realpath(git("rev-parse", "--show-toplevel").decode().strip()) != os.path.realpath(root):
+            commit = None  # seg2 lies inside another project's repository
+        else:
+            commit = git("rev-parse", "HEAD").decode().strip()
+            diff = git("diff", "HEAD", "--no-ext-diff", "--", "seg2", "tools")
+            if diff:
+                commit += "+dirty." + hashlib.sha1(diff).hexdigest()[:12]
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"seg2": seg2.__version__, "seg2_git": commit, "detectron2": detectron2.__version__}
+
+
+def _plain(value):
+    """``value`` as JSON has it (tuples become lists), so that a setting read back compares equal."""
+    return json.loads(json.dumps(value))
+
+
+def _config_keys(yaml_text: str) -> dict:
+    """A dumped config as {"A.B.C": value}, without OUTPUT_DIR (the run folder itself)."""
+    flat = _flatten(yaml.safe_load(yaml_text))
+    flat.pop("OUTPUT_DIR", None)
+    return _plain(flat)
+
+
+def run_setting(cfg) -> dict:
+    """What a (variant, seed) run's figures depend on: the full merged config, the seed and the code
+    version (:func:`code_version`). Written as ``ablation_setting.json`` in the run folder."""
+    return _plain({"seed": cfg.SEED, **code_version(), "config": _config_keys(cfg.dump())})
+
+
+def setting_differences(old: dict, new: dict) -> List[str]:
+    """The keys in which two settings differ, the seed and the code version first, then the config
+    keys in order (as "SOLVER.BASE_LR: 0.01 recorded, 0.02 now")."""
+    out = []
+    for key in ("seed", "seg2", "seg2_git", "detectron2"):
+        if old.get(key, "not recorded") != new.get(key):
+            out.append(f"{key}: {old.get(key, 'not recorded')!r} recorded, {new.get(key)!r} now")
+    a, b = old.get("config", {}), new.get("config", {})
+    for key in sorted(set(a) | set(b)):
+        if a.get(key, "absent") != b.get(key, "absent"):
+            out.append(f"{key}: {a.get(key, 'absent')!r} recorded, {b.get(key, 'absent')!r} now")
+    return out
+
+
+def check_run_folder(cfg, rerun_changed: bool = False):
+    """
+    Raise :class:`Seg2Error` where ``cfg.OUTPUT_DIR`` holds a run made with another setting than
+    :func:`run_setting` of ``cfg``, naming the folder and the first differing keys; a folder
+    without a recorded setting (seg2 before settings were recorded) is compared on its
+    ``config.yaml``. With ``rerun_changed`` such a folder is moved aside to
+    ``<folder>.old<k>`` instead (nothing is deleted), so that the run starts afresh.
+    """
+    folder = cfg.OUTPUT_DIR
+    if not os.path.isdir(folder) or not os.listdir(folder):
+        return
+    new = run_setting(cfg)
+    path = os.path.join(folder, SETTING_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            diffs = setting_differences(json.load(f), new)
+    elif os.path.exists(os.path.join(folder, "config.yaml")):
+        with open(os.path.join(folder, "config.yaml")) as f:
+            diffs = setting_differences({"config": _config_keys(f.read())}, new)
+        diffs = [d for d in diffs if d.split(":")[0] not in ("seed", "seg2", "seg2_git", "detectron2")]
+        if not diffs:
+            logger.warning(f"{folder}: made before run settings were recorded; its config.yaml is the one asked "
+                           "for now (code version unknown): reusing it")  # fmt: skip
+    else:
+        diffs = [f"no {SETTING_FILE} or config.yaml"]
+    if not diffs:
+        return
+    if rerun_changed:
+        k = 1
+        while os.path.exists(f"{folder}.old{k}"):
+            k += 1
+        if comm.is_main_process():
+            shutil.move(folder, f"{folder}.old{k}")
+            logger.warning(f"{folder}: made with another setting ({diffs[0]}); moved to {folder}.old{k}, running again")
+        comm.synchronize()
+        return
+    more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+    raise Seg2Error(
+        f"{folder}: a run made with another setting: {'; '.join(diffs[:3])}{more}; its figures would be "
+        "reported under this study's header: choose another --output-dir, or --rerun-changed to move such "
+        "folders aside and run them again"
+    )
+
+
 def run_variant(name: str, cfg, study: str) -> dict:
     """Train (or resume) and evaluate one (variant, seed); read its result back when it finished."""
     result_path = os.path.join(cfg.OUTPUT_DIR, RESULT_FILE)
@@ -159,8 +271,11 @@ def run_variant(name: str, cfg, study: str) -> dict:
         with open(result_path) as f:
             return json.load(f)
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
-        f.write(cfg.dump())
+    if comm.is_main_process():
+        with open(os.path.join(cfg.OUTPUT_DIR, SETTING_FILE), "w") as f:
+            json.dump(run_setting(cfg), f, indent=1)
+        with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
+            f.write(cfg.dump())
     seed_all_rng(cfg.SEED)  # identical initial weights and data order for every variant of a seed
     trainer = AblationTrainer(cfg)
     trainer.resume_or_load(resume=True)
@@ -218,12 +333,14 @@ def read_result(cfg):
 
 def run_ablation(
     config_files: Sequence[str], seeds: Sequence[int], output_dir: str, opts=(), study="auto", command="",
-    report_only=False,
+    report_only=False, rerun_changed=False,
 ):  # fmt: skip
     """Every (variant, seed) of ``config_files`` x ``seeds``, seed-major (all variants of a seed
     before the next seed); the report is rewritten after every run, so that it always holds the
     runs done so far. ``report_only``: train nothing, report the runs already finished (e.g. while
-    the study still runs in another process). Returns the per-run rows."""
+    the study still runs in another process). Every run folder that exists is checked against its
+    setting before anything trains (:func:`check_run_folder`; ``rerun_changed``: move the changed
+    ones aside and run them again). Returns the per-run rows."""
     per_seed = {
         s: {os.path.splitext(os.path.basename(p))[0]: variant_cfg(p, opts, output_dir, s) for p in config_files}
         for s in seeds
@@ -234,6 +351,8 @@ def run_ablation(
         raise Seg2Error(f"--study {study!r}: choose auto or one of {sorted(STUDIES)}")
     check_same_protocol(first, study)
     runs = [(name, cfg) for s in seeds for name, cfg in per_seed[s].items()]
+    for _, cfg in runs:  # before anything trains
+        check_run_folder(cfg, rerun_changed and not report_only)
     rows = []
     if report_only:
         rows = [r for r in (read_result(cfg) for _, cfg in runs) if r is not None]
