@@ -1,19 +1,23 @@
-"""Timing and memory helpers (seg2.utils.benchmark) and the model benchmarks of tools/benchmark.py
-(seg2.engine.benchmark, seg2.inference.benchmark)."""
+"""Timing and memory helpers (tools/benchmarks/timing.py) and the model benchmarks of
+tools/benchmarks/benchmark.py."""
 
 import mmap
-import os
 import time
 
 import numpy as np
 import pytest
 from detectron2.modeling import build_model
-from seg2_model_helpers import register_tiny_shapes, tiny_semantic_cfg
+from seg2_model_helpers import import_tool, register_tiny_shapes, tiny_semantic_cfg
 
-from seg2.engine.benchmark import benchmark_train
 from seg2.inference import TiledSemSegInference
-from seg2.inference.benchmark import benchmark_tiling, tiling_bounds
-from seg2.utils.benchmark import PeakMemory, rss_mb, time_iterations, time_round_robin, timed
+
+timing = import_tool("timing", "tools/benchmarks")
+benchmark = import_tool("benchmark", "tools/benchmarks")
+PeakMemory, rss_mb, timed = timing.PeakMemory, timing.rss_mb, timing.timed
+time_iterations, time_round_robin = timing.time_iterations, timing.time_round_robin
+benchmark_train, benchmark_tiling, tiling_bounds = (
+    benchmark.benchmark_train, benchmark.benchmark_tiling, benchmark.tiling_bounds
+)
 
 
 def _touched_pages(size):

@@ -15,8 +15,7 @@ import seg2
 from seg2 import Seg2Error
 from seg2.data import MultiTaskDatasetMapper, register_camvid
 from seg2.engine import build_optimizer as seg2_build_optimizer
-from seg2.engine.ablation import _flatten  # a CfgNode as {"A.B.C": value}
-from seg2_model_helpers import base_cfg, one_thread  # noqa: F401  (fixture)
+from seg2_model_helpers import base_cfg, import_tool, one_thread  # noqa: F401  (fixture)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAMVID_MINI = os.path.join(REPO_ROOT, "..", "shared", "datasets", "CamVid_mini")
@@ -96,7 +95,7 @@ def test_fcn_deconv_kernel_multiple_refuses_a_kernel_that_cannot_fit():
 def test_the_shipped_decoder_study_is_one_protocol(tmp_path):
     # tools/ablate.py --configs 'configs/camvid/*-basic_10k_camvid.yaml': the glob takes exactly the
     # three decoders, and they differ only in the keys the decoder study varies.
-    from seg2.engine import ablation
+    ablation = import_tool("ablation.runner")
 
     pattern = os.path.join(REPO_ROOT, "configs", "camvid", "*-basic_10k_camvid.yaml")
     files = sorted(glob.glob(pattern))
@@ -112,6 +111,7 @@ def test_the_shipped_decoder_study_is_one_protocol(tmp_path):
 def test_chainercv_schedule_differs_from_the_authors_recipe_only_in_its_schedule():
     # ChainerCV's examples/segnet/train.py: batch 12, 16,000 iterations; its class weights (median
     # frequency over the training labels, calc_weight.py) are the recipe's default already.
+    _flatten = import_tool("ablation.runner")._flatten  # a CfgNode as {"A.B.C": value}
     authors = _flatten(base_cfg(os.path.join("camvid", "segnet-basic_10k_camvid.yaml")))
     chainercv = _flatten(base_cfg(os.path.join("camvid", "segnet-basic_16k-batch12_camvid.yaml")))
     diff = {k: (authors[k], chainercv[k]) for k in authors if authors[k] != chainercv[k]}

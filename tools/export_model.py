@@ -23,6 +23,8 @@ from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
+from benchmarks.timing import time_round_robin  # tools/benchmarks/timing.py
+
 import seg2
 from seg2.data import MultiTaskDatasetMapper, read_image
 from seg2.export import (
@@ -34,7 +36,6 @@ from seg2.export import (
     load_weights_for_export,
 )
 from seg2.utils import Seg2Error
-from seg2.utils.benchmark import time_round_robin
 from seg2.utils.cli import add_debug_argument, check_device, run_tool
 
 logger = logging.getLogger("seg2.export")

@@ -57,7 +57,7 @@ def _check_image_files(records: List[dict], json_file: str):
     """Every image exists and PIL recognises its header, as the VOC and folder loaders check: an
     empty file or a text file named .jpg is an error naming it now, not a crash in training.
     Reads the first bytes of each file only: 0.12-0.14 ms per image, 1.2-1.4 s per 10,000 images
-    on a warm page cache, about twice the JSON loading itself (tools/benchmark_image_check.py);
+    on a warm page cache, about twice the JSON loading itself (tools/benchmarks/benchmark_image_check.py);
     ``check_images=False`` skips it. A truncated image body is found when the mapper decodes it."""
     for r in records:
         path = r["file_name"]

@@ -1,5 +1,5 @@
-"""Training: detectron2's ``DefaultTrainer`` with seg2's data mapper and evaluators, the setup
-that ``tools/train_net.py`` runs, and the training-speed benchmark of ``tools/benchmark.py``."""
+"""Training: detectron2's ``DefaultTrainer`` with seg2's data mapper and evaluators, and the setup
+that ``tools/train_net.py`` runs."""
 
 from .amp import Seg2AMPTrainer
 from .defaults import Trainer, check_same_tasks, setup

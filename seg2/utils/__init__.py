@@ -1,5 +1,5 @@
 """Helpers shared across seg2: the user-facing errors here; the tools' entry point in
-:mod:`seg2.utils.cli`; timing and peak memory of benchmarks in :mod:`seg2.utils.benchmark`."""
+:mod:`seg2.utils.cli`."""
 
 import contextlib
 import functools
