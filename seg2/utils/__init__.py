@@ -1,5 +1,5 @@
-"""Helpers shared across seg2: the user-facing errors here; the tools' entry point in
-:mod:`seg2.utils.cli`."""
+"""Helpers shared across seg2: the user-facing errors and the wrapper that names config keys here;
+the tools' entry point in :mod:`seg2.utils.cli`."""
 
 import contextlib
 import functools
