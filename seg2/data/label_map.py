@@ -17,6 +17,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+from ..constants import IGNORE_LABEL
 from ..utils import Seg2Error, UnreadableFileError
 
 __all__ = [
@@ -29,7 +30,6 @@ __all__ = [
     "write_label_map",
 ]
 
-IGNORE_LABEL = 255
 # Marks "colour in no table" in the colour lookup table, so RGB formats hold at most 254 classes.
 _UNKNOWN = 254
 MAX_RGB_CLASSES = _UNKNOWN

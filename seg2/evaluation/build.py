@@ -14,7 +14,7 @@ from detectron2.evaluation import (
     PascalVOCDetectionEvaluator,
 )
 
-from ..modeling.tasks import model_tasks
+from ..tasks import model_tasks
 from ..utils import Seg2Error
 from .coco_evaluation import COCO_MAX_DETS_PER_IMAGE, MaskAPEvaluator
 from .panoptic_evaluation import Seg2PanopticEvaluator

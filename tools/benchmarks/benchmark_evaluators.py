@@ -38,7 +38,7 @@ from detectron2.structures import Boxes, Instances
 from seg2.data import register_dataset
 from seg2.evaluation import MaskAPEvaluator, MIoUEvaluator
 from seg2.evaluation.coco_evaluation import encode_masks
-from seg2.utils.benchmark import rss_mb, timed
+from timing import rss_mb, timed
 
 
 class SemSegEvaluatorWideBoundary(SemSegEvaluator):
