@@ -308,6 +308,7 @@ def main():
     from panopticapi import evaluation
 
     from seg2.evaluation.panoptic_evaluation import pq_compute
+    from timing import timed  # tools/benchmarks/timing.py: this script's folder is on sys.path
 
     with tempfile.TemporaryDirectory(prefix="seg2_bench_pq") as root:
         t0 = time.perf_counter()
@@ -335,10 +336,9 @@ def main():
         times = {k: [] for k in runs}
         results = {}
         for _ in range(args.repeats):
-            for name, fn in runs.items():
-                t0 = time.perf_counter()
-                results[name] = fn()
-                times[name].append(time.perf_counter() - t0)
+            for name, fn in runs.items():  # taking turns (timing.time_round_robin), keeping results
+                results[name], seconds = timed(fn)
+                times[name].append(seconds)
         ref = results["panopticapi (single core)"]
         for name, res in results.items():
             if name.startswith("seg2 pq_compute"):
