@@ -17,6 +17,8 @@ from seg2.data import MultiTaskDatasetMapper, register_camvid
 from seg2.engine import build_optimizer as seg2_build_optimizer
 from seg2_model_helpers import base_cfg, import_tool, one_thread  # noqa: F401  (fixture)
 
+_flatten = import_tool("ablation.runner")._flatten  # a CfgNode as {"A.B.C": value}
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAMVID_MINI = os.path.join(REPO_ROOT, "..", "shared", "datasets", "CamVid_mini")
 VARIANTS = ["segnet-basic", "fcn-basic", "bilinear-basic"]
@@ -111,7 +113,6 @@ def test_the_shipped_decoder_study_is_one_protocol(tmp_path):
 def test_chainercv_schedule_differs_from_the_authors_recipe_only_in_its_schedule():
     # ChainerCV's examples/segnet/train.py: batch 12, 16,000 iterations; its class weights (median
     # frequency over the training labels, calc_weight.py) are the recipe's default already.
-    _flatten = import_tool("ablation.runner")._flatten  # a CfgNode as {"A.B.C": value}
     authors = _flatten(base_cfg(os.path.join("camvid", "segnet-basic_10k_camvid.yaml")))
     chainercv = _flatten(base_cfg(os.path.join("camvid", "segnet-basic_16k-batch12_camvid.yaml")))
     diff = {k: (authors[k], chainercv[k]) for k in authors if authors[k] != chainercv[k]}
