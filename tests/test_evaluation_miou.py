@@ -270,4 +270,5 @@ def test_all_pixels_ignored_gives_nan(tmp_path):
     name = _register("seg2_test_miou_void", [{"file_name": "v.jpg", "sem_seg_file_name": str(path)}],
                      stuff_classes=["a", "b"], ignore_label=255)
     res = _run(MIoUEvaluator(name, distributed=False), [{"file_name": "v.jpg"}], [{"sem_seg": torch.randn(2, 4, 4)}])
+    assert res.pop("classes_without_gt") == 2 and res.pop("noGT-a") == res.pop("noGT-b") == 1
     assert all(math.isnan(v) for v in res.values())
