@@ -25,6 +25,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..config import load_seg2_config
 from ..data import MultiTaskDatasetMapper, check_dataset_names
+from ..data.catalog import check_test_datasets
 from ..evaluation import build_evaluator
 from ..inference.tta import build_tta_model
 from ..modeling.meta_arch.common import check_model_num_classes
@@ -196,8 +197,8 @@ def setup(args):
     """
     The frozen config of a run from detectron2's command-line ``args`` (``--config-file`` and
     ``opts``), after detectron2's ``default_setup`` (output folder, logs, seed); seg2's loggers
-    write to the same console and log file. Raises :class:`seg2.Seg2Error` for a bad config or
-    an unregistered dataset name.
+    write to the same console and log file. Raises :class:`seg2.Seg2Error` for a bad config, an
+    unregistered dataset name, or a test dataset that is empty or fails its loader's checks.
     """
     cfg = load_seg2_config(args.config_file, args.opts)
     cfg.freeze()
@@ -205,4 +206,5 @@ def setup(args):
     # default_setup configures detectron2's loggers only.
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="seg2")
     check_dataset_names(cfg)
+    check_test_datasets(cfg)  # an empty or broken test split fails now, not after training
     return cfg
