@@ -18,7 +18,7 @@ from seg2.data import (
     register_sem_seg_folder,
     sem_seg_format,
 )
-from seg2.data.label_map import ignore_only_counts
+from seg2.data.label_map import ignore_only, ignore_only_counts
 from seg2.data.voc_palette import VOC_PALETTE, palette_colors
 from seg2.utils import Seg2Error
 
@@ -355,3 +355,15 @@ def test_16bit_index_png(tmp_path):
     np.testing.assert_array_equal(out, [[0, 1, 4], [2, 255, 3]])
     wide = read_label_map(path)
     assert wide.dtype == np.int64 and wide.max() == 65535
+
+
+@pytest.mark.parametrize(
+    "values, expected",
+    [((0, 255), True), ((255,), True), ((0,), False), ((0, 1, 255), False), ((0, 254, 255), False),
+     ((1, 255), False), ((0, 7), False)],
+)
+def test_ignore_only(values, expected):
+    """The maps whose only non-zero value is 255, uint8 (fast path) and int64 alike."""
+    label = np.array(values * 6, np.uint8).reshape(len(values), 6)
+    assert bool(ignore_only(label)) == expected
+    assert bool(ignore_only(label.astype(np.int64))) == expected

@@ -371,6 +371,10 @@ def ignore_only(label: np.ndarray, ignore_label: int = IGNORE_LABEL) -> bool:
     pixel is background or void, as a 0/255 binary mask read with 255 as void."""
     if label.size == 0 or int(label.max()) != ignore_label:
         return False
+    if label.dtype == np.uint8 and ignore_label == 255:
+        # Two SIMD passes, several times faster than counting: label + 1 wraps 255 to 0, so its
+        # maximum exceeds 1 exactly when a value in 1..254 is present.
+        return int(np.add(label, 1, dtype=np.uint8).max()) <= 1
     return np.count_nonzero(label) == np.count_nonzero(label == ignore_label)
 
 
