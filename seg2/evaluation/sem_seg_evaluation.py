@@ -245,10 +245,17 @@ class MIoUEvaluator(DatasetEvaluator):
     """
     mIoU, fwIoU, mACC, pACC, per-class IoU/ACC and optionally boundary IoU, exactly as detectron2's
     :class:`SemSegEvaluator` computes them, from a confusion matrix accumulated with
-    ``torch.bincount`` on the prediction's device and summed over processes.
+    ``np.bincount`` (CPU predictions; ``torch.bincount`` on an accelerator's) and summed over
+    processes.
+
+    mIoU and mACC average over the classes with at least one ground-truth pixel in the evaluated
+    images (detectron2's definition); the others are NaN. Such classes are named in a one-line
+    warning and in the results (``classes_without_gt``, ``noGT-<class>``), with a hint when the
+    ground-truth maps hold only 0 and the ignore label (0/255 binary masks read with 255 as void).
 
     Ground truth: the label map ``sem_seg_file_name`` of the dataset record whose ``file_name`` is
-    the input's, read with :func:`seg2.data.read_sem_seg` (palette PNGs give class indices; the record's ``sem_seg_format`` decodes RGB masks and void values).
+    the input's, read with :func:`seg2.data.read_sem_seg` (palette PNGs give class indices; the
+    record's ``sem_seg_format`` decodes RGB masks, void values and ``value_map``).
 
     Bad input is an error, never a number: predictions of another size than the ground truth
     (ValueError), a label map holding ids that are neither a class nor the ignore label
