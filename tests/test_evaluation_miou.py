@@ -370,3 +370,17 @@ def test_16bit_ground_truth_equals_detectron2(tmp_path):
     ours = _run(MIoUEvaluator(name, distributed=False, boundary_iou=True), inputs, outputs)
     ref = _run(SemSegEvaluator(name, distributed=False), inputs, outputs)
     _assert_same(ours, ref, ref.keys())
+
+
+def test_torch_path_equals_numpy_path(shapes_val):
+    """The torch counting (GPU predictions; on the CPU for integer logits) gives the numbers of
+    the numpy counting (CPU float logits), boundary IoU included."""
+    inputs, outputs = _predictions(shapes_val, noise=2.0)
+    as_int = [{"sem_seg": (o["sem_seg"] * 4).round().long()} for o in outputs]
+    as_float = [{"sem_seg": o["sem_seg"].float()} for o in as_int]
+    numpy_res = _run(MIoUEvaluator(shapes_val, distributed=False, boundary_iou=True), inputs, as_float)
+    ev = MIoUEvaluator(shapes_val, distributed=False, boundary_iou=True)
+    torch_res = _run(ev, inputs, as_int)
+    assert ev._conf is None and ev._conf_device is not None  # the torch path was taken
+    _assert_same(torch_res, numpy_res, numpy_res.keys())
+    assert 0 < numpy_res["mIoU"] < 100
