@@ -378,7 +378,8 @@ def test_torch_path_equals_numpy_path(shapes_val):
     inputs, outputs = _predictions(shapes_val, noise=2.0)
     as_int = [{"sem_seg": (o["sem_seg"] * 4).round().long()} for o in outputs]
     as_float = [{"sem_seg": o["sem_seg"].float()} for o in as_int]
-    numpy_res = _run(MIoUEvaluator(shapes_val, distributed=False, boundary_iou=True), inputs, as_float)
+    ev_numpy = MIoUEvaluator(shapes_val, distributed=False, boundary_iou=True)
+    numpy_res = _run(ev_numpy, inputs, as_float)
     ev = MIoUEvaluator(shapes_val, distributed=False, boundary_iou=True)
     torch_res = _run(ev, inputs, as_int)
     assert ev._conf is None and ev._conf_device is not None  # the torch path was taken
