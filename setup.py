@@ -35,5 +35,8 @@ setup(
         # ONNX export (tools/export_model.py --format onnx) and its check with onnxruntime.
         "export": ["onnx>=1.14", "onnxruntime>=1.16"],
         "test": ["pytest", "onnx>=1.14", "onnxruntime>=1.16"],
+        # The formatter / linter and the layer contracts that .ci/run checks (ruff.toml,
+        # .importlinter); ruff pinned, so that its formatting does not change under a release.
+        "dev": ["ruff==0.17.6", "import-linter>=2.1"],
     },
 )

@@ -38,5 +38,6 @@ from .config import add_seg2_config, load_seg2_config  # noqa: E402
 from .utils import Seg2Error  # noqa: E402
 from . import data  # noqa: E402,F401  (registers datasets)
 from . import modeling  # noqa: E402,F401  (registers model parts)
+from .resolve import resolve_config  # noqa: E402
 
-__all__ = ["add_seg2_config", "load_seg2_config", "Seg2Error", "data", "__version__"]
+__all__ = ["add_seg2_config", "load_seg2_config", "resolve_config", "Seg2Error", "data", "__version__"]

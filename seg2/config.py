@@ -15,21 +15,16 @@ def add_seg2_config(cfg):
     # Where the synthetic "seg2_shapes" dataset is generated and cached. Empty: the environment
     # variable SEG2_SHAPES_ROOT, else $DETECTRON2_DATASETS/seg2_shapes (default datasets/seg2_shapes).
     cfg.SEG2.SHAPES_ROOT = ""
-    cfg.SEG2.INPUT = CN()
-    # With INPUT.CROP.ENABLED and TYPE "absolute": pad each training crop to the full crop size
-    # (image with 0, semantic map with MODEL.SEM_SEG_HEAD.IGNORE_VALUE), as DeepLab does for
-    # images smaller than it. The other input settings are detectron2's keys:
-    # MODEL.SEM_SEG_HEAD.IGNORE_VALUE (the label-map value that no loss or metric counts; it must
-    # equal the datasets' metadata ignore_label) and INPUT.CROP.SINGLE_CATEGORY_MAX_AREA (from
-    # detectron2's DeepLab project).
-    cfg.SEG2.INPUT.PAD_TO_CROP_SIZE = False
     # Training data (seg2.data.MultiTaskDatasetMapper): an image or label map that cannot be
     # decoded (empty, truncated, not an image) is skipped with a warning naming it, and detectron2
     # maps another sample instead. More unreadable files than this share of the files a loader
     # read (judged over at least 100 files, or the whole dataset if smaller) stop the run with an
     # error; 0 stops at the first. Evaluation always stops at an unreadable file.
-    cfg.SEG2.DATALOADER = CN()
-    cfg.SEG2.DATALOADER.MAX_BAD_SAMPLE_SHARE = 0.05
+    cfg.DATALOADER.MAX_BAD_SAMPLE_SHARE = 0.05
+    # With INPUT.CROP.ENABLED and TYPE "absolute": pad each training crop to the full crop size
+    # (image with 0, semantic map with MODEL.SEM_SEG_HEAD.IGNORE_VALUE), as DeepLab does for
+    # images smaller than it. INPUT.CROP.SINGLE_CATEGORY_MAX_AREA is detectron2's DeepLab key.
+    cfg.INPUT.CROP.PAD_TO_SIZE = False
     # Evaluation (seg2.evaluation, used by build_evaluator / tools/train_net.py).
     cfg.SEG2.EVALUATION = CN()
     # MIoUEvaluator: also report detectron2's boundary IoU per class.
@@ -39,33 +34,39 @@ def add_seg2_config(cfg):
     # MaskAPEvaluator: size range (APs/APm/APl) of a segm detection by its "box" area (pycocotools'
     # COCOeval on results with a box and a mask) or its "mask" area (detectron2's COCOEvaluator).
     cfg.SEG2.EVALUATION.SEGM_AREA = "box"
-    # Overlap-tile semantic inference (seg2.inference.TiledSemSegInference, used by Seg2Predictor
-    # and tools/demo.py): tiles of TILE_SIZE output pixels every STRIDE pixels, BATCH_SIZE tiles
-    # per forward pass, overlapping logits blended by BLEND ("average", "linear" or "gaussian":
-    # weights falling off towards the tile edges). STRIDE is rounded down to a multiple of the
-    # backbone's largest feature stride (when that fits in a tile) so tiles keep the pooling grid
-    # of the whole image. MARGIN: context pixels around each tile of a
-    # "same"-padding model (mirror-padded outside the image); "valid"-padding U-Nets use their own.
-    cfg.SEG2.TILING = CN()
-    cfg.SEG2.TILING.ENABLED = False
-    cfg.SEG2.TILING.TILE_SIZE = 512
-    cfg.SEG2.TILING.STRIDE = 384
-    cfg.SEG2.TILING.BATCH_SIZE = 4
-    cfg.SEG2.TILING.BLEND = "gaussian"
-    cfg.SEG2.TILING.MARGIN = 0
+    # The semantic inference mode of seg2's meta-architectures (as MMSegmentation's
+    # test_cfg.mode): whole image, or overlap-tile ("slide") with ENABLED. Read by the model
+    # itself, so Trainer.test, TTA, the predictor, the demo and the benchmarks give one answer.
+    # Tiles of TILE_SIZE output pixels every STRIDE pixels, BATCH_SIZE tiles per forward pass,
+    # overlapping logits blended by BLEND ("average", "linear" or "gaussian": weights falling off
+    # towards the tile edges). STRIDE is rounded down to a multiple of the backbone's largest
+    # feature stride (when that fits in a tile) so tiles keep the pooling grid of the whole image.
+    # MARGIN: context pixels around each tile of a "same"-padding model (mirror-padded outside
+    # the image); "valid"-padding U-Nets use their own. Bad geometry fails when the model is built.
+    cfg.TEST.TILING = CN()
+    cfg.TEST.TILING.ENABLED = False
+    cfg.TEST.TILING.TILE_SIZE = 512
+    cfg.TEST.TILING.STRIDE = 384
+    cfg.TEST.TILING.BATCH_SIZE = 4
+    cfg.TEST.TILING.BLEND = "gaussian"
+    cfg.TEST.TILING.MARGIN = 0
+    # Test-time augmentation (TEST.AUG.ENABLED): scales as ratios of the test size (of the size
+    # INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST resize to, or of the image's own size where
+    # MIN_SIZE_TEST is 0), as MMSegmentation's img_ratios (its default here), for every model;
+    # () uses detectron2's TEST.AUG.MIN_SIZES / MAX_SIZE (pixels) instead. Setting both is an error.
+    cfg.TEST.AUG.SCALE_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+    # The optimizer (seg2.engine.optimizer.build_optimizer, which seg2's Trainer uses): what the
+    # biases (shifts) of norm layers get. "bias": SOLVER.BIAS_LR_FACTOR and WEIGHT_DECAY_BIAS, as
+    # detectron2 gives every parameter named "bias"; "norm": SOLVER.BASE_LR and WEIGHT_DECAY_NORM,
+    # as their weights (Caffe's BN layer in SegNet's prototxts, whose conv biases alone have
+    # lr_mult 2 and decay_mult 0).
+    cfg.SOLVER.NORM_BIAS_HYPERPARAMS = "bias"
     # Keep the best model of a run in OUTPUT_DIR/model_best.pth (detectron2's BestCheckpointer),
     # judged after each evaluation (TEST.EVAL_PERIOD, and at the end). METRIC: a key of the
     # flattened evaluation results, e.g. "segm/AP" or "sem_seg/mIoU" ("<dataset>/segm/AP" with
     # several test sets); empty: off. MODE: "max" or "min". METRICS and WEIGHTS (same length):
     # track the weighted sum of these results instead, stored under the name METRIC (e.g.
     # "combined/score" for 0.5 * segm/AP + 0.5 * sem_seg/mIoU of the multi-task model).
-    # The optimizer (seg2.engine.optimizer.build_optimizer, which seg2's Trainer uses): what the
-    # biases (shifts) of norm layers get. "bias": SOLVER.BIAS_LR_FACTOR and WEIGHT_DECAY_BIAS, as
-    # detectron2 gives every parameter named "bias"; "norm": SOLVER.BASE_LR and WEIGHT_DECAY_NORM,
-    # as their weights (Caffe's BN layer in SegNet's prototxts, whose conv biases alone have
-    # lr_mult 2 and decay_mult 0).
-    cfg.SEG2.SOLVER = CN()
-    cfg.SEG2.SOLVER.NORM_BIAS_HYPERPARAMS = "bias"
     cfg.SEG2.BEST_CHECKPOINT = CN()
     cfg.SEG2.BEST_CHECKPOINT.METRIC = ""
     cfg.SEG2.BEST_CHECKPOINT.MODE = "max"
@@ -82,6 +83,7 @@ def add_seg2_config(cfg):
 # Keys of earlier seg2 versions -> (the key that replaced it, a note). A user's config that still
 # sets one gets yacs' KeyError naming the replacement (load_seg2_config: a Seg2Error). A YAML file
 # that nests a removed node reaches yacs as that node's key, hence SEG2.ROI_POOLER itself.
+_TILING_KEYS = ("ENABLED", "TILE_SIZE", "STRIDE", "BATCH_SIZE", "BLEND", "MARGIN")
 _RENAMED_KEYS = {
     "SEG2.INPUT.IGNORE_LABEL": (
         "MODEL.SEM_SEG_HEAD.IGNORE_VALUE",
@@ -94,9 +96,28 @@ _RENAMED_KEYS = {
     ),
     "SEG2.INPUT.NUM_SEM_SEG_CLASSES": (
         "MODEL.SEM_SEG_HEAD.NUM_CLASSES",
-        "seg2 has no class count of its own any more: the mapper checks label values against the "
-        "datasets' metadata stuff_classes, else MODEL.SEM_SEG_HEAD.NUM_CLASSES.",
+        "seg2 has no class count of its own any more: the resolve step checks it against the "
+        "datasets' metadata stuff_classes.",
     ),
+    "SEG2.INPUT.PAD_TO_CROP_SIZE": ("INPUT.CROP.PAD_TO_SIZE", None),
+    "SEG2.INPUT": (
+        "detectron2's nodes",
+        "SEG2.INPUT.PAD_TO_CROP_SIZE is now INPUT.CROP.PAD_TO_SIZE, SEG2.INPUT.IGNORE_LABEL "
+        "MODEL.SEM_SEG_HEAD.IGNORE_VALUE, SEG2.INPUT.SINGLE_CATEGORY_MAX_AREA "
+        "INPUT.CROP.SINGLE_CATEGORY_MAX_AREA, SEG2.INPUT.NUM_SEM_SEG_CLASSES MODEL.SEM_SEG_HEAD.NUM_CLASSES.",
+    ),
+    "SEG2.DATALOADER.MAX_BAD_SAMPLE_SHARE": ("DATALOADER.MAX_BAD_SAMPLE_SHARE", None),
+    "SEG2.DATALOADER": (
+        "DATALOADER.MAX_BAD_SAMPLE_SHARE",
+        "SEG2.DATALOADER.MAX_BAD_SAMPLE_SHARE is now DATALOADER.MAX_BAD_SAMPLE_SHARE.",
+    ),
+    "SEG2.SOLVER.NORM_BIAS_HYPERPARAMS": ("SOLVER.NORM_BIAS_HYPERPARAMS", None),
+    "SEG2.SOLVER": (
+        "SOLVER.NORM_BIAS_HYPERPARAMS",
+        "SEG2.SOLVER.NORM_BIAS_HYPERPARAMS is now SOLVER.NORM_BIAS_HYPERPARAMS.",
+    ),
+    **{f"SEG2.TILING.{k}": (f"TEST.TILING.{k}", None) for k in _TILING_KEYS},
+    "SEG2.TILING": ("TEST.TILING", "every SEG2.TILING.<KEY> is now TEST.TILING.<KEY>."),
     "SEG2.ROI_POOLER.BOX_AGGREGATION": ("MODEL.ROI_BOX_HEAD.POOLER_AGGREGATION", None),
     "SEG2.ROI_POOLER.MASK_AGGREGATION": ("MODEL.ROI_MASK_HEAD.POOLER_AGGREGATION", None),
     "SEG2.ROI_POOLER": (
@@ -194,8 +215,10 @@ def _add_modeling_config(cfg):
     # FOCAL_GAMMA: the focusing parameter of "focal" (Lin et al.: 2).
     cfg.MODEL.SEM_SEG_HEAD.FOCAL_GAMMA = 2.0
     # Class weights of the per-pixel terms (cross_entropy, hard_pixel_mining, focal): CLASS_WEIGHT,
-    # one value per class, or CLASS_WEIGHTING "median_frequency" (SegNet) / "inverse_frequency",
-    # computed from DATASETS.TRAIN on the first training step and cached (seg2.data.class_weights).
+    # one value per class, or CLASS_WEIGHTING "median_frequency" (SegNet) / "inverse_frequency":
+    # counted from DATASETS.TRAIN's label maps by the resolve step (seg2.resolve_config) before the
+    # model is built, cached (seg2.data.class_weights), and written into CLASS_WEIGHT, so a run's
+    # config.yaml holds the weights it used; a config with both keeps CLASS_WEIGHT as given.
     cfg.MODEL.SEM_SEG_HEAD.CLASS_WEIGHT = []
     cfg.MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING = ""
     # What class-weighted cross_entropy / focal divide by: "weights" (PyTorch: sum of the weights
@@ -211,7 +234,6 @@ def load_seg2_config(config_file: str, opts=()):
     Raises:
         Seg2Error: an unknown key, an odd override list or a type mismatch, naming the file.
     """
-    from .data import register_seg2_shapes
     from .utils import Seg2Error
 
     cfg = get_cfg()
@@ -223,6 +245,4 @@ def load_seg2_config(config_file: str, opts=()):
         # yacs reports unknown or renamed keys, odd override lists and type mismatches this way.
         detail = e.args[0] if isinstance(e, KeyError) and e.args else e  # str(KeyError) adds quotes
         raise Seg2Error(f"bad config ({config_file}, overrides {list(opts)}): {detail}") from e
-    if cfg.SEG2.SHAPES_ROOT:
-        register_seg2_shapes(cfg.SEG2.SHAPES_ROOT)
     return cfg

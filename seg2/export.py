@@ -35,11 +35,13 @@ import torch
 from detectron2.export import TracingAdapter
 from detectron2.modeling import GeneralizedRCNN
 
+from .checkpoint import Seg2Checkpointer
 from .modeling import Seg2MultiTaskRCNN
 from .utils import Seg2Error
 
 __all__ = [
     "FORMATS",
+    "load_weights_for_export",
     "ONNX_OPSET",
     "traceable_inference",
     "tracing_adapter",
@@ -56,6 +58,24 @@ FORMATS = ("torchscript", "onnx")
 # torchvision's RoIAlign exports (aligned=True) from opset 16; 17 is the newest that the
 # TorchScript-based exporter supports fully.
 ONNX_OPSET = 17
+
+
+def load_weights_for_export(model: torch.nn.Module, weights: str, allow_random: bool = False) -> None:
+    """
+    Load ``weights`` (``MODEL.WEIGHTS``) into ``model`` strictly: every parameter must come from
+    the file (:class:`~seg2.checkpoint.Seg2Checkpointer`), else a one-line :class:`Seg2Error`.
+    An empty ``weights`` would export the random initialisation: refused unless ``allow_random``
+    (``tools/export_model.py --allow-random-weights``, e.g. to try the export of an architecture).
+    """
+    if not weights:
+        if not allow_random:
+            raise Seg2Error(
+                "MODEL.WEIGHTS is empty: the export would hold a randomly initialised model. Set MODEL.WEIGHTS "
+                "to a trained checkpoint, or pass --allow-random-weights to export the initialisation on purpose"
+            )
+        logger.warning("MODEL.WEIGHTS is empty: exporting a randomly initialised model (--allow-random-weights)")
+        return
+    Seg2Checkpointer(model, strict=True).load(weights, checkpointables=[])
 
 
 def traceable_inference(model: torch.nn.Module) -> Optional[Callable]:

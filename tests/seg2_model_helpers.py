@@ -1,5 +1,7 @@
-"""Tiny configs and data for the model tests (test_heads, test_meta_arch)."""
+"""Tiny configs and data for the model tests (test_heads, test_meta_arch); the tools' modules
+for their tests (:func:`import_tool`)."""
 
+import importlib
 import os
 import sys
 
@@ -174,3 +176,15 @@ def leave_process_group():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+def import_tool(module: str, folder: str = "tools"):
+    """A module of ``tools/`` imported as its script sees it: ``folder`` (relative to the checkout)
+    first on ``sys.path`` while it imports, so that its sibling imports resolve, e.g.
+    ``import_tool("ablation.runner")``, ``import_tool("benchmark", "tools/benchmarks")``."""
+    path = os.path.join(REPO_ROOT, folder)
+    sys.path.insert(0, path)
+    try:
+        return importlib.import_module(module)
+    finally:
+        sys.path.remove(path)

@@ -1,16 +1,19 @@
-"""The ablation tool (seg2.engine.ablation, tools/ablate.py): per-seed runs, mean ± std, the
+"""The ablation tool (tools/ablation/, tools/ablate.py): per-seed runs, mean ± std, the
 paper's ordering, the protocol check, resume, and both studies end to end on tiny data."""
 
 import json
 import os
 import statistics
+import subprocess
 
 import pytest
 import torch
-from seg2_model_helpers import register_tiny_shapes
+from seg2_model_helpers import import_tool, register_tiny_shapes
 
 import seg2
-from seg2.engine import ablation
+
+ablation = import_tool("ablation.runner")
+report = import_tool("ablation.report")
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POOLER_DIR = os.path.join(REPO_ROOT, "configs", "pooler_ablation")
@@ -35,19 +38,19 @@ def test_mean_std_and_the_papers_ordering_by_hand():
         _row("pool", 3, "ROIPool", float("nan"), float("nan"), float("nan"), status="diverged at iteration 7"),
         _row("align", 3, "ROIAlign", 61.0, 90.0, 72.0),
     ]  # fmt: skip
-    aggs = {a["variant"]: a for a in ablation.aggregate(rows, "poolers")}
+    aggs = {a["variant"]: a for a in report.aggregate(rows, "poolers")}
     # align: mask AP 60, 58, 61 -> mean 59.667, sample std sqrt(((.333)^2 + (1.667)^2 + (1.333)^2) / 2) = 1.528
     assert aggs["align"]["mask_AP"] == pytest.approx(59.6667, abs=1e-4)
     assert aggs["align"]["mask_AP_std"] == pytest.approx(1.5275, abs=1e-4)
     # pool: the diverged seed is left out: 50, 59 -> mean 54.5, std 6.364; n = 2 of 3 runs
     assert (aggs["pool"]["n"], aggs["pool"]["runs"]) == (2, 3)
     assert aggs["pool"]["mask_AP"] == 54.5 and aggs["pool"]["mask_AP_std"] == pytest.approx(statistics.stdev([50, 59]))
-    verdict = ablation.pooler_ordering(rows)
+    verdict = report.pooler_ordering(rows)
     # seed 1: 60 > 50 holds; seed 2: 58 < 59 fails; seed 3: the RoIPool run diverged, left out
     assert (verdict["holds_in_seeds"], verdict["seeds"], verdict["incomplete_seeds"]) == (1, 2, [3])
     # mean gaps: AP 59.667 - 54.5 = 5.167; AP50 89.333 - 88 = 1.333; AP75 69.333 - 60.5 = 8.833
     assert verdict["gaps"]["mask_AP75"] == pytest.approx(8.8333, abs=1e-4) and verdict["largest_gap_at_AP75"]
-    table = ablation.markdown_table(list(aggs.values()), "poolers")
+    table = report.markdown_table(list(aggs.values()), "poolers")
     assert "| align | 3/3 | ROIAlign | avg | 59.7 ± 1.5 |" in table and "| pool | 2/3 |" in table
 
 
@@ -59,7 +62,7 @@ def test_ordering_only_on_complete_seeds_gaps_of_variant_means_and_single_values
         _row("pool", 2, "ROIPool", float("nan"), float("nan"), float("nan"), status="diverged at iteration 85"),
         _row("align", 3, "ROIAlign", 30.0, 60.0, 30.0),  # seed 3: only one variant has run so far
     ]  # fmt: skip
-    verdict = ablation.pooler_ordering(rows)
+    verdict = report.pooler_ordering(rows)
     # seed 1 (all three finished): 60 > 55 and 40, holds. Seed 2 would hold on the finished runs
     # alone (50 > 45) but pool diverged; seed 3 has one variant: both left out, not judged.
     assert (verdict["holds_in_seeds"], verdict["seeds"], verdict["incomplete_seeds"]) == (1, 1, [2, 3])
@@ -69,19 +72,15 @@ def test_ordering_only_on_complete_seeds_gaps_of_variant_means_and_single_values
     assert verdict["gaps"]["mask_AP"] == pytest.approx(1.6667, abs=1e-4)
     assert verdict["gaps"]["mask_AP50"] == pytest.approx(-7.8333, abs=1e-4)
     assert verdict["gaps"]["mask_AP75"] == pytest.approx(3.8333, abs=1e-4) and verdict["largest_gap_at_AP75"]
-    aggs = ablation.aggregate(rows, "poolers")
-    table = ablation.markdown_table(aggs, "poolers")
+    aggs = report.aggregate(rows, "poolers")
+    table = report.markdown_table(aggs, "poolers")
     # one finished seed: the mean alone, no "± 0.0" that would read as a measured zero spread
     assert "| pool | 1/2 | ROIPool | avg | 40.0 | 85.0 | 44.0 | 40.0 |" in table
     assert "| align | 3/3 | ROIAlign | avg | 46.7 ± 15.3 |" in table  # std of 60, 50, 30 = 15.275
 
 
 def test_ablate_tool_takes_options_right_after_the_seeds():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("seg2_tools_ablate", os.path.join(REPO_ROOT, "tools", "ablate.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = import_tool("ablate")
     base = ["--configs", "a.yaml", "--output-dir", "out"]
     args = tool.parse_args(base + ["--seeds", "1", "2", "3", "DATASETS.TEST", "('camvid_test',)"])
     assert args.seeds == [1, 2, 3] and args.opts == ["DATASETS.TEST", "('camvid_test',)"]
@@ -95,7 +94,6 @@ def test_ablate_tool_takes_options_right_after_the_seeds():
 
 @pytest.fixture(scope="module")
 def tiny_data(tiny_shapes_root):
-    coco = os.path.join(tiny_shapes_root, "coco")
     for split in ("train", "val"):
         register_tiny_shapes(f"abl_tiny_{split}", tiny_shapes_root, split)
     threads = torch.get_num_threads()
@@ -169,3 +167,54 @@ def test_decoder_study_reports_the_val_best_checkpoint_on_the_test_set(tiny_data
     report = (tmp_path / "out" / "ablation.md").read_text()
     assert "Metrics of abl_tiny_train: the checkpoint with the best sem_seg/mIoU on abl_tiny_val" in report
     assert f"unet_deconv seed 1: {record['iteration']}" in report
+
+
+def test_a_run_folder_is_reused_only_with_its_whole_setting(tiny_data, tmp_path):
+    """A rerun in the same --output-dir reads a run back only where its recorded setting (merged
+    config, seed, code version) is the one asked for now; otherwise it refuses in one line naming
+    the folder and the keys, or with rerun_changed moves the folder aside and trains again."""
+    base = os.path.join(REPO_ROOT, "configs", "quickstart", "unet_tiny_shapes_cpu.yaml")
+    config = tmp_path / "unet.yaml"
+    config.write_text(f'_BASE_: "{base}"\n')
+    out = tmp_path / "out"
+    cfg = ablation.variant_cfg(str(config), TINY_OPTS, str(out), seed=1)
+    run_dir = out / "unet" / "seed1"
+    run_dir.mkdir(parents=True)
+    setting = ablation.run_setting(cfg)
+    version = ablation.code_version()
+    assert setting["seed"] == 1 and setting["seg2"] == seg2.__version__ and "OUTPUT_DIR" not in setting["config"]
+    assert setting["config"]["SOLVER.MAX_ITER"] == 2 and setting["config"]["INPUT.MIN_SIZE_TRAIN"] == [64]
+    head = subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # a git checkout: the commit, and a hash of uncommitted changes to seg2/ or tools/
+        assert version["seg2_git"].startswith(head.stdout.strip())
+    marker = {"variant": "unet", "seed": 1, "status": "finished", "global_acc": 12.5, "class_avg_acc": 10.0,
+              "mIoU": 5.0, "train_s_per_iter": 1.0, "inference_s_per_image": 0.1}  # fmt: skip
+    (run_dir / ablation.RESULT_FILE).write_text(json.dumps(marker))
+    (run_dir / ablation.SETTING_FILE).write_text(json.dumps(setting))
+    # the same setting: read back, nothing trains
+    (row,) = ablation.run_ablation([str(config)], [1], str(out), TINY_OPTS, command="test")
+    assert row == marker
+    # another config value: refused, naming the folder and the key with both values
+    with pytest.raises(seg2.Seg2Error, match=rf"^{run_dir}: a run made with another setting: SOLVER.BASE_LR: "
+                       rf"{cfg.SOLVER.BASE_LR} recorded, 0.5 now; .*--rerun-changed"):  # fmt: skip
+        ablation.run_ablation([str(config)], [1], str(out), TINY_OPTS + ["SOLVER.BASE_LR", "0.5"], command="test")
+    # another code version or seed recorded: refused, the code keys named first
+    for key, value in (("seg2_git", "0" * 40), ("detectron2", "0.1"), ("seed", 7)):
+        (run_dir / ablation.SETTING_FILE).write_text(json.dumps(dict(setting, **{key: value})))
+        with pytest.raises(seg2.Seg2Error, match=rf"another setting: {key}: {value!r} recorded"):
+            ablation.run_ablation([str(config)], [1], str(out), TINY_OPTS, command="test")
+    # a folder of seg2 before settings were recorded: compared on its config.yaml
+    (run_dir / ablation.SETTING_FILE).unlink()
+    (run_dir / "config.yaml").write_text(cfg.dump())
+    assert ablation.run_ablation([str(config)], [1], str(out), TINY_OPTS, command="test") == [marker]
+    with pytest.raises(seg2.Seg2Error, match=r"another setting: SOLVER.MAX_ITER: 2 recorded, 3 now"):
+        ablation.run_ablation([str(config)], [1], str(out), TINY_OPTS + ["SOLVER.MAX_ITER", "3"], command="test")
+    # rerun_changed: the old folder is kept aside, the run trains with the new setting and records it
+    opts = TINY_OPTS + ["SOLVER.MAX_ITER", "3"]
+    (row,) = ablation.run_ablation([str(config)], [1], str(out), opts, command="test", rerun_changed=True)
+    assert json.loads((out / "unet" / "seed1.old1" / ablation.RESULT_FILE).read_text()) == marker
+    assert row["status"] == "finished" and row["iterations"] == 3 and row["global_acc"] != marker["global_acc"]
+    recorded = json.loads((run_dir / ablation.SETTING_FILE).read_text())
+    assert recorded == ablation.run_setting(ablation.variant_cfg(str(config), opts, str(out), seed=1))
+    # and the new run is read back by the same command
+    assert ablation.run_ablation([str(config)], [1], str(out), opts, command="test") == [row]

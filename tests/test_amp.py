@@ -83,7 +83,7 @@ def test_every_loss_term_is_float32_and_finite_under_autocast():
 
 def test_segnet_basic_trains_under_bf16_autocast():
     """SegNet-Basic (input LRN, 7x7 convs, max-unpooling) at 16 channels instead of 64."""
-    cfg = base_cfg("camvid/segnet-basic_10k_camvid.yaml")
+    cfg = base_cfg("camvid/segnet-basic-tutorial-weights_10k_camvid.yaml")  # fixed weights: no data read
     cfg.MODEL.SEGNET_BASIC.CHANNELS = 16
     torch.manual_seed(0)
     model = build_model(cfg)

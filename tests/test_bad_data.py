@@ -79,6 +79,7 @@ def _cfg(**keys):
     seg2.add_seg2_config(cfg)
     cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (S,), S
     cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = S, S
+    cfg.MODEL.META_ARCHITECTURE = "Seg2SemanticSegmentor"  # reads the label maps
     cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 2
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (), ()
     for k, v in keys.items():
@@ -121,24 +122,24 @@ def test_training_skips_undecodable_files_with_one_counted_warning_each(tmp_path
 
 def test_bad_share_over_the_limit_stops_training(tmp_path):
     records = _folder(str(tmp_path), n=4, bad={1: "truncated", 2: "empty", 3: "text"})
-    cfg = _cfg(**{"SEG2.DATALOADER.MAX_BAD_SAMPLE_SHARE": 0.5})
+    cfg = _cfg(**{"DATALOADER.MAX_BAD_SAMPLE_SHARE": 0.5})
     mapper = MultiTaskDatasetMapper(cfg, is_train=True, num_records=4)
     # Judged over max(files read, 4 records): 2 of 4 bad is not more than half; the third is.
     assert [mapper(records[i]) is None for i in (0, 1, 2)] == [False, True, True]
     with pytest.raises(Seg2Error, match=r"^3 of 4 training files read by this loader are unreadable, more than "
-                       r"SEG2.DATALOADER.MAX_BAD_SAMPLE_SHARE=0.5; the last: .*03\.jpg: cannot read the image"):
+                       r"DATALOADER.MAX_BAD_SAMPLE_SHARE=0.5; the last: .*03\.jpg: cannot read the image"):
         mapper(records[3])
-    strict = MultiTaskDatasetMapper(_cfg(**{"SEG2.DATALOADER.MAX_BAD_SAMPLE_SHARE": 0.0}), is_train=True)
+    strict = MultiTaskDatasetMapper(_cfg(**{"DATALOADER.MAX_BAD_SAMPLE_SHARE": 0.0}), is_train=True)
     with pytest.raises(Seg2Error, match="1 of 1 training files"):
         strict(records[1])
-    with pytest.raises(Seg2Error, match=r"MAX_BAD_SAMPLE_SHARE must be in \[0, 1\), got 1.0"):
-        MultiTaskDatasetMapper(_cfg(**{"SEG2.DATALOADER.MAX_BAD_SAMPLE_SHARE": 1.0}), is_train=True)
+    with pytest.raises(Seg2Error, match=r"^DATALOADER.MAX_BAD_SAMPLE_SHARE=1.0: expected in \[0, 1\)"):
+        MultiTaskDatasetMapper(_cfg(**{"DATALOADER.MAX_BAD_SAMPLE_SHARE": 1.0}), is_train=True)
 
 
 def test_detectron2_loader_retries_a_skipped_sample(tmp_path):
     records = _folder(str(tmp_path), n=5, bad={2: "truncated"})
     cfg = _cfg(**{"SOLVER.IMS_PER_BATCH": 2, "DATALOADER.NUM_WORKERS": 0, "SEED": 3,
-                  "SEG2.DATALOADER.MAX_BAD_SAMPLE_SHARE": 0.3})
+                  "DATALOADER.MAX_BAD_SAMPLE_SHARE": 0.3})
     mapper = MultiTaskDatasetMapper(cfg, is_train=True, num_records=len(records))
     loader = iter(build_detection_train_loader(cfg, mapper=mapper, dataset=records))
     seen = [x["file_name"] for _ in range(15) for x in next(loader)]
@@ -242,7 +243,7 @@ def test_train_net_skips_a_truncated_jpeg_and_evaluation_names_it(tmp_path):
     datasets = {"t_bad_jpeg": str(tmp_path / "data")}
     train = ["DATASETS.TRAIN", "('t_bad_jpeg',)", "DATALOADER.NUM_WORKERS", "0", "SEED", "1"]
     r = _train_net(tmp_path, datasets, train + ["DATASETS.TEST", "()", "SOLVER.MAX_ITER", "3",
-                                               "SEG2.DATALOADER.MAX_BAD_SAMPLE_SHARE", "0.5"])
+                                               "DATALOADER.MAX_BAD_SAMPLE_SHARE", "0.5"])
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-3000:]
     assert (tmp_path / "out" / "model_final.pth").is_file()

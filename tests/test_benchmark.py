@@ -1,19 +1,23 @@
-"""Timing and memory helpers (seg2.utils.benchmark) and the model benchmarks of tools/benchmark.py
-(seg2.engine.benchmark, seg2.inference.benchmark)."""
+"""Timing and memory helpers (tools/benchmarks/timing.py) and the model benchmarks of
+tools/benchmarks/benchmark.py."""
 
 import mmap
-import os
 import time
 
 import numpy as np
 import pytest
 from detectron2.modeling import build_model
-from seg2_model_helpers import register_tiny_shapes, tiny_semantic_cfg
+from seg2_model_helpers import import_tool, register_tiny_shapes, tiny_semantic_cfg
 
-from seg2.engine.benchmark import benchmark_train
 from seg2.inference import TiledSemSegInference
-from seg2.inference.benchmark import benchmark_tiling, tiling_bounds
-from seg2.utils.benchmark import PeakMemory, rss_mb, time_iterations, time_round_robin, timed
+
+timing = import_tool("timing", "tools/benchmarks")
+benchmark = import_tool("benchmark", "tools/benchmarks")
+PeakMemory, rss_mb, timed = timing.PeakMemory, timing.rss_mb, timing.timed
+time_iterations, time_round_robin = timing.time_iterations, timing.time_round_robin
+benchmark_train, benchmark_tiling, tiling_bounds = (
+    benchmark.benchmark_train, benchmark.benchmark_tiling, benchmark.tiling_bounds
+)
 
 
 def _touched_pages(size):
@@ -83,7 +87,7 @@ def test_benchmark_train_times_the_trainers_model_and_loader(tiny_shapes_root):
 
 def test_benchmark_tiling_rows():
     cfg = tiny_semantic_cfg("UNetHead", "unet_same")
-    cfg.SEG2.TILING.TILE_SIZE, cfg.SEG2.TILING.STRIDE, cfg.SEG2.TILING.BATCH_SIZE = 32, 32, 2
+    cfg.TEST.TILING.TILE_SIZE, cfg.TEST.TILING.STRIDE, cfg.TEST.TILING.BATCH_SIZE = 32, 32, 2
     rows = benchmark_tiling(cfg, sizes=[48, 64], whole_max_size=48)
     assert [(r["size"], r["mode"], r["tiles"]) for r in rows] == [
         (48, "tiled_labels", 4), (48, "tiled_logits", 4), (48, "whole", 1),

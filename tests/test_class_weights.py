@@ -8,12 +8,14 @@ import os
 import numpy as np
 import pytest
 import torch
+import yaml
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from PIL import Image
 
 import seg2
-from seg2.data import write_label_map
-from seg2.data.class_weights import class_weights_from_config, compute_class_weights
+from seg2.data import register_dataset, sem_seg_format, write_label_map
+from seg2.data.class_weights import compute_class_weights
 from seg2.modeling.losses import build_sem_seg_loss
 
 # SegNet's median-frequency weights for CamVid's 11 classes (REFERENCE.md, full train split).
@@ -115,35 +117,62 @@ def test_bad_label_value_names_the_file(tiny_set, tmp_path):
         compute_class_weights(tiny_set, 4, "median_frequency", cache_dir=str(tmp_path / "c"))
 
 
-def test_config_weights_are_computed_on_the_first_training_step(tiny_set, tmp_path, monkeypatch):
+def test_resolve_step_writes_the_weights_into_the_config(tiny_set, tmp_path, monkeypatch):
+    """CLASS_WEIGHTING is counted by the resolve step, before the model is built, and handed to
+    the loss as numbers in CLASS_WEIGHT (what the run's config.yaml then holds); the loss of a
+    config that skipped the resolve step refuses to train, naming the key."""
     monkeypatch.setenv("SEG2_CACHE", str(tmp_path / "seg2_cache"))
     name = "seg2_test_class_weights_tiny"
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-    DatasetCatalog.register(name, lambda: tiny_set)
-    MetadataCatalog.get(name).set(stuff_classes=["bg", "pole", "car", "bike"], ignore_label=255)
+    register_dataset(name, lambda: tiny_set, {"stuff_classes": ["bg", "pole", "car", "bike"], "ignore_label": 255})
     try:
         cfg = get_cfg()
         seg2.add_seg2_config(cfg)
+        cfg.MODEL.META_ARCHITECTURE = "Seg2SemanticSegmentor"
         cfg.MODEL.SEM_SEG_HEAD.LOSS_TYPE = "cross_entropy"
         cfg.DATASETS.TRAIN = (name,)
+        cfg.DATASETS.TEST = ()
         cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 4
         cfg.MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING = "median_frequency"
-        np.testing.assert_allclose(class_weights_from_config(cfg), [1, 9 / 7, 4 / 7, 0])
+        resolved = seg2.resolve_config(cfg)
+        np.testing.assert_allclose(resolved.MODEL.SEM_SEG_HEAD.CLASS_WEIGHT, [1, 9 / 7, 4 / 7, 0])
+        assert cfg.MODEL.SEM_SEG_HEAD.CLASS_WEIGHT == []  # the caller's config is not changed
+        saved = yaml.safe_load(resolved.dump())["MODEL"]["SEM_SEG_HEAD"]["CLASS_WEIGHT"]
+        np.testing.assert_allclose(saved, [1, 9 / 7, 4 / 7, 0])  # numbers in the saved config.yaml
         assert glob.glob(str(tmp_path / "seg2_cache" / "class_weights" / "*.json"))  # $SEG2_CACHE is used
-        loss = build_sem_seg_loss(cfg)
-        assert loss.class_weight is None  # building (for inference, say) reads no data
+        loss = build_sem_seg_loss(resolved)
+        torch.testing.assert_close(loss.class_weight, torch.tensor([1, 9 / 7, 4 / 7, 0], dtype=torch.float32))
         logits, t = torch.zeros(1, 4, 1, 2), torch.tensor([[[1, 2]]])
         # uniform logits: every pixel costs ln 4, the weighted mean is ln 4 whatever the weights
         assert float(loss(logits, t)) == pytest.approx(np.log(4), rel=1e-6)
-        torch.testing.assert_close(loss.class_weight, torch.tensor([1, 9 / 7, 4 / 7, 0], dtype=torch.float32))
+        # Built without the resolve step: fine for inference, refused for training.
+        unresolved = build_sem_seg_loss(cfg)
+        with pytest.raises(seg2.Seg2Error, match="CLASS_WEIGHTING='median_frequency'.*resolve"):
+            unresolved(logits, t)
         cfg.DATASETS.TRAIN = ()
         with pytest.raises(seg2.Seg2Error, match="CLASS_WEIGHTING='median_frequency'.*DATASETS.TRAIN"):
-            build_sem_seg_loss(cfg)(logits, t)
+            seg2.resolve_config(cfg)
     finally:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
+
+
+def test_changed_colour_table_recounts(tmp_path):
+    """The cache key covers how the label files are decoded: after correcting a wrong colour
+    table, the counts are those of the new decoding, not the cached ones of the old."""
+    path = str(tmp_path / "rgb.png")
+    rgb = np.zeros((2, 2, 3), np.uint8)
+    rgb[0, 0] = (255, 0, 0)  # one red pixel, three black
+    Image.fromarray(rgb).save(path)
+    wrong = sem_seg_format("rgb", colors=[(255, 0, 0), (0, 0, 0)])  # red is class 0 (wrong)
+    right = sem_seg_format("rgb", colors=[(0, 0, 0), (255, 0, 0)])  # black 0, red 1
+    cache = str(tmp_path / "cache")
+
+    def weights(fmt):
+        records = [{"file_name": "x.jpg", "sem_seg_file_name": path, "sem_seg_format": fmt}]
+        return compute_class_weights(records, 2, "inverse_frequency", cache_dir=cache)
+
+    np.testing.assert_allclose(weights(wrong), [4 / (2 * 1), 4 / (2 * 3)])
+    np.testing.assert_allclose(weights(right), [4 / (2 * 3), 4 / (2 * 1)])
 
 
 def test_camvid_mini_median_frequency_close_to_segnets(tmp_path):

@@ -6,10 +6,10 @@ import re
 
 import pytest
 from detectron2.config import get_cfg
-from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 
 import seg2
+from seg2.data import register_dataset
 from seg2_model_helpers import CONFIGS, base_cfg, tiny_semantic_cfg
 
 # old key -> the key that replaced it
@@ -19,8 +19,19 @@ RENAMED = {
     "SEG2.INPUT.NUM_SEM_SEG_CLASSES": "MODEL.SEM_SEG_HEAD.NUM_CLASSES",
     "SEG2.ROI_POOLER.BOX_AGGREGATION": "MODEL.ROI_BOX_HEAD.POOLER_AGGREGATION",
     "SEG2.ROI_POOLER.MASK_AGGREGATION": "MODEL.ROI_MASK_HEAD.POOLER_AGGREGATION",
+    # Issue 22: seg2's keys that have a natural home on detectron2's nodes moved there.
+    "SEG2.INPUT.PAD_TO_CROP_SIZE": "INPUT.CROP.PAD_TO_SIZE",
+    "SEG2.DATALOADER.MAX_BAD_SAMPLE_SHARE": "DATALOADER.MAX_BAD_SAMPLE_SHARE",
+    "SEG2.SOLVER.NORM_BIAS_HYPERPARAMS": "SOLVER.NORM_BIAS_HYPERPARAMS",
+    "SEG2.TILING.ENABLED": "TEST.TILING.ENABLED",
+    "SEG2.TILING.TILE_SIZE": "TEST.TILING.TILE_SIZE",
+    "SEG2.TILING.STRIDE": "TEST.TILING.STRIDE",
 }
-OLD_VALUES = {"IGNORE_LABEL": 0, "SINGLE_CATEGORY_MAX_AREA": 0.5, "NUM_SEM_SEG_CLASSES": 4}
+OLD_VALUES = {
+    "IGNORE_LABEL": 0, "SINGLE_CATEGORY_MAX_AREA": 0.5, "NUM_SEM_SEG_CLASSES": 4, "PAD_TO_CROP_SIZE": True,
+    "MAX_BAD_SAMPLE_SHARE": 0.1, "NORM_BIAS_HYPERPARAMS": repr("norm"), "ENABLED": True, "TILE_SIZE": 64,
+    "STRIDE": 32,
+}
 BASE = os.path.join(CONFIGS, "quickstart", "unet_tiny_shapes_cpu.yaml")
 
 
@@ -40,9 +51,10 @@ def test_old_key_in_a_yaml_file_names_its_replacement(tmp_path, old):
     with pytest.raises(seg2.Seg2Error) as e:
         seg2.load_seg2_config(path)
     message = str(e.value)
-    assert path in message and RENAMED[old] in message
-    # yacs meets a removed node before its leaves: the message names the node and both new keys.
-    reported = "SEG2.ROI_POOLER" if old.startswith("SEG2.ROI_POOLER.") else old
+    new = RENAMED[old]
+    assert path in message and (new in message or (old.startswith("SEG2.TILING.") and "SEG2.TILING.<KEY> is now TEST.TILING.<KEY>" in message))
+    # yacs meets a removed node before its leaves: the message names the node and the new keys.
+    reported = ".".join(old.split(".")[:2])
     assert f"Key {reported} was renamed to" in message
     if reported == "SEG2.ROI_POOLER":
         assert "MODEL.ROI_BOX_HEAD.POOLER_AGGREGATION" in message and "MODEL.ROI_MASK_HEAD.POOLER_AGGREGATION" in message
@@ -67,7 +79,7 @@ def test_new_keys_take_values():
     ])  # fmt: skip
     assert cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE == 254 and cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA == 0.75
     assert (cfg.MODEL.ROI_BOX_HEAD.POOLER_AGGREGATION, cfg.MODEL.ROI_MASK_HEAD.POOLER_AGGREGATION) == ("max", "avg")
-    assert set(cfg.SEG2.INPUT) == {"PAD_TO_CROP_SIZE"} and "ROI_POOLER" not in cfg.SEG2
+    assert "INPUT" not in cfg.SEG2 and "ROI_POOLER" not in cfg.SEG2 and "TILING" not in cfg.SEG2
 
 
 def test_every_shipped_config_loads():
@@ -84,23 +96,23 @@ def test_every_shipped_config_loads():
 @pytest.fixture(scope="module")
 def dataset_ignoring_zero():
     name = "t_config_keys_ignore_zero"
-    MetadataCatalog.get(name).set(stuff_classes=["a", "b", "c", "d"], thing_classes=["b", "c", "d"], ignore_label=0)
-    return name
+    meta = {"stuff_classes": ["a", "b", "c", "d"], "thing_classes": ["b", "c", "d"], "ignore_label": 0}
+    return register_dataset(name, lambda: [], meta)
 
 
-def test_model_build_checks_the_datasets_ignore_label(dataset_ignoring_zero):
+def test_resolve_step_checks_the_datasets_ignore_label(dataset_ignoring_zero):
     expected = rf"dataset '{dataset_ignoring_zero}' has ignore_label=0 .*MODEL.SEM_SEG_HEAD.IGNORE_VALUE=255"
     cfg = tiny_semantic_cfg("FCNHead", "vgg")
     cfg.DATASETS.TEST = (dataset_ignoring_zero,)
     with pytest.raises(seg2.Seg2Error, match=expected):
-        build_model(cfg)
+        seg2.resolve_config(cfg)
     cfg = base_cfg("quickstart/mask_rcnn_R18_FPN_unet_shapes_cpu.yaml")
     cfg.DATASETS.TRAIN = (dataset_ignoring_zero,)
     with pytest.raises(seg2.Seg2Error, match=expected):
-        build_model(cfg)
+        seg2.resolve_config(cfg)
     cfg = tiny_semantic_cfg("FCNHead", "vgg")
     cfg.DATASETS.TRAIN = ("seg2_shapes_train",)  # ignore_label 255, as every seg2 dataset
-    assert build_model(cfg).sem_seg_head.ignore_value == 255
+    assert build_model(seg2.resolve_config(cfg)).sem_seg_head.ignore_value == 255
 
 
 def test_unknown_head_names_the_registry():

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 from detectron2.config import get_cfg
-from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, BoxMode, PolygonMasks
 from PIL import Image
@@ -13,7 +12,7 @@ from pycocotools import mask as mask_util
 
 import seg2
 from seg2 import Seg2Error
-from seg2.data import MultiTaskDatasetMapper, write_label_map
+from seg2.data import MultiTaskDatasetMapper, register_dataset, write_label_map
 from seg2.data.dataset_mapper import _HAS_SHAPELY, CategoryAreaConstrainedCrop
 
 H, W = 16, 24
@@ -119,9 +118,10 @@ def _cfg(**input_opts):
     cfg.INPUT.RANDOM_FLIP = "none"
     cfg.INPUT.FORMAT = "RGB"
     cfg.MODEL.MASK_ON = True
+    cfg.MODEL.META_ARCHITECTURE = "Seg2MultiTaskRCNN"  # instances and label maps
     cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 4
     for k, v in input_opts.items():
-        node, key = (cfg.SEG2.INPUT, k[5:]) if k.startswith("SEG2_") else (cfg.INPUT, k)
+        node, key = (cfg.INPUT.CROP, k[5:]) if k.startswith("CROP_") else (cfg.INPUT, k)
         setattr(node, key, v)
     return cfg
 
@@ -176,7 +176,7 @@ def test_crop_caps_single_class_share(tmp_path):
 
 
 def test_pad_to_crop_size_pads_label_with_ignore_and_masks_with_background(tmp_path):
-    cfg = _cfg(SEG2_PAD_TO_CROP_SIZE=True, MASK_FORMAT="bitmask")
+    cfg = _cfg(CROP_PAD_TO_SIZE=True, MASK_FORMAT="bitmask")
     cfg.INPUT.CROP.ENABLED, cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE = True, "absolute", [24, 40]
     out = MultiTaskDatasetMapper(cfg, is_train=True)(make_record(tmp_path))
     image, sem, inst = out["image"].numpy(), out["sem_seg"].numpy(), out["instances"]
@@ -187,7 +187,7 @@ def test_pad_to_crop_size_pads_label_with_ignore_and_masks_with_background(tmp_p
     for m, cls in zip(inst.gt_masks.tensor.numpy(), inst.gt_classes.tolist()):
         np.testing.assert_array_equal(m, sem == cls + 1)
     cfg.INPUT.CROP.TYPE = "relative"
-    with pytest.raises(ValueError, match="SEG2.INPUT.PAD_TO_CROP_SIZE needs INPUT.CROP.TYPE='absolute'"):
+    with pytest.raises(Seg2Error, match="INPUT.CROP.PAD_TO_SIZE needs INPUT.CROP.TYPE='absolute'"):
         MultiTaskDatasetMapper(cfg, is_train=True)
 
 
@@ -203,30 +203,14 @@ def test_label_values_checked_against_the_class_count(tmp_path):
     cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 8
     assert MultiTaskDatasetMapper(cfg, is_train=True)(record)["sem_seg"].max() == 255
 
-    # The training datasets' stuff_classes come first (MODEL.SEM_SEG_HEAD.NUM_CLASSES is 4 here).
-    MetadataCatalog.get("t_mapper_eight").set(stuff_classes=[str(i) for i in range(8)])
-    MetadataCatalog.get("t_mapper_four").set(stuff_classes=["a", "b", "c", "d"])
-    MetadataCatalog.get("t_mapper_none")
-    for names, ok in ((("t_mapper_eight",), True), (("t_mapper_four",), False)):
-        cfg = _cfg()
-        cfg.DATASETS.TRAIN = names
-        if ok:
-            MultiTaskDatasetMapper(cfg, is_train=True)(record)
-        else:
-            with pytest.raises(Seg2Error, match="neither a class index"):
-                MultiTaskDatasetMapper(cfg, is_train=True)(record)
-    # Else the semantic head's class count; else an error.
+    # The datasets' stuff_classes are checked against NUM_CLASSES once, by the resolve step
+    # (tests/test_class_counts.py); the mapper takes the plain number.
+    # A model without a semantic output reads no label map (a broken one is not even opened).
     cfg = _cfg()
-    cfg.DATASETS.TRAIN = ("t_mapper_none",)
-    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 7
-    with pytest.raises(Seg2Error, match=r"value\(s\) 7 .*0\.\.6"):
-        MultiTaskDatasetMapper(cfg, is_train=True)(record)
-    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 0
-    with pytest.raises(Seg2Error, match=r"r_label\.png: cannot check its label values.*MODEL.SEM_SEG_HEAD.NUM_CLASSES"):
-        MultiTaskDatasetMapper(cfg, is_train=True)(record)
-    cfg.DATASETS.TRAIN = ("t_mapper_eight", "t_mapper_four")
-    with pytest.raises(Seg2Error, match="different numbers of stuff_classes"):
-        MultiTaskDatasetMapper(cfg, is_train=True)(record)
+    cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
+    Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(record["sem_seg_file_name"])
+    out = MultiTaskDatasetMapper(cfg, is_train=True)(record)
+    assert "sem_seg" not in out and len(out["instances"]) == 3
 
 
 def test_ignore_value_is_the_heads_and_must_match_the_datasets(tmp_path):
@@ -235,7 +219,7 @@ def test_ignore_value_is_the_heads_and_must_match_the_datasets(tmp_path):
     label = np.asarray(Image.open(record["sem_seg_file_name"])).copy()
     label[label == 255] = 254
     write_label_map(label, record["sem_seg_file_name"])
-    cfg = _cfg(SEG2_PAD_TO_CROP_SIZE=True)
+    cfg = _cfg(CROP_PAD_TO_SIZE=True)
     cfg.INPUT.CROP.ENABLED, cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE = True, "absolute", [24, 40]
     with pytest.raises(Seg2Error, match=r"value\(s\) 254 .*nor the ignore label 255"):
         MultiTaskDatasetMapper(cfg, is_train=True)(record)
@@ -249,23 +233,14 @@ def test_ignore_value_is_the_heads_and_must_match_the_datasets(tmp_path):
     assert (sem[VOID] == 254).all() and (sem[H:, :] == 254).all() and (sem[:, W:] == 254).all()
     assert set(np.unique(sem)) == {0, 1, 2, 3, 254}
 
-    # A dataset whose metadata ignore_label differs: an error naming it and the key, when the
-    # mapper is built and, for metadata that a dataset only sets when loaded, on first use.
-    MetadataCatalog.get("t_mapper_ignore_zero").set(stuff_classes=["a", "b", "c", "d"], ignore_label=0)
+    # A dataset whose metadata ignore_label differs: the resolve step names it and the key.
+    register_dataset("t_mapper_ignore_zero", lambda: [], {"stuff_classes": ["a", "b", "c", "d"], "ignore_label": 0})
     cfg.DATASETS.TRAIN = ("t_mapper_ignore_zero",)
     with pytest.raises(Seg2Error, match=r"'t_mapper_ignore_zero' has ignore_label=0 .*MODEL.SEM_SEG_HEAD.IGNORE_VALUE=254"):
-        MultiTaskDatasetMapper(cfg, is_train=True)
-    MetadataCatalog.get("t_mapper_ignore_late").set(stuff_classes=["a", "b", "c", "d"])
-    cfg.DATASETS.TRAIN = ("t_mapper_ignore_late",)
-    mapper = MultiTaskDatasetMapper(cfg, is_train=True)
-    MetadataCatalog.get("t_mapper_ignore_late").set(ignore_label=255)
-    with pytest.raises(Seg2Error, match=r"'t_mapper_ignore_late' has ignore_label=255 .*IGNORE_VALUE: 255"):
-        mapper(record)
-    # The test mapper checks DATASETS.TEST (whose metadata the evaluators read).
-    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (), ("t_mapper_ignore_zero",)
-    MultiTaskDatasetMapper(cfg, is_train=True)
+        seg2.resolve_config(cfg)
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (), ("t_mapper_ignore_zero",)  # evaluated on: as wrong
     with pytest.raises(Seg2Error, match="t_mapper_ignore_zero"):
-        MultiTaskDatasetMapper(cfg, is_train=False)
+        seg2.resolve_config(cfg)
 
 
 def test_label_map_of_wrong_size_or_colour(tmp_path):

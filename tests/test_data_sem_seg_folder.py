@@ -206,12 +206,15 @@ def test_values_beyond_the_class_count(dataset):
     Image.fromarray(bad, mode="L").save(os.path.join(roots["L"][1], "img0.png"))
     with pytest.raises(Seg2Error, match=r"L/img0.png: label map holds value\(s\) 5 in 3 pixel\(s\), which are neither"):
         load_sem_seg_folder(*roots["L"], CLASSES, check_labels=True)
-    # At map time: the training mapper checks against the dataset's stuff_classes.
+    # At map time: the training mapper checks against the class count, which the resolve step
+    # checked against the dataset's stuff_classes.
     register_sem_seg_folder("seg2_test_folder_bad", *roots["L"], CLASSES)
     cfg = get_cfg()
     seg2.add_seg2_config(cfg)
-    cfg.DATASETS.TRAIN = ("seg2_test_folder_bad",)
-    mapper = MultiTaskDatasetMapper(cfg, is_train=True)
+    cfg.MODEL.META_ARCHITECTURE = "Seg2MultiTaskRCNN"  # reads label maps
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = ("seg2_test_folder_bad",), ()
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(CLASSES), len(CLASSES) - 1
+    mapper = MultiTaskDatasetMapper(seg2.resolve_config(cfg), is_train=True)
     with pytest.raises(Seg2Error, match=r"L/img0.png: label map holds value\(s\) 5 in 3 pixel\(s\)"):
         mapper(DatasetCatalog.get("seg2_test_folder_bad")[0])
 
@@ -266,6 +269,7 @@ def test_mapper_reads_every_format_alike(dataset):
     labels, roots = dataset
     cfg = get_cfg()
     seg2.add_seg2_config(cfg)
+    cfg.MODEL.META_ARCHITECTURE = "Seg2MultiTaskRCNN"  # reads label maps
     cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (H,), W
     cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = len(CLASSES)
     mapper = MultiTaskDatasetMapper(cfg, is_train=True)

@@ -53,9 +53,9 @@ SEMANTIC_OPTS = [
     "MODEL.UNET_ENCODER.CHANNELS", "[8, 8, 16]",
     "MODEL.SEM_SEG_HEAD.IN_FEATURES", '["enc1", "enc2", "enc3"]',
     "INPUT.MIN_SIZE_TEST", "0",
-    "SEG2.TILING.ENABLED", "True",
-    "SEG2.TILING.TILE_SIZE", "32",
-    "SEG2.TILING.STRIDE", "24",
+    "TEST.TILING.ENABLED", "True",
+    "TEST.TILING.TILE_SIZE", "32",
+    "TEST.TILING.STRIDE", "24",
 ]
 
 
@@ -127,7 +127,7 @@ def test_demo_instances_json_and_overlay(tiny_shapes_root, tmp_path, capsys):
     weights = _weights(demo.get_parser().parse_args(argv + opts), str(tmp_path / "model"), seed=0)
     status = demo.main(argv + opts + ["MODEL.WEIGHTS", weights])
     printed = capsys.readouterr().out
-    assert status == 1 and "missing.png: no such file" in printed
+    assert status == 1 and "missing.png: cannot read the image (no such file)" in printed
 
     stem = os.path.splitext(os.path.basename(good[0]))[0]
     for suffix in ("overlay_instances", "overlay_semantic", "sem_seg"):
@@ -163,10 +163,10 @@ def test_read_image_bad_and_odd_files(tmp_path):
     ramp = np.array([[1000, 1100, 1200]], np.uint16)
     Image.fromarray(ramp).save(tmp_path / "ramp16.png")
     assert read_image(str(tmp_path / "ramp16.png"), uint16="minmax")[0, :, 0].tolist() == [0, 128, 255]
-    Image.fromarray(np.zeros((3, 3), np.float32)).save(tmp_path / "float.tif")
-    with pytest.raises(Seg2Error, match="float.tif: 32-bit float"):
+    Image.fromarray(np.full((3, 3), 2.5, np.float32)).save(tmp_path / "float.tif")
+    with pytest.raises(Seg2Error, match=r"float.tif: floating-point image with values in \[2.5, 2.5\]"):
         read_image(str(tmp_path / "float.tif"))
-    with pytest.raises(Seg2Error, match="nothing.jpg: no such file"):
+    with pytest.raises(Seg2Error, match=r"nothing.jpg: cannot read the image \(no such file\)"):
         read_image(str(tmp_path / "nothing.jpg"))
 
 

@@ -2,6 +2,7 @@
 the same numbers, detectron2's own otherwise (VOC's AP computed by hand), and the choice is logged."""
 
 import importlib.util
+import json
 import logging
 import os
 
@@ -74,8 +75,11 @@ def test_seg2_evaluators_where_they_compute_the_same(tiny_shapes_root, caplog):
             build_evaluator(_cfg("SemanticSegmentor" if evaluator_type == "coco" else "GeneralizedRCNN"), name, None)
 
 
-def test_coco_panoptic_type_evaluates_what_the_model_predicts(tiny_shapes_root, caplog):
+def test_coco_panoptic_type_evaluates_what_the_model_predicts(tiny_shapes_root, caplog, tmp_path):
     name = _register_shapes(tiny_shapes_root, "seg2_test_build_eval_panoptic", "coco_panoptic_seg")
+    gt_json = tmp_path / "panoptic_val.json"
+    gt_json.write_text(json.dumps({"categories": [{"id": 1, "name": "circle", "isthing": 1}], "annotations": []}))
+    MetadataCatalog.get(name).set(panoptic_json=str(gt_json), panoptic_root=str(tmp_path))
     # PanopticFPN without combining its outputs predicts no panoptic maps
     separate = _cfg("PanopticFPN")
     separate.MODEL.PANOPTIC_FPN.COMBINE.ENABLED = False
@@ -83,14 +87,13 @@ def test_coco_panoptic_type_evaluates_what_the_model_predicts(tiny_shapes_root, 
         both = build_evaluator(separate, name, None)
     assert [type(e).__name__ for e in both._evaluators] == ["MaskAPEvaluator", "MIoUEvaluator"]
     assert "PanopticFPN predicts no panoptic_seg; not evaluated" in caplog.text
-    # With detectron2's default (combined) it does, and gets detectron2's COCOPanopticEvaluator (PQ),
-    # which needs panopticapi.
-    if importlib.util.find_spec("panopticapi") is None:
-        with pytest.raises(Seg2Error, match="COCOPanopticEvaluator, which needs the 'panopticapi' package"):
-            build_evaluator(_cfg("PanopticFPN"), name, None)
-    else:
+    # With detectron2's default (combined) it does: box AP, mask AP, mIoU and PQ in one pass, PQ by
+    # seg2's evaluator (no panopticapi needed).
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=LOGGER):
         ev = build_evaluator(_cfg("PanopticFPN"), name, None)
-        assert [type(e).__name__ for e in ev._evaluators] == ["MaskAPEvaluator", "MIoUEvaluator", "COCOPanopticEvaluator"]
+    assert [type(e).__name__ for e in ev._evaluators] == ["MaskAPEvaluator", "MIoUEvaluator", "Seg2PanopticEvaluator"]
+    assert "panoptic_seg by Seg2PanopticEvaluator (seg2's, the PQ of detectron2's COCOPanopticEvaluator)" in caplog.text
 
 
 def test_keypoints_go_to_detectron2_coco_evaluator(tiny_shapes_root, caplog, tmp_path):

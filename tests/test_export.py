@@ -141,7 +141,7 @@ def test_export_tool_writes_a_model_that_runs(tmp_path):
     export_model.main([
         "--config-file", os.path.join(REPO_ROOT, "configs/quickstart/unet_tiny_shapes_cpu.yaml"),
         "--format", "onnx", "--sample-image", str(tmp_path / "in.png"), "--output", str(out_dir),
-        "MODEL.WEIGHTS", "", "INPUT.MIN_SIZE_TEST", "0",
+        "--allow-random-weights", "MODEL.WEIGHTS", "", "INPUT.MIN_SIZE_TEST", "0",
     ])
     import onnxruntime as ort
 

@@ -9,9 +9,10 @@ from detectron2.modeling import build_model
 from torch.nn import functional as F
 from seg2_model_helpers import base_cfg, tiny_semantic_cfg
 
+import seg2
 from seg2 import Seg2Error
 from seg2.inference import Seg2Predictor, TiledSemSegInference, blend_window, reflect_indices, tile_starts
-from seg2.modeling.meta_arch import mirror_window
+from seg2.modeling.tiling import mirror_window
 
 
 def _model(head, backbone, seed=0):
@@ -116,31 +117,24 @@ def test_one_tile_equals_whole_image_multitask():
     assert torch.equal(tiled, whole)
 
 
-def test_detectron2_semantic_segmentor_is_tiled_through_its_forward():
-    torch.manual_seed(0)
+def test_detectron2_semantic_segmentor_is_refused_tiling():
+    """detectron2's SemanticSegmentor has no tiled inference mode: asking for TEST.TILING is an
+    error naming the meta-architectures that have one (no silent whole-image inference)."""
     cfg = tiny_semantic_cfg("FCNHead", "resnet")
     cfg.MODEL.META_ARCHITECTURE = "SemanticSegmentor"  # detectron2's own, with seg2's FCN head
+    cfg.TEST.TILING.ENABLED = True
+    with pytest.raises(Seg2Error, match="MODEL.META_ARCHITECTURE='SemanticSegmentor' does not tile.*Seg2SemanticSegmentor"):
+        seg2.resolve_config(cfg)
     model = build_model(cfg).eval()
-    assert not hasattr(model, "sem_seg_logits")
-    image = _image(37, 50, seed=4)
-    whole = _whole(model, image)
-    assert torch.equal(TiledSemSegInference(model, tile_size=64, stride=64)(image), whole)
-    # several tiles with context: each is the model's forward on its window, context cropped
-    tiler = TiledSemSegInference(model, tile_size=32, stride=32, blend="average", margin=8)
-    (th, tw), tiles = tiler.tiles(37, 50)
-    assert len(tiles) == 2 * 2 and tiler.context(32) == (8, 8)
-    tiled = tiler(image)
-    assert tiles == [(0, 0), (0, 32), (32, 0), (32, 32)]  # stride = period 32: the last ones reach past
-    # the top-left tile alone covers the image's top-left 32 x 32 pixels
-    window = mirror_window(image, (-8, th + 8), (-8, tw + 8))
-    torch.testing.assert_close(tiled[:, :32, :32], _whole(model, window)[:, 8 : 8 + th, 8 : 8 + tw])
+    with pytest.raises(Seg2Error, match="model='SemanticSegmentor'.*sem_seg_logits"):
+        TiledSemSegInference(model, tile_size=64, stride=64)
 
 
 def test_panoptic_fpn_is_not_tiled():
     cfg = base_cfg("quickstart/mask_rcnn_R18_FPN_fcn8s_shapes_cpu.yaml")
     cfg.MODEL.META_ARCHITECTURE = "PanopticFPN"
     cfg.MODEL.SEM_SEG_HEAD.NAME, cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = "SemSegFPNHead", ["p2", "p3", "p4", "p5"]
-    cfg.SEG2.TILING.ENABLED = True
+    cfg.TEST.TILING.ENABLED = True
     with pytest.raises(Seg2Error, match="MODEL.META_ARCHITECTURE='PanopticFPN'.*Seg2MultiTaskRCNN"):
         Seg2Predictor(cfg)
 
@@ -206,11 +200,11 @@ def test_tiles_equal_stitching_by_hand_and_band_wraps_around():
 
 def test_tiling_config_errors_name_the_key():
     cfg, model = _model("UNetHead", "unet_same")
-    cfg.SEG2.TILING.TILE_SIZE, cfg.SEG2.TILING.STRIDE = 32, 48
-    with pytest.raises(Seg2Error, match="SEG2.TILING.STRIDE=48"):
+    cfg.TEST.TILING.TILE_SIZE, cfg.TEST.TILING.STRIDE = 32, 48
+    with pytest.raises(Seg2Error, match="TEST.TILING.STRIDE=48"):
         TiledSemSegInference(cfg, model)
-    cfg.SEG2.TILING.STRIDE, cfg.SEG2.TILING.BLEND = 16, "median"
-    with pytest.raises(Seg2Error, match="SEG2.TILING.BLEND='median'"):
+    cfg.TEST.TILING.STRIDE, cfg.TEST.TILING.BLEND = 16, "median"
+    with pytest.raises(Seg2Error, match="TEST.TILING.BLEND='median'"):
         TiledSemSegInference(cfg, model)
 
 
@@ -219,7 +213,7 @@ def test_predictor_tiled_equals_whole_and_takes_gray_and_16bit():
     cfg = tiny_semantic_cfg("UNetHead", "unet_same")
     cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 0, 4096  # native resolution
     whole = Seg2Predictor(cfg)
-    cfg.SEG2.TILING.ENABLED, cfg.SEG2.TILING.TILE_SIZE, cfg.SEG2.TILING.STRIDE = True, 64, 48
+    cfg.TEST.TILING.ENABLED, cfg.TEST.TILING.TILE_SIZE, cfg.TEST.TILING.STRIDE = True, 64, 48
     tiled = Seg2Predictor(cfg)
     tiled.model.load_state_dict(whole.model.state_dict())
     gray = np.random.default_rng(0).integers(0, 256, (30, 41), dtype=np.uint8)
@@ -237,7 +231,7 @@ def test_predictor_tiled_multitask_keeps_whole_image_instances():
     cfg = base_cfg("quickstart/mask_rcnn_R18_FPN_fcn8s_shapes_cpu.yaml")
     cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 0, 4096  # native resolution
     whole = Seg2Predictor(cfg)
-    cfg.SEG2.TILING.ENABLED, cfg.SEG2.TILING.TILE_SIZE, cfg.SEG2.TILING.STRIDE = True, 64, 64
+    cfg.TEST.TILING.ENABLED, cfg.TEST.TILING.TILE_SIZE, cfg.TEST.TILING.STRIDE = True, 64, 64
     tiled = Seg2Predictor(cfg)
     tiled.model.load_state_dict(whole.model.state_dict())
     image = np.random.default_rng(1).integers(0, 256, (40, 56, 3), dtype=np.uint8)
@@ -252,10 +246,10 @@ def test_predictor_resizes_back_and_rejects_tiling_without_sem_seg():
     torch.manual_seed(0)
     cfg = tiny_semantic_cfg("FCNHead", "vgg")
     cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 64, 64
-    cfg.SEG2.TILING.ENABLED, cfg.SEG2.TILING.TILE_SIZE, cfg.SEG2.TILING.STRIDE = True, 32, 32
+    cfg.TEST.TILING.ENABLED, cfg.TEST.TILING.TILE_SIZE, cfg.TEST.TILING.STRIDE = True, 32, 32
     out = Seg2Predictor(cfg)(np.zeros((20, 30, 3), np.uint8))
     assert out["sem_seg"].shape == (4, 20, 30)
     cfg = base_cfg("quickstart/mask_rcnn_R18_FPN_shapes_cpu.yaml")
-    cfg.SEG2.TILING.ENABLED = True
-    with pytest.raises(Seg2Error, match="SEG2.TILING.ENABLED"):
+    cfg.TEST.TILING.ENABLED = True
+    with pytest.raises(Seg2Error, match="TEST.TILING.ENABLED"):
         Seg2Predictor(cfg)

@@ -32,6 +32,7 @@ def _semantic(seed=0):
 
 def _aug(cfg, min_sizes, flip, max_size=1000):
     cfg.TEST.AUG.ENABLED, cfg.TEST.AUG.MIN_SIZES, cfg.TEST.AUG.MAX_SIZE, cfg.TEST.AUG.FLIP = True, min_sizes, max_size, flip
+    cfg.TEST.AUG.SCALE_RATIOS = ()  # sizes in pixels (detectron2's keys)
     return cfg
 
 
@@ -83,12 +84,16 @@ def test_multi_scale_flip_tta_is_the_average_by_hand():
 
 
 def test_tta_tiles_each_scale():
-    cfg, model = _semantic(3)
+    """Tiling is the model's inference mode: TTA of a model built with TEST.TILING tiles every
+    augmented scale."""
+    cfg, whole_model = _semantic(3)
     _aug(cfg, (40, 56), True)
-    cfg.SEG2.TILING.ENABLED, cfg.SEG2.TILING.TILE_SIZE, cfg.SEG2.TILING.STRIDE = True, 32, 16
-    cfg.SEG2.TILING.BLEND, cfg.SEG2.TILING.BATCH_SIZE = "linear", 2
+    cfg.TEST.TILING.ENABLED, cfg.TEST.TILING.TILE_SIZE, cfg.TEST.TILING.STRIDE = True, 32, 16
+    cfg.TEST.TILING.BLEND, cfg.TEST.TILING.BATCH_SIZE = "linear", 2
+    model = build_model(cfg).eval()
+    model.load_state_dict(whole_model.state_dict())
+    assert isinstance(model.tiler, TiledSemSegInference)
     tta = build_tta_model(cfg, model)
-    assert isinstance(tta.tiler, TiledSemSegInference)
     image = _image(40, 52, seed=3)
     out = tta([{"image": image, "height": 40, "width": 52}])[0]["sem_seg"]
     tiler = TiledSemSegInference(model, tile_size=32, stride=16, batch_size=2, blend="linear")
@@ -101,8 +106,30 @@ def test_tta_tiles_each_scale():
             expected += sem_seg_postprocess(logits.flip(-1) if flip else logits, x.shape[-2:], 40, 52)
     torch.testing.assert_close(out, expected / 4, rtol=1e-5, atol=1e-5)
     # tiles differ from whole images here: the tiled TTA is not the untiled one
-    cfg.SEG2.TILING.ENABLED = False
-    assert not torch.allclose(out, build_tta_model(cfg, model)([{"image": image, "height": 40, "width": 52}])[0]["sem_seg"])
+    untiled = build_tta_model(cfg, whole_model)([{"image": image, "height": 40, "width": 52}])[0]["sem_seg"]
+    assert not torch.allclose(out, untiled)
+
+
+def test_tta_scale_ratios_are_relative_to_the_test_size():
+    """TEST.AUG.SCALE_RATIOS scale the test size (MMSegmentation's img_ratios): a 40-px test
+    size gives 20..70-px scales, not detectron2's 400-1200-px COCO scales; giving both
+    SCALE_RATIOS and MIN_SIZES is an error naming both keys."""
+    cfg, model = _semantic(1)
+    cfg.TEST.AUG.ENABLED, cfg.TEST.AUG.FLIP = True, False
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 40, 1000
+    tta = build_tta_model(cfg, model)
+    image = _image(40, 52, seed=2)
+    sizes = [tuple(x["image"].shape[-2:]) for x in tta.tta_mapper({"image": image, "height": 40, "width": 52})]
+    # 40 x 52 at ratios 0.5 .. 1.75, rounded as int(x + 0.5)
+    assert sizes == [(20, 26), (30, 39), (40, 52), (50, 65), (60, 78), (70, 91)]
+    cfg.INPUT.MIN_SIZE_TEST = 0  # native resolution: ratios of the image's own size
+    cfg.TEST.AUG.SCALE_RATIOS = (1.0, 2.0)
+    tta = build_tta_model(cfg, model)
+    sizes = [tuple(x["image"].shape[-2:]) for x in tta.tta_mapper({"image": image, "height": 40, "width": 52})]
+    assert sizes == [(40, 52), (80, 104)]
+    cfg.TEST.AUG.MIN_SIZES = (288, 360)
+    with pytest.raises(Seg2Error, match="TEST.AUG.SCALE_RATIOS=.*TEST.AUG.MIN_SIZES=.*both"):
+        build_tta_model(cfg, model)
 
 
 def test_multitask_tta_instances_by_detectron2_and_semantic_by_seg2():

@@ -205,8 +205,6 @@ def test_build_from_config():
         ({"CLASS_WEIGHT": [1.0, 2.0]}, "MODEL.SEM_SEG_HEAD.CLASS_WEIGHT=[1.0, 2.0]"),
         ({"CLASS_WEIGHT": [1.0, float("nan"), 1.0]}, "MODEL.SEM_SEG_HEAD.CLASS_WEIGHT="),
         ({"CLASS_WEIGHT": [0.0, 0.0, 0.0]}, "not all 0"),
-        ({"CLASS_WEIGHTING": "median"}, "MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING='median'"),
-        ({"CLASS_WEIGHTING": "median_frequency", "CLASS_WEIGHT": [1.0, 1.0, 1.0]}, "not both"),
         ({"LOSS_TYPE": "dice", "CLASS_WEIGHT": [1.0, 1.0, 1.0]}, "LOSS_TYPE='dice' has no term it weights"),
         ({"CLASS_WEIGHT_NORMALIZATION": "count"}, "MODEL.SEM_SEG_HEAD.CLASS_WEIGHT_NORMALIZATION='count'"),
     ],
@@ -214,3 +212,12 @@ def test_build_from_config():
 def test_bad_config_names_the_key(sem, key):
     with pytest.raises(seg2.Seg2Error, match=re.escape(key)):
         build_sem_seg_loss(_cfg(**sem))
+
+
+def test_bad_class_weighting_is_named_by_the_resolve_step():
+    cfg = _cfg(CLASS_WEIGHTING="median")
+    cfg.MODEL.META_ARCHITECTURE = "Seg2SemanticSegmentor"
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = ("seg2_shapes_train",), ()
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 4
+    with pytest.raises(seg2.Seg2Error, match=re.escape("MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING='median'")):
+        seg2.resolve_config(cfg)

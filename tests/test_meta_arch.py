@@ -8,7 +8,7 @@ from detectron2.utils.events import EventStorage
 
 import seg2
 from seg2.modeling import META_ARCH_TASKS, model_tasks
-from seg2.modeling.meta_arch import mirror_window
+from seg2.modeling.tiling import mirror_window
 from seg2_model_helpers import base_cfg, load_records, mapped_inputs, one_thread, tiny_semantic_cfg  # noqa: F401
 
 
@@ -205,10 +205,11 @@ def test_num_classes_mismatch_with_dataset_metadata():
     cfg = _fcn_cfg()
     cfg.DATASETS.TRAIN = ("seg2_shapes_train",)  # 4 stuff_classes
     cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 21
+    # The resolve step checks the config against the datasets, before anything is built.
     with pytest.raises(seg2.Seg2Error, match=r"MODEL\.SEM_SEG_HEAD\.NUM_CLASSES=21 but dataset 'seg2_shapes_train' has 4"):
-        build_model(cfg)
+        seg2.resolve_config(cfg)
     cfg = _tiny_multitask_cfg()
     cfg.DATASETS.TRAIN = ("seg2_shapes_train",)  # 3 thing_classes
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = 80
     with pytest.raises(seg2.Seg2Error, match=r"MODEL\.ROI_HEADS\.NUM_CLASSES=80"):
-        build_model(cfg)
+        seg2.resolve_config(cfg)

@@ -279,35 +279,6 @@ def test_sync_batch_norm_branches_train_on_mixed_targets(other_runs):
         assert any(not torch.equal(a[k], init[k[len("module."):]]) for k in a if k.startswith("module." + prefix))
 
 
-def test_benchmark_tool_checks_and_times_the_step(tiny_shapes_root, tmp_path):
-    """tools/benchmark_multitask_step.py: "before" (the reference forward) and "after" give the
-    same losses on a batch with both targets (checked by the tool), then every variant is timed."""
-    import importlib.util
-    import json
-
-    name = "seg2_test_multitask_step"
-    register_tiny_shapes(name, tiny_shapes_root, "train")
-    path = os.path.join(REPO_ROOT, "tools", "benchmark_multitask_step.py")
-    spec = importlib.util.spec_from_file_location("benchmark_multitask_step", path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    out = tmp_path / "step.json"
-    tool.main([
-        "--warmup", "0", "--repeats", "1", "--json", str(out),
-        "DATASETS.TRAIN", f"('{name}',)", "SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(64,)",
-        "INPUT.MAX_SIZE_TRAIN", "64", "MODEL.FPN.OUT_CHANNELS", "16", "MODEL.ROI_BOX_HEAD.FC_DIM", "32",
-        "MODEL.ROI_MASK_HEAD.CONV_DIM", "8",
-    ])
-    result = json.loads(out.read_text())
-    assert result["images_per_batch"] == 2 and result["image_size"] == [64, 64]
-    assert set(result["both_targets"]) == {"before", "after, 1 process", "after, several processes",
-                                           "DDP find_unused=False", "DDP find_unused=True"}
-    assert set(result["semantic_only"]) == {"before", "after, several processes"}
-    for part in ("both_targets", "semantic_only"):
-        assert result[part]["before"]["ratio_to_before"] == 1.0
-        assert all(v["median_s"] > 0 for v in result[part].values())
-
-
 def test_train_loader_mixes_instance_and_semantic_only_datasets(tiny_shapes_root):
     """DATASETS.TRAIN with an instance-only dataset first and a semantic-only one second (detectron2's
     own loader fails on this: it filters every record as if it had "annotations")."""

@@ -13,7 +13,7 @@ from detectron2.engine import SimpleTrainer
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model, build_roi_heads
 from detectron2.utils.env import seed_all_rng
-from seg2_model_helpers import register_tiny_shapes
+from seg2_model_helpers import import_tool, register_tiny_shapes
 
 import seg2
 from seg2.data import MultiTaskDatasetMapper
@@ -125,7 +125,7 @@ def test_c4_rejects_a_mask_aggregation_it_cannot_use():
 
 
 def test_ablation_tool_refuses_variants_trained_differently(tmp_path):
-    from seg2.engine import ablation as tool
+    tool = import_tool("ablation.runner")
 
     pool, align = SHAPES_CONFIGS[3], SHAPES_CONFIGS[0]  # roipool, roialign_avg
     same = {n: tool.variant_cfg(p, [], str(tmp_path), seed=1) for n, p in (("pool", pool), ("align", align))}
@@ -138,7 +138,7 @@ def test_ablation_tool_refuses_variants_trained_differently(tmp_path):
 
 
 def test_ablation_tool_reads_the_last_session_of_a_resumed_run(tmp_path):
-    from seg2.engine import ablation as tool
+    tool = import_tool("ablation.runner")
 
     # a first session stopped at iteration 59; the restart from scratch reached 99
     records = [(19, 9.0), (39, 9.0), (59, 9.0), (19, 1.0), (39, 2.0), (59, 3.0), (79, 4.0), (99, 5.0)]

@@ -11,7 +11,8 @@ from test_train_net import _register_tiny, _run_cli, _tiny_cfg
 
 from seg2 import Seg2Error
 from seg2.engine import Trainer
-from seg2.engine.resume import Seg2Checkpointer, trim_metrics_json
+from seg2.checkpoint import Seg2Checkpointer
+from seg2.engine.resume import trim_metrics_json
 from seg2.inference import Seg2Predictor
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 import seg2
 from seg2_model_helpers import CONFIGS, base_cfg, one_thread, tiny_semantic_cfg  # noqa: F401  (fixture)
-from seg2.engine import build_optimizer  # the Trainer's (SEG2.SOLVER.NORM_BIAS_HYPERPARAMS)
+from seg2.engine import build_optimizer  # the Trainer's (SOLVER.NORM_BIAS_HYPERPARAMS)
 
 # Every config under configs/ except the _BASE_-only files (Base-*.yaml), found anew on each run.
 SHIPPED = sorted(
@@ -89,9 +89,12 @@ def test_shipped_config_trains_one_step_and_infers(config, label_datasets, tmp_p
     """The model of ``config`` with its own solver: one training step on random 64x64 images
     (finite loss, parameters move), then inference of one image at its size."""
     cfg = shipped_cfg(config)
-    if cfg.MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING:  # computed from DATASETS.TRAIN on the first step
+    if cfg.MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING:  # counted from DATASETS.TRAIN by the resolve step
         monkeypatch.setenv("SEG2_CACHE", str(tmp_path / "cache"))
         cfg.DATASETS.TRAIN = (label_datasets(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES),)
+        cfg.DATASETS.TEST, cfg.SEG2.BEST_CHECKPOINT.TEST_DATASETS = (), ()
+        cfg = seg2.resolve_config(cfg)
+        assert len(cfg.MODEL.SEM_SEG_HEAD.CLASS_WEIGHT) == cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
     torch.manual_seed(0)
     model = build_model(cfg)
     optimizer = build_optimizer(cfg, model)

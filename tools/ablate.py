@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """
-Ablation studies (seg2.engine.ablation): train and evaluate every config variant under one
+Ablation studies (the harness is tools/ablation/): train and evaluate every config variant under one
 protocol, over several seeds, and report mean ± std per variant.
 
     # the Mask R-CNN RoI pooler ablation on seg2_shapes, CPU, 5 seeds (6 variants)
@@ -17,8 +17,11 @@ protocol, over several seeds, and report mean ± std per variant.
 Trailing KEY VALUE pairs apply to every variant (also right after --seeds). The study (which keys may differ between the
 variants, which metrics to report) is chosen from the configs (--study auto) or named. Running the
 same command again resumes: finished runs are read back, an unfinished one resumes from its last
-checkpoint. Outputs in --output-dir: ablation.md, ablation.json, ablation.png, rewritten after every
-run; --report-only rewrites them from the finished runs without training (while a study runs).
+checkpoint, each only where its recorded setting (merged config, seed, seg2 version and git commit,
+detectron2 version) is the one asked for now; another setting in the same --output-dir is refused,
+naming the folder and the keys (--rerun-changed moves such folders aside and runs them again).
+Outputs in --output-dir: ablation.md, ablation.json, ablation.png, rewritten after every run;
+--report-only rewrites them from the finished runs without training (while a study runs).
 """
 
 import argparse
@@ -26,12 +29,13 @@ import glob
 import os
 import sys
 
+from ablation.report import STUDIES
+from ablation.runner import run_ablation
 from detectron2.engine import launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import seg2
-from seg2.engine.ablation import STUDIES, run_ablation
 from seg2.utils.cli import add_debug_argument, run_tool
 
 
@@ -46,7 +50,8 @@ def main(args):
         configs += matches
     command = " ".join(["python3"] + sys.argv)
     run_ablation(
-        configs, args.seeds, args.output_dir, args.opts, study=args.study, command=command, report_only=args.report_only
+        configs, args.seeds, args.output_dir, args.opts, study=args.study, command=command,
+        report_only=args.report_only, rerun_changed=args.rerun_changed,
     )  # fmt: skip
 
 
@@ -66,6 +71,11 @@ def parse_args(argv=None, default_configs=None):
     parser.add_argument(
         "--report-only", action="store_true",
         help="train nothing: write the report from the runs finished so far (e.g. while the study runs)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--rerun-changed", action="store_true",
+        help="a run folder made with another setting (config, seed, code version) is moved aside to "
+        "<folder>.old<k> and run again (default: refuse, naming the folder and the keys that differ)",
     )  # fmt: skip
     add_debug_argument(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE pairs applied to every variant")

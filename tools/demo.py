@@ -13,7 +13,7 @@ and for models that predict instances, ``instances_coco.json`` (COCO format, wit
 A file that cannot be read or run is reported at the end; the others are still written; the
 exit status is 1 when any failed. Files in an input folder whose extension is not an image's are
 skipped, and listed as such. A seg2 error of the setup (config, weights) ends it with one line
-``seg2: error: ...`` and exit status 1 (``--debug``: with its traceback). Large images: ``SEG2.TILING.ENABLED True INPUT.MIN_SIZE_TEST 0``.
+``seg2: error: ...`` and exit status 1 (``--debug``: with its traceback). Large images: ``TEST.TILING.ENABLED True INPUT.MIN_SIZE_TEST 0``.
 """
 
 import argparse

@@ -16,33 +16,37 @@ gives and the measured numerics: docs/export.md. The logic is in :mod:`seg2.expo
 import argparse
 import json
 import logging
-import os
-import sys
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
-from detectron2.data import build_detection_test_loader, detection_utils
+from detectron2.data import build_detection_test_loader
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import seg2  # noqa: E402
-from seg2.export import FORMATS, compare_with_eager, export_scripting, export_tracing, load_exported  # noqa: E402
-from seg2.utils.benchmark import time_round_robin  # noqa: E402
-from seg2.utils import Seg2Error  # noqa: E402
+from benchmarks.timing import time_round_robin  # tools/benchmarks/timing.py
+
+import seg2
+from seg2.data import MultiTaskDatasetMapper, read_image
+from seg2.export import (
+    FORMATS,
+    compare_with_eager,
+    export_scripting,
+    export_tracing,
+    load_exported,
+    load_weights_for_export,
+)
+from seg2.utils import Seg2Error
+from seg2.utils.cli import add_debug_argument, check_device, run_tool
 
 logger = logging.getLogger("seg2.export")
 
 
 def setup_cfg(args):
-    cfg = get_cfg()
+    cfg = seg2.load_seg2_config(args.config_file, args.opts)
     cfg.DATALOADER.NUM_WORKERS = 0
-    seg2.add_seg2_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = seg2.resolve_config(cfg, class_weights=False)
     cfg.freeze()
+    check_device(cfg.MODEL.DEVICE)
     return cfg
 
 
@@ -52,8 +56,9 @@ def sample_image(cfg, path):
     if path is None:
         if not cfg.DATASETS.TEST:
             raise Seg2Error("no --sample-image and DATASETS.TEST is empty: give an image to trace on")
-        return next(iter(build_detection_test_loader(cfg, cfg.DATASETS.TEST[0])))[0]["image"].float()
-    image = detection_utils.read_image(path, format=cfg.INPUT.FORMAT)
+        mapper = MultiTaskDatasetMapper(cfg, False)
+        return next(iter(build_detection_test_loader(cfg, cfg.DATASETS.TEST[0], mapper=mapper)))[0]["image"].float()
+    image = read_image(path, format=cfg.INPUT.FORMAT)
     if cfg.INPUT.MIN_SIZE_TEST > 0:
         aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
         image = aug.get_transform(image).apply_image(image)
@@ -88,15 +93,22 @@ def main(argv=None):
     parser.add_argument("--benchmark", type=int, default=0, metavar="N",
                         help="with --check: time N calls of eager and exported, side by side (CPU)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads of torch and onnxruntime (0: default)")
+    parser.add_argument("--allow-random-weights", action="store_true",
+                        help="export even with MODEL.WEIGHTS empty (a randomly initialised model)")
+    add_debug_argument(parser)
     parser.add_argument("opts", default=None, nargs=argparse.REMAINDER, help="config overrides, KEY VALUE ...")
     args = parser.parse_args(argv)
+    return run_tool(export, args, debug=args.debug)
+
+
+def export(args):
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     setup_logger(name="seg2")
     setup_logger()
     cfg = setup_cfg(args)
     model = build_model(cfg)
-    DetectionCheckpointer(model).resume_or_load(cfg.MODEL.WEIGHTS)
+    load_weights_for_export(model, cfg.MODEL.WEIGHTS, allow_random=args.allow_random_weights)
     model.eval()
     if args.export_method == "scripting":
         if args.format != "torchscript":
@@ -114,7 +126,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Seg2Error as e:
-        sys.exit(f"seg2: error: {e}")
+    main()

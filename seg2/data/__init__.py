@@ -25,6 +25,7 @@ from .catalog import check_dataset_names, register_dataset
 from .coco import load_coco_sem_seg, load_coco_with_sem_seg, register_coco_sem_seg, register_coco_with_sem_seg
 from .coco_json import check_coco_json
 from .dataset_mapper import MultiTaskDatasetMapper
+from .image import UINT16_MODES, read_image, to_uint8_image
 from .label_map import check_label_values, read_label_map, read_sem_seg, write_label_map
 from .label_map import IGNORE_LABEL, sem_seg_format
 from .sem_seg_cache import coco_sem_seg_map, generate_coco_sem_seg
@@ -85,4 +86,7 @@ __all__ = [
     "register_voc_sem_seg",
     "voc_metadata",
     "write_label_map",
+    "UINT16_MODES",
+    "read_image",
+    "to_uint8_image",
 ]

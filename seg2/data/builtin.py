@@ -19,7 +19,7 @@ import os
 
 from detectron2.data import MetadataCatalog
 
-from .coco import IGNORE_LABEL as COCO_IGNORE_LABEL
+
 from .catalog import register_dataset
 from .coco import load_coco_with_sem_seg, register_coco_sem_seg
 from ..utils import Seg2Error
@@ -142,7 +142,7 @@ def _coco_semantic_metadata():
         "thing_dataset_id_to_contiguous_id": dict(things.thing_dataset_id_to_contiguous_id),
         "stuff_classes": ["background"] + list(things.thing_classes),
         "stuff_colors": [(0, 0, 0)] + [tuple(c) for c in things.thing_colors],
-        "ignore_label": COCO_IGNORE_LABEL,
+        "ignore_label": IGNORE_LABEL,
     }
 
 

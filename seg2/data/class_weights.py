@@ -13,11 +13,16 @@ Methods (``MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING``):
 Pixels labelled ``ignore_label`` count nowhere. A class that never appears gets weight 0 and a
 warning (it has no pixel to weight; no NaN or infinity). The counts are computed once (each label
 map read by :func:`seg2.data.read_sem_seg`) and cached, as JSON, in ``cache_dir``: ``$SEG2_CACHE``
-or else ``~/.cache/seg2``, subfolder ``class_weights``. A cache entry is keyed by the dataset
-names, every label file's path and SHA-256 (its bytes, not its size or modification time), the
-class count and the ignore label, so changing a label file in any way recomputes it; hashing is
-much cheaper than decoding the maps. Delete the folder to clear it. Both methods derive from
-the same counts, so the method is not part of the key.
+or else ``~/.cache/seg2``, subfolder ``class_weights``. A cache entry is keyed by everything
+that changes the counts: the dataset names, every label file's path and SHA-256 (its bytes, not
+its size or modification time) and how it is decoded (its record's ``sem_seg_format``: index or
+RGB, the colour table, the void values), the class count and the ignore label. Changing a
+label file in any way, or correcting a colour table, recomputes it; hashing is much cheaper
+than decoding the maps. Delete the folder to clear it. Both methods derive from the same
+counts, so the method is not part of the key.
+
+The weights are computed once per run by the resolve step (:func:`seg2.resolve_config`), before
+the model is built, and handed to the loss as plain numbers (``MODEL.SEM_SEG_HEAD.CLASS_WEIGHT``).
 """
 
 import hashlib
@@ -32,7 +37,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils import comm
 from tabulate import tabulate
 
-from ..utils import Seg2Error
+from ..constants import IGNORE_LABEL
+from ..utils import InvalidArgument, Seg2Error
 from ..utils.files import atomic_write, file_sha256, remove_stale_tmp_files
 from ..utils.progress import log_progress
 from .label_map import check_label_values, read_sem_seg
@@ -44,15 +50,14 @@ __all__ = [
     "inverse_frequency_weights",
     "compute_class_weights",
     "class_weights_for_datasets",
-    "class_weights_from_config",
     "default_cache_dir",
 ]
 
 logger = logging.getLogger(__name__)
 
 CLASS_WEIGHTINGS = ("median_frequency", "inverse_frequency")
-# 2: keyed on the label files' SHA-256 (1 was their size and modification time).
-_CACHE_VERSION = 2
+# 3: keyed on how each label file is decoded too (2: its SHA-256 only; 1: size and mtime).
+_CACHE_VERSION = 3
 _PROGRESS_SECONDS = 10.0
 
 
@@ -63,7 +68,7 @@ def default_cache_dir() -> str:
 
 # ---- counts and weights -------------------------------------------------------------------------
 def class_pixel_counts(
-    label_maps: Iterable[Tuple[str, np.ndarray]], num_classes: int, ignore_label: int = 255
+    label_maps: Iterable[Tuple[str, np.ndarray]], num_classes: int, ignore_label: int = IGNORE_LABEL
 ) -> Tuple[np.ndarray, np.ndarray]:
     """
     Args:
@@ -116,11 +121,10 @@ def inverse_frequency_weights(pixels: np.ndarray) -> np.ndarray:
 
 
 def _weights_from_counts(pixels, image_pixels, method: str) -> np.ndarray:
+    """The weights of ``method`` (checked by :func:`compute_class_weights`)."""
     if method == "median_frequency":
         return median_frequency_weights(pixels, image_pixels)
-    if method == "inverse_frequency":
-        return inverse_frequency_weights(pixels)
-    raise Seg2Error(f"unknown class weighting {method!r}; choose one of {list(CLASS_WEIGHTINGS)}")
+    return inverse_frequency_weights(pixels)
 
 
 # ---- the cached computation over dataset records ------------------------------------------------
@@ -132,7 +136,8 @@ def _cache_path(records: List[dict], num_classes: int, ignore_label: int, datase
             digest = file_sha256(path)
         except OSError as e:
             raise Seg2Error(f"{path}: cannot read the label map of {r.get('file_name', 'a record')} ({e})") from e
-        files.append([os.path.abspath(path), digest])
+        # How the file is decoded (index values or a colour table, void values) changes the counts.
+        files.append([os.path.abspath(path), digest, r.get("sem_seg_format")])
     key = json.dumps([_CACHE_VERSION, list(dataset_names), num_classes, ignore_label, files])
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]
     return os.path.join(cache_dir, "class_weights", f"{digest}.json")
@@ -233,7 +238,7 @@ def compute_class_weights(
     num_classes: int,
     method: str = "median_frequency",
     *,
-    ignore_label: int = 255,
+    ignore_label: int = IGNORE_LABEL,
     class_names: Optional[Sequence[str]] = None,
     dataset_names: Sequence[str] = (),
     cache_dir: Optional[str] = None,
@@ -255,7 +260,7 @@ def compute_class_weights(
         float64 array of ``num_classes`` weights (0 for classes that never appear).
     """
     if method not in CLASS_WEIGHTINGS:
-        raise Seg2Error(f"unknown class weighting {method!r}; choose one of {list(CLASS_WEIGHTINGS)}")
+        raise InvalidArgument("method", method, f"one of {list(CLASS_WEIGHTINGS)}")
     labelled = [r for r in records if r.get("sem_seg_file_name")]
     if not labelled:
         raise Seg2Error(f"class weights: no record of {list(dataset_names) or 'the records'} has a semantic label map")
@@ -282,7 +287,7 @@ def class_weights_for_datasets(
     num_classes: int,
     method: str = "median_frequency",
     *,
-    ignore_label: int = 255,
+    ignore_label: int = IGNORE_LABEL,
     cache_dir: Optional[str] = None,
 ) -> np.ndarray:
     """:func:`compute_class_weights` over the records of registered datasets. In a distributed
@@ -298,16 +303,3 @@ def class_weights_for_datasets(
     weights = compute_class_weights(records, num_classes, method, **kwargs) if comm.get_local_rank() == 0 else None
     comm.synchronize()
     return weights if weights is not None else compute_class_weights(records, num_classes, method, **kwargs)
-
-
-def class_weights_from_config(cfg) -> np.ndarray:
-    """The ``MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING`` weights of ``DATASETS.TRAIN`` (``NUM_CLASSES``
-    classes, ``MODEL.SEM_SEG_HEAD.IGNORE_VALUE`` ignored, as the mapper and the loss do)."""
-    sem = cfg.MODEL.SEM_SEG_HEAD
-    names = tuple(cfg.DATASETS.TRAIN)
-    if not names:
-        raise Seg2Error(
-            f"MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING={sem.CLASS_WEIGHTING!r} computes the weights from DATASETS.TRAIN, "
-            "which is empty"
-        )
-    return class_weights_for_datasets(names, sem.NUM_CLASSES, sem.CLASS_WEIGHTING, ignore_label=sem.IGNORE_VALUE)

@@ -18,7 +18,8 @@ from ..utils.files import file_sha256
 from .catalog import register_dataset
 from .coco_json import check_coco_json as _check_coco_json
 from .label_map import label_map_size, warn_ignore_only_sample
-from .sem_seg_cache import IGNORE_LABEL, label_map_path
+from ..constants import IGNORE_LABEL
+from .sem_seg_cache import label_map_path
 from .sem_seg_cache import generate_coco_sem_seg as _generate_coco_sem_seg
 
 __all__ = [
@@ -75,7 +76,7 @@ def _check_image_files(records: List[dict], json_file: str):
     text file named .jpg or an image of another size is an error naming it now, not a crash in
     training (detectron2's SizeMismatchError) or a wrong box scale.
     Reads the first bytes of each file only: 0.12-0.14 ms per image, 1.2-1.4 s per 10,000 images
-    on a warm page cache, about twice the JSON loading itself (tools/benchmark_image_check.py);
+    on a warm page cache, about twice the JSON loading itself (tools/benchmarks/benchmark_image_check.py);
     ``check_images=False`` skips it. A truncated image body is found when the mapper decodes it."""
     for r in records:
         path = r["file_name"]

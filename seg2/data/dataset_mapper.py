@@ -3,52 +3,29 @@
 import copy
 import importlib.util
 import logging
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
 from detectron2.config import configurable
-from detectron2.data import DatasetMapper, MetadataCatalog
+from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.utils.logger import log_first_n
 
-from ..utils import Seg2Error, UnreadableFileError
+from ..tasks import META_ARCH_TASKS, model_tasks
+from ..constants import IGNORE_LABEL
+from ..utils import InvalidArgument, Seg2Error, UnreadableFileError, name_config_keys
+from .image import read_image_with_orientation
 from .label_map import check_label_values, read_sem_seg
 
-__all__ = ["MultiTaskDatasetMapper", "CategoryAreaConstrainedCrop", "check_ignore_value", "read_image_file"]
+__all__ = ["MultiTaskDatasetMapper", "CategoryAreaConstrainedCrop"]
 
 logger = logging.getLogger(__name__)
 
 # fvcore crops polygons with shapely, an optional dependency of detectron2 that DatasetMapper
 # fails without; without it, polygons of a cropped image are rasterised first.
 _HAS_SHAPELY = importlib.util.find_spec("shapely") is not None
-
-
-def check_ignore_value(ignore_value: int, dataset_names: Sequence[str]):
-    """
-    A :class:`Seg2Error` when a registered dataset of ``dataset_names`` marks unlabelled pixels
-    with a metadata ``ignore_label`` (which the evaluators skip) other than ``ignore_value``, the
-    config's ``MODEL.SEM_SEG_HEAD.IGNORE_VALUE`` (which the mapper and the semantic loss skip).
-    """
-    registered = set(MetadataCatalog.list())
-    for name in dataset_names:
-        ignore = MetadataCatalog.get(name).get("ignore_label", None) if name in registered else None
-        if ignore is not None and ignore != ignore_value:
-            raise Seg2Error(
-                f"dataset {name!r} has ignore_label={ignore} in its metadata but MODEL.SEM_SEG_HEAD.IGNORE_VALUE="
-                f"{ignore_value}: the loss would train on the pixels its metrics skip; set "
-                f"MODEL.SEM_SEG_HEAD.IGNORE_VALUE: {ignore} (or correct the dataset's metadata)"
-            )
-
-
-def read_image_file(path: str, image_format: Optional[str] = None) -> np.ndarray:
-    """detectron2's ``read_image`` (EXIF orientation applied), an :class:`UnreadableFileError`
-    naming ``path`` for a file PIL cannot decode: missing, empty, truncated, not an image."""
-    try:
-        return utils.read_image(path, format=image_format)
-    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors of a missing, empty or corrupt file
-        raise UnreadableFileError(path, "image", str(e) or type(e).__name__) from e
 
 
 # The share of unreadable files is judged over at least this many distinct files (or the whole
@@ -78,12 +55,12 @@ class _BadSampleCounter:
         if n_bad > self.max_share * max(n_seen, self.min_files):
             raise Seg2Error(
                 f"{n_bad} of {n_seen} training files read by this loader are unreadable, more than "
-                f"SEG2.DATALOADER.MAX_BAD_SAMPLE_SHARE={self.max_share:g}; the last: {error}"
+                f"DATALOADER.MAX_BAD_SAMPLE_SHARE={self.max_share:g}; the last: {error}"
             )
         if new:
             logger.warning(
                 f"skipping training sample {error} ({n_bad} unreadable of {n_seen} files read by this loader, "
-                f"limit SEG2.DATALOADER.MAX_BAD_SAMPLE_SHARE={self.max_share:g})"
+                f"limit DATALOADER.MAX_BAD_SAMPLE_SHARE={self.max_share:g})"
             )
 
 
@@ -115,7 +92,7 @@ class MultiTaskDatasetMapper(DatasetMapper):
     * the training crop can cap the share of a single class, as DeepLab does
       (``INPUT.CROP.SINGLE_CATEGORY_MAX_AREA``), ignoring ``ignore_label`` pixels, and works on
       records without semantic map;
-    * crops can be padded to the full crop size (``SEG2.INPUT.PAD_TO_CROP_SIZE``): the image with
+    * crops can be padded to the full crop size (``INPUT.CROP.PAD_TO_SIZE``): the image with
       0, the semantic map with ``ignore_label``, instance masks with background;
     * in training, an image or label map that cannot be decoded (missing, empty, truncated, not
       an image) is skipped with a warning naming it: the mapper returns None, so detectron2's
@@ -127,13 +104,13 @@ class MultiTaskDatasetMapper(DatasetMapper):
       with polygons when shapely (which fvcore needs to crop polygons) is not installed.
     """
 
+    @name_config_keys({"image_format": "INPUT.FORMAT", "max_bad_share": "DATALOADER.MAX_BAD_SAMPLE_SHARE"})
     @configurable
     def __init__(
         self,
         is_train: bool,
         *,
-        ignore_label: int = 255,
-        dataset_names: Sequence[str] = (),
+        ignore_label: int = IGNORE_LABEL,
         num_classes: Optional[int] = None,
         pad_to_size: Optional[Tuple[int, int]] = None,
         max_bad_share: float = 0.05,
@@ -145,28 +122,28 @@ class MultiTaskDatasetMapper(DatasetMapper):
             is_train (bool): training (annotations kept and augmented) or inference.
             ignore_label (int): the label-map value that is excluded from losses and metrics
                 (``MODEL.SEM_SEG_HEAD.IGNORE_VALUE``; the datasets' metadata ``ignore_label``).
-            dataset_names (list[str]): the datasets this mapper reads: label values are checked
-                against the number of ``stuff_classes`` in their metadata, and their metadata
-                ``ignore_label`` against ``ignore_label``.
-            num_classes (int or None): the class count when their metadata has no
-                ``stuff_classes``: the semantic head's, whose loss a larger label value would break.
+            num_classes (int or None): the semantic class count (``MODEL.SEM_SEG_HEAD.NUM_CLASSES``,
+                which the resolve step checked against the datasets' ``stuff_classes``): a label
+                value that is neither a class nor ``ignore_label`` is an error naming the file.
+                None: the model predicts no semantic map, and label maps are not read.
             pad_to_size (tuple[int, int] or None): pad every training image to at least this
                 (height, width) at the bottom and right.
             max_bad_share (float): training: the largest share of unreadable files skipped before
-                the run stops (``SEG2.DATALOADER.MAX_BAD_SAMPLE_SHARE``); 0 stops at the first.
+                the run stops (``DATALOADER.MAX_BAD_SAMPLE_SHARE``); 0 stops at the first.
             num_records (int or None): the number of training records, when known (the share is
                 judged over at least min(100, num_records) files).
             kwargs: the arguments of detectron2's ``DatasetMapper``.
         """
         super().__init__(is_train, **kwargs)
-        self.ignore_label = ignore_label
-        self.dataset_names = tuple(dataset_names)
-        self.num_classes = num_classes
-        self._resolved_num_classes = None
-        self.pad_to_size = tuple(pad_to_size) if pad_to_size else None
+        if self.image_format not in ("BGR", "RGB"):
+            raise InvalidArgument("image_format", self.image_format, "'BGR' or 'RGB' (seg2.data.read_image's orders)")
         if not 0.0 <= max_bad_share < 1.0:
-            raise Seg2Error(f"SEG2.DATALOADER.MAX_BAD_SAMPLE_SHARE must be in [0, 1), got {max_bad_share}")
+            raise InvalidArgument("max_bad_share", max_bad_share, "in [0, 1)")
+        self.ignore_label = ignore_label
+        self.num_classes = num_classes
+        self.pad_to_size = tuple(pad_to_size) if pad_to_size else None
         self.bad_samples = _BadSampleCounter(max_bad_share, num_records)
+        self._rotated_warned = set()
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
@@ -180,43 +157,28 @@ class MultiTaskDatasetMapper(DatasetMapper):
                 cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA,
                 cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
             )
-            if cfg.SEG2.INPUT.PAD_TO_CROP_SIZE:
+            if cfg.INPUT.CROP.PAD_TO_SIZE:
                 if cfg.INPUT.CROP.TYPE != "absolute":
-                    raise ValueError(
-                        "SEG2.INPUT.PAD_TO_CROP_SIZE needs INPUT.CROP.TYPE='absolute' (a crop size in "
+                    raise Seg2Error(
+                        "INPUT.CROP.PAD_TO_SIZE needs INPUT.CROP.TYPE='absolute' (a crop size in "
                         f"pixels), got {cfg.INPUT.CROP.TYPE!r}"
                     )
                 ret["pad_to_size"] = tuple(cfg.INPUT.CROP.SIZE)
         ret["ignore_label"] = cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
-        ret["dataset_names"] = tuple(cfg.DATASETS.TRAIN if is_train else cfg.DATASETS.TEST)
-        ret["num_classes"] = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
-        ret["max_bad_share"] = cfg.SEG2.DATALOADER.MAX_BAD_SAMPLE_SHARE
-        check_ignore_value(ret["ignore_label"], ret["dataset_names"])
+        # Label maps are read for models with a semantic output (and models seg2 does not know).
+        known = cfg.MODEL.META_ARCHITECTURE in META_ARCH_TASKS
+        ret["num_classes"] = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES if not known or "sem_seg" in model_tasks(cfg) else None
+        ret["max_bad_share"] = cfg.DATALOADER.MAX_BAD_SAMPLE_SHARE
         return ret
 
-    def _num_classes(self, sem_seg_file: str) -> int:
-        """The semantic class count: the datasets' ``stuff_classes``, else ``num_classes``.
-        Resolved on first use, with the check of their ``ignore_label``: a user's COCO dataset
-        learns its classes and ignore label when it is loaded."""
-        if self._resolved_num_classes is None:
-            check_ignore_value(self.ignore_label, self.dataset_names)
-            counts = {}
-            for name in self.dataset_names:
-                stuff = MetadataCatalog.get(name).get("stuff_classes", None)
-                if stuff is not None:
-                    counts[name] = len(stuff)
-            if len(set(counts.values())) > 1:
-                raise Seg2Error(f"the datasets {counts} have different numbers of stuff_classes; they cannot be mixed")
-            if not counts and self.num_classes:
-                counts["MODEL.SEM_SEG_HEAD.NUM_CLASSES"] = self.num_classes
-            if not counts:
-                raise Seg2Error(
-                    f"{sem_seg_file}: cannot check its label values: no stuff_classes in the metadata of "
-                    f"{list(self.dataset_names)}; set MODEL.SEM_SEG_HEAD.NUM_CLASSES or the datasets' "
-                    "stuff_classes"
-                )
-            self._resolved_num_classes = next(iter(counts.values()))
-        return self._resolved_num_classes
+    def _warn_rotated(self, file_name: str, orientation: int):
+        if file_name in self._rotated_warned:
+            return
+        self._rotated_warned.add(file_name)
+        logger.warning(
+            f"{file_name}: EXIF orientation {orientation}: the image is read rotated/flipped as it is shown, and its "
+            "label map as stored; they are aligned only if the label map was drawn on the image as shown"
+        )
 
     def _read_sem_seg(self, record: dict, image: np.ndarray, image_file: str) -> np.ndarray:
         path = record["sem_seg_file_name"]
@@ -226,7 +188,7 @@ class MultiTaskDatasetMapper(DatasetMapper):
                 f"{path}: label map is {sem_seg.shape[1]}x{sem_seg.shape[0]} (WxH) but its image "
                 f"{image_file} is {image.shape[1]}x{image.shape[0]}"
             )
-        check_label_values(sem_seg, path, self._num_classes(path), self.ignore_label)
+        check_label_values(sem_seg, path, self.num_classes, self.ignore_label)
         if sem_seg.dtype != np.uint8:
             # More than 255 classes (read_sem_seg gives uint8 otherwise): detectron2 resizes a
             # non-uint8 map with torch's interpolate, which has no integer kernel; float32 holds
@@ -255,12 +217,14 @@ class MultiTaskDatasetMapper(DatasetMapper):
 
     def _map(self, dataset_dict):
         dataset_dict = copy.deepcopy(dataset_dict)
-        image = read_image_file(dataset_dict["file_name"], self.image_format)
+        image, orientation = read_image_with_orientation(dataset_dict["file_name"], self.image_format)
+        if orientation != 1 and "sem_seg_file_name" in dataset_dict:
+            self._warn_rotated(dataset_dict["file_name"], orientation)
         utils.check_image_size(dataset_dict, image)
         orig_shape = image.shape[:2]
 
         sem_seg_gt = None
-        if "sem_seg_file_name" in dataset_dict and self.is_train:
+        if "sem_seg_file_name" in dataset_dict and self.is_train and self.num_classes is not None:
             sem_seg_gt = self._read_sem_seg(dataset_dict, image, dataset_dict["file_name"])
         dataset_dict.pop("sem_seg_file_name", None)
         dataset_dict.pop("sem_seg_format", None)

@@ -19,6 +19,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+from ..constants import IGNORE_LABEL
 from ..utils import Seg2Error, UnreadableFileError
 
 __all__ = [
@@ -37,7 +38,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IGNORE_LABEL = 255
 # Marks "colour in no table" in the colour lookup table, so RGB formats hold at most 254 classes.
 _UNKNOWN = 254
 MAX_RGB_CLASSES = _UNKNOWN

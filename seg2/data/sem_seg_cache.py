@@ -25,17 +25,17 @@ from typing import Optional, Sequence
 import numpy as np
 from pycocotools import mask as mask_util
 
+from ..constants import IGNORE_LABEL
 from ..utils import Seg2Error
 from ..utils.files import atomic_write, remove_stale_tmp_files
 from ..utils.progress import log_progress
 from .coco_json import _short
 from .label_map import write_label_map
 
-__all__ = ["IGNORE_LABEL", "coco_sem_seg_map", "generate_coco_sem_seg", "label_map_path"]
+__all__ = ["coco_sem_seg_map", "generate_coco_sem_seg", "label_map_path"]
 
 logger = logging.getLogger(__name__)
 
-IGNORE_LABEL = 255
 # Bump when coco_sem_seg_map's output changes: caches made by another version are refused.
 SEM_SEG_RULE_VERSION = 1
 _SOURCE_MARKER = "seg2_source.json"

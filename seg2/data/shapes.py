@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_util
 
+from ..constants import IGNORE_LABEL
 from ..utils import Seg2Error
 from ..utils.progress import log_progress
 from .voc_palette import VOC_PALETTE
@@ -44,7 +45,6 @@ logger = logging.getLogger(__name__)
 SHAPES_CLASSES = ("circle", "square", "triangle")
 # Instance colours lean on the class (hue) but vary per instance, so colour alone is a weak cue.
 _CLASS_HUES = {"circle": 0, "square": 60, "triangle": 120}  # OpenCV hue units (0-179)
-IGNORE_LABEL = 255
 MANIFEST = "manifest.json"
 # Per-image records of a generation in progress (removed before the manifest is written).
 _PARTS = ".parts"

@@ -26,6 +26,7 @@ from detectron2.structures import BoxMode
 from PIL import Image
 from pycocotools import mask as mask_util
 
+from ..constants import IGNORE_LABEL
 from ..utils import Seg2Error
 from .catalog import register_dataset
 from .label_map import check_label_values, label_map_size, read_label_map
@@ -44,7 +45,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IGNORE_LABEL = 255
 
 
 def voc_metadata(class_names: Sequence[str] = VOC_CLASSES) -> dict:

@@ -23,19 +23,23 @@ from detectron2.engine import DefaultTrainer, default_setup, hooks
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from ..checkpoint import Seg2Checkpointer
 from ..config import load_seg2_config
-from ..data import MultiTaskDatasetMapper, check_dataset_names
+from ..data import MultiTaskDatasetMapper
 from ..data.catalog import check_test_datasets
 from ..evaluation import build_evaluator
 from ..inference.tta import build_tta_model
-from ..modeling.meta_arch.common import check_model_num_classes
-from ..modeling.tasks import META_ARCH_TASKS
+from ..resolve import resolve_config
+from ..tasks import META_ARCH_TASKS
 from ..utils import Seg2Error
+from ..utils.cli import check_device
 from ..utils.dist import check_same_in_all_processes
 from .amp import Seg2AMPTrainer
 from .hooks import BestModelTest, build_best_checkpoint_hooks, check_best_checkpoint_config
 from .optimizer import build_optimizer
-from .resume import Seg2Checkpointer, trim_metrics_json
+from .data_order import RESUMABLE_SAMPLERS, ResumableTrainLoader, RNGStates, build_resumable_sampler, forked_rng
+from .resume import trim_metrics_json
+from .run_lock import acquire_run_lock
 
 __all__ = ["Trainer", "setup", "check_same_tasks", "train_dataset_dicts"]
 
@@ -45,25 +49,34 @@ class Trainer(DefaultTrainer):
     the best model by ``SEG2.BEST_CHECKPOINT`` (and testing it on its ``TEST_DATASETS`` after
     training); the optimizer of :func:`seg2.engine.optimizer.build_optimizer`;
     ``SOLVER.AMP.ENABLED`` also trains on the CPU (bfloat16 autocast, :class:`Seg2AMPTrainer`); :meth:`test_with_TTA` evaluates with ``TEST.AUG``.
-    The model's class counts are checked against the datasets' metadata, whatever the
-    meta-architecture; a checkpoint that cannot be read is named in a :class:`seg2.Seg2Error`; a
-    resumed run keeps one ``metrics.json`` record per iteration."""
+    The config goes through the resolve step (:func:`seg2.resolve_config`: class counts and
+    ignore value checked against the datasets, class weights counted) before anything is built;
+    a checkpoint that cannot be read is named in a :class:`seg2.Seg2Error`; a resumed run keeps
+    one ``metrics.json`` record per iteration."""
 
     def __init__(self, cfg):
+        cfg = resolve_config(cfg)
+        # One run per OUTPUT_DIR (seg2.engine.run_lock), before anything is written there; the
+        # main process holds it (shared with setup()'s in the same process) until train() ends.
+        self._run_lock = acquire_run_lock(cfg.OUTPUT_DIR) if comm.is_main_process() and cfg.OUTPUT_DIR else None
         super().__init__(cfg)
-        # Again after the training data is loaded: a COCO dataset registered without its classes
-        # learns them (its metadata) when it is loaded.
-        check_model_num_classes(self.cfg, self.model, self.cfg.DATASETS.TRAIN)
         if cfg.SOLVER.AMP.ENABLED:  # detectron2's AMPTrainer requires CUDA; this one defers to it there
             t = self._trainer
             self._trainer = Seg2AMPTrainer(t.model, t.data_loader, t.optimizer)
 
     def build_hooks(self):
         # DefaultTrainer.__init__ made a DetectionCheckpointer just before calling this; the hooks
-        # (periodic and best checkpoints) and resume_or_load use ours, which names a bad file.
+        # (periodic and best checkpoints) and resume_or_load use ours, which names a bad file,
+        # refuses weights of another model (MODEL.WEIGHTS of which nothing fits; any mismatch on a
+        # resume) and saves atomically.
+        # For an exact resume, also the train loader's position and the RNG states
+        # (seg2.engine.data_order).
         old = self.checkpointer
+        extra = {"rng": RNGStates()}
+        if isinstance(self._trainer.data_loader, ResumableTrainLoader):
+            extra["data_order"] = self._trainer.data_loader
         self.checkpointer = Seg2Checkpointer(
-            old.model, old.save_dir, save_to_disk=old.save_to_disk, **old.checkpointables
+            old.model, old.save_dir, save_to_disk=old.save_to_disk, strict=False, **old.checkpointables, **extra
         )
         ret = super().build_hooks()
         # After the EvalHook, which puts the flattened results ("segm/AP") in the storage.
@@ -79,24 +92,50 @@ class Trainer(DefaultTrainer):
         """detectron2's, then the records of ``metrics.json`` at iterations this run writes again
         (from a run that was killed after its last checkpoint) are dropped
         (:func:`~seg2.engine.resume.trim_metrics_json`)."""
+        loader = self._trainer.data_loader
+        if isinstance(loader, ResumableTrainLoader):
+            loader.restored = False
         super().resume_or_load(resume=resume)
+        if resume and self.start_iter > 0 and isinstance(loader, ResumableTrainLoader) and not loader.restored:
+            loader.start_at_iteration(self.start_iter)
+            logging.getLogger(__name__).warning(
+                f"The checkpoint holds no train loader state (saved by an older seg2 or by detectron2): the data "
+                f"stream resumes at position {loader.position} (iteration {self.start_iter} x "
+                f"{loader.batch_size} images), exact only without DATALOADER.ASPECT_RATIO_GROUPING; the RNG "
+                "states are not restored, so the resumed run differs from an uninterrupted one"
+            )
         if comm.is_main_process():
             trim_metrics_json(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"), self.start_iter)
 
+    def train(self):
+        try:
+            return super().train()
+        finally:
+            if self._run_lock is not None:
+                self._run_lock.release()
+
     @classmethod
     def build_model(cls, cfg):
-        """detectron2's model of ``cfg``, after :func:`check_same_tasks` (several processes), its
-        class counts checked against the datasets' metadata."""
+        """detectron2's model of ``cfg`` after the resolve step (:func:`seg2.resolve_config`,
+        idempotent: a config from :func:`setup` passes unchanged) and :func:`check_same_tasks`
+        (several processes)."""
+        cfg = resolve_config(cfg, class_weights=False)
         check_same_tasks(cfg)
-        model = super().build_model(cfg)
-        check_model_num_classes(cfg, model)
-        return model
+        return super().build_model(cfg)
 
     @classmethod
     def build_optimizer(cls, cfg, model):
-        """detectron2's optimizer, with ``SEG2.SOLVER.NORM_BIAS_HYPERPARAMS``
+        """detectron2's optimizer, with ``SOLVER.NORM_BIAS_HYPERPARAMS``
         (:func:`seg2.engine.optimizer.build_optimizer`)."""
         return build_optimizer(cfg, model)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """detectron2's, with the global RNG states restored afterwards: an evaluation during
+        training (``TEST.EVAL_PERIOD``) runs after the checkpoint of its iteration, so anything
+        it drew would make the training after it differ from a run resumed from that checkpoint."""
+        with forked_rng():
+            return super().test(cfg, model, evaluators)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -124,7 +163,23 @@ class Trainer(DefaultTrainer):
         # unreadable files.
         dataset = train_dataset_dicts(cfg)
         mapper = MultiTaskDatasetMapper(cfg, True, num_records=len(dataset))
-        return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset)
+        # The loader whose position a checkpoint saves (seg2.engine.data_order): detectron2's
+        # sampler and aspect-ratio grouping, each sample's augmentation seeded by its position.
+        sampler = build_resumable_sampler(cfg, dataset)
+        if sampler is None:
+            logging.getLogger(__name__).warning(
+                f"DATALOADER.SAMPLER_TRAIN={cfg.DATALOADER.SAMPLER_TRAIN} has no seeded stream: detectron2's "
+                f"loader, whose data order a resume restarts (not exact; exact: {', '.join(RESUMABLE_SAMPLERS)})"
+            )
+            return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset)
+        world = comm.get_world_size()
+        if cfg.SOLVER.IMS_PER_BATCH % world:
+            raise Seg2Error(f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} must be divisible by the number of "
+                            f"processes ({world})")
+        return ResumableTrainLoader(
+            dataset, mapper, sampler, cfg.SOLVER.IMS_PER_BATCH // world, num_workers=cfg.DATALOADER.NUM_WORKERS,
+            aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING, seed=cfg.SEED,
+        )
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -193,18 +248,32 @@ def check_same_tasks(cfg):
     )
 
 
+# The run locks that setup() took: held for the life of the process (the run).
+_SETUP_LOCKS = []
+
+
 def setup(args):
     """
-    The frozen config of a run from detectron2's command-line ``args`` (``--config-file`` and
-    ``opts``), after detectron2's ``default_setup`` (output folder, logs, seed); seg2's loggers
-    write to the same console and log file. Raises :class:`seg2.Seg2Error` for a bad config, an
-    unregistered dataset name, or a test dataset that is empty or fails its loader's checks.
+    The frozen, resolved config of a run from detectron2's command-line ``args``
+    (``--config-file`` and ``opts``): loaded, through the resolve step
+    (:func:`seg2.resolve_config`; ``--eval-only`` counts no class weights), then detectron2's
+    ``default_setup`` (output folder, logs, seed; its ``config.yaml`` holds the resolved values,
+    the class weights as numbers); seg2's loggers write to the same console and log file. Raises
+    :class:`seg2.Seg2Error` for a bad config or one that does not fit its datasets, or when
+    another run holds ``OUTPUT_DIR`` (:mod:`seg2.engine.run_lock`; ``--eval-only`` runs too),
+    or for a test dataset that is empty or fails its loader's checks (loaded here, before
+    training: :func:`seg2.data.catalog.check_test_datasets`).
     """
     cfg = load_seg2_config(args.config_file, args.opts)
+    check_device(cfg.MODEL.DEVICE)
+    if comm.is_main_process() and cfg.OUTPUT_DIR:
+        # Before anything writes config.yaml or log.txt there; held until the process ends.
+        _SETUP_LOCKS.append(acquire_run_lock(cfg.OUTPUT_DIR))
+    # seg2's loggers (default_setup configures detectron2's only) before the resolve step, whose
+    # lines (class weights) go to the same console and log file.
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="seg2")
+    cfg = resolve_config(cfg, class_weights=not getattr(args, "eval_only", False))
     cfg.freeze()
     default_setup(cfg, args)
-    # default_setup configures detectron2's loggers only.
-    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="seg2")
-    check_dataset_names(cfg)
     check_test_datasets(cfg)  # an empty or broken test split fails now, not after training
     return cfg

@@ -19,9 +19,9 @@ from detectron2.evaluation import print_csv_format
 from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
+from ..checkpoint import Seg2Checkpointer
 from ..utils import Seg2Error
 from ..utils.files import atomic_write
-from .resume import Seg2Checkpointer
 
 __all__ = [
     "WeightedMetric",

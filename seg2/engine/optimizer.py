@@ -1,6 +1,6 @@
 """
 The optimizer of a seg2 run: detectron2's ``build_optimizer``, with the choice of how the biases
-(shifts) of normalization layers are treated (``SEG2.SOLVER.NORM_BIAS_HYPERPARAMS``).
+(shifts) of normalization layers are treated (``SOLVER.NORM_BIAS_HYPERPARAMS``).
 
 detectron2 applies ``SOLVER.BIAS_LR_FACTOR`` and ``SOLVER.WEIGHT_DECAY_BIAS`` to every parameter
 named ``bias``, the shift of a BatchNorm included. Caffe sets them per layer (``lr_mult`` and
@@ -52,13 +52,13 @@ def norm_bias_parameters(model: torch.nn.Module) -> List[torch.nn.Parameter]:
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     """
     detectron2's SGD of ``cfg.SOLVER`` (``detectron2.solver.build_optimizer``), where
-    ``SEG2.SOLVER.NORM_BIAS_HYPERPARAMS`` is "bias" (detectron2's behaviour); with "norm", the
+    ``SOLVER.NORM_BIAS_HYPERPARAMS`` is "bias" (detectron2's behaviour); with "norm", the
     biases of norm layers get ``SOLVER.BASE_LR`` and ``SOLVER.WEIGHT_DECAY_NORM`` instead of
     ``BIAS_LR_FACTOR`` and ``WEIGHT_DECAY_BIAS`` (Caffe's BN layer in SegNet's prototxts).
     """
-    mode = cfg.SEG2.SOLVER.NORM_BIAS_HYPERPARAMS
+    mode = cfg.SOLVER.NORM_BIAS_HYPERPARAMS
     if mode not in NORM_BIAS_HYPERPARAMS:
-        raise Seg2Error(f"SEG2.SOLVER.NORM_BIAS_HYPERPARAMS={mode!r}: choose one of {list(NORM_BIAS_HYPERPARAMS)}")
+        raise Seg2Error(f"SOLVER.NORM_BIAS_HYPERPARAMS={mode!r}: choose one of {list(NORM_BIAS_HYPERPARAMS)}")
     optimizer = d2_build_optimizer(cfg, model)  # gradient clipping and all, as detectron2 builds it
     norm_biases = {id(p) for p in norm_bias_parameters(model)} if mode == "norm" else set()
     if not norm_biases:

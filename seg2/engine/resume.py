@@ -1,7 +1,7 @@
 """
-What resuming a run needs beyond detectron2's own: a checkpoint that cannot be read is named in one
-line (:class:`Seg2Checkpointer`), and ``metrics.json`` keeps one record per iteration
-(:func:`trim_metrics_json`).
+What resuming a run needs beyond detectron2's own: ``metrics.json`` keeps one record per iteration
+(:func:`trim_metrics_json`). (A checkpoint that cannot be read is named in one line by
+:class:`seg2.checkpoint.Seg2Checkpointer`.)
 
 detectron2's ``JSONWriter`` appends to ``metrics.json``. A run killed after its last checkpoint has
 already written records for iterations the resumed run trains (and writes) again, so without a
@@ -12,39 +12,11 @@ resume from the checkpoint of iteration 29).
 import json
 import logging
 import os
-import pickle
-import zipfile
 from typing import Tuple
 
-from detectron2.checkpoint import DetectionCheckpointer
-
-from ..utils import Seg2Error
-
-__all__ = ["Seg2Checkpointer", "trim_metrics_json"]
+__all__ = ["trim_metrics_json"]
 
 logger = logging.getLogger(__name__)
-
-
-class Seg2Checkpointer(DetectionCheckpointer):
-    """detectron2's ``DetectionCheckpointer`` whose loading of a truncated or damaged file (an
-    interrupted save or copy) is a one-line :class:`Seg2Error` naming the file, not torch's
-    ``PytorchStreamReader failed ...`` traceback."""
-
-    def _load_file(self, filename):
-        try:
-            return super()._load_file(filename)
-        except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
-            try:
-                size = f"{os.path.getsize(filename)} bytes"
-            except OSError:
-                size = "unreadable"
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise Seg2Error(
-                f"cannot read the checkpoint {filename} ({size}): {reason}. A truncated file (a save "
-                "or copy cut short) fails this way: delete it and resume from an earlier checkpoint "
-                "(write its file name into last_checkpoint in the output folder), or set MODEL.WEIGHTS "
-                "to another file"
-            ) from e
 
 
 def trim_metrics_json(path: str, start_iter: int) -> Tuple[int, int]:

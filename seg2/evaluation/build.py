@@ -9,15 +9,15 @@ from detectron2.evaluation import (
     CityscapesInstanceEvaluator,
     CityscapesSemSegEvaluator,
     COCOEvaluator,
-    COCOPanopticEvaluator,
     DatasetEvaluators,
     LVISEvaluator,
     PascalVOCDetectionEvaluator,
 )
 
-from ..modeling.tasks import model_tasks
+from ..tasks import model_tasks
 from ..utils import Seg2Error
 from .coco_evaluation import COCO_MAX_DETS_PER_IMAGE, MaskAPEvaluator
+from .panoptic_evaluation import Seg2PanopticEvaluator
 from .sem_seg_evaluation import MIoUEvaluator
 
 logger = logging.getLogger(__name__)
@@ -25,8 +25,9 @@ logger = logging.getLogger(__name__)
 # evaluator_type -> {target the dataset has: the evaluator for it}, for every type detectron2's
 # builtin datasets carry (those of its tools/train_net.py, and cityscapes_panoptic_seg) and seg2's
 # "coco_sem_seg". seg2's evaluators where they compute what detectron2's would (MIoUEvaluator gives
-# SemSegEvaluator's numbers, MaskAPEvaluator COCOEvaluator's); detectron2's own where the dataset's
-# protocol is another one (Cityscapes' scripts, VOC's AP, LVIS' federated AP, PQ).
+# SemSegEvaluator's numbers, MaskAPEvaluator COCOEvaluator's, Seg2PanopticEvaluator
+# COCOPanopticEvaluator's PQ without panopticapi, which is not on PyPI); detectron2's own where the
+# dataset's protocol is another one (Cityscapes' scripts, VOC's AP, LVIS' federated AP).
 EVALUATORS = {
     "sem_seg": {"sem_seg": MIoUEvaluator},
     "coco": {"instances": MaskAPEvaluator},
@@ -34,14 +35,14 @@ EVALUATORS = {
     "coco_panoptic_seg": {
         "instances": MaskAPEvaluator,
         "sem_seg": MIoUEvaluator,
-        "panoptic_seg": COCOPanopticEvaluator,
+        "panoptic_seg": Seg2PanopticEvaluator,
     },
     "cityscapes_instance": {"instances": CityscapesInstanceEvaluator},
     "cityscapes_sem_seg": {"sem_seg": CityscapesSemSegEvaluator},
     "cityscapes_panoptic_seg": {
         "instances": CityscapesInstanceEvaluator,
         "sem_seg": CityscapesSemSegEvaluator,
-        "panoptic_seg": COCOPanopticEvaluator,
+        "panoptic_seg": Seg2PanopticEvaluator,
     },
     "pascal_voc": {"instances": PascalVOCDetectionEvaluator},
     "lvis": {"instances": LVISEvaluator},
@@ -58,7 +59,7 @@ WHAT = {
     CityscapesInstanceEvaluator: "detectron2's: Cityscapes' official instance AP script",
     PascalVOCDetectionEvaluator: "detectron2's: VOC box AP, 'difficult' objects ignored",
     LVISEvaluator: "detectron2's: LVIS' federated AP",
-    COCOPanopticEvaluator: "detectron2's: panoptic quality (PQ)",
+    Seg2PanopticEvaluator: "seg2's, the PQ of detectron2's COCOPanopticEvaluator",
 }
 # detectron2 evaluators that import a package detectron2 does not install; checked here rather
 # than after a whole inference run.
@@ -66,7 +67,6 @@ PACKAGES = {
     CityscapesSemSegEvaluator: ("cityscapesscripts", "pip install cityscapesscripts"),
     CityscapesInstanceEvaluator: ("cityscapesscripts", "pip install cityscapesscripts"),
     LVISEvaluator: ("lvis", "pip install lvis"),
-    COCOPanopticEvaluator: ("panopticapi", "pip install git+https://github.com/cocodataset/panopticapi.git"),
 }
 
 
@@ -146,6 +146,8 @@ def _make(cls, cfg, dataset_name, output_dir):
             output_dir=d2_output_dir,
             kpt_oks_sigmas=cfg.TEST.KEYPOINT_OKS_SIGMAS,
         )
-    if cls in (LVISEvaluator, COCOPanopticEvaluator):
+    if cls is Seg2PanopticEvaluator:  # writes its predictions only when asked, as MIoUEvaluator
+        return Seg2PanopticEvaluator(dataset_name, output_dir=output_dir)
+    if cls is LVISEvaluator:
         return cls(dataset_name, output_dir=d2_output_dir)
     return cls(dataset_name)

@@ -10,7 +10,7 @@ unless asked, the argmax is a few vectorised numpy passes per channel and the co
 ``np.bincount`` per image. numpy, not torch, on the CPU: a torch op on a large tensor forks and
 joins torch's intra-op thread pool, and with one op per channel that is a few hundred round trips
 per image, each waiting for the slowest thread, which is slow when other processes share the
-cores (tools/benchmark_evaluators.py measures both under load). It is a
+cores (tools/benchmarks/benchmark_evaluators.py measures both under load). It is a
 :class:`~detectron2.evaluation.DatasetEvaluator` of its own, not a ``SemSegEvaluator`` subclass
 (it would override every method and inherit none of the state).
 """

@@ -1,13 +1,16 @@
-"""Inference for users: overlap-tile semantic inference, test-time augmentation, a predictor, image reading, benchmarks."""
+"""Inference for users: a predictor, test-time augmentation, visualisation. Images are read by
+:func:`seg2.data.read_image` (the training mapper's reader); tiling is the models' inference mode
+(:mod:`seg2.modeling.tiling`)."""
 
-from .io import UINT16_MODES, read_image, to_uint8_image
+from ..data.image import UINT16_MODES, read_image, to_uint8_image
+from ..modeling.tiling import BLEND_MODES, TiledSemSegInference, blend_window, reflect_indices, tile_starts
 from .predictor import Seg2Predictor
-from .tiling import BLEND_MODES, TiledSemSegInference, blend_window, reflect_indices, tile_starts
-from .tta import MultiTaskRCNNWithTTA, SemanticSegmentorWithTTA, build_tta_model
+from .tta import MultiTaskRCNNWithTTA, ScaleRatioMapperTTA, SemanticSegmentorWithTTA, build_tta_model
 
 __all__ = [
     "BLEND_MODES",
     "MultiTaskRCNNWithTTA",
+    "ScaleRatioMapperTTA",
     "UINT16_MODES",
     "Seg2Predictor",
     "SemanticSegmentorWithTTA",

@@ -8,13 +8,12 @@ from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.utils.logger import log_first_n
-from torch.nn import functional as F
 
-from ..engine.resume import Seg2Checkpointer
-from ..modeling.tasks import model_tasks
+from ..checkpoint import Seg2Checkpointer
+from ..data.image import to_uint8_image
+from ..resolve import resolve_config
+from ..tasks import model_tasks
 from ..utils import Seg2Error
-from .io import to_uint8_image
-from .tiling import TiledSemSegInference
 from .tta import build_tta_model
 
 __all__ = ["Seg2Predictor"]
@@ -26,10 +25,13 @@ class Seg2Predictor:
 
     Builds the model of ``cfg``, loads ``cfg.MODEL.WEIGHTS`` ("" keeps the initialisation),
     resizes each image by ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST`` (0: native resolution) and
-    returns the model's outputs at the image's own size. With ``SEG2.TILING.ENABLED`` the
-    semantic branch runs tile by tile (:class:`TiledSemSegInference`); instances still come from
-    the whole (resized) image. With ``TEST.AUG.ENABLED`` the outputs are test-time augmented
+    returns the model's outputs at the image's own size. The config goes through the resolve step
+    first (:func:`seg2.resolve_config`, without counting class weights). The model infers in its
+    own mode: with ``TEST.TILING.ENABLED`` its semantic branch runs tile by tile
+    (:class:`~seg2.modeling.tiling.TiledSemSegInference`); instances still come from the whole
+    (resized) image. With ``TEST.AUG.ENABLED`` the outputs are test-time augmented
     (:func:`seg2.inference.build_tta_model`; scales of the resized image, each tiled if tiling is on).
+    Images are converted as :func:`seg2.data.read_image` converts files for training.
 
     Example::
 
@@ -42,7 +44,7 @@ class Seg2Predictor:
         Args:
             cfg (CfgNode): a config with seg2's keys (``seg2.add_seg2_config``).
         """
-        self.cfg = cfg.clone()
+        self.cfg = resolve_config(cfg, class_weights=False)
         self.model = build_model(self.cfg)
         self.model.eval()
         self.tasks = model_tasks(self.cfg)
@@ -53,15 +55,10 @@ class Seg2Predictor:
         self.input_format = cfg.INPUT.FORMAT
         if self.input_format not in ("RGB", "BGR"):
             raise Seg2Error(f"INPUT.FORMAT={self.input_format!r}: the predictor takes 'RGB' or 'BGR'")
-        self.tiler = None
-        if cfg.SEG2.TILING.ENABLED:
-            if "sem_seg" not in self.tasks:
-                raise Seg2Error(
-                    f"SEG2.TILING.ENABLED=True but MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE!r} predicts no "
-                    "semantic map; tiling applies to semantic models and the semantic branch of multi-task ones"
-                )
-            self.tiler = TiledSemSegInference(cfg, self.model)
-        # TEST.AUG.ENABLED: test-time augmentation (each scale tiled when SEG2.TILING.ENABLED).
+        # The model's own tiler (TEST.TILING); the predictor uses it directly only for "labels"
+        # output at native resolution, computed band by band.
+        self.tiler = getattr(self.model, "tiler", None)
+        # TEST.AUG.ENABLED: test-time augmentation (each scale tiled when TEST.TILING.ENABLED).
         self.tta = build_tta_model(self.cfg, self.model) if cfg.TEST.AUG.ENABLED else None
 
     @torch.no_grad()
@@ -80,41 +77,41 @@ class Seg2Predictor:
         """
         if sem_seg_output not in ("logits", "labels"):
             raise ValueError(f"sem_seg_output={sem_seg_output!r}: expected 'logits' or 'labels'")
-        image = to_uint8_image(original_image)
-        if self.input_format == "RGB":
-            image = image[:, :, ::-1]
-        height, width = image.shape[:2]
-        transform = self.aug.get_transform(image)
-        resized = transform.apply_image(image)
-        tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
-        inputs = {"image": tensor, "height": height, "width": width}
+        inputs = self.preprocess(original_image)
+        height, width = inputs["height"], inputs["width"]
+        resized = inputs["image"].shape[-2:]
+        if self.tiler is not None and tuple(resized) != (height, width):
+            log_first_n(
+                logging.WARNING,
+                f"TEST.TILING: images are resized by INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST before tiling (e.g. "
+                f"{width}x{height} -> {resized[1]}x{resized[0]}); INPUT.MIN_SIZE_TEST 0 tiles them "
+                "at their own resolution",
+                name=__name__,
+            )
         if self.tta is not None:
             out = self.tta([inputs])[0]
-        elif self.tiler is None:
-            out = self.model([inputs])[0]
-        else:
+        elif self.tiler is not None and sem_seg_output == "labels" and tuple(resized) == (height, width):
+            # Class indices band by band: the (K, H, W) logits of a large image never exist at once.
             out = {}
             if "instances" in self.tasks:
-                # Detection on the whole image, without the whole-image semantic head (of the models
-                # with instances, the tiler takes Seg2MultiTaskRCNN, whose inference can leave it out).
                 out["instances"] = self.model.inference([inputs], sem_seg=False)[0]["instances"]
-            same_size = tuple(resized.shape[:2]) == (height, width)
-            if not same_size:
-                log_first_n(
-                    logging.WARNING,
-                    f"SEG2.TILING: images are resized by INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST before tiling (e.g. "
-                    f"{width}x{height} -> {resized.shape[1]}x{resized.shape[0]}); INPUT.MIN_SIZE_TEST 0 tiles them "
-                    "at their own resolution",
-                    name=__name__,
-                )
-            if same_size and sem_seg_output == "labels":
-                out["sem_seg_labels"] = self.tiler(tensor, output="labels")
-                return out
-            logits = self.tiler(tensor, output="logits")
-            if not same_size:
-                logits = F.interpolate(logits[None], size=(height, width), mode="bilinear", align_corners=False)[0]
-            out["sem_seg"] = logits
+            out["sem_seg_labels"] = self.tiler(inputs["image"], output="labels")
+            return out
+        else:
+            out = self.model([inputs])[0]  # the model's own inference mode (whole image or tiles)
         if sem_seg_output == "labels" and "sem_seg" in out:
             logits = out.pop("sem_seg")
             out["sem_seg_labels"] = logits.max(0).indices.to(torch.uint8 if logits.shape[0] <= 256 else torch.int64)
         return out
+
+    def preprocess(self, original_image: np.ndarray) -> dict:
+        """The model's input for one image array: converted as :func:`seg2.data.read_image`
+        converts files (8-bit, 3 channels), in ``INPUT.FORMAT``, resized by
+        ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``: ``{"image", "height", "width"}``."""
+        image = to_uint8_image(original_image)
+        if self.input_format == "RGB":
+            image = image[:, :, ::-1]
+        height, width = image.shape[:2]
+        resized = self.aug.get_transform(image).apply_image(image)
+        tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+        return {"image": tensor, "height": height, "width": width}

@@ -1,11 +1,12 @@
 """
 Test-time augmentation (multi-scale + horizontal flip) of the semantic output, configured by
-detectron2's own ``TEST.AUG.*`` keys (``ENABLED``, ``MIN_SIZES``, ``MAX_SIZE``, ``FLIP``) and
-built on detectron2's :class:`DatasetMapperTTA`; the instance branch of
-:class:`seg2.modeling.meta_arch.Seg2MultiTaskRCNN` goes through detectron2's
-:class:`GeneralizedRCNNWithTTA`.
+``TEST.AUG.*`` (``ENABLED``, ``FLIP``, and the scales: seg2's ``SCALE_RATIOS``, ratios of the
+test size as MMSegmentation's ``img_ratios``, or detectron2's ``MIN_SIZES`` / ``MAX_SIZE`` in
+pixels when ``SCALE_RATIOS`` is empty), built on detectron2's :class:`DatasetMapperTTA`; the
+instance branch of :class:`seg2.modeling.meta_arch.Seg2MultiTaskRCNN` and other R-CNNs go
+through detectron2's :class:`GeneralizedRCNNWithTTA` with the same scales.
 
-Each augmented image's logits (tiled with ``SEG2.TILING`` when enabled: every scale is tiled)
+Each augmented image's logits (in the model's inference mode: tiled with ``TEST.TILING``)
 are flipped back, resized to the original image size as the model's own post-processing does
 (bilinear, ``sem_seg_postprocess``) and averaged. Logits, not probabilities, are averaged: the
 output stays what the models output without TTA ((K, H, W) logits, so evaluators and users
@@ -15,23 +16,107 @@ reflects; averaging probabilities instead is a mean of experts. Both are common 
 instance TTA averages mask probabilities, MMSegmentation softmax outputs).
 """
 
-from typing import Dict, List, Optional
+import copy
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 import torch
 from detectron2.config import configurable
-from detectron2.data.detection_utils import read_image
-from detectron2.modeling import DatasetMapperTTA, GeneralizedRCNNWithTTA
+from detectron2.data import transforms as T
+from detectron2.modeling import DatasetMapperTTA, GeneralizedRCNNWithTTA, SemanticSegmentor
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from fvcore.transforms import HFlipTransform
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..modeling.tasks import model_tasks
+from ..data.image import read_image
+from ..modeling.meta_arch.semantic_segmentor import semantic_inference
+from ..tasks import model_tasks
 from ..utils import Seg2Error
-from .tiling import TiledSemSegInference, _sem_seg_logits_of
 
-__all__ = ["MultiTaskRCNNWithTTA", "SemanticSegmentorWithTTA", "build_tta_model"]
+__all__ = ["MultiTaskRCNNWithTTA", "ScaleRatioMapperTTA", "SemanticSegmentorWithTTA", "build_tta_model"]
+
+# detectron2's default TEST.AUG.MIN_SIZES / MAX_SIZE: a config that changes them while
+# TEST.AUG.SCALE_RATIOS is set asks for two scale sets.
+_D2_MIN_SIZES = (400, 500, 600, 700, 800, 900, 1000, 1100, 1200)
+_D2_MAX_SIZE = 4000
+
+
+class ScaleRatioMapperTTA(DatasetMapperTTA):
+    """
+    detectron2's ``DatasetMapperTTA`` with scales given as ratios of the test size (as
+    MMSegmentation's ``img_ratios``): for each ratio r, the image is resized to r times the size
+    ``ResizeShortestEdge(min_size_test, max_size_test)`` gives it (r times its own size where
+    ``min_size_test`` is 0), then flipped if ``flip``.
+    """
+
+    @configurable
+    def __init__(self, ratios: Tuple[float, ...], min_size_test: int, max_size_test: int, flip: bool):
+        if not ratios or any(not r > 0 for r in ratios):
+            raise Seg2Error(f"TEST.AUG.SCALE_RATIOS={tuple(ratios)}: expected positive ratios")
+        self.ratios, self.flip = tuple(ratios), flip
+        self.min_size_test, self.max_size_test = min_size_test, max_size_test
+
+    @classmethod
+    def from_config(cls, cfg):
+        return {
+            "ratios": tuple(cfg.TEST.AUG.SCALE_RATIOS),
+            "min_size_test": cfg.INPUT.MIN_SIZE_TEST,
+            "max_size_test": cfg.INPUT.MAX_SIZE_TEST,
+            "flip": cfg.TEST.AUG.FLIP,
+        }
+
+    def __call__(self, dataset_dict):
+        image = dataset_dict["image"].permute(1, 2, 0).numpy()
+        h, w = image.shape[:2]
+        if self.min_size_test > 0:
+            scale = self.min_size_test / min(h, w)
+            if self.max_size_test > 0 and max(h, w) * scale > self.max_size_test:
+                scale = self.max_size_test / max(h, w)
+        else:
+            scale = 1.0
+        ret = []
+        for r in self.ratios:
+            nh, nw = max(1, int(h * scale * r + 0.5)), max(1, int(w * scale * r + 0.5))
+            for flipped in (False, True) if self.flip else (False,):
+                aug = T.AugmentationList([T.Resize((nh, nw))] + ([T.HFlip()] if flipped else []))
+                aug_input = T.AugInput(np.copy(image))
+                transforms = aug(aug_input)
+                d = copy.copy(dataset_dict)
+                d["transforms"] = transforms
+                d["image"] = torch.from_numpy(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
+                ret.append(d)
+        return ret
+
+
+def build_tta_mapper(cfg):
+    """The TTA mapper of ``TEST.AUG``: :class:`ScaleRatioMapperTTA` when ``SCALE_RATIOS`` is set,
+    else detectron2's ``DatasetMapperTTA`` (``MIN_SIZES`` / ``MAX_SIZE``)."""
+    aug = cfg.TEST.AUG
+    if not aug.SCALE_RATIOS:
+        if not aug.MIN_SIZES:
+            raise Seg2Error("TEST.AUG.MIN_SIZES=() with TEST.AUG.SCALE_RATIOS=(): test-time augmentation needs a scale")
+        return DatasetMapperTTA(cfg)
+    if tuple(aug.MIN_SIZES) != _D2_MIN_SIZES or aug.MAX_SIZE != _D2_MAX_SIZE:
+        raise Seg2Error(
+            f"TEST.AUG.SCALE_RATIOS={tuple(aug.SCALE_RATIOS)} and TEST.AUG.MIN_SIZES={tuple(aug.MIN_SIZES)} / "
+            f"MAX_SIZE={aug.MAX_SIZE} both give the TTA scales: set TEST.AUG.SCALE_RATIOS \"()\" to use sizes in pixels"
+        )
+    return ScaleRatioMapperTTA(cfg)
+
+
+def _semantic_inference_of(model) -> Callable[[torch.Tensor], torch.Tensor]:
+    """(N, C, H, W) raw images -> (N, K, H, W) logits in ``model``'s inference mode: seg2's
+    meta-architectures (:func:`semantic_inference`), or detectron2's ``SemanticSegmentor``
+    through its own forward."""
+    if hasattr(model, "sem_seg_logits"):
+        return lambda images: semantic_inference(model, images)
+    if isinstance(model, SemanticSegmentor):
+        return lambda images: torch.stack([out["sem_seg"] for out in model([{"image": x} for x in images])])
+    raise ValueError(
+        f"{type(model).__name__} has no semantic TTA: it takes Seg2SemanticSegmentor, Seg2MultiTaskRCNN and "
+        "detectron2's SemanticSegmentor"
+    )
 
 
 def _with_image(dataset_dict: dict, input_format: str) -> dict:
@@ -54,34 +139,27 @@ class SemanticSegmentorWithTTA(nn.Module):
     """
 
     @configurable
-    def __init__(self, model, *, tta_mapper, tiler: Optional[TiledSemSegInference] = None, input_format: str = "BGR"):
+    def __init__(self, model, *, tta_mapper, input_format: str = "BGR"):
         """
         Args:
             model (nn.Module): in eval mode; ``Seg2SemanticSegmentor``, ``Seg2MultiTaskRCNN``
-                (its semantic branch), any model with ``sem_seg_logits(images, context)``, or
-                detectron2's ``SemanticSegmentor``.
+                (its semantic branch; both in their own inference mode, tiled with
+                ``TEST.TILING``), or detectron2's ``SemanticSegmentor``.
             tta_mapper (callable): a dataset dict -> its augmented versions, each with
-                "transforms" (detectron2's :class:`DatasetMapperTTA`: resizes and flips).
-            tiler (TiledSemSegInference or None): tiles each augmented image when given.
+                "transforms" (:func:`build_tta_mapper`: resizes and flips).
             input_format (str): of images read from "file_name" when "image" is missing.
         """
         super().__init__()
         if isinstance(model, DistributedDataParallel):
             model = model.module
         self.model = model
-        self.sem_seg_logits = _sem_seg_logits_of(model)
+        self.infer = _semantic_inference_of(model)
         self.tta_mapper = tta_mapper
-        self.tiler = tiler
         self.input_format = input_format
 
     @classmethod
     def from_config(cls, cfg, model):
-        return {
-            "model": model,
-            "tta_mapper": DatasetMapperTTA(cfg),
-            "tiler": TiledSemSegInference(cfg, model) if cfg.SEG2.TILING.ENABLED else None,
-            "input_format": cfg.INPUT.FORMAT,
-        }
+        return {"model": model, "tta_mapper": build_tta_mapper(cfg), "input_format": cfg.INPUT.FORMAT}
 
     @torch.no_grad()
     def sem_seg(self, dataset_dict: dict) -> torch.Tensor:
@@ -90,16 +168,13 @@ class SemanticSegmentorWithTTA(nn.Module):
         height, width = dataset_dict["height"], dataset_dict["width"]
         augmented = self.tta_mapper(dataset_dict)
         flips = [any(isinstance(t, HFlipTransform) for t in x.pop("transforms").transforms) for x in augmented]
-        # Untiled: the augmented images of one size (a scale and its flip) run as one batch.
+        # The augmented images of one size (a scale and its flip) run as one batch.
         by_size: Dict[tuple, List[int]] = {}
         for i, x in enumerate(augmented):
             by_size.setdefault(tuple(x["image"].shape[-2:]), []).append(i)
         total = None
         for (h, w), index in by_size.items():
-            if self.tiler is not None:
-                batch = [self.tiler(augmented[i]["image"], output="logits") for i in index]
-            else:
-                batch = self.sem_seg_logits(torch.stack([augmented[i]["image"] for i in index]), (0, 0, 0, 0))
+            batch = self.infer(torch.stack([augmented[i]["image"] for i in index]))
             for i, logits in zip(index, batch):
                 if flips[i]:
                     logits = logits.flip(-1)
@@ -120,10 +195,10 @@ class MultiTaskRCNNWithTTA(GeneralizedRCNNWithTTA):
     """
 
     def __init__(self, cfg, model, tta_mapper=None, batch_size=3):
+        tta_mapper = tta_mapper if tta_mapper is not None else build_tta_mapper(cfg)
         super().__init__(cfg, model, tta_mapper=tta_mapper, batch_size=batch_size)
         self.semantic = SemanticSegmentorWithTTA(cfg, self.model)
-        if tta_mapper is not None:
-            self.semantic.tta_mapper = tta_mapper
+        self.semantic.tta_mapper = tta_mapper
 
     @torch.no_grad()
     def _batch_inference(self, batched_inputs, detected_instances=None):
@@ -154,8 +229,6 @@ def build_tta_model(cfg, model) -> nn.Module:
     other ``GeneralizedRCNN`` models -> detectron2's ``GeneralizedRCNNWithTTA``."""
     if isinstance(model, DistributedDataParallel):
         model = model.module
-    if not cfg.TEST.AUG.MIN_SIZES:
-        raise Seg2Error("TEST.AUG.MIN_SIZES=(): test-time augmentation needs at least one scale")
     tasks = model_tasks(cfg)
     if "sem_seg" in tasks and "instances" in tasks:
         if not hasattr(model, "sem_seg_logits"):
@@ -169,4 +242,4 @@ def build_tta_model(cfg, model) -> nn.Module:
             return SemanticSegmentorWithTTA(cfg, model)
         except ValueError as e:
             raise Seg2Error(f"TEST.AUG.ENABLED: MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE!r}: {e}") from None
-    return GeneralizedRCNNWithTTA(cfg, model)
+    return GeneralizedRCNNWithTTA(cfg, model, tta_mapper=build_tta_mapper(cfg))

@@ -41,7 +41,8 @@ from detectron2.projects.deeplab.loss import DeepLabCE
 from torch import nn
 from torch.nn import functional as F
 
-from ..utils import Seg2Error
+from ..constants import IGNORE_LABEL
+from ..utils import InvalidArgument, Seg2Error, config_keys
 
 __all__ = [
     "LOSS_TERMS",
@@ -89,7 +90,7 @@ def cross_entropy_loss(
     logits,
     targets,
     *,
-    ignore_value: int = 255,
+    ignore_value: int = IGNORE_LABEL,
     class_weight: Optional[torch.Tensor] = None,
     normalization: str = "weights",
 ):
@@ -107,7 +108,7 @@ def cross_entropy_loss(
 
 
 def hard_pixel_mining_loss(
-    logits, targets, *, ignore_value: int = 255, top_k: float = 0.2, class_weight: Optional[torch.Tensor] = None
+    logits, targets, *, ignore_value: int = IGNORE_LABEL, top_k: float = 0.2, class_weight: Optional[torch.Tensor] = None
 ):
     """
     detectron2's ``DeepLabCE`` on the labelled pixels: the mean of the ``top_k`` fraction (at least
@@ -128,7 +129,7 @@ def focal_loss(
     logits,
     targets,
     *,
-    ignore_value: int = 255,
+    ignore_value: int = IGNORE_LABEL,
     gamma: float = 2.0,
     class_weight: Optional[torch.Tensor] = None,
     normalization: str = "weights",
@@ -157,7 +158,7 @@ def _present_probabilities(logits, targets, ignore_value):
     return prob[:, present], onehot[:, present]
 
 
-def dice_loss(logits, targets, *, ignore_value: int = 255):
+def dice_loss(logits, targets, *, ignore_value: int = IGNORE_LABEL):
     """Soft Dice loss over the classes present in the labels (see the module docstring)."""
     probs = _present_probabilities(logits, targets, ignore_value)
     if probs is None:
@@ -178,7 +179,7 @@ def _lovasz_grad(gt_sorted: torch.Tensor) -> torch.Tensor:
     return jaccard
 
 
-def lovasz_softmax_loss(logits, targets, *, ignore_value: int = 255):
+def lovasz_softmax_loss(logits, targets, *, ignore_value: int = IGNORE_LABEL):
     """
     Lovász-softmax loss (Berman, Rannen Triki and Blaschko, CVPR 2018), classes present in the
     labels, the batch's labelled pixels pooled.
@@ -198,15 +199,17 @@ def lovasz_softmax_loss(logits, targets, *, ignore_value: int = 255):
 
 
 # ---- the loss module the heads hold -------------------------------------------------------------
-def parse_loss_type(loss_type: str, key: str = "loss_type") -> Tuple[str, ...]:
-    """The terms of ``loss_type`` (``"a"`` or ``"a+b"``); a :class:`Seg2Error` naming ``key`` for an
+def parse_loss_type(loss_type: str) -> Tuple[str, ...]:
+    """The terms of ``loss_type`` (``"a"`` or ``"a+b"``); an :class:`InvalidArgument` for an
     unknown or repeated term."""
     terms = tuple(t.strip() for t in str(loss_type).split("+"))
     unknown = [t for t in terms if t not in LOSS_TERMS]
     if unknown or len(set(terms)) != len(terms):
-        raise Seg2Error(
-            f"{key}={loss_type!r}: {'unknown term(s) ' + str(unknown) if unknown else 'a repeated term'}; "
-            f"choose one of {list(LOSS_TERMS)} or a sum of distinct ones such as 'cross_entropy+dice'"
+        raise InvalidArgument(
+            "loss_type",
+            loss_type,
+            f"{'no unknown term ' + str(unknown) if unknown else 'no repeated term'}: one of {list(LOSS_TERMS)} "
+            "or a sum of distinct ones such as 'cross_entropy+dice'",
         )
     return terms
 
@@ -217,17 +220,16 @@ class SemSegLoss(nn.Module):
     docstring), computed on the logits of the labelled pixels.
 
     Class weights are a buffer that is not saved in checkpoints (so they load into models with
-    other weights, or none); ``class_weight_fn`` computes them on the first call instead (that is,
-    on the first training step, so a model built only for inference needs no training data).
+    other weights, or none).
     """
 
     def __init__(
         self,
         loss_type: str = "cross_entropy",
         *,
-        ignore_value: int = 255,
+        ignore_value: int = IGNORE_LABEL,
         class_weight: Optional[Sequence[float]] = None,
-        class_weight_fn: Optional[Callable[[], Sequence[float]]] = None,
+        unresolved_class_weighting: str = "",
         top_k: float = 0.2,
         focal_gamma: float = 2.0,
         class_weight_normalization: str = "weights",
@@ -236,9 +238,12 @@ class SemSegLoss(nn.Module):
         Args:
             loss_type (str): a term of :data:`LOSS_TERMS` or a sum of them ("cross_entropy+dice").
             ignore_value (int): label excluded from every term.
-            class_weight (list[float] or None): per-class weights of the per-pixel terms.
-            class_weight_fn (callable or None): returns the class weights; called once, on the
-                first call (exclusive with ``class_weight``).
+            class_weight (list[float] or None): per-class weights of the per-pixel terms,
+                finite, >= 0, not all 0 (weights computed from the data come from the resolve
+                step, :func:`seg2.resolve_config`, as plain numbers).
+            unresolved_class_weighting (str): a ``CLASS_WEIGHTING`` method whose weights were
+                not resolved into numbers: the loss refuses to train (a model built for
+                inference only needs no training labels).
             top_k (float): fraction of labelled pixels "hard_pixel_mining" keeps, in (0, 1].
             focal_gamma (float): the focusing parameter of "focal", >= 0.
             class_weight_normalization (str): "weights" or "pixels": what the class-weighted
@@ -248,19 +253,21 @@ class SemSegLoss(nn.Module):
         super().__init__()
         self.terms = parse_loss_type(loss_type)
         self.loss_type = "+".join(self.terms)
-        if class_weight is not None and class_weight_fn is not None:
-            raise ValueError("give class_weight or class_weight_fn, not both")
         if not 0.0 < top_k <= 1.0:
-            raise ValueError(f"top_k={top_k}: must be in (0, 1]")
-        if focal_gamma < 0:
-            raise ValueError(f"focal_gamma={focal_gamma}: must be >= 0")
+            raise InvalidArgument("top_k", top_k, "the fraction of hard pixels, in (0, 1]")
+        if not focal_gamma >= 0:
+            raise InvalidArgument("focal_gamma", focal_gamma, ">= 0")
         if class_weight_normalization not in CLASS_WEIGHT_NORMALIZATIONS:
-            raise ValueError(f"class_weight_normalization={class_weight_normalization!r}: one of {CLASS_WEIGHT_NORMALIZATIONS}")
+            raise InvalidArgument("class_weight_normalization", class_weight_normalization, f"one of {list(CLASS_WEIGHT_NORMALIZATIONS)}")
+        if class_weight is not None:
+            w = [float(v) for v in class_weight]
+            if not w or any(not (0 <= v < float("inf")) for v in w) or not any(v > 0 for v in w):
+                raise InvalidArgument("class_weight", list(class_weight), "one finite value >= 0 per class, not all 0")
         self.class_weight_normalization = class_weight_normalization
         self.ignore_value, self.top_k, self.focal_gamma = ignore_value, top_k, focal_gamma
         weight = None if class_weight is None else torch.as_tensor(class_weight, dtype=torch.float32)
         self.register_buffer("class_weight", weight, persistent=False)
-        self.class_weight_fn = class_weight_fn
+        self.unresolved_class_weighting = unresolved_class_weighting
 
     def extra_repr(self) -> str:
         return (
@@ -283,9 +290,12 @@ class SemSegLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The loss of (N, C, H, W) logits against (N, H, W) targets of the same size."""
-        if self.class_weight_fn is not None:
-            self.class_weight = torch.as_tensor(self.class_weight_fn(), dtype=torch.float32, device=logits.device)
-            self.class_weight_fn = None
+        if self.unresolved_class_weighting:
+            raise Seg2Error(
+                f"MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING={self.unresolved_class_weighting!r} is counted from the training "
+                "labels by the resolve step before the model is built: train a model built from cfg = "
+                "seg2.resolve_config(cfg) (seg2's Trainer and tools do), or give MODEL.SEM_SEG_HEAD.CLASS_WEIGHT"
+            )
         if self.class_weight is not None and self.class_weight.numel() != logits.shape[1]:
             raise ValueError(f"{self.class_weight.numel()} class weights for {logits.shape[1]} classes")
         # In float32 under mixed precision (SOLVER.AMP): softmax, sums over many pixels and
@@ -295,68 +305,41 @@ class SemSegLoss(nn.Module):
             return sum(self._term(t)(logits, targets, ignore_value=self.ignore_value) for t in self.terms)
 
 
-def _class_weight_config(cfg, terms):
-    """(class_weight, class_weight_fn) of the config; a :class:`Seg2Error` naming the key for a
-    bad value."""
-    sem = cfg.MODEL.SEM_SEG_HEAD
-    explicit, method = list(sem.CLASS_WEIGHT), sem.CLASS_WEIGHTING
-    if not explicit and not method:
-        return None, None
-    if explicit and method:
-        raise Seg2Error(
-            f"MODEL.SEM_SEG_HEAD.CLASS_WEIGHT={explicit} and MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING={method!r}: "
-            "give explicit weights or a weighting method, not both"
-        )
-    if not set(terms) & set(PIXEL_LOSS_TERMS):
-        key = "CLASS_WEIGHT" if explicit else "CLASS_WEIGHTING"
-        raise Seg2Error(
-            f"MODEL.SEM_SEG_HEAD.{key} is set but MODEL.SEM_SEG_HEAD.LOSS_TYPE={sem.LOSS_TYPE!r} has no term it "
-            f"weights ({list(PIXEL_LOSS_TERMS)}); Dice and Lovász weigh every present class equally"
-        )
-    if explicit:
-        bad = len(explicit) != sem.NUM_CLASSES or any(not (w >= 0 and w < float("inf")) for w in explicit)
-        if bad or not any(w > 0 for w in explicit):
-            raise Seg2Error(
-                f"MODEL.SEM_SEG_HEAD.CLASS_WEIGHT={explicit}: needs MODEL.SEM_SEG_HEAD.NUM_CLASSES="
-                f"{sem.NUM_CLASSES} finite values >= 0, not all 0"
-            )
-        return [float(w) for w in explicit], None
-    from ..data.class_weights import CLASS_WEIGHTINGS, class_weights_from_config
-
-    if method not in CLASS_WEIGHTINGS:
-        raise Seg2Error(
-            f"MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING={method!r}: choose '' (none) or one of {list(CLASS_WEIGHTINGS)}"
-        )
-    return None, functools.partial(class_weights_from_config, cfg.clone())
+# SemSegLoss's arguments -> their config keys.
+LOSS_KEYS = {
+    "loss_type": "MODEL.SEM_SEG_HEAD.LOSS_TYPE",
+    "class_weight": "MODEL.SEM_SEG_HEAD.CLASS_WEIGHT",
+    "top_k": "MODEL.SEM_SEG_HEAD.LOSS_TOP_K",
+    "focal_gamma": "MODEL.SEM_SEG_HEAD.FOCAL_GAMMA",
+    "class_weight_normalization": "MODEL.SEM_SEG_HEAD.CLASS_WEIGHT_NORMALIZATION",
+}
 
 
 def build_sem_seg_loss(cfg) -> SemSegLoss:
     """
     The :class:`SemSegLoss` of ``cfg.MODEL.SEM_SEG_HEAD``: ``LOSS_TYPE``, ``IGNORE_VALUE``,
-    ``LOSS_TOP_K``, ``FOCAL_GAMMA``, ``CLASS_WEIGHT_NORMALIZATION`` and the class weights (``CLASS_WEIGHT``, or ``CLASS_WEIGHTING``
-    computed from ``DATASETS.TRAIN`` on the first training step, see
-    :mod:`seg2.data.class_weights`). A bad value is a :class:`Seg2Error` naming its key.
+    ``LOSS_TOP_K``, ``FOCAL_GAMMA``, ``CLASS_WEIGHT_NORMALIZATION`` and ``CLASS_WEIGHT`` (the
+    numbers; ``CLASS_WEIGHTING`` is turned into them by the resolve step,
+    :func:`seg2.resolve_config`, before the model is built). A bad value is a :class:`Seg2Error`
+    naming its key.
     """
     sem = cfg.MODEL.SEM_SEG_HEAD
-    terms = parse_loss_type(sem.LOSS_TYPE, "MODEL.SEM_SEG_HEAD.LOSS_TYPE")
-    if not 0.0 < sem.LOSS_TOP_K <= 1.0:
+    weights = list(sem.CLASS_WEIGHT) or None
+    if (weights is not None or sem.CLASS_WEIGHTING) and not set(parse_loss_type(sem.LOSS_TYPE)) & set(PIXEL_LOSS_TERMS):
+        key = "CLASS_WEIGHT" if weights is not None else "CLASS_WEIGHTING"
         raise Seg2Error(
-            f"MODEL.SEM_SEG_HEAD.LOSS_TOP_K={sem.LOSS_TOP_K}: the fraction of hard pixels must be in (0, 1]"
+            f"MODEL.SEM_SEG_HEAD.{key} is set but MODEL.SEM_SEG_HEAD.LOSS_TYPE={sem.LOSS_TYPE!r} has no term it "
+            f"weights ({list(PIXEL_LOSS_TERMS)}); Dice and Lovász weigh every present class equally"
         )
-    if not sem.FOCAL_GAMMA >= 0:
-        raise Seg2Error(f"MODEL.SEM_SEG_HEAD.FOCAL_GAMMA={sem.FOCAL_GAMMA}: must be >= 0")
-    if sem.CLASS_WEIGHT_NORMALIZATION not in CLASS_WEIGHT_NORMALIZATIONS:
-        raise Seg2Error(
-            f"MODEL.SEM_SEG_HEAD.CLASS_WEIGHT_NORMALIZATION={sem.CLASS_WEIGHT_NORMALIZATION!r}: choose one of "
-            f"{list(CLASS_WEIGHT_NORMALIZATIONS)}"
+    with config_keys(LOSS_KEYS):
+        if weights is not None and len(weights) != sem.NUM_CLASSES:
+            raise InvalidArgument("class_weight", weights, f"MODEL.SEM_SEG_HEAD.NUM_CLASSES={sem.NUM_CLASSES} values")
+        return SemSegLoss(
+            sem.LOSS_TYPE,
+            ignore_value=sem.IGNORE_VALUE,
+            class_weight=weights,
+            unresolved_class_weighting=sem.CLASS_WEIGHTING if weights is None else "",
+            top_k=sem.LOSS_TOP_K,
+            focal_gamma=sem.FOCAL_GAMMA,
+            class_weight_normalization=sem.CLASS_WEIGHT_NORMALIZATION,
         )
-    class_weight, class_weight_fn = _class_weight_config(cfg, terms)
-    return SemSegLoss(
-        sem.LOSS_TYPE,
-        ignore_value=sem.IGNORE_VALUE,
-        class_weight=class_weight,
-        class_weight_fn=class_weight_fn,
-        top_k=sem.LOSS_TOP_K,
-        focal_gamma=sem.FOCAL_GAMMA,
-        class_weight_normalization=sem.CLASS_WEIGHT_NORMALIZATION,
-    )

@@ -9,6 +9,7 @@ single line ``seg2: error: <message>`` on stderr and exit status 1; its tracebac
     run_tool(main, args, debug=args.debug)
 """
 
+import errno
 import logging
 import os
 import re
@@ -18,7 +19,7 @@ from typing import Callable, Optional
 
 from . import Seg2Error
 
-__all__ = ["add_debug_argument", "debug_enabled", "seg2_error_message", "run_tool"]
+__all__ = ["add_debug_argument", "check_device", "check_num_gpus", "debug_enabled", "seg2_error_message", "run_tool"]
 
 DEBUG_ENV = "SEG2_DEBUG"
 # torch re-raises an exception of a DataLoader worker (torch._utils.ExceptionWrapper) or of a
@@ -26,7 +27,7 @@ DEBUG_ENV = "SEG2_DEBUG"
 # traceback as its message; the original message follows the last "<module>.Seg2Error: " line
 # (the exception object itself does not cross the process boundary).
 _WORKER = re.compile(r"\ACaught \w+ in (DataLoader worker process \d+)\.")
-_LAST_SEG2_ERROR = re.compile(r"^(?:[\w.]+\.)?(?:Seg2Error|UnreadableFileError): ", re.MULTILINE)
+_LAST_SEG2_ERROR = re.compile(r"^(?:[\w.]+\.)?(?:Seg2Error|UnreadableFileError|InvalidArgument): ", re.MULTILINE)
 
 
 def add_debug_argument(parser):
@@ -46,6 +47,12 @@ def seg2_error_message(exc: BaseException) -> Optional[str]:
     (then followed by where it was raised) or from a process of ``launch``; None for any other
     exception."""
     text = str(exc)
+    yaml_error = _yaml_error_message(exc)
+    if yaml_error is not None:
+        return yaml_error
+    if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
+        # A full disk or a read-only folder, wherever the write was (a log, metrics.json, events).
+        return f"cannot write {exc.filename or 'a file'}: {exc.strerror}"
     if not isinstance(exc, Seg2Error):
         if type(exc).__name__ != "ProcessRaisedException" or not _LAST_SEG2_ERROR.search(text):
             return None
@@ -55,6 +62,51 @@ def seg2_error_message(exc: BaseException) -> Optional[str]:
     message = text[matches[-1].end():].strip()
     worker = _WORKER.match(text)
     return f"{message} (in {worker.group(1)})" if worker else message
+
+
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+
+
+def _yaml_error_message(exc: BaseException) -> Optional[str]:
+    """A YAML syntax error of a config file (yacs lets PyYAML's error through) as one line naming
+    the file, line and column; None for other exceptions."""
+    try:
+        import yaml
+    except ImportError:  # pragma: no cover - detectron2 depends on PyYAML
+        return None
+    if not isinstance(exc, yaml.YAMLError):
+        return None
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "a config file"
+    problem = " ".join(str(p) for p in (getattr(exc, "context", None), getattr(exc, "problem", None)) if p)
+    return f"bad YAML in {where}: {problem or type(exc).__name__}"
+
+
+def check_device(device: str, key: str = "MODEL.DEVICE") -> None:
+    """A :class:`Seg2Error` naming ``key`` where ``device`` is a CUDA device this machine lacks
+    (torch's own error is an assertion or a driver message deep in the model's ``.to()``)."""
+    import torch
+
+    if not str(device).startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise Seg2Error(f"{key}={device}, but torch finds no CUDA device on this machine "
+                        f"(torch.cuda.is_available() is False): set {key} cpu")
+    index = str(device).partition(":")[2]
+    if index and int(index) >= torch.cuda.device_count():
+        raise Seg2Error(f"{key}={device}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def check_num_gpus(num_gpus: int) -> None:
+    """A :class:`Seg2Error` for ``--num-gpus`` beyond this machine's CUDA devices (detectron2's
+    ``launch`` then fails inside each process: an assertion, or DistributedDataParallel refusing
+    ``device_ids`` for a CPU model)."""
+    import torch
+
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if num_gpus > 1 and num_gpus > have:
+        raise Seg2Error(f"--num-gpus {num_gpus}, but torch finds {have} CUDA device(s) on this machine: "
+                        f"use --num-gpus {max(have, 1)}")
 
 
 class _DropSeg2Tracebacks(logging.Filter):

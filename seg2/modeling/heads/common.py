@@ -5,6 +5,7 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import nn
 
+from ...constants import IGNORE_LABEL
 from ...utils import Seg2Error
 from ..losses import SemSegLoss, build_sem_seg_loss
 from ..upsample import UPSAMPLE_MODES, Upsample
@@ -31,7 +32,7 @@ class BaseSemSegHead(nn.Module):
         self,
         *,
         num_classes: int,
-        ignore_value: int = 255,
+        ignore_value: int = IGNORE_LABEL,
         loss_weight: float = 1.0,
         loss: Optional[nn.Module] = None,
     ):

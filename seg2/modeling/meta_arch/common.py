@@ -1,22 +1,14 @@
-"""Build-time checks and target assembly shared by seg2's meta-architectures."""
+"""Build-time checks of the config and target assembly shared by seg2's meta-architectures
+(config against data is the resolve step's, :mod:`seg2.resolve`)."""
 
 from typing import List, Optional, Sequence
 
 import torch
-from detectron2.data import MetadataCatalog
 from detectron2.modeling import BACKBONE_REGISTRY, SEM_SEG_HEADS_REGISTRY
 
-from ...data.dataset_mapper import check_ignore_value
 from ...utils import Seg2Error
 
-__all__ = [
-    "check_registered",
-    "check_head_loss",
-    "check_head_features",
-    "check_num_classes",
-    "check_model_num_classes",
-    "sem_seg_targets",
-]
+__all__ = ["check_registered", "check_head_loss", "check_head_features", "sem_seg_targets"]
 
 
 def check_registered(cfg):
@@ -63,63 +55,6 @@ def check_head_features(cfg, backbone_shape):
             f"MODEL.SEM_SEG_HEAD.IN_FEATURES={wanted}: backbone {cfg.MODEL.BACKBONE.NAME!r} gives no {missing}; "
             f"it gives {sorted(backbone_shape)} (set them in its OUT_FEATURES, e.g. MODEL.RESNETS.OUT_FEATURES)"
         )
-
-
-def check_num_classes(cfg, instances: bool = False):
-    """
-    A :class:`Seg2Error` when the config's class counts differ from the metadata of a registered
-    dataset in ``DATASETS.TRAIN`` / ``DATASETS.TEST`` (stuff_classes for the semantic head,
-    thing_classes for the RoI heads when ``instances``), or when its ``ignore_label`` differs from
-    ``MODEL.SEM_SEG_HEAD.IGNORE_VALUE`` (:func:`~seg2.data.dataset_mapper.check_ignore_value`):
-    one ignore value from label file to loss to metric.
-    """
-    checks = [("MODEL.SEM_SEG_HEAD.NUM_CLASSES", cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, "stuff_classes")]
-    if instances:
-        checks.append(("MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL.ROI_HEADS.NUM_CLASSES, "thing_classes"))
-    dataset_names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
-    check_ignore_value(cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE, dataset_names)
-    _check_class_counts(checks, dataset_names)
-
-
-def _check_class_counts(checks, dataset_names: Sequence[str]):
-    """Each (config key, its value, metadata field) against the registered datasets' metadata."""
-    registered = set(MetadataCatalog.list())
-    for name in dataset_names:
-        if name not in registered:
-            continue
-        meta = MetadataCatalog.get(name)
-        for key, n, field in checks:
-            classes = meta.get(field, None)
-            if classes is not None and len(classes) != n:
-                raise Seg2Error(
-                    f"{key}={n} but dataset {name!r} has {len(classes)} {field} "
-                    f"({list(classes)[:6]}{'...' if len(classes) > 6 else ''}); set {key}: {len(classes)}"
-                )
-
-
-def check_model_num_classes(cfg, model: torch.nn.Module, dataset_names: Optional[Sequence[str]] = None):
-    """
-    A :class:`Seg2Error` naming the config key when a class count of ``model`` (any
-    meta-architecture: detectron2's GeneralizedRCNN, RetinaNet, SemanticSegmentor, PanopticFPN or
-    seg2's) differs from the metadata of ``dataset_names`` (default: ``DATASETS.TRAIN`` and
-    ``DATASETS.TEST``): ``MODEL.ROI_HEADS.NUM_CLASSES`` (models with ``roi_heads``) and
-    ``MODEL.RETINANET.NUM_CLASSES`` against ``thing_classes``, ``MODEL.SEM_SEG_HEAD.NUM_CLASSES``
-    (models with a ``sem_seg_head``) against ``stuff_classes``. Too few classes would otherwise
-    train with the extra classes silently treated as background (detectron2 does not check).
-    """
-    from detectron2.modeling import RetinaNet
-
-    model = getattr(model, "module", model)  # DistributedDataParallel
-    checks = []
-    if getattr(model, "roi_heads", None) is not None:
-        checks.append(("MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL.ROI_HEADS.NUM_CLASSES, "thing_classes"))
-    if isinstance(model, RetinaNet):
-        checks.append(("MODEL.RETINANET.NUM_CLASSES", cfg.MODEL.RETINANET.NUM_CLASSES, "thing_classes"))
-    if getattr(model, "sem_seg_head", None) is not None:
-        checks.append(("MODEL.SEM_SEG_HEAD.NUM_CLASSES", cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, "stuff_classes"))
-    if dataset_names is None:
-        dataset_names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
-    _check_class_counts(checks, dataset_names)
 
 
 def sem_seg_targets(

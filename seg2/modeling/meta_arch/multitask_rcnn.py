@@ -13,8 +13,9 @@ from detectron2.utils.events import get_event_storage
 
 from ...utils import Seg2Error
 from ...utils.dist import check_same_in_all_processes
-from ..tasks import META_ARCH_TASKS
-from .common import check_head_features, check_num_classes, check_registered, sem_seg_targets
+from ...tasks import META_ARCH_TASKS
+from ..tiling import TiledSemSegInference, tiling_from_config
+from .common import check_head_features, check_registered, sem_seg_targets
 from .semantic_segmentor import inner_size, needs_no_padding
 
 __all__ = ["Seg2MultiTaskRCNN"]
@@ -45,6 +46,7 @@ class Seg2MultiTaskRCNN(GeneralizedRCNN):
         sem_seg_head: torch.nn.Module,
         instance_loss_weight: float = 1.0,
         keep_all_branches: Optional[bool] = None,
+        tiling: Optional[dict] = None,
         **kwargs,
     ):
         """
@@ -75,15 +77,20 @@ class Seg2MultiTaskRCNN(GeneralizedRCNN):
         # runs as usual, on stand-in targets, at weight 0 (see forward). Found at the first
         # training step, after any conversion (nn.SyncBatchNorm.convert_sync_batchnorm).
         self._communicates = None
+        self.tiler = TiledSemSegInference(self, **tiling) if tiling else None
+
+    # The meta-architecture reads TEST.TILING itself (see Seg2SemanticSegmentor).
+    tiles_in_inference = True
 
     @classmethod
     def from_config(cls, cfg):
         check_registered(cfg)
-        check_num_classes(cfg, instances=True)
+        tiling = tiling_from_config(cfg)
         ret = super().from_config(cfg)
         check_head_features(cfg, ret["backbone"].output_shape())
         ret["sem_seg_head"] = build_sem_seg_head(cfg, ret["backbone"].output_shape())
         ret["instance_loss_weight"] = cfg.MODEL.MULTITASK.INSTANCE_LOSS_WEIGHT
+        ret["tiling"] = tiling
         return ret
 
     def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
@@ -224,8 +231,8 @@ class Seg2MultiTaskRCNN(GeneralizedRCNN):
         Args:
             batched_inputs, detected_instances, do_postprocess: as ``GeneralizedRCNN.inference``
                 (given instances: the RoI heads predict masks for their boxes, no detection).
-            sem_seg (bool): False leaves the semantic head out (e.g. when tiled inference gives
-                the semantic map).
+            sem_seg (bool): False leaves the semantic head out (e.g. when TTA gives the semantic
+                map). With tiling (``TEST.TILING``) the semantic logits come tile by tile.
 
         Returns:
             do_postprocess: list of ``{"instances"}`` plus ``"sem_seg"`` ((K, height, width)
@@ -240,14 +247,18 @@ class Seg2MultiTaskRCNN(GeneralizedRCNN):
             instances, _ = self.roi_heads(images, features, proposals, None)
         else:
             instances = self.roi_heads.forward_with_given_boxes(features, [x.to(self.device) for x in detected_instances])
-        sem_seg_results = self.sem_seg_head(features, None)[0] if sem_seg else None
+        tiled = sem_seg and self.tiler is not None
+        sem_seg_results = self.sem_seg_head(features, None)[0] if sem_seg and not tiled else None
         if not do_postprocess:
             return instances, sem_seg_results
         processed = []
         for i, (x, image_size) in enumerate(zip(batched_inputs, images.image_sizes)):
             height, width = x.get("height", image_size[0]), x.get("width", image_size[1])
             out = {"instances": detector_postprocess(instances[i], height, width)}
-            if sem_seg:
+            if tiled:
+                logits = self.tiler(x["image"], output="logits")
+                out["sem_seg"] = sem_seg_postprocess(logits, image_size, height, width)
+            elif sem_seg:
                 out["sem_seg"] = sem_seg_postprocess(sem_seg_results[i], image_size, height, width)
             processed.append(out)
         return processed

@@ -1,6 +1,6 @@
 """The semantic-only meta-architecture: any seg2 (or detectron2) semantic head on a backbone."""
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -10,41 +10,16 @@ from detectron2.structures import ImageList
 from torch.func import functional_call
 
 from ...utils import Seg2Error
-from ..tasks import META_ARCH_TASKS
-from .common import check_head_features, check_num_classes, check_registered, sem_seg_targets
+from ...tasks import META_ARCH_TASKS
+from ..tiling import TiledSemSegInference, mirror_window, tiling_from_config
+from .common import check_head_features, check_registered, sem_seg_targets
 
-__all__ = ["Seg2SemanticSegmentor", "mirror_window", "reflect_indices"]
+__all__ = ["Seg2SemanticSegmentor", "semantic_inference"]
 
 META_ARCH_TASKS["Seg2SemanticSegmentor"] = frozenset({"sem_seg"})
 
 # How far beyond the image the overlap-tile search looks for a size the network tiles exactly.
 _MAX_TILE_SEARCH = 4096
-
-
-def reflect_indices(start: int, stop: int, size: int) -> torch.Tensor:
-    """
-    Indices into a side of ``size`` pixels for positions ``start .. stop-1``, reflected at the
-    borders without repeating the edge pixel, as ``F.pad(mode="reflect")`` does, and repeated
-    where the positions reach further than the side (a side of 1 pixel repeats it).
-    """
-    i = torch.arange(start, stop)
-    if size == 1:
-        return torch.zeros_like(i)
-    period = 2 * (size - 1)
-    i = i.remainder(period)
-    return torch.where(i >= size, period - i, i)
-
-
-def mirror_window(x: torch.Tensor, rows: Tuple[int, int], cols: Tuple[int, int]) -> torch.Tensor:
-    """
-    Rows ``rows[0] .. rows[1]-1`` and columns ``cols[0] .. cols[1]-1`` of the last two dims of
-    ``x``, mirrored (:func:`reflect_indices`) where they lie outside it: U-Net's overlap-tile
-    extrapolation of missing context. ``mirror_window(x, (-top, h + bottom), (-left, w + right))``
-    mirror-pads ``x`` by any amount; a window inside ``x`` is a copy of that crop.
-    """
-    h, w = x.shape[-2:]
-    x = x.index_select(-2, reflect_indices(rows[0], rows[1], h).to(x.device))
-    return x.index_select(-1, reflect_indices(cols[0], cols[1], w).to(x.device))
 
 
 def inner_size(images: torch.Tensor, context: Tuple[int, int, int, int]) -> Tuple[int, int]:
@@ -75,27 +50,34 @@ class Seg2SemanticSegmentor(SemanticSegmentor):
     the input: each image is mirror-padded, as the U-Net paper's overlap-tile strategy does, to
     the smallest size whose output covers the whole image, and the output is cropped back.
     Outputs: ``{"sem_seg": (C, height, width) logits}`` per image, at the input's original size.
-    Whole-image inference and tiled inference (:class:`seg2.inference.TiledSemSegInference`)
-    both go through :meth:`sem_seg_logits`.
+    The inference mode is the model's own (``TEST.TILING``): whole images, or overlap tiles
+    (:class:`seg2.modeling.tiling.TiledSemSegInference`); both go through :meth:`sem_seg_logits`.
     """
 
+    # The meta-architecture reads TEST.TILING itself (the resolve step refuses tiling for those
+    # that do not).
+    tiles_in_inference = True
+
     @configurable
-    def __init__(self, *, backbone, sem_seg_head, pixel_mean, pixel_std):
+    def __init__(self, *, backbone, sem_seg_head, pixel_mean, pixel_std, tiling: Optional[dict] = None):
         """
         Args:
             backbone (Backbone): a detectron2 backbone.
             sem_seg_head (nn.Module): a head in detectron2's interface (``forward(features,
                 targets) -> (logits or None, losses)``) with an ``ignore_value``.
             pixel_mean, pixel_std (tuple[float]): per-channel input normalization.
+            tiling (dict or None): :class:`~seg2.modeling.tiling.TilingSpec` arguments: infer
+                tile by tile; None or empty: whole images.
         """
         super().__init__(backbone=backbone, sem_seg_head=sem_seg_head, pixel_mean=pixel_mean, pixel_std=pixel_std)
         self.overlap_tile = bool(getattr(backbone, "valid_padding", False) or getattr(sem_seg_head, "valid_padding", False))
         self._tile_cache: Dict[int, Tuple[int, int]] = {}
+        self.tiler = TiledSemSegInference(self, **tiling) if tiling else None
 
     @classmethod
     def from_config(cls, cfg):
         check_registered(cfg)
-        check_num_classes(cfg)
+        tiling = tiling_from_config(cfg)
         backbone = build_backbone(cfg)
         check_head_features(cfg, backbone.output_shape())
         return {
@@ -103,6 +85,7 @@ class Seg2SemanticSegmentor(SemanticSegmentor):
             "sem_seg_head": build_sem_seg_head(cfg, backbone.output_shape()),
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
+            "tiling": tiling,
         }
 
     # ---- overlap-tile geometry -------------------------------------------------------------
@@ -227,15 +210,26 @@ class Seg2SemanticSegmentor(SemanticSegmentor):
         return losses or {"loss_sem_seg": torch.zeros((), device=self.device, requires_grad=True)}
 
     def inference(self, batched_inputs: List[Dict[str, torch.Tensor]]) -> List[Dict[str, torch.Tensor]]:
-        """``[{"sem_seg": (K, height, width) logits}]``: :meth:`sem_seg_logits` of each group of
-        same-size images, resized to the input's "height" x "width" (default: its own size)."""
+        """``[{"sem_seg": (K, height, width) logits}]``: :func:`semantic_inference` of each group
+        of same-size images, resized to the input's "height" x "width" (default: its own size)."""
         by_size: Dict[Tuple[int, int], List[int]] = {}
         for i, x in enumerate(batched_inputs):
             by_size.setdefault(tuple(x["image"].shape[-2:]), []).append(i)
         processed: List[Dict[str, torch.Tensor]] = [{} for _ in batched_inputs]
         for (h, w), index in by_size.items():
-            logits = self.sem_seg_logits(torch.stack([batched_inputs[i]["image"] for i in index]))
+            logits = semantic_inference(self, torch.stack([batched_inputs[i]["image"] for i in index]))
             for i, result in zip(index, logits):
                 height, width = batched_inputs[i].get("height", h), batched_inputs[i].get("width", w)
                 processed[i]["sem_seg"] = sem_seg_postprocess(result, (h, w), height, width)
         return processed
+
+
+def semantic_inference(model, images: torch.Tensor) -> torch.Tensor:
+    """
+    (N, K, H, W) stride-1 semantic logits of (N, C, H, W) raw images in ``model``'s inference
+    mode: tile by tile with its ``tiler`` (``TEST.TILING``), else :meth:`sem_seg_logits` of the
+    whole batch. The one place seg2's meta-architectures, TTA and the predictor choose it.
+    """
+    if getattr(model, "tiler", None) is not None:
+        return torch.stack([model.tiler(image, output="logits") for image in images])
+    return model.sem_seg_logits(images)

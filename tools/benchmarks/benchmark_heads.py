@@ -1,35 +1,31 @@
 #!/usr/bin/env python3
 """
-Speed and FLOPs of seg2's semantic models, side by side with detectron2's own semantic heads,
-and the cost of a semantic head on top of Mask R-CNN.
+Speed and FLOPs of seg2's semantic models, side by side with detectron2's own semantic heads.
 
-    python tools/benchmark_heads.py                       # full-size VOC models, 256x256, CPU
-    python tools/benchmark_heads.py --preset tiny --size 128 --iters 5
-    python tools/benchmark_heads.py --device cuda --size 512 --batch 8 --iters 20
+    python3 tools/benchmarks/benchmark_heads.py              # full-size VOC models, 256x256, CPU
+    python3 tools/benchmarks/benchmark_heads.py --preset tiny --size 128 --iters 5
+    python3 tools/benchmarks/benchmark_heads.py --device cuda --size 512 --batch 8 --iters 20
 
-Part 1 (semantic): per-iteration train time (forward + backward + SGD step) and inference time
-of each model at one input size, and fvcore FLOPs of one inference; ratios are to detectron2's
-DeepLabV3PlusHead model (the same ResNet-50 / size / batch, measured in the same run).
-Part 2 (multi-task): the train step of Seg2MultiTaskRCNN (+FCN-8s, +U-Net, +DeepLabV3+) against
-plain Mask R-CNN with the same backbone and the same seg2_shapes batch; goal: <= 1.30x.
-Models are randomly initialised (no download); timings exclude data loading.
+Per-iteration train time (forward + backward + SGD step) and inference time of each model at one
+input size, and fvcore FLOPs of one inference; ratios are to detectron2's DeepLabV3PlusHead model
+(the same ResNet-50 / size / batch, measured in the same run). Models are randomly initialised
+(no download); timings exclude data loading. The cost of a semantic head next to Mask R-CNN is
+benchmark_multitask_cost.py.
 """
 
 import argparse
 import json
 import os
-import tempfile
 
 import torch
 from detectron2.modeling import build_model
 from detectron2.utils.analysis import FlopCountAnalysis
 from detectron2.utils.events import EventStorage
+from timing import inference_step, time_iterations, train_step
 
 import seg2
-from seg2.data import MultiTaskDatasetMapper, generate_shapes, load_coco_with_sem_seg
-from seg2.utils.benchmark import time_iterations
 
-C = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+C = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 
 # name -> (config, overrides). detectron2's own heads run in detectron2's SemanticSegmentor.
 SEMANTIC_FULL = {
@@ -59,12 +55,6 @@ SEMANTIC_TINY = {
     "seg2 U-Net-valid tiny": ("quickstart/unet-valid_tiny_shapes_cpu.yaml", []),
     "seg2 SegNet VGG16-tiny": ("quickstart/segnet_vgg16-tiny_shapes_cpu.yaml", []),
 }
-MULTITASK = {
-    "Mask R-CNN R18-FPN (ref)": "quickstart/mask_rcnn_R18_FPN_shapes_cpu.yaml",
-    "+ FCN-8s": "quickstart/mask_rcnn_R18_FPN_fcn8s_shapes_cpu.yaml",
-    "+ U-Net": "quickstart/mask_rcnn_R18_FPN_unet_shapes_cpu.yaml",
-    "+ DeepLabV3+": "quickstart/mask_rcnn_R18_FPN_deeplabv3plus_shapes_cpu.yaml",
-}
 
 
 def make_cfg(config, overrides, device, bn_only=True):
@@ -82,24 +72,13 @@ def make_cfg(config, overrides, device, bn_only=True):
 
 def time_train(model, inputs, iters, warmup, device):
     """Median seconds of a train step (forward, backward, SGD step) on ``inputs``."""
-    model.train()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
-
-    def step(_):
-        loss = sum(model(inputs).values())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
     with EventStorage(0):
-        return time_iterations(step, warmup, iters, device)["seconds_per_iter"]
+        return time_iterations(train_step(model, [inputs], device=device), warmup, iters, device)["seconds_per_iter"]
 
 
 def time_inference(model, inputs, iters, warmup, device):
     """Median seconds of an inference forward on ``inputs``."""
-    model.eval()
-    with torch.no_grad():
-        return time_iterations(lambda _: model(inputs), warmup, iters, device)["seconds_per_iter"]
+    return time_iterations(inference_step(model, [inputs], device=device), warmup, iters, device)["seconds_per_iter"]
 
 
 def gflops(model, inputs):
@@ -151,59 +130,21 @@ def semantic(args):
     return rows
 
 
-def multitask(args):
-    root = generate_shapes(os.path.join(tempfile.mkdtemp(prefix="seg2-bench-"), "shapes"),
-                           splits={"train": 2 * args.mt_batch}, image_size=128, seed=0)
-    records = load_coco_with_sem_seg(
-        os.path.join(root, "coco", "annotations", "instances_train.json"),
-        os.path.join(root, "coco", "train"), os.path.join(root, "VOC2012", "SegmentationClass"))
-    rows = []
-    for name, config in MULTITASK.items():
-        torch.manual_seed(0)
-        cfg = make_cfg(config, [], args.device)
-        cfg.INPUT.RANDOM_FLIP = "none"
-        cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 4  # the mapper's label check (the reference has no semantic head)
-        mapper = MultiTaskDatasetMapper(cfg, True)
-        inputs = [mapper(r) for r in records[: args.mt_batch]]
-        model = build_model(cfg)
-        row = {
-            "model": name,
-            "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
-            "train_s": time_train(model, inputs, args.iters, args.warmup, args.device),
-        }
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    ref = rows[0]
-    print(f"\nMulti-task train step, seg2_shapes 128x128, batch {args.mt_batch}, {args.device}; ratios to {ref['model']}")
-    for r in rows:
-        ratio = r["train_s"] / ref["train_s"]
-        flag = "" if r is ref else ("  ok (<= 1.30)" if ratio <= 1.30 else "  OVER 1.30")
-        print(f"{r['model']:30s} {r['params_M']:8.2f}M {r['train_s']:8.3f} s/it {ratio:6.2f}x{flag}")
-    return rows
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=["full", "tiny"], default="full")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--mt-batch", type=int, default=4)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0: torch's default)")
     p.add_argument("--only", nargs="*", help="run the semantic models whose name contains one of these")
-    p.add_argument("--skip-semantic", action="store_true")
-    p.add_argument("--skip-multitask", action="store_true")
     p.add_argument("--json", help="write all rows here")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = {"args": vars(args)}
-    if not args.skip_semantic:
-        out["semantic"] = semantic(args)
-    if not args.skip_multitask:
-        out["multitask"] = multitask(args)
+    out = {"args": vars(args), "semantic": semantic(args)}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

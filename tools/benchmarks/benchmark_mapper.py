@@ -10,7 +10,7 @@ Data-pipeline benchmarks, measured side by side in one run:
 2. COCO semantic-map generation (:func:`seg2.data.generate_coco_sem_seg`), images/s, on the
    shapes records scaled to COCO's size (640x640), with 1 and with ``--workers`` processes.
 
-    OMP_NUM_THREADS=1 python tools/benchmark_mapper.py [--images 64] [--repeats 3] [--workers 2]
+    OMP_NUM_THREADS=1 python3 tools/benchmarks/benchmark_mapper.py [--images 64] [--repeats 3] [--workers 2]
 """
 
 import argparse
@@ -20,7 +20,6 @@ import shutil
 import tempfile
 
 import cv2
-import numpy as np
 import torch
 from detectron2.config import get_cfg
 from detectron2.data import DatasetMapper
@@ -34,7 +33,7 @@ from seg2.data import (
     load_coco_with_sem_seg,
     load_voc_instances,
 )
-from seg2.utils.benchmark import time_round_robin, timed
+from timing import best_of_rounds, timed
 
 
 def _cfg(mask_format):
@@ -49,15 +48,8 @@ def _cfg(mask_format):
 def _images_per_s(mappers, records, repeats):
     """Images/s of each mapper: best of ``repeats`` passes over ``records``, the mappers taking
     turns pass by pass so that load from other jobs hits them alike (one warm-up pass each)."""
-
-    def one_pass(mapper, rep):
-        np.random.seed(rep)
-        for r in records:
-            mapper(r)
-
-    steps = {i: lambda rep, m=m: one_pass(m, rep) for i, m in enumerate(mappers)}
-    times = time_round_robin(steps, warmup=1, repeats=repeats)
-    return [len(records) / min(times[i]) for i in steps]
+    best = best_of_rounds({i: lambda m=m: [m(r) for r in records] for i, m in enumerate(mappers)}, repeats)
+    return [len(records) / best[i] for i in range(len(mappers))]
 
 
 def _scaled(record, factor):

@@ -2,7 +2,7 @@
 Ablation studies: train and evaluate a set of config variants under one protocol (same schedule,
 data and model but for the keys the study varies), over several seeds, and report mean ± std.
 
-Two studies are built in:
+Two studies are built in (:data:`report.STUDIES`):
 
 * ``poolers``: the Mask R-CNN RoI pooling ablation (He et al., ICCV 2017, Table 2c): the variants
   differ in ``MODEL.ROI_{BOX,MASK}_HEAD.POOLER_{TYPE,AGGREGATION}``; metrics mask AP / AP50 / AP75
@@ -14,76 +14,45 @@ Two studies are built in:
 
 ``tools/ablate.py`` is the command line. Each (variant, seed) trains in
 ``<output-dir>/<variant>/seed<k>/``; a finished one (its ``ablation_result.json``, also written for
-a run that diverged) is read back, an unfinished one resumes from its last checkpoint.
+a run that diverged) is read back, an unfinished one resumes from its last checkpoint, but only
+where the run folder's recorded setting (``ablation_setting.json``: the full merged config, the
+seed, seg2's version and git commit, detectron2's version) is the one asked for now: otherwise the
+study refuses, naming the folder and the keys that differ, or with ``rerun_changed`` moves the old
+folder aside and runs again.
 """
 
+import functools
+import hashlib
 import json
 import logging
-import math
 import os
-import platform
+import shutil
 import statistics
+import subprocess
 from typing import Dict, List, Sequence
 
+import detectron2
 import torch
+import yaml
+from benchmarks.timing import timed
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from torch import nn
 
-from ..config import load_seg2_config
-from ..data import check_dataset_names
-from ..utils import Seg2Error
-from ..utils.benchmark import timed
-from ..utils.progress import log_progress
-from .defaults import Trainer
+import seg2
+from seg2.config import load_seg2_config
+from seg2.data import check_dataset_names
+from seg2.engine import Trainer
+from seg2.modeling.poolers import POOLER_AGGREGATIONS
+from seg2.utils import Seg2Error
+from seg2.utils.progress import log_progress
 
-__all__ = [
-    "STUDIES",
-    "AblationTrainer",
-    "variant_cfg",
-    "detect_study",
-    "check_same_protocol",
-    "train_s_per_iter",
-    "run_variant",
-    "aggregate",
-    "pooler_ordering",
-    "write_report",
-    "read_result",
-    "run_ablation",
-    "evaluation_protocol",
-]
+from .report import STUDIES, write_report
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("seg2.ablation")
 
 RESULT_FILE = "ablation_result.json"
-
-# Mask R-CNN paper, Table 2c (ResNet-50-C4, COCO minival): mask AP, AP50, AP75.
-PAPER_TABLE_2C = {
-    ("ROIPool", "max"): (26.9, 48.8, 26.4),
-    ("ROIWarp", "max"): (27.2, 49.2, 27.1),
-    ("ROIWarp", "avg"): (27.1, 48.9, 27.1),
-    ("ROIAlign", "max"): (30.2, 51.0, 31.8),
-    ("ROIAlign", "avg"): (30.3, 51.2, 31.5),
-}
-
-_HEAD_NODES = ("MODEL.SEGNET_HEAD.", "MODEL.FCN_HEAD.", "MODEL.UNET_HEAD.", "MODEL.DEEPLAB_HEAD.")
-_HEAD_CHOICE = ("MODEL.SEM_SEG_HEAD.NAME", "MODEL.SEM_SEG_HEAD.IN_FEATURES")
-STUDIES = {
-    "poolers": {
-        "title": "RoI pooling ablation",
-        "varies": lambda k: k.startswith(("MODEL.ROI_BOX_HEAD.POOLER_", "MODEL.ROI_MASK_HEAD.POOLER_"))
-        and k.endswith(("_TYPE", "_AGGREGATION")),
-        "metrics": [("mask_AP", "segm", "AP"), ("mask_AP50", "segm", "AP50"), ("mask_AP75", "segm", "AP75"),
-                    ("box_AP", "bbox", "AP")],  # fmt: skip
-    },
-    "decoders": {
-        "title": "Decoder ablation",
-        # the head's own keys, and which head on which backbone features
-        "varies": lambda k: k.startswith(_HEAD_NODES) or k in _HEAD_CHOICE,
-        "metrics": [("global_acc", "sem_seg", "pACC"), ("class_avg_acc", "sem_seg", "mACC"),
-                    ("mIoU", "sem_seg", "mIoU")],  # fmt: skip
-    },
-}
+SETTING_FILE = "ablation_setting.json"
 _ALWAYS_DIFFERENT = ("OUTPUT_DIR", "SEED")
 
 
@@ -169,8 +138,6 @@ def check_same_protocol(cfgs: Dict[str, object], study: str = None):
 
 def pooler_of(cfg):
     """(pooler type, aggregation) of the box head; the natural aggregation when none is set."""
-    from ..modeling.poolers import POOLER_AGGREGATIONS
-
     ptype = cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE
     return ptype, cfg.MODEL.ROI_BOX_HEAD.POOLER_AGGREGATION or POOLER_AGGREGATIONS.get(ptype, ("avg",))[0]
 
@@ -196,6 +163,106 @@ def train_s_per_iter(output_dir: str) -> float:
     return statistics.median(times.values()) if times else float("nan")
 
 
+@functools.lru_cache(maxsize=None)
+def code_version() -> Dict[str, str]:
+    """seg2's and detectron2's versions, and the git commit of the seg2 checkout that is imported
+    ("<commit>+dirty.<hash of the diff>" with uncommitted changes to seg2/ or tools/; None where
+    seg2 is not imported from a git checkout of its own, e.g. installed from a wheel)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(seg2.__file__)))
+
+    def git(*args):
+        out = subprocess.run(["git", "-C", root, *args], capture_output=True, timeout=60, check=True)
+        return out.stdout
+
+    try:
+        if os.path.realpath(git("rev-parse", "--show-toplevel").decode().strip()) != os.path.realpath(root):
+            commit = None  # seg2 lies inside another project's repository
+        else:
+            commit = git("rev-parse", "HEAD").decode().strip()
+            diff = git("diff", "HEAD", "--no-ext-diff", "--", "seg2", "tools")
+            if diff:
+                commit += "+dirty." + hashlib.sha1(diff).hexdigest()[:12]
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"seg2": seg2.__version__, "seg2_git": commit, "detectron2": detectron2.__version__}
+
+
+def _plain(value):
+    """``value`` as JSON has it (tuples become lists), so that a setting read back compares equal."""
+    return json.loads(json.dumps(value))
+
+
+def _config_keys(yaml_text: str) -> dict:
+    """A dumped config as {"A.B.C": value}, without OUTPUT_DIR (the run folder itself)."""
+    flat = _flatten(yaml.safe_load(yaml_text))
+    flat.pop("OUTPUT_DIR", None)
+    return _plain(flat)
+
+
+def run_setting(cfg) -> dict:
+    """What a (variant, seed) run's figures depend on: the full merged config, the seed and the code
+    version (:func:`code_version`). Written as ``ablation_setting.json`` in the run folder."""
+    return _plain({"seed": cfg.SEED, **code_version(), "config": _config_keys(cfg.dump())})
+
+
+def setting_differences(old: dict, new: dict) -> List[str]:
+    """The keys in which two settings differ, the seed and the code version first, then the config
+    keys in order (as "SOLVER.BASE_LR: 0.01 recorded, 0.02 now")."""
+    out = []
+    for key in ("seed", "seg2", "seg2_git", "detectron2"):
+        if old.get(key, "not recorded") != new.get(key):
+            out.append(f"{key}: {old.get(key, 'not recorded')!r} recorded, {new.get(key)!r} now")
+    a, b = old.get("config", {}), new.get("config", {})
+    for key in sorted(set(a) | set(b)):
+        if a.get(key, "absent") != b.get(key, "absent"):
+            out.append(f"{key}: {a.get(key, 'absent')!r} recorded, {b.get(key, 'absent')!r} now")
+    return out
+
+
+def check_run_folder(cfg, rerun_changed: bool = False):
+    """
+    Raise :class:`Seg2Error` where ``cfg.OUTPUT_DIR`` holds a run made with another setting than
+    :func:`run_setting` of ``cfg``, naming the folder and the first differing keys; a folder
+    without a recorded setting (seg2 before settings were recorded) is compared on its
+    ``config.yaml``. With ``rerun_changed`` such a folder is moved aside to
+    ``<folder>.old<k>`` instead (nothing is deleted), so that the run starts afresh.
+    """
+    folder = cfg.OUTPUT_DIR
+    if not os.path.isdir(folder) or not os.listdir(folder):
+        return
+    new = run_setting(cfg)
+    path = os.path.join(folder, SETTING_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            diffs = setting_differences(json.load(f), new)
+    elif os.path.exists(os.path.join(folder, "config.yaml")):
+        with open(os.path.join(folder, "config.yaml")) as f:
+            diffs = setting_differences({"config": _config_keys(f.read())}, new)
+        diffs = [d for d in diffs if d.split(":")[0] not in ("seed", "seg2", "seg2_git", "detectron2")]
+        if not diffs:
+            logger.warning(f"{folder}: made before run settings were recorded; its config.yaml is the one asked "
+                           "for now (code version unknown): reusing it")  # fmt: skip
+    else:
+        diffs = [f"no {SETTING_FILE} or config.yaml"]
+    if not diffs:
+        return
+    if rerun_changed:
+        k = 1
+        while os.path.exists(f"{folder}.old{k}"):
+            k += 1
+        if comm.is_main_process():
+            shutil.move(folder, f"{folder}.old{k}")
+            logger.warning(f"{folder}: made with another setting ({diffs[0]}); moved to {folder}.old{k}, running again")
+        comm.synchronize()
+        return
+    more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+    raise Seg2Error(
+        f"{folder}: a run made with another setting: {'; '.join(diffs[:3])}{more}; its figures would be "
+        "reported under this study's header: choose another --output-dir, or --rerun-changed to move such "
+        "folders aside and run them again"
+    )
+
+
 def run_variant(name: str, cfg, study: str) -> dict:
     """Train (or resume) and evaluate one (variant, seed); read its result back when it finished."""
     result_path = os.path.join(cfg.OUTPUT_DIR, RESULT_FILE)
@@ -204,8 +271,11 @@ def run_variant(name: str, cfg, study: str) -> dict:
         with open(result_path) as f:
             return json.load(f)
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
-        f.write(cfg.dump())
+    if comm.is_main_process():
+        with open(os.path.join(cfg.OUTPUT_DIR, SETTING_FILE), "w") as f:
+            json.dump(run_setting(cfg), f, indent=1)
+        with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
+            f.write(cfg.dump())
     seed_all_rng(cfg.SEED)  # identical initial weights and data order for every variant of a seed
     trainer = AblationTrainer(cfg)
     trainer.resume_or_load(resume=True)
@@ -252,166 +322,6 @@ def evaluation_protocol(cfg) -> str:
     return f"{', '.join(cfg.DATASETS.TEST)}: the final model"
 
 
-def _mean_std(values: Sequence[float]):
-    """Mean and sample std; the std is NaN (not 0) for one value, where there is no spread to tell."""
-    values = [v for v in values if v == v]
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
-
-
-def aggregate(rows: List[dict], study: str) -> List[dict]:
-    """One row per variant: mean and sample std of each metric over its finished seeds (diverged
-    runs are left out and counted), and the mean timings."""
-    by_variant = {}
-    for r in rows:
-        by_variant.setdefault(r["variant"], []).append(r)
-    out = []
-    for variant, runs in by_variant.items():
-        ok = [r for r in runs if r["status"] == "finished"]
-        agg = {"variant": variant, "n": len(ok), "runs": len(runs), "seeds": sorted(r["seed"] for r in runs)}
-        if study == "poolers":
-            agg["pooler_type"], agg["aggregation"] = runs[0]["pooler_type"], runs[0]["aggregation"]
-        for column, _, _ in STUDIES[study]["metrics"] + [("train_s_per_iter", 0, 0), ("inference_s_per_image", 0, 0)]:
-            agg[column], agg[column + "_std"] = _mean_std([r[column] for r in ok])
-        out.append(agg)
-    return out
-
-
-def pooler_ordering(rows: List[dict]) -> dict:
-    """Whether the paper's ordering holds: per seed, every RoIAlign variant above every RoIPool and
-    RoIWarp variant in mask AP; and the RoIAlign gap largest at AP75.
-
-    The per-seed verdict counts only the seeds in which every variant finished (a seed where a
-    variant diverged or has not run yet is listed in ``incomplete_seeds``, not judged on the rest).
-    The gaps are the mean of the RoIAlign variants' means minus the mean of the other variants'
-    means (each variant weighs the same, whatever its number of finished seeds): the table's rows."""
-    align = lambda r: r["pooler_type"] in ("ROIAlign", "ROIAlignV2")  # noqa: E731
-    variants = {r["variant"] for r in rows}
-    seeds = sorted({r["seed"] for r in rows})
-    holds, complete = 0, []
-    for s in seeds:
-        runs = [r for r in rows if r["seed"] == s and r["status"] == "finished"]
-        if {r["variant"] for r in runs} != variants:
-            continue
-        complete.append(s)
-        a = [r["mask_AP"] for r in runs if align(r)]
-        b = [r["mask_AP"] for r in runs if not align(r)]
-        holds += bool(a and b and min(a) > max(b))
-    aggs = aggregate(rows, "poolers")
-
-    def gap(key):
-        a = [g[key] for g in aggs if g["pooler_type"] in ("ROIAlign", "ROIAlignV2") and g[key] == g[key]]
-        b = [g[key] for g in aggs if g["pooler_type"] not in ("ROIAlign", "ROIAlignV2") and g[key] == g[key]]
-        return (statistics.mean(a) - statistics.mean(b)) if a and b else float("nan")
-
-    gaps = {k: gap(k) for k in ("mask_AP", "mask_AP50", "mask_AP75")}
-    largest = max(gaps, key=lambda k: -math.inf if gaps[k] != gaps[k] else gaps[k])
-    return {
-        "holds_in_seeds": holds, "seeds": len(complete), "incomplete_seeds": [s for s in seeds if s not in complete],
-        "gaps": gaps, "largest_gap_at_AP75": gaps["mask_AP75"] == gaps["mask_AP75"] and largest == "mask_AP75",
-    }  # fmt: skip
-
-
-def _fmt(mean, std, digits=1):
-    if mean != mean:
-        return "n/a"
-    if std != std:  # one value: the mean alone
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def markdown_table(aggs: List[dict], study: str) -> str:
-    metrics = [c for c, _, _ in STUDIES[study]["metrics"]]
-    extra = ["pooler", "agg."] if study == "poolers" else []
-    head = ["variant", "n"] + extra + metrics + ["train s/iter", "inference s/image"]
-    if study == "poolers":
-        head.append("paper mask AP / AP50 / AP75 (R50-C4, COCO)")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for a in aggs:
-        cells = [a["variant"], f"{a['n']}/{a['runs']}"]
-        if study == "poolers":
-            cells += [a["pooler_type"], a["aggregation"]]
-        cells += [_fmt(a[m], a[m + "_std"]) for m in metrics]
-        cells += [_fmt(a["train_s_per_iter"], a["train_s_per_iter_std"], 3)]
-        cells += [_fmt(a["inference_s_per_image"], a["inference_s_per_image_std"], 4)]
-        if study == "poolers":
-            paper = PAPER_TABLE_2C.get((a["pooler_type"], a["aggregation"]))
-            cells.append(" / ".join(f"{v:.1f}" for v in paper) if paper else "—")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def bar_chart(aggs: List[dict], study: str, path: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = [c for c, _, _ in STUDIES[study]["metrics"]]
-    width = 0.8 / len(metrics)
-    fig, ax = plt.subplots(figsize=(1.6 * len(aggs) + 2, 4))
-    for i, key in enumerate(metrics):
-        xs = [j + (i - (len(metrics) - 1) / 2) * width for j in range(len(aggs))]
-        means = [0.0 if a[key] != a[key] else a[key] for a in aggs]  # NaN: no bar
-        stds = [0.0 if a[key + "_std"] != a[key + "_std"] else a[key + "_std"] for a in aggs]
-        ax.bar(xs, means, width, yerr=stds, capsize=3, label=key)
-    ax.set_xticks(range(len(aggs)))
-    ax.set_xticklabels([a["variant"] for a in aggs], rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel("%  (mean ± std over seeds)")
-    ax.set_title(STUDIES[study]["title"])
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=len(metrics))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def write_report(rows: List[dict], study: str, output_dir: str, command: str) -> str:
-    """``ablation.md`` (mean ± std table, ordering verdict), ``ablation.json`` (every run) and
-    ``ablation.png``; returns the markdown."""
-    os.makedirs(output_dir, exist_ok=True)
-    aggs = aggregate(rows, study)
-    text = markdown_table(aggs, study)
-    verdict = None
-    if study == "poolers":
-        verdict = pooler_ordering(rows)
-        g = verdict["gaps"]
-        left_out = verdict["incomplete_seeds"]
-        text += (
-            f"\nPaper's ordering (every RoIAlign variant above RoIPool and RoIWarp in mask AP): holds in "
-            f"{verdict['holds_in_seeds']} of {verdict['seeds']} seeds in which every variant finished"
-            + (f" (left out: seed {', '.join(map(str, left_out))})" if left_out else "")
-            + f". RoIAlign minus the others (mean of the variants' means), mask AP / AP50 / AP75: "
-            f"{g['mask_AP']:+.1f} / {g['mask_AP50']:+.1f} / {g['mask_AP75']:+.1f} "
-            f"(largest at AP75: {'yes' if verdict['largest_gap_at_AP75'] else 'no'}).\n"
-        )
-    protocols = sorted({r.get("evaluated", "") for r in rows} - {""})
-    if protocols:
-        text += "\nMetrics of " + "; ".join(protocols) + ".\n"
-    chosen = [r for r in rows if r.get("selected_iteration") is not None]
-    if chosen:
-        text += "Chosen iterations: " + "; ".join(
-            f"{r['variant']} seed {r['seed']}: {r['selected_iteration']}" for r in chosen
-        ) + ".\n"  # fmt: skip
-    diverged = [r for r in rows if r["status"] != "finished"]
-    text += "\nDiverged runs: " + (
-        "; ".join(f"{r['variant']} seed {r['seed']} ({r['status']})" for r in diverged) if diverged else "none"
-    ) + f" ({len(rows)} runs done).\n"  # fmt: skip
-    machine = (
-        f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), "
-        f"{'GPU: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}"
-    )
-    title = STUDIES[study]["title"]
-    with open(os.path.join(output_dir, "ablation.md"), "w") as f:
-        f.write(f"# {title}\n\nCommand: `{command}`\n\nMachine: {machine}\n\n{text}")
-    with open(os.path.join(output_dir, "ablation.json"), "w") as f:
-        json.dump({"command": command, "machine": machine, "study": study, "variants": aggs,
-                   "ordering": verdict, "runs": rows}, f, indent=1)  # fmt: skip
-    bar_chart(aggs, study, os.path.join(output_dir, "ablation.png"))
-    return text
-
-
 def read_result(cfg):
     """The result of a finished (variant, seed), or None where it has not finished."""
     path = os.path.join(cfg.OUTPUT_DIR, RESULT_FILE)
@@ -423,12 +333,14 @@ def read_result(cfg):
 
 def run_ablation(
     config_files: Sequence[str], seeds: Sequence[int], output_dir: str, opts=(), study="auto", command="",
-    report_only=False,
+    report_only=False, rerun_changed=False,
 ):  # fmt: skip
     """Every (variant, seed) of ``config_files`` x ``seeds``, seed-major (all variants of a seed
     before the next seed); the report is rewritten after every run, so that it always holds the
     runs done so far. ``report_only``: train nothing, report the runs already finished (e.g. while
-    the study still runs in another process). Returns the per-run rows."""
+    the study still runs in another process). Every run folder that exists is checked against its
+    setting before anything trains (:func:`check_run_folder`; ``rerun_changed``: move the changed
+    ones aside and run them again). Returns the per-run rows."""
     per_seed = {
         s: {os.path.splitext(os.path.basename(p))[0]: variant_cfg(p, opts, output_dir, s) for p in config_files}
         for s in seeds
@@ -439,6 +351,8 @@ def run_ablation(
         raise Seg2Error(f"--study {study!r}: choose auto or one of {sorted(STUDIES)}")
     check_same_protocol(first, study)
     runs = [(name, cfg) for s in seeds for name, cfg in per_seed[s].items()]
+    for _, cfg in runs:  # before anything trains
+        check_run_folder(cfg, rerun_changed and not report_only)
     rows = []
     if report_only:
         rows = [r for r in (read_result(cfg) for _, cfg in runs) if r is not None]

@@ -8,7 +8,7 @@ training mapper (:class:`~seg2.data.MultiTaskDatasetMapper`: image read, label r
 CamVid's 480x360), images/s, and the time ratio against the index masks. The formats take turns
 pass by pass (best of ``--repeats``) so that load from other jobs hits them alike.
 
-    OMP_NUM_THREADS=1 python tools/benchmark_label_formats.py [--root datasets/CamVid] [--images 64]
+    OMP_NUM_THREADS=1 python3 tools/benchmarks/benchmark_label_formats.py [--root datasets/CamVid] [--images 64]
 
 ``--root`` defaults to ``$DETECTRON2_DATASETS/CamVid``, else the team's ``../shared/datasets/CamVid_mini``.
 """
@@ -18,20 +18,20 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 
 import cv2
 import numpy as np
 import torch
 from detectron2.config import get_cfg
 from PIL import Image
+from timing import best_of_rounds
 
 import seg2
 from seg2.data import CAMVID_CLASSES, CAMVID_COLORS, CAMVID_VOID_LABEL, MultiTaskDatasetMapper, load_camvid, read_sem_seg
 from seg2.data.label_map import sem_seg_format
 from seg2.utils import Seg2Error
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VOID_COLOR = (0, 0, 0)
 
 
@@ -60,20 +60,6 @@ def _format_records(records, out_dir):
         by_format["palette ('P')"].append(dict(r, sem_seg_file_name=os.path.join(out_dir, "P", name)))
         by_format["RGB"].append(dict(r, sem_seg_file_name=os.path.join(out_dir, "RGB", name), sem_seg_format=rgb_format))
     return by_format
-
-
-def _best_seconds(fn, by_format, repeats):
-    """Best time of one pass of ``fn`` over each format's records, formats taking turns."""
-    best = {k: float("inf") for k in by_format}
-    for rep in range(repeats + 1):  # the first pass warms caches (files, the colour table)
-        for name, records in by_format.items():
-            np.random.seed(rep)
-            t = time.perf_counter()
-            for r in records:
-                fn(r)
-            if rep:
-                best[name] = min(best[name], time.perf_counter() - t)
-    return best
 
 
 def main():
@@ -105,8 +91,11 @@ def main():
         for rs in by_format.values():  # every format decodes to the same class map
             assert all(np.array_equal(read_sem_seg(a), read_sem_seg(b)) for a, b in zip(by_format["RGB"], rs))
 
-        decode = _best_seconds(read_sem_seg, by_format, args.repeats)
-        mapped = _best_seconds(mapper, by_format, args.repeats)
+        # one untimed round first warms caches (files, the colour table)
+        decode = best_of_rounds({k: lambda rs=rs: [read_sem_seg(r) for r in rs] for k, rs in by_format.items()},
+                                args.repeats)
+        mapped = best_of_rounds({k: lambda rs=rs: [mapper(r) for r in rs] for k, rs in by_format.items()},
+                                args.repeats)
         n, ref = len(records), "index ('L')"
         print(f"{n} CamVid {args.split} images of 480x360 from {args.root}, best of {args.repeats}")
         print(f"{'label files':16s} {'decode ms/map':>13s} {'ratio':>6s} {'mapper img/s':>13s} {'time ratio':>10s}")

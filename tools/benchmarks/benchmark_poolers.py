@@ -3,8 +3,8 @@
 Forward and backward time of each RoI pooler variant on FPN features, side by side in one run,
 as ratios to ROIAlignV2 (detectron2's default, torchvision's roi_align with aligned=True).
 
-    OMP_NUM_THREADS=1 python tools/benchmark_poolers.py                  # 512 RoIs, 256 channels, 7x7
-    python tools/benchmark_poolers.py --resolution 14 --device cuda
+    OMP_NUM_THREADS=1 python3 tools/benchmarks/benchmark_poolers.py                  # 512 RoIs, 256 channels, 7x7
+    python3 tools/benchmarks/benchmark_poolers.py --resolution 14 --device cuda
 
 Variants are timed round-robin (each repeat runs every variant once) so that load changes on a
 shared machine hit all of them alike; the median over repeats is reported.
@@ -19,7 +19,7 @@ import torch
 from detectron2.structures import Boxes
 
 from seg2.modeling.poolers import ExtendedROIPooler
-from seg2.utils.benchmark import time_round_robin
+from timing import time_round_robin
 
 VARIANTS = [  # (pooler type, aggregation)
     ("ROIAlignV2", "avg"),  # the reference

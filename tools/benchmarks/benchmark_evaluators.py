@@ -13,9 +13,9 @@ Side-by-side benchmark of seg2's evaluators against detectron2's, on the same sy
 
 Examples::
 
-    python tools/benchmark_evaluators.py miou --images 8 --sizes 512x512x21 --load 0 2
-    python tools/benchmark_evaluators.py memory --images 500 --size 256x256x21 --reference-images 100
-    python tools/benchmark_evaluators.py ap --images 20 --detections 100
+    python tools/benchmarks/benchmark_evaluators.py miou --images 8 --sizes 512x512x21 --load 0 2
+    python tools/benchmarks/benchmark_evaluators.py memory --images 500 --size 256x256x21 --reference-images 100
+    python tools/benchmarks/benchmark_evaluators.py ap --images 20 --detections 100
 """
 
 import argparse
@@ -42,7 +42,7 @@ from detectron2.structures import Boxes, Instances
 from seg2.data import register_dataset
 from seg2.evaluation import MaskAPEvaluator, MIoUEvaluator
 from seg2.evaluation.coco_evaluation import encode_masks
-from seg2.utils.benchmark import rss_mb, time_round_robin, timed
+from timing import rss_mb, time_round_robin, timed
 
 
 class SemSegEvaluatorWideBoundary(SemSegEvaluator):

@@ -1,11 +1,16 @@
 """
-Timing and peak memory for the benchmark scripts (``tools/benchmark*.py``) and the model
-benchmarks (:mod:`seg2.engine.benchmark`, :mod:`seg2.inference.benchmark`).
+Timing and peak memory, shared by the scripts of ``tools/benchmarks/`` (``from timing import ...``:
+a script's folder is first on ``sys.path``) and by ``tools/ablation/`` and ``tools/export_model.py``
+(``from benchmarks.timing import ...``).
 
-* :func:`timed`: one call, between CUDA synchronisations.
+* :func:`sync` / :func:`timed`: one call, between CUDA synchronisations.
 * :func:`time_iterations`: ``warmup`` untimed then ``iters`` timed calls of one step, with peak memory.
 * :func:`time_round_robin`: several steps taking turns, repeat by repeat, so that load from other
   jobs on a shared machine hits all of them alike; the caller compares the timings as ratios.
+  :func:`best_of_rounds`: the best time of each, numpy seeded alike per round.
+* :func:`train_step` / :func:`inference_step`: the step functions of a detectron2 model (training:
+  forward, summed losses, backward, optimizer step; inference: forward under ``no_grad``), in float32
+  or under ``torch.autocast`` (float16 on a GPU with a ``GradScaler``, as detectron2's AMP trainer).
 * :class:`PeakMemory`: ``torch.cuda.max_memory_allocated`` on a GPU; on the CPU the process's peak
   resident set size (``VmHWM``), reset before each measurement through ``/proc/self/clear_refs``
   (Linux >= 4.0), else the lifetime peak ``ru_maxrss``.
@@ -17,12 +22,15 @@ prepared inputs), per-call times, variants interleaved call by call, and peak me
 
 import resource
 import time
-from typing import Any, Callable, Dict, Hashable, List, Mapping, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-__all__ = ["PeakMemory", "rss_mb", "sync", "timed", "time_iterations", "time_round_robin"]
+__all__ = [
+    "PeakMemory", "best_of_rounds", "inference_step", "rss_mb", "sync", "timed", "time_iterations",
+    "time_round_robin", "train_step",
+]
 
 
 def sync(device="cpu"):
@@ -96,7 +104,9 @@ class PeakMemory:
         return False
 
 
-def time_iterations(step: Callable[[int], None], warmup: int, iters: int, device="cpu") -> Dict[str, float]:
+def time_iterations(
+    step: Callable[[int], None], warmup: int, iters: int, device="cpu"
+) -> Dict[str, float]:
     """
     Run ``step(i)`` ``warmup`` times untimed, then ``iters`` times timed (CUDA synchronised),
     inside a :class:`PeakMemory`.
@@ -138,3 +148,75 @@ def time_round_robin(
             if rnd >= warmup:
                 times[key].append(seconds)
     return times
+
+
+def best_of_rounds(
+    fns: Mapping[Hashable, Callable[[], Any]], repeats: int, warmup: int = 1, device="cpu"
+) -> Dict[Hashable, float]:
+    """The best seconds of each ``fn()`` over ``repeats`` rounds of :func:`time_round_robin`
+    (after ``warmup`` rounds: caches, allocator), numpy's global seed set to the round before each
+    call, so that the variants of a round draw the same random augmentations."""
+
+    def seeded(fn):
+        def step(rnd):
+            np.random.seed(rnd)
+            return fn()
+
+        return step
+
+    times = time_round_robin({k: seeded(fn) for k, fn in fns.items()}, warmup, repeats, device)
+    return {k: min(v) for k, v in times.items()}
+
+
+def _autocast(device, dtype: Optional[torch.dtype]):
+    device_type = torch.device(device).type
+    return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)
+
+
+def train_step(
+    model, batches: Sequence, optimizer=None, amp_dtype: Optional[torch.dtype] = None, device="cpu"
+) -> Callable[[int], None]:
+    """
+    The training step ``step(i)`` of a detectron2 model on ``batches[i % len(batches)]``: forward
+    (under ``torch.autocast(amp_dtype)`` when given), the sum of the loss dict, backward and
+    ``optimizer.step()``. float16 on a GPU scales the loss with a ``GradScaler``, as detectron2's
+    ``AMPTrainer``. The default optimizer is SGD at learning rate 0 (every step does the
+    optimizer's work and the weights stay as they are, so that repeated steps time the same model).
+    Call it inside detectron2's ``EventStorage`` for R-CNN models.
+    """
+    model.train()
+    if optimizer is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=0.0, momentum=0.9)
+    scaler = None
+    if amp_dtype == torch.float16 and torch.device(device).type == "cuda":
+        scaler = torch.amp.GradScaler("cuda")
+
+    def step(i):
+        with _autocast(device, amp_dtype):
+            loss = sum(model(batches[i % len(batches)]).values())
+        optimizer.zero_grad()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+
+    return step
+
+
+def inference_step(
+    model, batches: Sequence, amp_dtype: Optional[torch.dtype] = None, device="cpu"
+) -> Callable[[int], Any]:
+    """The inference step ``step(i)``: ``model(batches[i % len(batches)])`` in eval mode under
+    ``torch.no_grad()`` (and ``torch.autocast(amp_dtype)`` when given)."""
+    model.eval()
+
+    def step(i):
+        with torch.no_grad(), _autocast(device, amp_dtype):
+            return model(batches[i % len(batches)])
+
+    return step
+

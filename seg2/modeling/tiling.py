@@ -1,38 +1,130 @@
 """
 Overlap-tile semantic inference of images of any size (U-Net, Ronneberger et al., MICCAI 2015).
 
-The image is cut into overlapping tiles (``SEG2.TILING.TILE_SIZE``, ``STRIDE``), each with the
+The image is cut into overlapping tiles (``TEST.TILING.TILE_SIZE``, ``STRIDE``), each with the
 context around it (mirrored where it lies outside the image, as the U-Net paper does). The model
 itself turns a batch of tiles (``BATCH_SIZE``) into logits: ``model.sem_seg_logits(tiles,
 context)``, the method its own whole-image inference uses (normalisation, padding, backbone,
 head, crop). The overlapping logits are blended (``BLEND``: a plain average, or a weight falling
 off towards the tile edges) and stitched.
 
-Models: :class:`seg2.modeling.meta_arch.Seg2SemanticSegmentor` (including "valid"-padding
-U-Nets, which get the context their :meth:`tile_geometry` asks for), the semantic branch of
-:class:`seg2.modeling.meta_arch.Seg2MultiTaskRCNN`, any model with such a ``sem_seg_logits``
-method, and detectron2's ``SemanticSegmentor`` (through its own forward, tile by tile).
-detectron2's ``PanopticFPN`` is not supported: its forward would run the detector on each tile;
-``Seg2MultiTaskRCNN`` with ``SemSegFPNHead`` is the same model with tiling.
+Tiling is the inference mode of seg2's meta-architectures (``TEST.TILING``, as MMSegmentation's
+``test_cfg.mode="slide"``): :class:`seg2.modeling.meta_arch.Seg2SemanticSegmentor` (including
+"valid"-padding U-Nets, which get the context their :meth:`tile_geometry` asks for) and the
+semantic branch of :class:`seg2.modeling.meta_arch.Seg2MultiTaskRCNN` build one of these from
+``TEST.TILING`` and use it in their own inference, so every caller (``Trainer.test``, TTA, the
+predictor, the demo, the benchmarks) gets the same answer. detectron2's ``SemanticSegmentor``
+and ``PanopticFPN`` do not tile; ``Seg2SemanticSegmentor`` / ``Seg2MultiTaskRCNN`` run the same
+heads (``SemSegFPNHead`` included) and do.
 
 Memory: with ``output="labels"`` the blended logits are kept only for the band of rows that
 later tiles can still reach, so memory grows with the tile batch and the image width, not with
 the image area (besides the (H, W) label map and the input itself).
 """
 
-from typing import Callable, List, Sequence, Tuple
+import dataclasses
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
-from detectron2.modeling import SemanticSegmentor
 
-from ..modeling.meta_arch.semantic_segmentor import mirror_window, reflect_indices
-from ..utils import Seg2Error
+from ..utils import InvalidArgument, config_keys
 
-# reflect_indices: defined with mirror_window (the one mirroring) and kept importable here.
-__all__ = ["BLEND_MODES", "TiledSemSegInference", "blend_window", "reflect_indices", "tile_starts"]
+__all__ = [
+    "BLEND_MODES",
+    "TILING_KEYS",
+    "TiledSemSegInference",
+    "TilingSpec",
+    "blend_window",
+    "mirror_window",
+    "reflect_indices",
+    "tile_starts",
+    "tiling_from_config",
+]
 
 BLEND_MODES = ("average", "linear", "gaussian")
+# TilingSpec's arguments -> their config keys (TEST.TILING).
+TILING_KEYS = {
+    "tile_size": "TEST.TILING.TILE_SIZE",
+    "stride": "TEST.TILING.STRIDE",
+    "batch_size": "TEST.TILING.BATCH_SIZE",
+    "blend": "TEST.TILING.BLEND",
+    "margin": "TEST.TILING.MARGIN",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TilingSpec:
+    """
+    The geometry of overlap-tile inference, checked once, here (an :class:`InvalidArgument`
+    naming the argument; :func:`tiling_from_config` names the ``TEST.TILING`` key instead).
+
+    Attributes:
+        tile_size (int): side of the output area of a tile, in pixels (>= 1).
+        stride (int): step between tiles, ``1 <= stride <= tile_size`` (a larger one leaves gaps).
+        batch_size (int): tiles per forward pass (>= 1); bounds the peak memory.
+        blend (str): weights of overlapping logits, one of :data:`BLEND_MODES`.
+        margin (int): context pixels fed around each tile (>= 0), see :class:`TiledSemSegInference`.
+    """
+
+    tile_size: int
+    stride: int
+    batch_size: int = 4
+    blend: str = "gaussian"
+    margin: int = 0
+
+    def __post_init__(self):
+        checks = (
+            ("tile_size", self.tile_size >= 1, ">= 1"),
+            ("stride", 1 <= self.stride <= self.tile_size, f"in 1 .. tile size ({self.tile_size}); a larger stride leaves gaps"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("blend", self.blend in BLEND_MODES, f"one of {BLEND_MODES}"),
+            ("margin", self.margin >= 0, ">= 0"),
+        )
+        for arg, ok, expected in checks:
+            if not ok:
+                raise InvalidArgument(arg, getattr(self, arg), expected)
+
+
+def tiling_from_config(cfg) -> Dict:
+    """``TEST.TILING`` as :class:`TilingSpec` arguments (checked; an error names the key), or an
+    empty dict when ``TEST.TILING.ENABLED`` is False: the inference mode a meta-architecture is
+    built with."""
+    return _spec_of(cfg) if cfg.TEST.TILING.ENABLED else {}
+
+
+def _spec_of(cfg) -> Dict:
+    """The checked :class:`TilingSpec` arguments of ``TEST.TILING``."""
+    t = cfg.TEST.TILING
+    with config_keys(TILING_KEYS):
+        spec = TilingSpec(tile_size=t.TILE_SIZE, stride=t.STRIDE, batch_size=t.BATCH_SIZE, blend=t.BLEND, margin=t.MARGIN)
+    return dataclasses.asdict(spec)
+
+
+def reflect_indices(start: int, stop: int, size: int) -> torch.Tensor:
+    """
+    Indices into a side of ``size`` pixels for positions ``start .. stop-1``, reflected at the
+    borders without repeating the edge pixel, as ``F.pad(mode="reflect")`` does, and repeated
+    where the positions reach further than the side (a side of 1 pixel repeats it).
+    """
+    i = torch.arange(start, stop)
+    if size == 1:
+        return torch.zeros_like(i)
+    period = 2 * (size - 1)
+    i = i.remainder(period)
+    return torch.where(i >= size, period - i, i)
+
+
+def mirror_window(x: torch.Tensor, rows: Tuple[int, int], cols: Tuple[int, int]) -> torch.Tensor:
+    """
+    Rows ``rows[0] .. rows[1]-1`` and columns ``cols[0] .. cols[1]-1`` of the last two dims of
+    ``x``, mirrored (:func:`reflect_indices`) where they lie outside it: U-Net's overlap-tile
+    extrapolation of missing context. ``mirror_window(x, (-top, h + bottom), (-left, w + right))``
+    mirror-pads ``x`` by any amount; a window inside ``x`` is a copy of that crop.
+    """
+    h, w = x.shape[-2:]
+    x = x.index_select(-2, reflect_indices(rows[0], rows[1], h).to(x.device))
+    return x.index_select(-1, reflect_indices(cols[0], cols[1], w).to(x.device))
 
 
 def tile_starts(length: int, tile: int, stride: int, period: int = 1) -> List[int]:
@@ -68,31 +160,6 @@ def blend_window(size: int, mode: str) -> torch.Tensor:
         return torch.minimum(idx + 1, size - idx) / ((size + 1) // 2)
     sigma = size / 8.0
     return torch.exp(-0.5 * ((idx - (size - 1) / 2.0) / sigma) ** 2)
-
-
-def _forward_sem_seg_logits(model) -> Callable:
-    """``sem_seg_logits`` for detectron2's ``SemanticSegmentor``: its own forward on each tile
-    (its "sem_seg" has the tile's size), with the context cropped."""
-
-    def sem_seg_logits(images: torch.Tensor, context: Tuple[int, int, int, int]) -> torch.Tensor:
-        top, bottom, left, right = context
-        logits = torch.stack([out["sem_seg"] for out in model([{"image": x} for x in images])])
-        return logits[:, :, top : images.shape[-2] - bottom, left : images.shape[-1] - right]
-
-    return sem_seg_logits
-
-
-def _sem_seg_logits_of(model) -> Callable:
-    """The model's ``sem_seg_logits(images, context)``; ValueError when it has none."""
-    if hasattr(model, "sem_seg_logits"):
-        return model.sem_seg_logits
-    if isinstance(model, SemanticSegmentor):
-        return _forward_sem_seg_logits(model)
-    raise ValueError(
-        f"{type(model).__name__} has no sem_seg_logits(images, context): tiled semantic inference takes "
-        "Seg2SemanticSegmentor, Seg2MultiTaskRCNN (for PanopticFPN, use it with SemSegFPNHead) and "
-        "detectron2's SemanticSegmentor"
-    )
 
 
 class _Stitcher:
@@ -170,57 +237,31 @@ class TiledSemSegInference:
         """
         Args:
             model (nn.Module): in eval mode, with ``sem_seg_logits(images, context)`` (seg2's
-                meta-architectures) or detectron2's ``SemanticSegmentor``; optionally
-                ``tile_geometry(side)`` (the context a "valid"-padding network needs).
-            tile_size (int): side of the output area of a tile, in pixels.
-            stride (int): step between tiles, ``1 <= stride <= tile_size``; rounded down to a
-                multiple of the backbone's largest feature stride where that is <= tile_size (see
-                :func:`tile_starts`).
-            batch_size (int): tiles per forward pass; bounds the peak memory.
-            blend (str): weights of overlapping logits: "average", "linear" or "gaussian"
-                (falling off towards the tile edges).
-            margin (int): context, in pixels, fed around each tile and cropped from its output
-                (mirrored outside the image). A "valid"-padding model gets at least the context
-                its ``tile_geometry`` asks for and uses only that.
+                meta-architectures) and a ``backbone``; optionally ``tile_geometry(side)`` (the
+                context a "valid"-padding network needs).
+            tile_size, stride, batch_size, blend, margin: the :class:`TilingSpec` (checked
+                there). The stride is rounded down to a multiple of the backbone's largest
+                feature stride where that is <= tile_size (see :func:`tile_starts`); ``margin``
+                is the context, in pixels, fed around each tile and cropped from its output
+                (mirrored outside the image); a "valid"-padding model gets at least the context
+                its ``tile_geometry`` asks for.
         """
-        if tile_size < 1 or not 1 <= stride <= tile_size or batch_size < 1 or margin < 0:
-            raise ValueError(
-                f"tiling needs tile_size >= 1, 1 <= stride <= tile_size, batch_size >= 1 and margin >= 0; "
-                f"got tile_size={tile_size}, stride={stride}, batch_size={batch_size}, margin={margin}"
+        spec = TilingSpec(tile_size, stride, batch_size, blend, margin)
+        if not hasattr(model, "sem_seg_logits"):
+            raise InvalidArgument(
+                "model", type(model).__name__, "a model with sem_seg_logits(images, context): Seg2SemanticSegmentor or "
+                "Seg2MultiTaskRCNN (which run any semantic head, detectron2's too)"
             )
-        if blend not in BLEND_MODES:
-            raise ValueError(f"blend={blend!r}: expected one of {BLEND_MODES}")
         self.model = model
-        self.sem_seg_logits = _sem_seg_logits_of(model)
+        self.sem_seg_logits = model.sem_seg_logits
         # Period of the network's pooling grid: its largest feature stride.
         self.period = max((s.stride or 1 for s in model.backbone.output_shape().values()), default=1)
-        self.tile_size, self.stride, self.batch_size, self.blend, self.margin = tile_size, stride, batch_size, blend, margin
+        self.tile_size, self.stride, self.batch_size, self.blend, self.margin = dataclasses.astuple(spec)
 
     @classmethod
     def from_config(cls, cfg, model):
-        t = cfg.SEG2.TILING
-        checks = [
-            ("SEG2.TILING.TILE_SIZE", t.TILE_SIZE, t.TILE_SIZE >= 1, ">= 1"),
-            ("SEG2.TILING.STRIDE", t.STRIDE, 1 <= t.STRIDE <= t.TILE_SIZE, f"in 1 .. TILE_SIZE ({t.TILE_SIZE}); a larger stride leaves gaps"),
-            ("SEG2.TILING.BATCH_SIZE", t.BATCH_SIZE, t.BATCH_SIZE >= 1, ">= 1"),
-            ("SEG2.TILING.BLEND", t.BLEND, t.BLEND in BLEND_MODES, f"one of {BLEND_MODES}"),
-            ("SEG2.TILING.MARGIN", t.MARGIN, t.MARGIN >= 0, ">= 0"),
-        ]
-        for key, value, ok, expected in checks:
-            if not ok:
-                raise Seg2Error(f"{key}={value!r}: expected {expected}")
-        try:
-            _sem_seg_logits_of(model)
-        except ValueError as e:
-            raise Seg2Error(f"MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE!r}: {e}") from None
-        return {
-            "model": model,
-            "tile_size": t.TILE_SIZE,
-            "stride": t.STRIDE,
-            "batch_size": t.BATCH_SIZE,
-            "blend": t.BLEND,
-            "margin": t.MARGIN,
-        }
+        """The ``TEST.TILING`` geometry (whatever ``TEST.TILING.ENABLED`` says)."""
+        return {"model": model, **_spec_of(cfg)}
 
     def tiles(self, height: int, width: int) -> Tuple[Tuple[int, int], List[Tuple[int, int]]]:
         """((tile_h, tile_w), [(y0, x0), ...] in row-major order) for an image of that size."""

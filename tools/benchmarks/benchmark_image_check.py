@@ -3,10 +3,10 @@
 The cost of the COCO loaders' image check (``check_images``: each image exists and PIL reads its
 header), measured side by side in one run on ``--images`` generated JPEGs: loading the JSON with
 :func:`seg2.data.load_coco_with_sem_seg` with and without the check, best of ``--repeats``
-(interleaved), reported per image and as a ratio. The page cache is warm (the files were just
+(taking turns), reported per image and as a ratio. The page cache is warm (the files were just
 written); on a cold cache or a network file system the check costs one small read per image.
 
-    python tools/benchmark_image_check.py [--images 10000] [--size 128x128] [--repeats 3]
+    python3 tools/benchmarks/benchmark_image_check.py [--images 10000] [--size 128x128] [--repeats 3]
 """
 
 import argparse
@@ -14,10 +14,10 @@ import json
 import os
 import shutil
 import tempfile
-import time
 
 import numpy as np
 from PIL import Image
+from timing import best_of_rounds
 
 from seg2.data import load_coco_with_sem_seg
 
@@ -55,13 +55,12 @@ def main():
     try:
         json_file, nbytes = _write_dataset(root, args.images, width, height)
         image_root = os.path.join(root, "images")
-        best = {False: float("inf"), True: float("inf")}
-        for _ in range(args.repeats):
-            for check in (False, True):
-                t0 = time.perf_counter()
-                records = load_coco_with_sem_seg(json_file, image_root, check_images=check)
-                best[check] = min(best[check], time.perf_counter() - t0)
-                assert len(records) == args.images
+        for check in (False, True):
+            assert len(load_coco_with_sem_seg(json_file, image_root, check_images=check)) == args.images
+        best = best_of_rounds(
+            {c: lambda c=c: load_coco_with_sem_seg(json_file, image_root, check_images=c) for c in (False, True)},
+            args.repeats, warmup=0,
+        )
         n = args.images
         print(f"{n} JPEGs of {width}x{height} ({nbytes} bytes each), warm page cache, best of {args.repeats}")
         print(f"{'load_coco_with_sem_seg':28s} {'total s':>8s} {'us/image':>9s} {'ratio':>6s}")

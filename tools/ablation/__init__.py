@@ -1,0 +1,1 @@
+"""The experiment harness of tools/ablate.py: runs (runner.py) and reports (report.py)."""
