@@ -407,14 +407,15 @@ def test_empty_or_broken_test_split_is_an_error_before_training(tmp_path):
     from seg2.data import register_coco_with_sem_seg, register_dataset
     from seg2.engine import setup
 
+    classes = {"stuff_classes": ["background", "circle", "square", "triangle"], "ignore_label": 255}
     register_dataset(
-        "seg2_test_empty_split", lambda: [], {"stuff_classes": ["a"], "ignore_label": 255}
+        "seg2_test_empty_split", lambda: [], dict(classes)  # the config's 4 classes
     )
     data = coco_dict()
     del data["annotations"][1]["area"]
     json_file, image_root = write_coco(str(tmp_path / "coco"), data)
     register_coco_with_sem_seg(
-        "seg2_test_broken_split", json_file, image_root, str(tmp_path / "none")
+        "seg2_test_broken_split", json_file, image_root, str(tmp_path / "none"), metadata=dict(classes)
     )
     config = os.path.join(
         os.path.dirname(__file__), "..", "configs", "quickstart", "unet_tiny_shapes_cpu.yaml"

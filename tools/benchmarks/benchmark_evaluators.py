@@ -14,7 +14,7 @@ Side-by-side benchmark of seg2's evaluators against detectron2's, on the same sy
 Examples::
 
     python tools/benchmarks/benchmark_evaluators.py miou --images 8 --sizes 512x512x21 --load 0 2
-    python tools/benchmarks/benchmark_evaluators.py memory --images 500 --size 256x256x21 --reference-images 100
+    python tools/benchmarks/benchmark_evaluators.py memory --images 500 --size 256x256x21
     python tools/benchmarks/benchmark_evaluators.py ap --images 20 --detections 100
 """
 
