@@ -220,7 +220,8 @@ def test_polygons_with_fewer_than_3_points_are_a_counted_skip(tmp_path, caplog):
     data = coco_dict()
     data["annotations"][0]["segmentation"].append([1, 1, 2, 2])  # 2 points, beside a valid polygon
     data["annotations"].append(
-        {"id": 7, "image_id": 2, "category_id": 1, "iscrowd": 0, "segmentation": [[1, 1, 3, 3]], "bbox": [1, 1, 2, 2]}
+        {"id": 7, "image_id": 2, "category_id": 1, "iscrowd": 0, "area": 2,
+         "segmentation": [[1, 1, 3, 3]], "bbox": [1, 1, 2, 2]}
     )
     json_file, image_root = write_coco(str(tmp_path), data)
     with caplog.at_level(logging.WARNING):
@@ -293,3 +294,163 @@ def test_builtin_coco_2017_names(tmp_path):
     finally:
         register_all_coco_2017_sem_seg(os.path.dirname(os.path.dirname(os.path.dirname(default_json))))
     assert MetadataCatalog.get("coco_2017_multitask_val").json_file == default_json
+
+
+# ---- faults found at load, not after training (issue 23) ----
+
+
+def test_annotation_without_area_is_an_error_at_load(tmp_path):
+    """pycocotools' COCOeval needs every annotation's area (KeyError at evaluation, after
+    training): an error at load naming the file, the ids and the count."""
+    data = coco_dict()
+    del data["annotations"][0]["area"]
+    del data["annotations"][2]["area"]
+    json_file, image_root = write_coco(str(tmp_path / "a"), data)
+    with pytest.raises(
+        Seg2Error, match=r"instances\.json: 2 annotation\(s\) have no 'area' \(ids 1, 3\)"
+    ):
+        load_coco_with_sem_seg(json_file, image_root)
+    data = coco_dict()
+    data["annotations"][1]["area"] = "4"
+    json_file, image_root = write_coco(str(tmp_path / "b"), data)
+    with pytest.raises(
+        Seg2Error, match=r"annotation 2 \(image id 1.*area '4' is not a non-negative number"
+    ):
+        load_coco_with_sem_seg(json_file, image_root)
+
+
+def test_image_size_differing_from_the_json_is_an_error_at_load(tmp_path):
+    json_file, image_root = write_coco(str(tmp_path))
+    Image.fromarray(np.zeros((S, S + 2, 3), np.uint8)).save(os.path.join(image_root, "img2.jpg"))
+    with pytest.raises(
+        Seg2Error,
+        match=r"img2\.jpg: image is 12x10 \(WxH.*instances\.json gives image id 2 as 10x10",
+    ):
+        load_coco_with_sem_seg(json_file, image_root)
+    # check_images=False leaves it to the mapper (detectron2's SizeMismatchError), as documented
+    assert len(load_coco_with_sem_seg(json_file, image_root, check_images=False)) == 2
+
+
+def test_image_size_is_compared_after_exif_orientation(tmp_path):
+    """A JPEG stored 14x10 with EXIF orientation 6 (rotate 90) is 10x14 for detectron2's
+    read_image, which the JSON must give; the stored size is then an error."""
+    from detectron2.data.detection_utils import read_image
+
+    data = coco_dict()
+    data["images"][1].update(width=10, height=14)
+    json_file, image_root = write_coco(str(tmp_path), data)
+    path = os.path.join(image_root, "img2.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.zeros((10, 14, 3), np.uint8)).save(path, exif=exif)
+    assert read_image(path).shape[:2] == (14, 10)  # (H, W) as detectron2 reads it
+    assert len(load_coco_with_sem_seg(json_file, image_root)) == 2
+    data["images"][1].update(width=14, height=10)
+    with open(json_file, "w") as f:
+        json.dump(data, f)
+    with pytest.raises(
+        Seg2Error, match=r"img2\.jpg: image is 10x14 \(WxH, after its EXIF orientation\)"
+    ):
+        load_coco_with_sem_seg(json_file, image_root)
+
+
+def test_polygon_outside_the_image_is_an_error_at_load(tmp_path):
+    data = coco_dict()
+    # Inside its (in-image) box but drawn in another scale: rasterising would cut it off silently.
+    data["annotations"][0]["segmentation"] = [[1, 1, 60, 1, 60, 6, 1, 6]]
+    json_file, image_root = write_coco(str(tmp_path / "a"), data)
+    with pytest.raises(
+        Seg2Error,
+        match=r"annotation 1 \(image id 1, 'img1\.jpg', 10x10\): polygon 0 has 2 of its 4 "
+        r"points outside .*\(60, 1\)",
+    ):
+        load_coco_with_sem_seg(json_file, image_root)
+    data["annotations"][0]["segmentation"] = [[1, 1, 6, 1, 6, "6", 1, 6]]
+    json_file, image_root = write_coco(str(tmp_path / "b"), data)
+    with pytest.raises(Seg2Error, match=r"annotation 1 .*polygon 0 is not a flat list of numbers"):
+        load_coco_with_sem_seg(json_file, image_root)
+    data["annotations"][0]["segmentation"] = [
+        [-0.5, 1, 10.5, 1, 10.5, 6, 1, 6]
+    ]  # within 1 px: kept
+    json_file, image_root = write_coco(str(tmp_path / "c"), data)
+    assert len(load_coco_with_sem_seg(json_file, image_root)[0]["annotations"]) == 3
+
+
+def test_json_without_images_or_with_malformed_images(tmp_path):
+    data = coco_dict()
+    data["images"], data["annotations"] = [], []
+    json_file, image_root = write_coco(str(tmp_path / "a"), data)
+    with pytest.raises(Seg2Error, match=r"instances\.json: no images \(an empty split\)"):
+        load_coco_with_sem_seg(json_file, image_root)
+    for key, value, message in [
+        ("height", None, "image id 2 has no 'height'"),
+        ("width", 10.0, r"image id 2: width 10\.0 is not a positive integer"),
+    ]:
+        data = coco_dict()
+        json_file, image_root = write_coco(str(tmp_path / key), data)
+        if value is None:
+            del data["images"][1][key]
+        else:
+            data["images"][1][key] = value
+        with open(json_file, "w") as f:
+            json.dump(data, f)
+        with pytest.raises(Seg2Error, match=message):
+            check_coco_json(json_file)
+
+
+def test_empty_or_broken_test_split_is_an_error_before_training(tmp_path):
+    """seg2.engine.setup (tools/train_net.py) loads the test splits before anything is built:
+    an empty split (detectron2 asserts "Dataset is empty" after training) and a test JSON that
+    fails the checks are one Seg2Error each, before training starts."""
+    from detectron2.engine import default_argument_parser
+
+    from seg2.data import register_coco_with_sem_seg, register_dataset
+    from seg2.engine import setup
+
+    classes = {"stuff_classes": ["background", "circle", "square", "triangle"], "ignore_label": 255}
+    register_dataset(
+        "seg2_test_empty_split", lambda: [], dict(classes)  # the config's 4 classes
+    )
+    data = coco_dict()
+    del data["annotations"][1]["area"]
+    json_file, image_root = write_coco(str(tmp_path / "coco"), data)
+    register_coco_with_sem_seg(
+        "seg2_test_broken_split", json_file, image_root, str(tmp_path / "none"), metadata=dict(classes)
+    )
+    config = os.path.join(
+        os.path.dirname(__file__), "..", "configs", "quickstart", "unet_tiny_shapes_cpu.yaml"
+    )
+    for name, message in [
+        (
+            "seg2_test_empty_split",
+            r"DATASETS\.TEST names 'seg2_test_empty_split', which has no records",
+        ),
+        ("seg2_test_broken_split", r"instances\.json: 1 annotation\(s\) have no 'area' \(ids 2\)"),
+    ]:
+        args = default_argument_parser().parse_args(
+            [
+                "--config-file",
+                config,
+                "OUTPUT_DIR",
+                str(tmp_path / name),
+                "DATASETS.TEST",
+                f"('{name}',)",
+            ]
+        )
+        with pytest.raises(Seg2Error, match=message):
+            setup(args)
+
+
+def test_semantic_maps_holding_only_0_and_255_are_warned_about_at_load(tmp_path, caplog):
+    """COCO images with user label maps saved as 0/255 (255 is void): one warning at load."""
+    json_file, image_root = write_coco(str(tmp_path))
+    sem_root = tmp_path / "sem"
+    os.makedirs(sem_root)
+    for name in ("img1", "img2"):
+        m = np.zeros((S, S), np.uint8)
+        m[2:5, 2:5] = 255
+        Image.fromarray(m, mode="L").save(sem_root / f"{name}.png")
+    with caplog.at_level(logging.WARNING, logger="seg2.data.label_map"):
+        load_coco_with_sem_seg(json_file, image_root, str(sem_root))
+    warnings = [r.getMessage() for r in caplog.records if "only non-zero value" in r.getMessage()]
+    assert len(warnings) == 1 and "img1.png" in warnings[0] and "value_map={255: 1}" in warnings[0]

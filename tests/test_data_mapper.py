@@ -3,6 +3,7 @@
 
 import numpy as np
 import pytest
+import torch
 from detectron2.config import get_cfg
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, BoxMode, PolygonMasks
@@ -250,3 +251,40 @@ def test_label_map_of_wrong_size_or_colour(tmp_path):
     Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(record["sem_seg_file_name"])
     with pytest.raises(Seg2Error, match=r"r_label\.png: label map has PIL mode 'RGB'"):
         MultiTaskDatasetMapper(_cfg(), is_train=True)(record)
+
+
+def _write_16bit_label(path, label):
+    """A real 16-bit single-channel PNG (PIL mode 'I;16') holding ``label``."""
+    im = Image.fromarray(np.asarray(label, dtype=np.uint16))
+    assert im.mode == "I;16"
+    im.save(path)
+    with Image.open(path) as check:  # written as 16 bits, not narrowed
+        assert check.mode in ("I;16", "I;16B", "I")
+        assert np.asarray(check).max() == np.asarray(label).max()
+    return str(path)
+
+
+@pytest.mark.parametrize("num_classes, high", [(4, 3), (300, 299)])
+def test_16bit_label_png_trains_through_resize_and_crop(tmp_path, num_classes, high):
+    """16-bit index PNGs (listed as supported) go through a resize and a crop: detectron2 resizes
+    a non-uint8 map with torch's interpolate, which has no int64 kernel. Values fitting in 8 bits
+    are read as uint8; a map with more than 255 classes goes through as float32."""
+    rec = make_record(tmp_path, sem=True)
+    label = np.asarray(Image.open(rec["sem_seg_file_name"])).astype(np.int64)
+    label[label == 3] = high  # class 'high' where the third object is
+    rec["sem_seg_file_name"] = _write_16bit_label(tmp_path / "label16.png", label)
+    # Nearest for the image too, so that its red channel still encodes each pixel's label.
+    augs = [T.Resize((2 * H, 2 * W), interp=Image.NEAREST), T.RandomCrop("absolute", (H, W))]
+    mapper = MultiTaskDatasetMapper(
+        is_train=True, augmentations=augs, image_format="RGB", num_classes=num_classes
+    )
+    for _ in range(4):
+        out = mapper(dict(rec, annotations=[]))
+        sem = out["sem_seg"]
+        assert sem.dtype == torch.long and tuple(sem.shape) == (H, W)
+        # Nearest resize and crop keep labels: each pixel's label is what its red channel encodes.
+        red = out["image"][0].numpy().astype(np.int64)
+        expected = np.where(red == 200, 255, red // 20)
+        expected[expected == 3] = high
+        assert np.array_equal(sem.numpy(), expected)
+        assert set(np.unique(sem.numpy())) <= {0, 1, 2, high, 255}

@@ -18,6 +18,7 @@ from seg2.data import (
     register_sem_seg_folder,
     sem_seg_format,
 )
+from seg2.data.label_map import ignore_only, ignore_only_counts
 from seg2.data.voc_palette import VOC_PALETTE, palette_colors
 from seg2.utils import Seg2Error
 
@@ -238,6 +239,11 @@ def test_wrong_kind_of_label_file(dataset):
         (dict(label_format="index", void_colors=[VOID_COLOR]), "colors / void_colors need label_format='rgb'"),
         (dict(label_format="gray"), "label_format must be 'index' or 'rgb'"),
         (dict(colors=COLORS, palette=VOC_PALETTE), "not both"),
+        (dict(value_map={255: 300}), "mapped to 300, which is neither a class index"),
+        (dict(value_map={-1: 1}), "-1 is not a pixel value"),
+        (dict(value_map={7: 1}, void=[7]), "7 is both in void and in value_map"),
+        (dict(value_map="255:1"), "not a mapping of pixel values to class indices"),
+        (dict(label_format="rgb", colors=COLORS, value_map={1: 2}), "rgb. has colors"),
     ],
 )
 def test_bad_label_formats(tmp_path, kwargs, message):
@@ -277,3 +283,91 @@ def test_mapper_reads_every_format_alike(dataset):
         for a, b in zip(outputs["L"], outputs[kind]):
             assert (a["image"] == b["image"]).all() and (a["sem_seg"] == b["sem_seg"]).all(), kind
     assert sorted(np.unique(outputs["RGB"][0]["sem_seg"].numpy())) == sorted(np.unique(labels[0]))
+
+
+def _binary_mask_dataset(root, n=3):
+    """Images and binary masks saved as 0/255, the most common mask format: a square of
+    foreground (255) on background (0), as single-channel PNGs."""
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    os.makedirs(os.path.join(root, "masks"), exist_ok=True)
+    masks = []
+    for i in range(n):
+        mask = np.zeros((H, W), np.uint8)
+        mask[2 : 6 + i, 3 : 9 + i] = 255
+        Image.fromarray(np.full((H, W, 3), 30 * i, np.uint8)).save(
+            os.path.join(root, "images", f"m{i}.png")
+        )
+        Image.fromarray(mask, mode="L").save(os.path.join(root, "masks", f"m{i}.png"))
+        masks.append(mask)
+    return os.path.join(root, "images"), os.path.join(root, "masks"), masks
+
+
+def test_binary_0_255_masks_are_warned_about_at_load_once_per_folder(tmp_path, caplog):
+    images, masks_dir, masks = _binary_mask_dataset(str(tmp_path))
+    register_sem_seg_folder(
+        "seg2_test_binary_void", images, masks_dir, ["background", "foreground"]
+    )
+    with caplog.at_level("WARNING", logger="seg2.data.label_map"):
+        records = DatasetCatalog.get("seg2_test_binary_void")
+        DatasetCatalog.get("seg2_test_binary_void")  # loaded again: no second warning
+        for r in records:
+            read_sem_seg(r)  # as the mapper and the evaluator read them: counted, not re-warned
+    warnings = [r.getMessage() for r in caplog.records if "only non-zero value" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert (
+        "m0.png" in warnings[0]
+        and "value_map={255: 1}" in warnings[0]
+        and "0/255 binary masks?" in warnings[0]
+    )
+    read, ignore_only = ignore_only_counts()[os.path.abspath(masks_dir)]
+    assert read == ignore_only >= len(masks)  # every map read is 0/255 only, every one counted
+
+
+def test_value_map_decodes_0_255_masks_as_two_classes(tmp_path, caplog):
+    images, masks_dir, masks = _binary_mask_dataset(str(tmp_path))
+    with caplog.at_level("WARNING", logger="seg2.data.label_map"):
+        records = load_sem_seg_folder(
+            images, masks_dir, ["background", "foreground"], value_map={255: 1}
+        )
+    assert records[0]["sem_seg_format"] == {"type": "index", "void": [], "value_map": [[255, 1]]}
+    for r, mask in zip(records, masks):
+        label = read_sem_seg(r)
+        assert label.dtype == np.uint8
+        np.testing.assert_array_equal(label, (mask == 255).astype(np.uint8))
+    assert "only non-zero value" not in caplog.text
+    # value_map and void together, applied at once: 7 -> void, 255 -> 1, 1 -> 2 (not then 2 -> ...)
+    label = np.array([[0, 1, 7], [255, 2, 255]], np.uint8)
+    path = str(tmp_path / "mixed.png")
+    Image.fromarray(label, mode="L").save(path)
+    fmt = sem_seg_format("index", void=[7], value_map={255: 1, 1: 2, 2: 0})
+    np.testing.assert_array_equal(
+        read_sem_seg({"sem_seg_file_name": path, "sem_seg_format": fmt}), [[0, 2, 255], [1, 0, 1]]
+    )
+
+
+def test_16bit_index_png(tmp_path):
+    """A real 16-bit PNG: read as uint8 where its values fit (what detectron2's resize needs),
+    with void and value_map applied to its 16-bit values; int64 beyond."""
+    label = np.array([[0, 1, 1000], [2, 65535, 3]], np.uint16)
+    path = str(tmp_path / "l16.png")
+    Image.fromarray(label).save(path)
+    with Image.open(path) as im:
+        assert im.mode.startswith("I;16")
+    fmt = sem_seg_format("index", void=[65535], value_map={1000: 4})
+    out = read_sem_seg({"sem_seg_file_name": path, "sem_seg_format": fmt})
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, [[0, 1, 4], [2, 255, 3]])
+    wide = read_label_map(path)
+    assert wide.dtype == np.int64 and wide.max() == 65535
+
+
+@pytest.mark.parametrize(
+    "values, expected",
+    [((0, 255), True), ((255,), True), ((0,), False), ((0, 1, 255), False), ((0, 254, 255), False),
+     ((1, 255), False), ((0, 7), False)],
+)
+def test_ignore_only(values, expected):
+    """The maps whose only non-zero value is 255, uint8 (fast path) and int64 alike."""
+    label = np.array(values * 6, np.uint8).reshape(len(values), 6)
+    assert bool(ignore_only(label)) == expected
+    assert bool(ignore_only(label.astype(np.int64))) == expected

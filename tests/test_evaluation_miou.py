@@ -270,4 +270,118 @@ def test_all_pixels_ignored_gives_nan(tmp_path):
     name = _register("seg2_test_miou_void", [{"file_name": "v.jpg", "sem_seg_file_name": str(path)}],
                      stuff_classes=["a", "b"], ignore_label=255)
     res = _run(MIoUEvaluator(name, distributed=False), [{"file_name": "v.jpg"}], [{"sem_seg": torch.randn(2, 4, 4)}])
+    assert res.pop("classes_without_gt") == 2 and res.pop("noGT-a") == res.pop("noGT-b") == 1
     assert all(math.isnan(v) for v in res.values())
+
+
+def test_binary_0_255_masks_name_the_class_without_ground_truth(tmp_path, caplog):
+    """0/255 masks with two classes declared: 255 is void, so 'foreground' has no pixel and a
+    model that predicts background everywhere scores mIoU 100 / pACC 100 (detectron2's numbers).
+    The evaluator names the class in a warning, with the 0/255 hint, and in its results; with
+    value_map={255: 1} the same predictions score what they are worth."""
+    from seg2.data import register_sem_seg_folder
+
+    os.makedirs(tmp_path / "images")
+    os.makedirs(tmp_path / "masks")
+    inputs, outputs = [], []
+    for i in range(3):
+        mask = np.zeros((10, 14), np.uint8)
+        mask[2:6, 3 : 8 + i] = 255
+        Image.fromarray(np.zeros((10, 14, 3), np.uint8)).save(tmp_path / "images" / f"{i}.png")
+        Image.fromarray(mask, mode="L").save(tmp_path / "masks" / f"{i}.png")
+        inputs.append({"file_name": str(tmp_path / "images" / f"{i}.png")})
+        logits = torch.zeros(2, 10, 14)
+        logits[0] = 1.0  # background everywhere
+        outputs.append({"sem_seg": logits})
+    classes = ["background", "foreground"]
+    register_sem_seg_folder(
+        "seg2_test_miou_binary", str(tmp_path / "images"), str(tmp_path / "masks"), classes
+    )
+    with caplog.at_level(logging.WARNING, logger="seg2.evaluation.sem_seg_evaluation"):
+        res = _run(MIoUEvaluator("seg2_test_miou_binary", distributed=False), inputs, outputs)
+    ref = _run(SemSegEvaluator("seg2_test_miou_binary", distributed=False), inputs, outputs)
+    _assert_same(
+        res, ref, [k for k in ref if "Boundary" not in k and "B-Iou" not in k]
+    )  # d2's numbers ...
+    assert res["mIoU"] == res["pACC"] == 100.0
+    assert (
+        res["classes_without_gt"] == 1.0 and res["noGT-foreground"] == 1.0
+    )  # ... but not silently
+    assert "noGT-background" not in res
+    line = next(r.getMessage() for r in caplog.records if "no ground-truth pixel" in r.getMessage())
+    assert "\n" not in line
+    assert (
+        "1 of 2 classes have no ground-truth pixel in the 3 evaluated images: 'foreground'" in line
+    )
+    assert "3 of the 3 ground-truth maps" in line and "value_map={255: 1}" in line
+
+    register_sem_seg_folder(
+        "seg2_test_miou_binary_mapped",
+        str(tmp_path / "images"),
+        str(tmp_path / "masks"),
+        classes,
+        value_map={255: 1},
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="seg2.evaluation.sem_seg_evaluation"):
+        res = _run(
+            MIoUEvaluator("seg2_test_miou_binary_mapped", distributed=False), inputs, outputs
+        )
+    fg = 4 * (5 + 6 + 7)  # foreground pixels, all predicted background
+    total = 3 * 10 * 14
+    assert res["IoU-foreground"] == 0.0
+    assert res["IoU-background"] == pytest.approx(100 * (total - fg) / total)
+    assert res["mIoU"] == pytest.approx(res["IoU-background"] / 2)
+    assert "classes_without_gt" not in res and "no ground-truth pixel" not in caplog.text
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_argmax_channels_equals_torch_argmax(dtype):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(19, 33, 47, generator=gen).to(dtype)
+    x[:, :5] = x[:, :5].round()  # ties
+    pred, has_nan = argmax_channels(x)
+    assert not has_nan and pred.dtype == torch.uint8
+    assert torch.equal(pred.long(), x.float().argmax(dim=0))
+    x[7, 3, 4] = float("nan")
+    assert argmax_channels(x)[1]
+
+
+def test_16bit_ground_truth_equals_detectron2(tmp_path):
+    """16-bit index PNGs as ground truth (read as uint8 where they fit): detectron2's numbers."""
+    rng = np.random.default_rng(4)
+    records, inputs, outputs = [], [], []
+    for i in range(2):
+        gt = rng.choice([0, 1, 2, 255], size=(21, 17)).astype(np.uint16)
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(gt).save(path)
+        records.append({"file_name": f"{i}.jpg", "sem_seg_file_name": str(path)})
+        inputs.append({"file_name": f"{i}.jpg"})
+        outputs.append(
+            {
+                "sem_seg": _noisy_logits(
+                    gt.astype(np.uint8), 3, torch.Generator().manual_seed(i), 0.8
+                )
+            }
+        )
+    name = _register(
+        "seg2_test_miou_16bit", records, stuff_classes=["a", "b", "c"], ignore_label=255
+    )
+    ours = _run(MIoUEvaluator(name, distributed=False, boundary_iou=True), inputs, outputs)
+    ref = _run(SemSegEvaluator(name, distributed=False), inputs, outputs)
+    _assert_same(ours, ref, ref.keys())
+
+
+def test_torch_path_equals_numpy_path(shapes_val):
+    """The torch counting (GPU predictions; on the CPU for integer logits) gives the numbers of
+    the numpy counting (CPU float logits), boundary IoU included."""
+    inputs, outputs = _predictions(shapes_val, noise=2.0)
+    as_int = [{"sem_seg": (o["sem_seg"] * 4).round().long()} for o in outputs]
+    as_float = [{"sem_seg": o["sem_seg"].float()} for o in as_int]
+    ev_numpy = MIoUEvaluator(shapes_val, distributed=False, boundary_iou=True)
+    numpy_res = _run(ev_numpy, inputs, as_float)
+    ev = MIoUEvaluator(shapes_val, distributed=False, boundary_iou=True)
+    torch_res = _run(ev, inputs, as_int)
+    assert ev._conf is None and ev._conf_device is not None  # the torch path was taken
+    _assert_same(torch_res, numpy_res, numpy_res.keys())
+    assert 0 < numpy_res["mIoU"] < 100

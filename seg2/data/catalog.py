@@ -31,6 +31,27 @@ def check_dataset_names(cfg):
                 )
 
 
+def check_test_datasets(cfg):
+    """
+    Load every dataset of ``DATASETS.TEST`` (and ``SEG2.BEST_CHECKPOINT.TEST_DATASETS``) once,
+    before training: a test split without records is a :class:`Seg2Error` naming the key and the
+    dataset, and a test split whose files fail the loaders' checks (a COCO JSON without
+    ``area``, images of another size ...) fails now, not after training, where detectron2's
+    loader would first read it. A test dataset is loaded again when it is evaluated (loaders
+    are cheap next to training; a COCO semantic-map cache is generated on this first load).
+    """
+    keys = {"DATASETS.TEST": cfg.DATASETS.TEST}
+    if "SEG2" in cfg:
+        keys["SEG2.BEST_CHECKPOINT.TEST_DATASETS"] = cfg.SEG2.BEST_CHECKPOINT.TEST_DATASETS
+    for key, names in keys.items():
+        for name in names:
+            if len(DatasetCatalog.get(name)) == 0:
+                raise Seg2Error(
+                    f"{key} names {name!r}, which has no records (an empty test split): it would "
+                    "fail after training; point it at a split with images or remove it"
+                )
+
+
 def register_dataset(name: str, loader: Callable[[], List[dict]], metadata: Optional[dict] = None) -> str:
     """
     Register ``loader`` in detectron2's ``DatasetCatalog`` under ``name`` and set ``metadata``

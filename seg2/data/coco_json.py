@@ -1,7 +1,8 @@
 """
 Checks of a COCO instances JSON before detectron2 loads it: what pycocotools and detectron2's
-``load_coco_json`` accept silently (duplicate ids, dangling references, boxes outside the image)
-becomes a :class:`Seg2Error` naming the file and the image or annotation.
+``load_coco_json`` accept silently (duplicate ids, dangling references, boxes or polygons outside
+the image, a missing ``area`` that only COCO evaluation trips over, after training) becomes a
+:class:`Seg2Error` naming the file and the image or annotation.
 """
 
 import json
@@ -25,15 +26,57 @@ def _short(ids, n=5):
     return ", ".join(map(str, ids[:n])) + (f" ... ({len(ids)} in all)" if len(ids) > n else "")
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_image_entry(json_file: str, img):
+    if not isinstance(img, dict) or "id" not in img:
+        raise Seg2Error(f"{json_file}: an entry of 'images' has no 'id': {str(img)[:100]}")
+    for key in ("file_name", "width", "height"):
+        if key not in img:
+            raise Seg2Error(f"{json_file}: image id {img['id']} has no {key!r}")
+    for key in ("width", "height"):
+        v = img[key]
+        if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            raise Seg2Error(
+                f"{json_file}: image id {img['id']}: {key} {v!r} is not a positive integer"
+            )
+
+
+def _check_polygons(where: str, polygons, img):
+    """Every polygon is a flat list of finite numbers, its points within the image (plus the
+    tolerance): a point outside is an annotation in another scale or with x and y swapped, which
+    rasterising would cut off at the border without a word."""
+    t = BOX_TOLERANCE
+    w, h = img["width"], img["height"]
+    for k, poly in enumerate(polygons):
+        if not isinstance(poly, (list, tuple)) or not all(_is_number(v) for v in poly):
+            raise Seg2Error(f"{where}: polygon {k} is not a flat list of numbers [x1, y1, ...]")
+        points = list(zip(poly[0::2], poly[1::2]))
+        outside = [(x, y) for x, y in points if not (-t <= x <= w + t and -t <= y <= h + t)]
+        if outside:
+            raise Seg2Error(
+                f"{where}: polygon {k} has {len(outside)} of its {len(points)} points outside the "
+                f"image by more than {t:g} px, e.g. (x, y) = {outside[0]}"
+            )
+
+
 def check_coco_json(json_file: str) -> dict:
     """
     Parse and check a COCO instances JSON before detectron2 loads it (pycocotools keeps the last
     of two images with the same id, and neither checks boxes against the image).
 
     Errors (:class:`Seg2Error` naming the file, and the image or annotation id): a file that is
-    missing or does not parse; duplicate image or annotation ids; an annotation whose image or
-    category is not in the file; a box that is malformed, has negative size or lies outside its
-    image by more than ``BOX_TOLERANCE`` pixels; an RLE whose size is not its image's.
+    missing or does not parse; a file without any image (an empty split); an image without
+    ``id``, ``file_name`` or a positive integer ``width`` / ``height``; duplicate image or
+    annotation ids; an annotation whose image or category is not in the file; an annotation
+    without a numeric, non-negative ``area`` (COCO's AP sizes objects by it: pycocotools fails
+    on it at evaluation, after training); a box that is malformed, has negative size or lies
+    outside its image by more than ``BOX_TOLERANCE`` pixels; a polygon with a coordinate that is
+    not a finite number or lies outside its image by more than ``BOX_TOLERANCE`` pixels (they
+    would be cut off without a word when rasterised); an RLE whose size is not its image's.
+    Annotations without ``area`` are listed together (the first ids and the count).
 
     Counted skip (logged once, with the annotation ids): polygons with fewer than 3 points, which
     detectron2's ``load_coco_json`` drops (an annotation left with no polygon is dropped too).
@@ -58,8 +101,11 @@ def check_coco_json(json_file: str) -> dict:
         if not isinstance(data.get(key), list):
             raise Seg2Error(f"{json_file}: missing or non-list {key!r} (not a COCO instances file)")
 
+    if not data["images"]:
+        raise Seg2Error(f"{json_file}: no images (an empty split): nothing to train or evaluate on")
     images = {}
     for img in data["images"]:
+        _check_image_entry(json_file, img)
         if img["id"] in images:
             raise Seg2Error(
                 f"{json_file}: image id {img['id']} appears twice ({images[img['id']]['file_name']!r} and "
@@ -72,6 +118,14 @@ def check_coco_json(json_file: str) -> dict:
     if dup:
         raise Seg2Error(f"{json_file}: annotation id(s) {_short(dup)} appear more than once")
 
+    no_area = [a.get("id") for a in data["annotations"] if "area" not in a]
+    if no_area:
+        raise Seg2Error(
+            f"{json_file}: {len(no_area)} annotation(s) have no 'area' (ids {_short(no_area)}); "
+            "COCO evaluation sizes objects by it (pycocotools fails without it): add each object's "
+            "area in pixels (pycocotools.mask.area of its mask)"
+        )
+
     short_polygons, empty_anns, annotated = 0, [], set()
     for a in data["annotations"]:
         aid = a.get("id")
@@ -82,6 +136,9 @@ def check_coco_json(json_file: str) -> dict:
         where = f"{json_file}: annotation {aid} (image id {img['id']}, {img['file_name']!r}, {img['width']}x{img['height']})"
         if a.get("category_id") not in categories:
             raise Seg2Error(f"{where}: category_id {a.get('category_id')} is not in 'categories'")
+        area = a["area"]
+        if not (_is_number(area) and area >= 0):
+            raise Seg2Error(f"{where}: area {area!r} is not a non-negative number of pixels")
         box = a.get("bbox")
         if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)):
             raise Seg2Error(f"{where}: bbox {box!r} is not [x, y, width, height]")
@@ -93,6 +150,7 @@ def check_coco_json(json_file: str) -> dict:
             raise Seg2Error(f"{where}: bbox {box} (XYWH) lies outside the image")
         segm = a.get("segmentation")
         if isinstance(segm, list) and segm:
+            _check_polygons(where, segm, img)
             bad = sum(1 for p in segm if len(p) < 6 or len(p) % 2)
             short_polygons += bad
             if bad == len(segm):

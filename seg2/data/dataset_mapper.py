@@ -189,6 +189,11 @@ class MultiTaskDatasetMapper(DatasetMapper):
                 f"{image_file} is {image.shape[1]}x{image.shape[0]}"
             )
         check_label_values(sem_seg, path, self.num_classes, self.ignore_label)
+        if sem_seg.dtype != np.uint8:
+            # More than 255 classes (read_sem_seg gives uint8 otherwise): detectron2 resizes a
+            # non-uint8 map with torch's interpolate, which has no integer kernel; float32 holds
+            # the labels exactly (< 2**24), and __call__ returns them as int64.
+            sem_seg = sem_seg.astype(np.float32)
         return sem_seg
 
     def __call__(self, dataset_dict):

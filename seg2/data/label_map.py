@@ -11,7 +11,9 @@ those values to 255 as it decodes the file, so the number is set in one place on
 """
 
 import functools
+import logging
 import os
+import threading
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -23,12 +25,18 @@ from ..utils import Seg2Error, UnreadableFileError
 __all__ = [
     "IGNORE_LABEL",
     "sem_seg_format",
+    "ignore_only",
+    "note_ignore_only",
+    "ignore_only_counts",
+    "warn_ignore_only_sample",
     "read_label_map",
     "read_sem_seg",
     "label_map_size",
     "check_label_values",
     "write_label_map",
 ]
+
+logger = logging.getLogger(__name__)
 
 # Marks "colour in no table" in the colour lookup table, so RGB formats hold at most 254 classes.
 _UNKNOWN = 254
@@ -78,10 +86,39 @@ def _color_list(colors, what: str):
     return out
 
 
+def _value_map_pairs(value_map, void) -> list:
+    """``value_map`` ({file value: class index}) as sorted [[value, index], ...] (JSON-safe)."""
+    if value_map is None:
+        return []
+    try:
+        items = value_map.items() if isinstance(value_map, dict) else list(value_map)
+        pairs = sorted((int(a), int(b)) for a, b in items)
+    except (TypeError, ValueError):
+        raise Seg2Error(
+            f"value_map {value_map!r} is not a mapping of pixel values to class indices, "
+            "e.g. {255: 1}"
+        ) from None
+    sources = [a for a, _ in pairs]
+    if len(set(sources)) != len(sources):
+        raise Seg2Error(f"value_map {value_map!r} maps a pixel value twice")
+    for a, b in pairs:
+        if a < 0:
+            raise Seg2Error(f"value_map: {a} is not a pixel value (values are non-negative)")
+        if not 0 <= b <= IGNORE_LABEL:
+            raise Seg2Error(
+                f"value_map: pixel value {a} is mapped to {b}, which is neither a class index "
+                f"0..254 nor void {IGNORE_LABEL}"
+            )
+        if a in void:
+            raise Seg2Error(f"pixel value {a} is both in void and in value_map; give it once")
+    return [[a, b] for a, b in pairs]
+
+
 def sem_seg_format(
     label_format: str = "index",
     *,
     void: Sequence[int] = (),
+    value_map: Optional[dict] = None,
     colors: Optional[Sequence[Sequence[int]]] = None,
     void_colors: Sequence[Sequence[int]] = (),
 ) -> dict:
@@ -94,12 +131,15 @@ def sem_seg_format(
             values are class indices; "rgb": colour-coded masks (RGB, opaque RGBA, or palette PNGs
             decoded by their palette's colours), class ``i`` having colour ``colors[i]``.
         void (list[int]): "index" only: pixel values that mean void; decoded as 255.
+        value_map (dict[int, int] or None): "index" only: pixel values decoded as other class
+            indices, e.g. ``{255: 1}`` for binary masks saved as 0/255 (255 is void otherwise).
+            Values not in it (nor in ``void``) are kept.
         colors (list[(r, g, b)]): "rgb" only: the colour of each class, in class order.
         void_colors (list[(r, g, b)]): "rgb" only: colours that mean void; decoded as 255.
 
     Returns:
-        dict: ``{"type": "index", "void": [...]}`` or
-        ``{"type": "rgb", "colors": [[r, g, b], ...], "void_colors": [...]}``.
+        dict: ``{"type": "index", "void": [...]}`` (and ``"value_map": [[value, index], ...]``
+        when given) or ``{"type": "rgb", "colors": [[r, g, b], ...], "void_colors": [...]}``.
 
     Raises:
         Seg2Error: an unknown format, a colour given twice (to two classes, or to a class and to
@@ -111,9 +151,15 @@ def sem_seg_format(
         values = sorted({int(v) for v in void})
         if any(v < 0 for v in values):
             raise Seg2Error(f"void values must be non-negative pixel values, got {values}")
-        return {"type": "index", "void": values}
+        fmt = {"type": "index", "void": values}
+        pairs = _value_map_pairs(value_map, values)
+        if pairs:
+            fmt["value_map"] = pairs
+        return fmt
     if label_format != "rgb":
         raise Seg2Error(f"label_format must be 'index' or 'rgb', got {label_format!r}")
+    if value_map:
+        raise Seg2Error("value_map maps pixel values of index maps; label_format='rgb' has colors")
     if len(void):
         raise Seg2Error("label_format='rgb' decodes colours: give void_colors instead of void values")
     if not colors:
@@ -220,14 +266,32 @@ def _decode_rgb(path: str, im: Image.Image, colors: tuple, void_colors: tuple) -
     return out.reshape(im.height, im.width)
 
 
-def _map_void(label: np.ndarray, void: Sequence[int]) -> np.ndarray:
-    if not len(void):
-        return label
-    if label.dtype == np.uint8:
-        lut = np.arange(256, dtype=np.uint8)
-        lut[[v for v in void if v < 256]] = IGNORE_LABEL
-        return lut.take(label)
-    return np.where(np.isin(label, void), IGNORE_LABEL, label)
+def _map_values(label: np.ndarray, void: Sequence[int] = (), value_map: Sequence = ()):
+    """``void`` values to 255 and ``value_map``'s ``[value, index]`` pairs applied, all at once;
+    then a map whose values all fit in 0..255 (a 16-bit PNG of class indices) as uint8, what
+    detectron2's transforms resize (its nearest resize of an int64 map fails)."""
+    pairs = [(int(v), IGNORE_LABEL) for v in void] + [(int(a), int(b)) for a, b in value_map]
+    if pairs:
+        if label.dtype == np.uint8:
+            lut = np.arange(256, dtype=np.uint8)
+            for a, b in pairs:
+                if a < 256:
+                    lut[a] = b
+            label = lut.take(label)
+        else:
+            out = label.copy()
+            for a, b in pairs:
+                out[label == a] = b
+            label = out
+    if label.dtype != np.uint8 and label.size and 0 <= label.min() and label.max() <= 255:
+        label = label.astype(np.uint8)
+    return label
+
+
+def _pairs(value_map) -> list:
+    if value_map is None:
+        return []
+    return list(value_map.items()) if isinstance(value_map, dict) else list(value_map)
 
 
 def read_label_map(
@@ -235,11 +299,13 @@ def read_label_map(
     expect_palette: bool = False,
     *,
     void: Sequence[int] = (),
+    value_map=None,
     colors: Optional[Sequence[Sequence[int]]] = None,
     void_colors: Sequence[Sequence[int]] = (),
 ) -> np.ndarray:
     """
-    Read a label map as an (H, W) integer array of class indices (uint8 for 8-bit files).
+    Read a label map as an (H, W) integer array of class indices: uint8 for 8-bit files and for
+    16-bit files whose values (after ``void`` and ``value_map``) are all in 0..255, else int64.
 
     Args:
         path (str): a palette ("P") or single-channel PNG whose pixel values are class ids, an SBD
@@ -247,6 +313,8 @@ def read_label_map(
             colour-coded mask (RGB, opaque RGBA, or palette PNG decoded by its colours).
         expect_palette (bool): require a palette PNG (Pascal VOC's format).
         void (list[int]): pixel values that mean void, returned as 255 (index maps).
+        value_map (dict[int, int] or list[[int, int]] or None): pixel values returned as other
+            class indices (index maps), e.g. ``{255: 1}`` for 0/255 binary masks.
         colors (list[(r, g, b)] or None): decode a colour-coded mask: class ``i`` has ``colors[i]``.
         void_colors (list[(r, g, b)]): colours that mean void, returned as 255 (with ``colors``).
 
@@ -258,7 +326,7 @@ def read_label_map(
             or with transparent pixels.
     """
     if path.endswith(".mat"):
-        return _map_void(_read_sbd_mat(path), void)
+        return _map_values(_read_sbd_mat(path), void, _pairs(value_map))
     rgb = colors is not None
     try:
         with Image.open(path) as im:
@@ -269,7 +337,7 @@ def read_label_map(
     except (OSError, SyntaxError, ValueError) as e:  # PIL's errors of a missing, empty or corrupt file
         raise UnreadableFileError(path, "label map", str(e) or type(e).__name__) from e
     arr = arr.astype(np.int64) if arr.dtype != np.uint8 else arr
-    return _map_void(arr, void)
+    return _map_values(arr, void, _pairs(value_map))
 
 
 def _format_kwargs(fmt: Optional[dict], path: str) -> dict:
@@ -277,7 +345,7 @@ def _format_kwargs(fmt: Optional[dict], path: str) -> dict:
         return {}
     kind = fmt.get("type")
     if kind == "index":
-        return {"void": fmt.get("void", ())}
+        return {"void": fmt.get("void", ()), "value_map": fmt.get("value_map")}
     if kind == "rgb":
         return {"colors": fmt["colors"], "void_colors": fmt.get("void_colors", ())}
     raise Seg2Error(f"{path}: the record's sem_seg_format has type {kind!r}; expected 'index' or 'rgb'")
@@ -287,11 +355,80 @@ def read_sem_seg(record: dict) -> np.ndarray:
     """
     The class-index map of a dataset record, as the mapper and the evaluators read it: its
     ``sem_seg_file_name`` decoded by its ``sem_seg_format`` (see :func:`sem_seg_format`; void
-    values or colours become 255). A record without ``sem_seg_format`` is read as an index map
-    (palette/single-channel PNG or SBD ``.mat``), its values unchanged.
+    values or colours become 255, ``value_map`` values their class). A record without
+    ``sem_seg_format`` is read as an index map (palette/single-channel PNG or SBD ``.mat``), its
+    values unchanged. A map whose only non-zero value is 255 is counted and, the first time in
+    its folder, warned about (:func:`note_ignore_only`).
     """
     path = record["sem_seg_file_name"]
-    return read_label_map(path, **_format_kwargs(record.get("sem_seg_format"), path))
+    label = read_label_map(path, **_format_kwargs(record.get("sem_seg_format"), path))
+    note_ignore_only(label, path)
+    return label
+
+
+def ignore_only(label: np.ndarray, ignore_label: int = IGNORE_LABEL) -> bool:
+    """True when the only non-zero value of ``label`` is ``ignore_label`` (and it has one): every
+    pixel is background or void, as a 0/255 binary mask read with 255 as void."""
+    if label.size == 0 or int(label.max()) != ignore_label:
+        return False
+    if label.dtype == np.uint8 and ignore_label == 255:
+        # Two SIMD passes, several times faster than counting: label + 1 wraps 255 to 0, so its
+        # maximum exceeds 1 exactly when a value in 1..254 is present.
+        return int(np.add(label, 1, dtype=np.uint8).max()) <= 1
+    return np.count_nonzero(label) == np.count_nonzero(label == ignore_label)
+
+
+# label folder -> [maps read, maps whose only non-zero value is 255], in this process.
+_IGNORE_ONLY_COUNTS = {}
+_IGNORE_ONLY_LOCK = threading.Lock()
+
+
+def note_ignore_only(label: np.ndarray, path: str) -> bool:
+    """
+    Count ``label`` (decoded from ``path``) in its folder, and whether its only non-zero value is
+    the ignore label 255 (:func:`ignore_only`); the first such map of a folder gets one warning
+    naming it, with the hint that 0/255 binary masks need ``value_map={255: 1}``. Folders (a
+    dataset's label folder) are counted per process: DataLoader workers forked after the dataset
+    was loaded inherit the counts of the load (see :func:`warn_ignore_only_sample`).
+    """
+    found = ignore_only(label)
+    folder = os.path.dirname(os.path.abspath(path))
+    with _IGNORE_ONLY_LOCK:
+        counts = _IGNORE_ONLY_COUNTS.setdefault(folder, [0, 0])
+        counts[0] += 1
+        counts[1] += int(found)
+        first, n_read = found and counts[1] == 1, counts[0]
+    if first:
+        logger.warning(
+            f"{path}: the only non-zero value of this label map is the ignore value "
+            f"{IGNORE_LABEL}, so all its non-background pixels are void (the first such map of "
+            f"{n_read} read from {folder}). "
+            f"0/255 binary masks? {IGNORE_LABEL} is void in seg2: map it to class 1 with "
+            "value_map={255: 1} (docs/datasets.md, 'Binary masks saved as 0/255')"
+        )
+    return found
+
+
+def ignore_only_counts() -> dict:
+    """Per label folder, ``(maps read, maps whose only non-zero value is 255)`` in this process
+    (see :func:`note_ignore_only`)."""
+    with _IGNORE_ONLY_LOCK:
+        return {folder: tuple(c) for folder, c in _IGNORE_ONLY_COUNTS.items()}
+
+
+def warn_ignore_only_sample(records: Sequence[dict], n: int = 3):
+    """
+    Decode the label maps of the first ``n`` records at load (a few ms), so that a dataset of
+    0/255 binary masks is warned about when it is loaded, before training: each map goes through
+    :func:`read_sem_seg`'s :func:`note_ignore_only`. A map that cannot be decoded, or holds a
+    colour in no table, is left to the mapper and the evaluator, which say so where they read it
+    (the mapper skips an unreadable map in training).
+    """
+    for r in records[:n]:
+        try:
+            read_sem_seg(r)
+        except Seg2Error:
+            continue
 
 
 def label_map_size(path: str, expect_palette: bool = False, sem_seg_format: Optional[dict] = None) -> Tuple[int, int]:

@@ -18,7 +18,14 @@ from PIL import Image
 
 from ..utils import Seg2Error
 from .catalog import register_dataset
-from .label_map import IGNORE_LABEL, check_label_values, label_map_size, read_sem_seg, sem_seg_format
+from .label_map import (
+    IGNORE_LABEL,
+    check_label_values,
+    label_map_size,
+    read_sem_seg,
+    sem_seg_format,
+    warn_ignore_only_sample,
+)
 from .voc_palette import palette_colors
 
 __all__ = [
@@ -100,16 +107,19 @@ def sem_seg_folder_format(
     palette=None,
     void: Sequence[int] = (),
     void_colors=(),
+    value_map=None,
 ) -> dict:
     """The ``sem_seg_format`` of :func:`load_sem_seg_folder`'s records (see its arguments)."""
     if not class_names:
         raise Seg2Error("class_names is empty: give the name of every class, in label order")
     table = class_colors(class_names, colors, palette)
     if label_format != "rgb":
-        return sem_seg_format(label_format, void=void, void_colors=void_colors)
+        return sem_seg_format(label_format, void=void, void_colors=void_colors, value_map=value_map)
     if table is None:
         raise Seg2Error("label_format='rgb' needs the colour of each class: colors=[(r, g, b), ...] or palette=")
-    return sem_seg_format("rgb", void=void, colors=table, void_colors=void_colors)
+    return sem_seg_format(
+        "rgb", void=void, colors=table, void_colors=void_colors, value_map=value_map
+    )
 
 
 def _files_by_stem(folder: str, extensions, exclude_suffix: Optional[str] = None) -> dict:
@@ -146,6 +156,7 @@ def load_sem_seg_folder(
     colors: Optional[Sequence[Sequence[int]]] = None,
     palette: Union[Sequence[int], str, None] = None,
     void: Sequence[int] = (),
+    value_map: Optional[dict] = None,
     void_colors: Sequence[Sequence[int]] = (),
     image_ext: Union[str, Sequence[str]] = IMAGE_EXTENSIONS,
     label_ext: str = ".png",
@@ -176,6 +187,9 @@ def load_sem_seg_folder(
             entries of a flat ``[r0, g0, b0, r1, ...]`` palette (e.g.
             ``seg2.data.voc_palette.VOC_PALETTE``) or of the palette of a palette PNG (a path).
         void (list[int]): "index": pixel values that mean void (decoded as 255). 255 is void anyway.
+        value_map (dict[int, int] or None): "index": pixel values decoded as another class index,
+            e.g. ``{255: 1}`` for binary masks saved as 0/255 (else 255 is void and the
+            foreground class has no pixel).
         void_colors (list[(r, g, b)]): "rgb": colours that mean void (decoded as 255).
         image_ext (str or list[str]): image file extensions (case-insensitive).
         label_ext (str): what follows the stem in a label file's name.
@@ -186,7 +200,9 @@ def load_sem_seg_folder(
             stem, a size mismatch, a label file of the wrong kind; with ``check_labels``, an unknown
             colour or a value that is neither a class index nor void.
     """
-    fmt = sem_seg_folder_format(class_names, label_format, colors, palette, void, void_colors)
+    fmt = sem_seg_folder_format(
+        class_names, label_format, colors, palette, void, void_colors, value_map
+    )
     extensions = (image_ext,) if isinstance(image_ext, str) else tuple(image_ext)
     same_folder = os.path.abspath(image_root) == os.path.abspath(label_root)
     images = _files_by_stem(image_root, extensions, exclude_suffix=label_ext if same_folder else None)
@@ -203,6 +219,8 @@ def load_sem_seg_folder(
     if check_labels:
         for r in records:
             check_label_values(read_sem_seg(r), r["sem_seg_file_name"], len(class_names), IGNORE_LABEL)
+    else:  # 0/255 binary masks read with 255 as void: warned about now, not after training
+        warn_ignore_only_sample(records)
     logger.info(f"Loaded {len(records)} images with {label_format} label maps from {image_root} and {label_root}")
     return records
 
@@ -227,7 +245,15 @@ def register_sem_seg_folder(
         kwargs: the other arguments of :func:`load_sem_seg_folder`.
     """
     colors, palette = kwargs.get("colors"), kwargs.get("palette")
-    sem_seg_folder_format(class_names, label_format, colors, palette, kwargs.get("void", ()), kwargs.get("void_colors", ()))
+    sem_seg_folder_format(
+        class_names,
+        label_format,
+        colors,
+        palette,
+        kwargs.get("void", ()),
+        kwargs.get("void_colors", ()),
+        kwargs.get("value_map"),
+    )
     stuff_colors = class_colors(class_names, colors, palette) or palette_colors(len(class_names))
     class_names = list(class_names)
     register_dataset(

@@ -26,6 +26,7 @@ from detectron2.utils.logger import setup_logger
 from ..checkpoint import Seg2Checkpointer
 from ..config import load_seg2_config
 from ..data import MultiTaskDatasetMapper
+from ..data.catalog import check_test_datasets
 from ..evaluation import build_evaluator
 from ..inference.tta import build_tta_model
 from ..resolve import resolve_config
@@ -259,7 +260,9 @@ def setup(args):
     ``default_setup`` (output folder, logs, seed; its ``config.yaml`` holds the resolved values,
     the class weights as numbers); seg2's loggers write to the same console and log file. Raises
     :class:`seg2.Seg2Error` for a bad config or one that does not fit its datasets, or when
-    another run holds ``OUTPUT_DIR`` (:mod:`seg2.engine.run_lock`; ``--eval-only`` runs too).
+    another run holds ``OUTPUT_DIR`` (:mod:`seg2.engine.run_lock`; ``--eval-only`` runs too),
+    or for a test dataset that is empty or fails its loader's checks (loaded here, before
+    training: :func:`seg2.data.catalog.check_test_datasets`).
     """
     cfg = load_seg2_config(args.config_file, args.opts)
     check_device(cfg.MODEL.DEVICE)
@@ -272,4 +275,5 @@ def setup(args):
     cfg = resolve_config(cfg, class_weights=not getattr(args, "eval_only", False))
     cfg.freeze()
     default_setup(cfg, args)
+    check_test_datasets(cfg)  # an empty or broken test split fails now, not after training
     return cfg

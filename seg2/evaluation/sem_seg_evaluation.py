@@ -1,13 +1,18 @@
 """
-mIoU evaluation with a confusion matrix kept on the prediction's device.
+mIoU evaluation with a confusion matrix, counted on the CPU in single-threaded numpy kernels
+(on an accelerator: on the prediction's device).
 
 The metrics are those of detectron2's :class:`~detectron2.evaluation.SemSegEvaluator` (same keys,
 same formulas, percent), computed from the same confusion matrix. What differs is the cost:
 detectron2 keeps an RLE of every predicted class of every image in memory (for a JSON dump) and
 uses ``torch.argmax`` over channels, which is slow on the CPU; here nothing per image is kept
-unless asked, and the counting is one ``torch.bincount`` per image on the prediction's device.
-It is therefore a :class:`~detectron2.evaluation.DatasetEvaluator` of its own, not a
-``SemSegEvaluator`` subclass (it would override every method and inherit none of the state).
+unless asked, the argmax is a few vectorised numpy passes per channel and the counting is one
+``np.bincount`` per image. numpy, not torch, on the CPU: a torch op on a large tensor forks and
+joins torch's intra-op thread pool, and with one op per channel that is a few hundred round trips
+per image, each waiting for the slowest thread, which is slow when other processes share the
+cores (tools/benchmarks/benchmark_evaluators.py measures both under load). It is a
+:class:`~detectron2.evaluation.DatasetEvaluator` of its own, not a ``SemSegEvaluator`` subclass
+(it would override every method and inherit none of the state).
 """
 
 import itertools
@@ -44,36 +49,59 @@ logger = logging.getLogger(__name__)
 BOUNDARY_DILATION_RATIO = 0.02
 
 
+def _argmax_numpy(x: np.ndarray):
+    """(H, W) uint8 ``x.argmax(0)`` of a (C, H, W) float array, C <= 256, and whether x has a NaN.
+
+    Single-threaded numpy, four vectorised passes per channel that keep a running maximum: where
+    channel c is strictly greater than the maximum so far, the index becomes c, written as
+    ``max(pred, c * is_greater)`` (c grows, so it wins; a masked ``np.copyto`` branches per pixel
+    and is several times slower). Strictly greater keeps the first maximum on ties, as
+    ``torch.argmax``; ``np.maximum`` propagates NaN, so the final maximum tells about NaN.
+    """
+    num_channels = x.shape[0]
+    best = x[0].copy()
+    pred = np.zeros(best.shape, dtype=np.uint8)
+    greater = np.empty(best.shape, dtype=bool)
+    weighted = np.empty(best.shape, dtype=np.uint8)
+    for c in range(1, num_channels):
+        np.greater(x[c], best, out=greater)
+        np.maximum(best, x[c], out=best)
+        np.multiply(greater.view(np.uint8), c, out=weighted)
+        np.maximum(pred, weighted, out=pred)
+    return pred, bool(np.isnan(best).any())
+
+
+def _cpu_logits_numpy(logits: torch.Tensor) -> Optional[np.ndarray]:
+    """The CPU logits as a float32/float64 numpy array (no copy for those dtypes), or None where
+    the numpy path does not apply (another device, more than 256 channels, integer logits)."""
+    if logits.device.type != "cpu" or logits.shape[0] > 256 or not logits.is_floating_point():
+        return None
+    if logits.dtype not in (torch.float32, torch.float64):  # half, bfloat16: slow or not in numpy
+        logits = logits.float()
+    return logits.detach().numpy()
+
+
 def argmax_channels(logits: torch.Tensor):
     """
     ``logits.argmax(dim=0)`` (first maximum on ties, as ``torch.argmax``), as uint8 when there are
     at most 256 channels, and whether any logit is NaN.
 
-    On the CPU, ``torch.argmax`` over the leading dimension of a (C, H, W) tensor is several times
-    slower than a channel-wise ``amax`` followed by one comparison per channel, which is what this
-    does there (the maximum also tells about NaN: ``amax`` propagates it).
+    On the CPU this is :func:`_argmax_numpy`: ``torch.argmax`` over the leading dimension of a
+    (C, H, W) tensor is 10-20x slower there, and a torch loop over channels pays a thread-pool
+    fork/join per op, which is slow on a shared CPU.
 
     Returns:
         (Tensor, bool): (H, W) class indices, and True when a logit is NaN (indices then undefined).
     """
+    x = _cpu_logits_numpy(logits)
+    if x is not None:
+        pred, has_nan = _argmax_numpy(x)
+        return torch.from_numpy(pred), has_nan
     num_channels = logits.shape[0]
     floating = logits.is_floating_point()
-    if logits.device.type != "cpu" or num_channels > 256 or not floating:
-        pred = logits.argmax(dim=0)
-        has_nan = bool(torch.isnan(logits).any()) if floating else False
-        return (pred.to(torch.uint8) if num_channels <= 256 else pred), has_nan
-    best = logits.amax(dim=0)
-    # acc = max over channels c holding the maximum of (255 - c): the lowest such c wins ties.
-    # Three vectorised passes per channel (masked_fill_ would be twice as slow).
-    acc = torch.zeros(best.shape, dtype=torch.uint8, device=logits.device)
-    is_max = torch.empty(best.shape, dtype=torch.bool, device=logits.device)
-    weighted = torch.empty(best.shape, dtype=torch.uint8, device=logits.device)
-    for c in range(num_channels):
-        torch.eq(logits[c], best, out=is_max)
-        torch.mul(is_max.view(torch.uint8), 255 - c, out=weighted)
-        torch.maximum(acc, weighted, out=acc)
-    pred = torch.sub(255, acc, out=acc)
-    return pred, bool(torch.isnan(best).any())
+    pred = logits.argmax(dim=0)
+    has_nan = bool(torch.isnan(logits).any()) if floating else False
+    return (pred.to(torch.uint8) if num_channels <= 256 else pred), has_nan
 
 
 def _boundary_dilation(h: int, w: int, dilation_ratio: float) -> int:
@@ -100,10 +128,7 @@ def mask_to_boundary(mask: torch.Tensor, dilation_ratio: float = BOUNDARY_DILATI
     if use_cv2 is None:
         use_cv2 = cv2 is not None and mask.device.type == "cpu"
     if use_cv2:
-        m = mask.cpu().numpy()
-        padded = cv2.copyMakeBorder(m, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
-        eroded = cv2.erode(padded, np.ones((3, 3), dtype=np.uint8), iterations=d)[1:-1, 1:-1]
-        return torch.from_numpy(m - eroded).to(mask.device)
+        return torch.from_numpy(_boundary_cv2(mask.cpu().numpy(), dilation_ratio)).to(mask.device)
     # d iterations of a 3x3 erosion = one (2d+1)-square minimum filter; the border outside the
     # zero ring is neutral (OpenCV's default erosion border, and max-pooling's -inf padding).
     x = F.pad(mask.float()[None, None], (1, 1, 1, 1), value=0.0)
@@ -112,6 +137,21 @@ def mask_to_boundary(mask: torch.Tensor, dilation_ratio: float = BOUNDARY_DILATI
     x = -F.max_pool2d(-x, (k, 1), stride=1, padding=(d, 0))
     eroded = x[0, 0, 1:-1, 1:-1].to(torch.uint8)
     return mask - eroded
+
+
+def _boundary_cv2(m: np.ndarray, dilation_ratio: float = BOUNDARY_DILATION_RATIO) -> np.ndarray:
+    """:func:`mask_to_boundary` of an (H, W) uint8 numpy map, with OpenCV."""
+    d = _boundary_dilation(m.shape[0], m.shape[1], dilation_ratio)
+    padded = cv2.copyMakeBorder(m, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    eroded = cv2.erode(padded, np.ones((3, 3), dtype=np.uint8), iterations=d)[1:-1, 1:-1]
+    return m - eroded
+
+
+def _boundary_numpy(m: np.ndarray) -> np.ndarray:
+    """:func:`mask_to_boundary` of an (H, W) uint8 numpy map: OpenCV where installed."""
+    if cv2 is not None:
+        return _boundary_cv2(m)
+    return mask_to_boundary(torch.from_numpy(m), use_cv2=False).numpy()
 
 
 def sem_seg_to_coco_json(sem_seg: np.ndarray, file_name: str, contiguous_id_to_dataset_id: Optional[dict] = None):
@@ -205,10 +245,17 @@ class MIoUEvaluator(DatasetEvaluator):
     """
     mIoU, fwIoU, mACC, pACC, per-class IoU/ACC and optionally boundary IoU, exactly as detectron2's
     :class:`SemSegEvaluator` computes them, from a confusion matrix accumulated with
-    ``torch.bincount`` on the prediction's device and summed over processes.
+    ``np.bincount`` (CPU predictions; ``torch.bincount`` on an accelerator's) and summed over
+    processes.
+
+    mIoU and mACC average over the classes with at least one ground-truth pixel in the evaluated
+    images (detectron2's definition); the others are NaN. Such classes are named in a one-line
+    warning and in the results (``classes_without_gt``, ``noGT-<class>``), with a hint when the
+    ground-truth maps hold only 0 and the ignore label (0/255 binary masks read with 255 as void).
 
     Ground truth: the label map ``sem_seg_file_name`` of the dataset record whose ``file_name`` is
-    the input's, read with :func:`seg2.data.read_sem_seg` (palette PNGs give class indices; the record's ``sem_seg_format`` decodes RGB masks and void values).
+    the input's, read with :func:`seg2.data.read_sem_seg` (palette PNGs give class indices; the
+    record's ``sem_seg_format`` decodes RGB masks, void values and ``value_map``).
 
     Bad input is an error, never a number: predictions of another size than the ground truth
     (ValueError), a label map holding ids that are neither a class nor the ignore label
@@ -282,9 +329,12 @@ class MIoUEvaluator(DatasetEvaluator):
         self.reset()
 
     def reset(self):
-        self._conf = None  # (C, C) int64 on the first prediction's device, [pred, gt]
-        self._b_conf = None  # (C+1, C+1) as detectron2 builds it
+        self._conf = None  # (C, C) int64 numpy, [pred, gt], from CPU predictions
+        self._conf_device = None  # the same, torch, on the device of predictions on an accelerator
+        self._b_conf = None  # (C+1, C+1) as detectron2 builds it (numpy, CPU predictions)
+        self._b_conf_device = None
         self._num_images = 0
+        self._ignore_only_maps = 0  # GT maps whose only non-zero value is the ignore label
         self._predictions = []
 
     def _ground_truth(self, file_name: str) -> np.ndarray:
@@ -327,59 +377,124 @@ class MIoUEvaluator(DatasetEvaluator):
                     f"{gt_path} is {tuple(gt_np.shape)}; resize predictions to the original image size "
                     "(detectron2's sem_seg_postprocess does it when inputs carry 'height'/'width')"
                 )
-            pred, has_nan = argmax_channels(logits)
+            x = _cpu_logits_numpy(logits)  # CPU: single-threaded numpy (see the module docstring)
+            pred, has_nan = _argmax_numpy(x) if x is not None else argmax_channels(logits)
             if has_nan:
                 raise ValueError(f"{file_name}: 'sem_seg' logits contain NaN; refusing to score them")
-            device = pred.device
-            if not gt_np.flags.writeable:  # PIL's buffer; torch wants writable memory
-                gt_np = gt_np.copy()
-            gt = torch.from_numpy(gt_np).to(device, non_blocking=True)
-            self._accumulate(pred, gt, file_name, gt_path)
+            if x is not None:
+                self._accumulate_numpy(pred, gt_np, file_name, gt_path)
+            else:
+                if not gt_np.flags.writeable:  # PIL's buffer; torch wants writable memory
+                    gt_np = gt_np.copy()
+                gt = torch.from_numpy(gt_np).to(pred.device, non_blocking=True)
+                self._accumulate(pred, gt, file_name, gt_path)
+                pred = pred.cpu().numpy() if self._save_predictions_json else None
             if self._save_predictions_json:
-                self._predictions.extend(
-                    sem_seg_to_coco_json(pred.cpu().numpy().astype(int), file_name, self._contiguous_id_to_dataset_id)
-                )
+                ids = self._contiguous_id_to_dataset_id
+                self._predictions.extend(sem_seg_to_coco_json(pred.astype(int), file_name, ids))
             self._num_images += 1
 
-    def _accumulate(self, pred, gt, file_name, gt_path):
-        C = self._num_classes
+    def _label_columns(self, gt_max: Optional[int]):
+        """(k, ignore column, fold) for a ground truth whose largest value is ``gt_max`` (None:
+        uint8): its values index k columns; the ignore label's column (None: no ignore label among
+        them); fold: a negative ignore label moves to column ``gt_max + 1`` (else None)."""
         ignore = self._ignore_label
-        ignore_col = None
-        if gt.dtype == torch.uint8:
+        if gt_max is None:
             k = 256
+        elif ignore is not None and ignore < 0:  # fold a negative ignore label past the largest id
+            return gt_max + 2, gt_max + 1, gt_max + 1
+        else:
+            k = gt_max + 1
+        return k, (ignore if ignore is not None and 0 <= ignore < k else None), None
+
+    def _check_columns(self, hist: np.ndarray, ignore_col, file_name, gt_path):
+        """Raise for ground-truth values that are neither a class nor the ignore label (``hist``:
+        pixels per ground-truth value, numpy); count a map whose only non-zero value is the
+        ignore label (0/255 binary masks read with 255 as void)."""
+        C = self._num_classes
+        if len(hist) > C:
+            outside = np.flatnonzero(hist[C:]) + C
+            if ignore_col is not None:
+                outside = outside[outside != ignore_col]
+            if outside.size:
+                bad = outside.tolist()
+                raise Seg2Error(
+                    f"{gt_path} (ground truth of {file_name}): label values {bad[:10]} are neither "
+                    f"one of the {C} classes of dataset {self._dataset_name!r} nor its "
+                    f"ignore_label {self._ignore_label}"
+                )
+        if ignore_col is not None and ignore_col > 0 and hist[ignore_col] > 0:
+            if int(hist[1:].sum()) == int(hist[ignore_col]):
+                self._ignore_only_maps += 1
+
+    def _accumulate_numpy(self, pred: np.ndarray, gt: np.ndarray, file_name, gt_path):
+        """Count one CPU prediction: numpy only, no torch op (no thread-pool round trip)."""
+        C = self._num_classes
+        if gt.dtype == np.uint8:
+            k, ignore_col, fold = self._label_columns(None)
+        else:
+            lo = int(gt.min()) if gt.size else 0
+            hi = int(gt.max()) if gt.size else 0
+            k, ignore_col, fold = self._label_columns(hi)
+            if fold is not None:
+                gt = np.where(gt == self._ignore_label, fold, gt)
+                lo = int(gt.min()) if gt.size else 0
+            if lo < 0:
+                raise Seg2Error(f"{gt_path} (ground truth of {file_name}): negative label {lo}")
+        # One bincount over (pred, gt) pairs with every possible gt value: columns 0..C-1 are the
+        # confusion matrix; the ignore column is dropped; any other column is a bad label.
+        nbins = C * k
+        dtype = np.int16 if nbins < 2**15 else (np.int32 if nbins < 2**31 else np.int64)
+        idx = pred.astype(dtype)
+        idx *= k
+        idx += gt
+        counts = np.bincount(idx.ravel(), minlength=nbins).reshape(C, k)
+        self._check_columns(counts.sum(axis=0), ignore_col, file_name, gt_path)
+        if ignore_col is not None:
+            counts[:, ignore_col] = 0
+        if self._conf is None:
+            self._conf = np.zeros((C, C), dtype=np.int64)
+        self._conf += counts[:, :C]
+
+        if self._boundary_iou:
+            # As detectron2: ignored pixels become class C, boundaries of both uint8 maps.
+            gt_c = gt if ignore_col is None else np.where(gt == ignore_col, C, gt)
+            b_gt = _boundary_numpy(gt_c.astype(np.uint8))
+            b_pred = _boundary_numpy(pred)
+            n = C + 1
+            b_idx = b_pred.astype(np.int16 if n * n < 2**15 else np.int32)
+            b_idx *= n
+            b_idx += b_gt
+            b_counts = np.bincount(b_idx.ravel(), minlength=n * n).reshape(n, n)
+            if self._b_conf is None:
+                self._b_conf = np.zeros((n, n), dtype=np.int64)
+            self._b_conf += b_counts
+
+    def _accumulate(self, pred, gt, file_name, gt_path):
+        """Count one prediction on an accelerator, with torch on its device."""
+        C = self._num_classes
+        if gt.dtype == torch.uint8:
+            k, ignore_col, fold = self._label_columns(None)
         else:
             hi = int(gt.max())
-            if ignore is not None and ignore < 0:  # fold a negative ignore label past the largest id
-                gt = torch.where(gt == ignore, hi + 1, gt)
-                hi, ignore_col = hi + 1, hi + 1
+            k, ignore_col, fold = self._label_columns(hi)
+            if fold is not None:
+                gt = torch.where(gt == self._ignore_label, fold, gt)
             lo = int(gt.min())
             if lo < 0:
                 raise Seg2Error(f"{gt_path} (ground truth of {file_name}): negative label {lo}")
-            k = hi + 1
-        if ignore is not None and 0 <= ignore < k:
-            ignore_col = ignore
-        # One bincount over (pred, gt) pairs with every possible gt value: columns 0..C-1 are the
-        # confusion matrix; the ignore column is dropped; any other column is a bad label.
         nbins = C * k
         dtype = torch.int16 if nbins < 2**15 else (torch.int32 if nbins < 2**31 else torch.int64)
         idx = pred.to(dtype) * k + gt.to(dtype)
         counts = torch.bincount(idx.view(-1), minlength=nbins).view(C, k)
+        self._check_columns(counts.sum(dim=0).cpu().numpy(), ignore_col, file_name, gt_path)
         if ignore_col is not None:
             counts[:, ignore_col] = 0
-        if k > C:
-            outside = counts[:, C:].sum(dim=0).nonzero().view(-1)
-            if outside.numel():
-                bad = (outside + C).tolist()
-                raise Seg2Error(
-                    f"{gt_path} (ground truth of {file_name}): label values {bad[:10]} are neither one of the "
-                    f"{C} classes of dataset {self._dataset_name!r} nor its ignore_label {ignore}"
-                )
-        if self._conf is None:
-            self._conf = torch.zeros((C, C), dtype=torch.int64, device=pred.device)
-        self._conf += counts[:, :C].to(self._conf.device)
+        if self._conf_device is None:
+            self._conf_device = torch.zeros((C, C), dtype=torch.int64, device=pred.device)
+        self._conf_device += counts[:, :C].to(self._conf_device.device)
 
         if self._boundary_iou:
-            # As detectron2: ignored pixels become class C, boundaries of both uint8 maps.
             gt_c = gt if ignore_col is None else torch.where(gt == ignore_col, C, gt)
             gt_c = gt_c.to(torch.uint8)
             b_gt = mask_to_boundary(gt_c)
@@ -388,18 +503,28 @@ class MIoUEvaluator(DatasetEvaluator):
             b_dtype = torch.int16 if n * n < 2**15 else torch.int32
             b_idx = b_pred.to(b_dtype) * n + b_gt.to(b_dtype)
             b_counts = torch.bincount(b_idx.view(-1), minlength=n * n).view(n, n)
-            if self._b_conf is None:
-                self._b_conf = torch.zeros((n, n), dtype=torch.int64, device=pred.device)
-            self._b_conf += b_counts.to(self._b_conf.device)
+            if self._b_conf_device is None:
+                self._b_conf_device = torch.zeros((n, n), dtype=torch.int64, device=pred.device)
+            self._b_conf_device += b_counts.to(self._b_conf_device.device)
+
+    @staticmethod
+    def _total(host, device, shape):
+        total = np.zeros(shape, np.int64)
+        if host is not None:
+            total += host
+        if device is not None:
+            total += device.cpu().numpy()
+        return total
 
     def _gathered(self):
-        """Confusion matrices and image count summed over processes (None on non-main ranks)."""
+        """Confusion matrices, image count, count of ignore-only ground-truth maps and predictions
+        summed over processes (None on non-main ranks)."""
         C = self._num_classes
-        conf = self._conf.cpu().numpy() if self._conf is not None else np.zeros((C, C), np.int64)
+        conf = self._total(self._conf, self._conf_device, (C, C))
         b_conf = None
         if self._boundary_iou:
-            b_conf = self._b_conf.cpu().numpy() if self._b_conf is not None else np.zeros((C + 1, C + 1), np.int64)
-        state = (conf, b_conf, self._num_images, self._predictions)
+            b_conf = self._total(self._b_conf, self._b_conf_device, (C + 1, C + 1))
+        state = (conf, b_conf, self._num_images, self._ignore_only_maps, self._predictions)
         if not self._distributed:
             return state
         comm.synchronize()
@@ -409,19 +534,23 @@ class MIoUEvaluator(DatasetEvaluator):
         conf = sum(s[0] for s in states)
         b_conf = sum(s[1] for s in states) if self._boundary_iou else None
         num_images = sum(s[2] for s in states)
-        predictions = list(itertools.chain(*[s[3] for s in states]))
-        return conf, b_conf, num_images, predictions
+        ignore_only = sum(s[3] for s in states)
+        predictions = list(itertools.chain(*[s[4] for s in states]))
+        return conf, b_conf, num_images, ignore_only, predictions
 
     def evaluate(self):
         """
         Returns:
             dict: ``{"sem_seg": {"mIoU", "fwIoU", "IoU-<class>", "mACC", "pACC", "ACC-<class>", ...}}``
             in percent on the main process; ``{}`` elsewhere and when nothing was processed.
+            Where classes have no ground-truth pixel in the evaluated images, also
+            ``classes_without_gt`` (their number) and ``noGT-<class>`` (1.0) for each; the
+            warning names them (see :meth:`_warn_classes_without_gt`).
         """
         state = self._gathered()
         if state is None:
             return {}
-        conf, b_conf, num_images, predictions = state
+        conf, b_conf, num_images, ignore_only, predictions = state
         if num_images == 0:
             logger.warning(f"MIoUEvaluator({self._dataset_name!r}): no image was processed; no metrics")
             return {}
@@ -431,11 +560,43 @@ class MIoUEvaluator(DatasetEvaluator):
             # detectron2 would report fwIoU 0 here; with no labelled pixel every metric is undefined.
             logger.warning(f"MIoUEvaluator({self._dataset_name!r}): every processed pixel is ignored; metrics are NaN")
             res = {k: float("nan") for k in res}
+        absent = [name for name, n in zip(self._class_names, conf.sum(axis=0)) if n == 0]
+        self.classes_without_gt = absent
+        if absent:
+            self._warn_classes_without_gt(absent, num_images, ignore_only)
+            res["classes_without_gt"] = float(len(absent))
+            res.update({f"noGT-{name}": 1.0 for name in absent})
         self.confusion_matrix = conf
         self._log(res, conf, num_images)
         if self._output_dir:
             self._write(res, conf, predictions)
         return OrderedDict({"sem_seg": res})
+
+    def _warn_classes_without_gt(self, absent, num_images, ignore_only):
+        """One line naming the classes that have no ground-truth pixel: their IoU and ACC are NaN
+        and every mean leaves them out (detectron2's definition), so mIoU can reach 100 while a
+        class was never seen, as with 0/255 binary masks whose foreground 255 is void."""
+        C = self._num_classes
+        shown = ", ".join(repr(n) for n in absent[:20])
+        if len(absent) > 20:
+            shown += f" ... ({len(absent)} in all)"
+        means = (
+            f"mIoU, fwIoU and mACC average over the other {C - len(absent)} classes only"
+            if len(absent) < C
+            else "so are mIoU, fwIoU and mACC"
+        )
+        msg = (
+            f"MIoUEvaluator({self._dataset_name!r}): {len(absent)} of {C} classes have no "
+            f"ground-truth pixel in the {num_images} evaluated images: {shown}; their IoU/ACC are "
+            f"NaN and {means}"
+        )
+        if ignore_only:
+            msg += (
+                f". {ignore_only} of the {num_images} ground-truth maps have no non-zero value but "
+                f"the ignore label {self._ignore_label}: 0/255 binary masks? 255 is void; "
+                "map it to class 1 (value_map={255: 1}, see docs/datasets.md)"
+            )
+        logger.warning(msg)
 
     def _log(self, res, conf, num_images):
         rows = []

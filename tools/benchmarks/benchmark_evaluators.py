@@ -2,9 +2,10 @@
 """
 Side-by-side benchmark of seg2's evaluators against detectron2's, on the same synthetic predictions.
 
-* ``miou``: MIoUEvaluator vs SemSegEvaluator, per-image time of ``process`` (plus ``evaluate``), with
-  and without boundary IoU (detectron2's evaluator always computes it; it is switched off on its
-  instance for the "without" rows), and the largest metric difference.
+* ``miou``: MIoUEvaluator vs SemSegEvaluator, per-image time of ``process``, the two taking turns
+  image by image, with and without boundary IoU (detectron2's evaluator always computes it; it is
+  switched off on its instance for the "without" rows), and the largest metric difference; on a
+  quiet CPU and with ``--load N`` busy processes that the benchmark starts (a shared CPU).
 * ``memory``: memory growth of each evaluator over a long run (tracemalloc peak of Python/numpy
   allocations, and process RSS), 500 images by default for MIoUEvaluator.
 * ``ap``: MaskAPEvaluator vs COCOEvaluator end to end (process + evaluate, bbox and segm) with many
@@ -12,9 +13,9 @@ Side-by-side benchmark of seg2's evaluators against detectron2's, on the same sy
 
 Examples::
 
-    python tools/benchmark_evaluators.py miou --images 4 --sizes 512x512x21 1024x2048x19
-    python tools/benchmark_evaluators.py memory --images 500 --size 256x256x21 --reference-images 100
-    python tools/benchmark_evaluators.py ap --images 20 --detections 100
+    python tools/benchmarks/benchmark_evaluators.py miou --images 8 --sizes 512x512x21 --load 0 2
+    python tools/benchmarks/benchmark_evaluators.py memory --images 500 --size 256x256x21
+    python tools/benchmarks/benchmark_evaluators.py ap --images 20 --detections 100
 """
 
 import argparse
@@ -24,7 +25,10 @@ import json
 import logging
 import math
 import os
+import subprocess
+import sys
 import tempfile
+import time
 import tracemalloc
 
 import cv2
@@ -38,7 +42,7 @@ from detectron2.structures import Boxes, Instances
 from seg2.data import register_dataset
 from seg2.evaluation import MaskAPEvaluator, MIoUEvaluator
 from seg2.evaluation.coco_evaluation import encode_masks
-from timing import rss_mb, timed
+from timing import rss_mb, time_round_robin, timed
 
 
 class SemSegEvaluatorWideBoundary(SemSegEvaluator):
@@ -109,38 +113,85 @@ def _run_sem_seg(evaluator, inputs, logits):
     return res["sem_seg"], process_s / len(inputs), evaluate_s
 
 
+@contextlib.contextmanager
+def _spinning_processes(n):
+    """``n`` background processes that spin on the CPU for as long as the block runs: a CPU
+    shared with other busy jobs, reproducibly (on top of whatever else runs on the machine)."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        if procs:
+            time.sleep(1.0)  # let them be scheduled
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+
+
+def _miou_row(name, inputs, logits, boundary, rounds):
+    """Both evaluators side by side: in each round each processes the same next image (round
+    robin, so both see the same load), then both evaluate. Returns the per-image times (s) and
+    the results."""
+    ref_ev = SemSegEvaluator(name, distributed=False)
+    ref_ev._compute_boundary_iou = boundary
+    ours_ev = MIoUEvaluator(name, distributed=False, boundary_iou=boundary)
+    ref_ev.reset()
+    ours_ev.reset()
+
+    def step(evaluator):
+        def run(r):
+            evaluator.process([inputs[r % len(inputs)]], [{"sem_seg": logits[r % len(logits)]}])
+
+        return run
+
+    times = time_round_robin({"d2": step(ref_ev), "seg2": step(ours_ev)}, warmup=1, repeats=rounds)
+    return times, ref_ev.evaluate()["sem_seg"], ours_ev.evaluate()["sem_seg"]
+
+
+def _boundary_check(label, name, inputs, logits):
+    """Boundary numbers against detectron2 without its uint8 wrap-around (untimed)."""
+    ours_ev = MIoUEvaluator(name, distributed=False, boundary_iou=True)
+    ours, _, _ = _run_sem_seg(ours_ev, inputs, logits)
+    wide, _, _ = _run_sem_seg(SemSegEvaluatorWideBoundary(name, distributed=False), inputs, logits)
+    b_keys = [k for k in wide if "B-Iou" in k or "Boundary" in k]
+    b_diff = _max_diff({k: ours[k] for k in b_keys}, {k: wide[k] for k in b_keys})
+    print(f"{label}: boundary IoU max abs diff against detectron2 on int64 maps: {b_diff:.1e}")
+
+
 def bench_miou(args):
+    """Per-image ``process()`` time of SemSegEvaluator and MIoUEvaluator taking turns image by
+    image, on a quiet CPU and with ``--load`` spinning processes started here, and the ratio."""
     rows = []
     with tempfile.TemporaryDirectory() as folder:
+        setups = []
         for spec in args.sizes:
             h, w, c = (int(v) for v in spec.split("x"))
-            name, inputs, logits = _sem_seg_setup(folder, args.images, h, w, c)
-            for boundary in (False, True):
-                ref_ev = SemSegEvaluator(name, distributed=False)
-                ref_ev._compute_boundary_iou = boundary
-                ours_ev = MIoUEvaluator(name, distributed=False, boundary_iou=boundary)
-                # warm-up (allocator, OpenCV) on one image each
-                _run_sem_seg(ref_ev, inputs[:1], logits)
-                _run_sem_seg(ours_ev, inputs[:1], logits)
-                ref, ref_t, ref_e = _run_sem_seg(ref_ev, inputs, logits)
-                ours, ours_t, ours_e = _run_sem_seg(ours_ev, inputs, logits)
-                plain = [k for k in ref if "B-Iou" not in k and "Boundary" not in k]
-                diff = _max_diff({k: ours[k] for k in plain}, {k: ref[k] for k in plain})
-                b_diff = b_diff_shipped = ""
-                if boundary:  # boundary numbers against detectron2 without its uint8 wrap-around (untimed)
-                    wide, _, _ = _run_sem_seg(SemSegEvaluatorWideBoundary(name, distributed=False), inputs, logits)
-                    b_keys = [k for k in ref if k not in plain]
-                    b_diff = f"{_max_diff({k: ours[k] for k in b_keys}, {k: wide[k] for k in b_keys}):.1e}"
-                    b_diff_shipped = f"{_max_diff({k: ours[k] for k in b_keys}, {k: ref[k] for k in b_keys}):.1e}"
-                rows.append((f"{h}x{w}, {c} classes", "yes" if boundary else "no", ref_t * 1000, ours_t * 1000,
-                             ref_t / ours_t, ref_e * 1000, ours_e * 1000, diff, b_diff, b_diff_shipped))
-    print(f"\nmIoU, {args.images} images per row, torch threads {torch.get_num_threads()}, per image process() time")
-    print("| size | boundary IoU | SemSegEvaluator ms/img | MIoUEvaluator ms/img | speed-up | evaluate() ms d2 / seg2 "
-          "| max abs diff mIoU..ACC | max abs diff boundary (vs d2 int64 / d2 as shipped) |")
+            name, inputs, logits = _sem_seg_setup(folder, max(args.images, 1), h, w, c)
+            setups.append((f"{h}x{w}, {c} classes", name, inputs, logits))
+        for load in args.load:
+            with _spinning_processes(load):
+                for label, name, inputs, logits in setups:
+                    for boundary in (False, True):
+                        times, ref, ours = _miou_row(name, inputs, logits, boundary, args.images)
+                        plain = [k for k in ref if "B-Iou" not in k and "Boundary" not in k]
+                        diff = _max_diff({k: ours[k] for k in plain}, {k: ref[k] for k in plain})
+                        d2_ms, seg2_ms = (1000 * float(np.median(times[k])) for k in ("d2", "seg2"))
+                        loadavg = f"{os.getloadavg()[0]:.1f}"
+                        yes_no = "yes" if boundary else "no"
+                        ratio = d2_ms / seg2_ms
+                        rows.append((load, loadavg, label, yes_no, d2_ms, seg2_ms, ratio, diff))
+        if args.check_boundary:
+            for setup in setups:
+                _boundary_check(*setup)
+    print(f"\nmIoU, median per-image process() time over {args.images} images taking turns, "
+          f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs")
+    print("| spinning processes | load avg (1 min) | size | boundary IoU | SemSegEvaluator ms/img "
+          "| MIoUEvaluator ms/img | speed-up | max abs diff mIoU..ACC |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        b = f"{r[8]} / {r[9]}" if r[8] else "-"
-        print(f"| {r[0]} | {r[1]} | {r[2]:.1f} | {r[3]:.1f} | {r[4]:.1f}x | {r[5]:.1f} / {r[6]:.1f} | {r[7]:.1e} | {b} |")
+        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.1f} | {r[5]:.1f} | {r[6]:.1f}x "
+              f"| {r[7]:.1e} |")
 
 
 def bench_memory(args):
@@ -269,11 +320,16 @@ def bench_ap(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: per-core comparison)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (0, the default: one per core, as in training)")
     sub = parser.add_subparsers(dest="bench", required=True)
     p = sub.add_parser("miou")
-    p.add_argument("--images", type=int, default=4)
-    p.add_argument("--sizes", nargs="+", default=["512x512x21", "1024x2048x19"], help="HxWxCLASSES")
+    p.add_argument("--images", type=int, default=8, help="timed images per row (per evaluator)")
+    p.add_argument("--sizes", nargs="+", default=["512x512x21"], help="HxWxCLASSES")
+    p.add_argument("--load", type=int, nargs="+", default=[0, 2],
+                   help="a row per value: this many spinning processes started by the benchmark")
+    p.add_argument("--check-boundary", action="store_true",
+                   help="also compare boundary IoU with detectron2's on int64 maps (untimed)")
     p = sub.add_parser("memory")
     p.add_argument("--images", type=int, default=500)
     p.add_argument("--reference-images", type=int, default=100, help="images for SemSegEvaluator (0: skip it)")
@@ -285,7 +341,8 @@ def main():
     p.add_argument("--gt", type=int, default=15)
     p.add_argument("--classes", type=int, default=20)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     {"miou": bench_miou, "memory": bench_memory, "ap": bench_ap}[args.bench](args)
 
