@@ -44,12 +44,17 @@ def test_mean_std_and_the_papers_ordering_by_hand():
     assert aggs["align"]["mask_AP_std"] == pytest.approx(1.5275, abs=1e-4)
     # pool: the diverged seed is left out: 50, 59 -> mean 54.5, std 6.364; n = 2 of 3 runs
     assert (aggs["pool"]["n"], aggs["pool"]["runs"]) == (2, 3)
-    assert aggs["pool"]["mask_AP"] == 54.5 and aggs["pool"]["mask_AP_std"] == pytest.approx(statistics.stdev([50, 59]))
+    assert aggs["pool"]["mask_AP"] == 54.5 and aggs["pool"]["mask_AP_std"] == pytest.approx(
+        statistics.stdev([50, 59])
+    )
     verdict = report.pooler_ordering(rows)
     # seed 1: 60 > 50 holds; seed 2: 58 < 59 fails; seed 3: the RoIPool run diverged, left out
     assert (verdict["holds_in_seeds"], verdict["seeds"], verdict["incomplete_seeds"]) == (1, 2, [3])
     # mean gaps: AP 59.667 - 54.5 = 5.167; AP50 89.333 - 88 = 1.333; AP75 69.333 - 60.5 = 8.833
-    assert verdict["gaps"]["mask_AP75"] == pytest.approx(8.8333, abs=1e-4) and verdict["largest_gap_at_AP75"]
+    assert (
+        verdict["gaps"]["mask_AP75"] == pytest.approx(8.8333, abs=1e-4)
+        and verdict["largest_gap_at_AP75"]
+    )
     table = report.markdown_table(list(aggs.values()), "poolers")
     assert "| align | 3/3 | ROIAlign | avg | 59.7 ± 1.5 |" in table and "| pool | 2/3 |" in table
 
@@ -65,13 +70,20 @@ def test_ordering_only_on_complete_seeds_gaps_of_variant_means_and_single_values
     verdict = report.pooler_ordering(rows)
     # seed 1 (all three finished): 60 > 55 and 40, holds. Seed 2 would hold on the finished runs
     # alone (50 > 45) but pool diverged; seed 3 has one variant: both left out, not judged.
-    assert (verdict["holds_in_seeds"], verdict["seeds"], verdict["incomplete_seeds"]) == (1, 1, [2, 3])
+    assert (verdict["holds_in_seeds"], verdict["seeds"], verdict["incomplete_seeds"]) == (
+        1,
+        1,
+        [2, 3],
+    )
     # variant means: align AP 46.667, AP50 76.667, AP75 53.333; warp 50 / 84 / 55; pool (n=1) 40 / 85 / 44.
     # Gap = align - mean(warp, pool): AP 46.667 - 45 = 1.667; AP50 76.667 - 84.5 = -7.833;
     # AP75 53.333 - 49.5 = 3.833 (pooling the 3 runs of the others instead would give 53.333 - 51.333 = 2.0)
     assert verdict["gaps"]["mask_AP"] == pytest.approx(1.6667, abs=1e-4)
     assert verdict["gaps"]["mask_AP50"] == pytest.approx(-7.8333, abs=1e-4)
-    assert verdict["gaps"]["mask_AP75"] == pytest.approx(3.8333, abs=1e-4) and verdict["largest_gap_at_AP75"]
+    assert (
+        verdict["gaps"]["mask_AP75"] == pytest.approx(3.8333, abs=1e-4)
+        and verdict["largest_gap_at_AP75"]
+    )
     aggs = report.aggregate(rows, "poolers")
     table = report.markdown_table(aggs, "poolers")
     # one finished seed: the mean alone, no "± 0.0" that would read as a measured zero spread
@@ -103,8 +115,16 @@ def tiny_data(tiny_shapes_root):
 
 
 def test_pooler_study_two_seeds_end_to_end_and_resume(tiny_data, tmp_path):
-    configs = [os.path.join(POOLER_DIR, f"mask_rcnn_{v}_R18_FPN_shapes_cpu.yaml") for v in ("roipool", "roialign_avg")]
-    opts = TINY_OPTS + ["MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "32"]
+    configs = [
+        os.path.join(POOLER_DIR, f"mask_rcnn_{v}_R18_FPN_shapes_cpu.yaml")
+        for v in ("roipool", "roialign_avg")
+    ]
+    opts = TINY_OPTS + [
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+        "16",
+        "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+        "32",
+    ]
     rows = ablation.run_ablation(configs, [1, 2], str(tmp_path), opts, command="test")
     assert [(r["variant"][10:-19], r["seed"]) for r in rows] == [
         ("roipool", 1), ("roialign_avg", 1), ("roipool", 2), ("roialign_avg", 2)
@@ -112,7 +132,9 @@ def test_pooler_study_two_seeds_end_to_end_and_resume(tiny_data, tmp_path):
     assert all(r["status"] == "finished" and 0.0 <= r["mask_AP"] <= 100.0 for r in rows)
     report = json.loads((tmp_path / "ablation.json").read_text())
     assert report["study"] == "poolers" and [a["n"] for a in report["variants"]] == [2, 2]
-    assert (tmp_path / "ablation.md").read_text().count("2/2") == 2 and (tmp_path / "ablation.png").exists()
+    assert (tmp_path / "ablation.md").read_text().count("2/2") == 2 and (
+        tmp_path / "ablation.png"
+    ).exists()
     # A second run reads every finished (variant, seed) back instead of training again.
     marker = tmp_path / configs[0].split("/")[-1][:-5] / "seed1" / ablation.RESULT_FILE
     saved = json.loads(marker.read_text())
@@ -122,7 +144,9 @@ def test_pooler_study_two_seeds_end_to_end_and_resume(tiny_data, tmp_path):
     key = lambda r: (r["variant"], r["seed"], r["mask_AP"], r["box_AP"], r["inference_s_per_image"])  # noqa: E731
     assert again[0]["mask_AP"] == 12.5 and [key(r) for r in again[1:]] == [key(r) for r in rows[1:]]
     # --report-only: seed 3 has not run; the report holds the four finished runs and trains nothing
-    report = ablation.run_ablation(configs, [1, 2, 3], str(tmp_path), opts, command="test", report_only=True)
+    report = ablation.run_ablation(
+        configs, [1, 2, 3], str(tmp_path), opts, command="test", report_only=True
+    )
     assert [key(r) for r in report] == [key(r) for r in again]
     assert not (tmp_path / configs[0].split("/")[-1][:-5] / "seed3").exists()
     assert "(4 runs done)" in (tmp_path / "ablation.md").read_text()
@@ -144,8 +168,12 @@ def test_decoder_study_reports_accuracies_and_refuses_other_keys(tiny_data, tmp_
     assert "global_acc" in (tmp_path / "out" / "ablation.md").read_text()
     other = tmp_path / "unet_lr.yaml"
     other.write_text(f'_BASE_: "{configs[0]}"\nSOLVER:\n  BASE_LR: 0.5\n')
-    with pytest.raises(seg2.Seg2Error, match=r"differ in more than the decoders study varies: SOLVER.BASE_LR"):
-        ablation.run_ablation([configs[0], str(other)], [1], str(tmp_path / "bad"), TINY_OPTS, command="test")
+    with pytest.raises(
+        seg2.Seg2Error, match=r"differ in more than the decoders study varies: SOLVER.BASE_LR"
+    ):
+        ablation.run_ablation(
+            [configs[0], str(other)], [1], str(tmp_path / "bad"), TINY_OPTS, command="test"
+        )
 
 
 def test_decoder_study_reports_the_val_best_checkpoint_on_the_test_set(tiny_data, tmp_path):
@@ -165,7 +193,10 @@ def test_decoder_study_reports_the_val_best_checkpoint_on_the_test_set(tiny_data
         record["results"]["sem_seg"][k] for k in ("pACC", "mACC", "mIoU")
     )
     report = (tmp_path / "out" / "ablation.md").read_text()
-    assert "Metrics of abl_tiny_train: the checkpoint with the best sem_seg/mIoU on abl_tiny_val" in report
+    assert (
+        "Metrics of abl_tiny_train: the checkpoint with the best sem_seg/mIoU on abl_tiny_val"
+        in report
+    )
     assert f"unet_deconv seed 1: {record['iteration']}" in report
 
 
@@ -182,10 +213,20 @@ def test_a_run_folder_is_reused_only_with_its_whole_setting(tiny_data, tmp_path)
     run_dir.mkdir(parents=True)
     setting = ablation.run_setting(cfg)
     version = ablation.code_version()
-    assert setting["seed"] == 1 and setting["seg2"] == seg2.__version__ and "OUTPUT_DIR" not in setting["config"]
-    assert setting["config"]["SOLVER.MAX_ITER"] == 2 and setting["config"]["INPUT.MIN_SIZE_TRAIN"] == [64]
-    head = subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "HEAD"], capture_output=True, text=True)
-    if head.returncode == 0:  # a git checkout: the commit, and a hash of uncommitted changes to seg2/ or tools/
+    assert (
+        setting["seed"] == 1
+        and setting["seg2"] == seg2.__version__
+        and "OUTPUT_DIR" not in setting["config"]
+    )
+    assert setting["config"]["SOLVER.MAX_ITER"] == 2 and setting["config"][
+        "INPUT.MIN_SIZE_TRAIN"
+    ] == [64]
+    head = subprocess.run(
+        ["git", "-C", REPO_ROOT, "rev-parse", "HEAD"], capture_output=True, text=True
+    )
+    if (
+        head.returncode == 0
+    ):  # a git checkout: the commit, and a hash of uncommitted changes to seg2/ or tools/
         assert version["seg2_git"].startswith(head.stdout.strip())
     marker = {"variant": "unet", "seed": 1, "status": "finished", "global_acc": 12.5, "class_avg_acc": 10.0,
               "mIoU": 5.0, "train_s_per_iter": 1.0, "inference_s_per_image": 0.1}  # fmt: skip
@@ -197,7 +238,9 @@ def test_a_run_folder_is_reused_only_with_its_whole_setting(tiny_data, tmp_path)
     # another config value: refused, naming the folder and the key with both values
     with pytest.raises(seg2.Seg2Error, match=rf"^{run_dir}: a run made with another setting: SOLVER.BASE_LR: "
                        rf"{cfg.SOLVER.BASE_LR} recorded, 0.5 now; .*--rerun-changed"):  # fmt: skip
-        ablation.run_ablation([str(config)], [1], str(out), TINY_OPTS + ["SOLVER.BASE_LR", "0.5"], command="test")
+        ablation.run_ablation(
+            [str(config)], [1], str(out), TINY_OPTS + ["SOLVER.BASE_LR", "0.5"], command="test"
+        )
     # another code version or seed recorded: refused, the code keys named first
     for key, value in (("seg2_git", "0" * 40), ("detectron2", "0.1"), ("seed", 7)):
         (run_dir / ablation.SETTING_FILE).write_text(json.dumps(dict(setting, **{key: value})))
@@ -206,15 +249,29 @@ def test_a_run_folder_is_reused_only_with_its_whole_setting(tiny_data, tmp_path)
     # a folder of seg2 before settings were recorded: compared on its config.yaml
     (run_dir / ablation.SETTING_FILE).unlink()
     (run_dir / "config.yaml").write_text(cfg.dump())
-    assert ablation.run_ablation([str(config)], [1], str(out), TINY_OPTS, command="test") == [marker]
-    with pytest.raises(seg2.Seg2Error, match=r"another setting: SOLVER.MAX_ITER: 2 recorded, 3 now"):
-        ablation.run_ablation([str(config)], [1], str(out), TINY_OPTS + ["SOLVER.MAX_ITER", "3"], command="test")
+    assert ablation.run_ablation([str(config)], [1], str(out), TINY_OPTS, command="test") == [
+        marker
+    ]
+    with pytest.raises(
+        seg2.Seg2Error, match=r"another setting: SOLVER.MAX_ITER: 2 recorded, 3 now"
+    ):
+        ablation.run_ablation(
+            [str(config)], [1], str(out), TINY_OPTS + ["SOLVER.MAX_ITER", "3"], command="test"
+        )
     # rerun_changed: the old folder is kept aside, the run trains with the new setting and records it
     opts = TINY_OPTS + ["SOLVER.MAX_ITER", "3"]
-    (row,) = ablation.run_ablation([str(config)], [1], str(out), opts, command="test", rerun_changed=True)
+    (row,) = ablation.run_ablation(
+        [str(config)], [1], str(out), opts, command="test", rerun_changed=True
+    )
     assert json.loads((out / "unet" / "seed1.old1" / ablation.RESULT_FILE).read_text()) == marker
-    assert row["status"] == "finished" and row["iterations"] == 3 and row["global_acc"] != marker["global_acc"]
+    assert (
+        row["status"] == "finished"
+        and row["iterations"] == 3
+        and row["global_acc"] != marker["global_acc"]
+    )
     recorded = json.loads((run_dir / ablation.SETTING_FILE).read_text())
-    assert recorded == ablation.run_setting(ablation.variant_cfg(str(config), opts, str(out), seed=1))
+    assert recorded == ablation.run_setting(
+        ablation.variant_cfg(str(config), opts, str(out), seed=1)
+    )
     # and the new run is read back by the same command
     assert ablation.run_ablation([str(config)], [1], str(out), opts, command="test") == [row]

@@ -1,6 +1,8 @@
 """Timing and memory helpers (tools/benchmarks/timing.py) and the model benchmarks of
 tools/benchmarks/benchmark.py."""
 
+import json
+import math
 import mmap
 import time
 
@@ -16,7 +18,9 @@ benchmark = import_tool("benchmark", "tools/benchmarks")
 PeakMemory, rss_mb, timed = timing.PeakMemory, timing.rss_mb, timing.timed
 time_iterations, time_round_robin = timing.time_iterations, timing.time_round_robin
 benchmark_train, benchmark_tiling, tiling_bounds = (
-    benchmark.benchmark_train, benchmark.benchmark_tiling, benchmark.tiling_bounds
+    benchmark.benchmark_train,
+    benchmark.benchmark_tiling,
+    benchmark.tiling_bounds,
 )
 
 
@@ -90,8 +94,11 @@ def test_benchmark_tiling_rows():
     cfg.TEST.TILING.TILE_SIZE, cfg.TEST.TILING.STRIDE, cfg.TEST.TILING.BATCH_SIZE = 32, 32, 2
     rows = benchmark_tiling(cfg, sizes=[48, 64], whole_max_size=48)
     assert [(r["size"], r["mode"], r["tiles"]) for r in rows] == [
-        (48, "tiled_labels", 4), (48, "tiled_logits", 4), (48, "whole", 1),
-        (64, "tiled_labels", 4), (64, "tiled_logits", 4),
+        (48, "tiled_labels", 4),
+        (48, "tiled_logits", 4),
+        (48, "whole", 1),
+        (64, "tiled_labels", 4),
+        (64, "tiled_logits", 4),
     ]
     assert all(r["seconds_per_iter"] > 0 and r["peak_mb"] >= r["start_mb"] > 0 for r in rows)
     assert all(r["warmup"] == 1 and r["iters"] == 1 for r in rows)
@@ -106,3 +113,43 @@ def test_tiling_bounds_by_hand():
     b = tiling_bounds(tiler, 160, 112)  # rows 0, 48, 96; columns 0, 48: 6 tiles of 80 x 80 seen
     assert b["overlap_bound"] == (64 / 48) ** 2
     assert b["pixel_bound"] == 6 * 80 * 80 / (160 * 112)
+
+
+def test_multitask_cost_table_at_a_tiny_size(tmp_path):
+    """tools/benchmarks/benchmark_multitask_cost.py on the CPU at a tiny size (R18-FPN, narrow
+    heads): one row per model, Mask R-CNN first with ratio 1, every ratio finite and positive,
+    FLOPs per module summing to at most the total, and the heads' own profile."""
+    tool = import_tool("benchmark_multitask_cost", "tools/benchmarks")
+    out = tmp_path / "cost.json"
+    tiny = [
+        "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.FPN.OUT_CHANNELS", "32",
+        "MODEL.ROI_BOX_HEAD.FC_DIM", "32", "MODEL.ROI_MASK_HEAD.CONV_DIM", "16", "MODEL.SEM_SEG_HEAD.CONVS_DIM", "32",
+        "MODEL.UNET_HEAD.DECODER_CHANNELS", "[32,32,32]", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64",
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", "MODEL.ROI_HEADS.NUM_CLASSES", "4",
+        "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "8", "TEST.DETECTIONS_PER_IMAGE", "10",
+    ]  # fmt: skip
+    rows = tool.main(["--device", "cpu", "--size", "64", "96", "--batch", "1", "--precisions", "fp32",
+                      "--warmup", "0", "--iters", "1", "--profile", "--json", str(out), "--"] + tiny)  # fmt: skip
+    assert [r["key"] for r in rows] == list(tool.MODELS)
+    assert (
+        rows[0]["train_fp32"]["ratio"]
+        == rows[0]["inference_fp32"]["ratio"]
+        == rows[0]["gflops_ratio"]
+        == 1.0
+    )
+    for r in rows:
+        for key in ("train_fp32", "inference_fp32"):
+            assert r[key]["seconds"] > 0 and math.isfinite(r[key]["ratio"]) and r[key]["ratio"] > 0
+        g = r["gflops"]
+        assert math.isfinite(r["gflops_ratio"]) and 0 < sum(g[m] for m in tool.MODULES) <= g[
+            "total"
+        ] * (1 + 1e-6)
+        assert (g["sem_seg_head"] > 0) == (r["key"] != "mask_rcnn") and (
+            r["head_params_M"] > 0
+        ) == (g["sem_seg_head"] > 0)
+    table = tool.markdown(rows, ["fp32"])
+    assert table.count("\n") == 2 + len(rows) and all(r["model"] in table for r in rows)
+    saved = json.loads(out.read_text())
+    assert set(saved["profiles"]) == set(tool.MODELS) - {"mask_rcnn"}
+    for prof in saved["profiles"].values():
+        assert prof["train"]["total_ms"] > 0 and prof["train"]["forward_ms_by_child"]

@@ -41,7 +41,9 @@ from seg2.utils.cli import add_debug_argument, run_tool
 
 def main(args):
     for name in ("detectron2", "seg2"):
-        setup_logger(os.path.join(args.output_dir, "log.txt"), distributed_rank=comm.get_rank(), name=name)
+        setup_logger(
+            os.path.join(args.output_dir, "log.txt"), distributed_rank=comm.get_rank(), name=name
+        )
     configs = []
     for pattern in args.configs:
         matches = sorted(glob.glob(pattern))
@@ -56,7 +58,9 @@ def main(args):
 
 
 def parse_args(argv=None, default_configs=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
         "--configs", action="append", required=default_configs is None,
         help="a variant config or a quoted glob of them; repeatable",
@@ -78,7 +82,9 @@ def parse_args(argv=None, default_configs=None):
         "<folder>.old<k> and run again (default: refuse, naming the folder and the keys that differ)",
     )  # fmt: skip
     add_debug_argument(parser)
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE pairs applied to every variant")
+    parser.add_argument(
+        "opts", nargs=argparse.REMAINDER, help="KEY VALUE pairs applied to every variant"
+    )
     args = parser.parse_args(argv)
     args.configs = args.configs or default_configs
     # argparse gives `--seeds 1 2 KEY VALUE` all four words: the leading integers are the seeds, the

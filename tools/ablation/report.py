@@ -28,17 +28,26 @@ _HEAD_CHOICE = ("MODEL.SEM_SEG_HEAD.NAME", "MODEL.SEM_SEG_HEAD.IN_FEATURES")
 STUDIES = {
     "poolers": {
         "title": "RoI pooling ablation",
-        "varies": lambda k: k.startswith(("MODEL.ROI_BOX_HEAD.POOLER_", "MODEL.ROI_MASK_HEAD.POOLER_"))
-        and k.endswith(("_TYPE", "_AGGREGATION")),
-        "metrics": [("mask_AP", "segm", "AP"), ("mask_AP50", "segm", "AP50"), ("mask_AP75", "segm", "AP75"),
-                    ("box_AP", "bbox", "AP")],  # fmt: skip
+        "varies": lambda k: (
+            k.startswith(("MODEL.ROI_BOX_HEAD.POOLER_", "MODEL.ROI_MASK_HEAD.POOLER_"))
+            and k.endswith(("_TYPE", "_AGGREGATION"))
+        ),
+        "metrics": [
+            ("mask_AP", "segm", "AP"),
+            ("mask_AP50", "segm", "AP50"),
+            ("mask_AP75", "segm", "AP75"),
+            ("box_AP", "bbox", "AP"),
+        ],  # fmt: skip
     },
     "decoders": {
         "title": "Decoder ablation",
         # the head's own keys, and which head on which backbone features
         "varies": lambda k: k.startswith(_HEAD_NODES) or k in _HEAD_CHOICE,
-        "metrics": [("global_acc", "sem_seg", "pACC"), ("class_avg_acc", "sem_seg", "mACC"),
-                    ("mIoU", "sem_seg", "mIoU")],  # fmt: skip
+        "metrics": [
+            ("global_acc", "sem_seg", "pACC"),
+            ("class_avg_acc", "sem_seg", "mACC"),
+            ("mIoU", "sem_seg", "mIoU"),
+        ],  # fmt: skip
     },
 }
 
@@ -60,10 +69,18 @@ def aggregate(rows: List[dict], study: str) -> List[dict]:
     out = []
     for variant, runs in by_variant.items():
         ok = [r for r in runs if r["status"] == "finished"]
-        agg = {"variant": variant, "n": len(ok), "runs": len(runs), "seeds": sorted(r["seed"] for r in runs)}
+        agg = {
+            "variant": variant,
+            "n": len(ok),
+            "runs": len(runs),
+            "seeds": sorted(r["seed"] for r in runs),
+        }
         if study == "poolers":
             agg["pooler_type"], agg["aggregation"] = runs[0]["pooler_type"], runs[0]["aggregation"]
-        for column, _, _ in STUDIES[study]["metrics"] + [("train_s_per_iter", 0, 0), ("inference_s_per_image", 0, 0)]:
+        for column, _, _ in STUDIES[study]["metrics"] + [
+            ("train_s_per_iter", 0, 0),
+            ("inference_s_per_image", 0, 0),
+        ]:
             agg[column], agg[column + "_std"] = _mean_std([r[column] for r in ok])
         out.append(agg)
     return out
@@ -92,8 +109,16 @@ def pooler_ordering(rows: List[dict]) -> dict:
     aggs = aggregate(rows, "poolers")
 
     def gap(key):
-        a = [g[key] for g in aggs if g["pooler_type"] in ("ROIAlign", "ROIAlignV2") and g[key] == g[key]]
-        b = [g[key] for g in aggs if g["pooler_type"] not in ("ROIAlign", "ROIAlignV2") and g[key] == g[key]]
+        a = [
+            g[key]
+            for g in aggs
+            if g["pooler_type"] in ("ROIAlign", "ROIAlignV2") and g[key] == g[key]
+        ]
+        b = [
+            g[key]
+            for g in aggs
+            if g["pooler_type"] not in ("ROIAlign", "ROIAlignV2") and g[key] == g[key]
+        ]
         return (statistics.mean(a) - statistics.mean(b)) if a and b else float("nan")
 
     gaps = {k: gap(k) for k in ("mask_AP", "mask_AP50", "mask_AP75")}

@@ -65,7 +65,9 @@ class _TimedModel(nn.Module):
         self.seconds, self.images = [], []  # per call
 
     def forward(self, inputs):
-        outputs, seconds = timed(lambda: self.model(inputs), "cuda" if torch.cuda.is_available() else "cpu")
+        outputs, seconds = timed(
+            lambda: self.model(inputs), "cuda" if torch.cuda.is_available() else "cpu"
+        )
         self.seconds.append(seconds)
         self.images.append(len(inputs))
         return outputs
@@ -122,7 +124,9 @@ def check_same_protocol(cfgs: Dict[str, object], study: str = None):
     ref_name, ref = items[0]
 
     def fixed(cfg):
-        return {k: v for k, v in _flatten(cfg).items() if k not in _ALWAYS_DIFFERENT and not varies(k)}
+        return {
+            k: v for k, v in _flatten(cfg).items() if k not in _ALWAYS_DIFFERENT and not varies(k)
+        }
 
     ref_flat = fixed(ref)
     for name, cfg in items[1:]:
@@ -139,7 +143,9 @@ def check_same_protocol(cfgs: Dict[str, object], study: str = None):
 def pooler_of(cfg):
     """(pooler type, aggregation) of the box head; the natural aggregation when none is set."""
     ptype = cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE
-    return ptype, cfg.MODEL.ROI_BOX_HEAD.POOLER_AGGREGATION or POOLER_AGGREGATIONS.get(ptype, ("avg",))[0]
+    return ptype, cfg.MODEL.ROI_BOX_HEAD.POOLER_AGGREGATION or POOLER_AGGREGATIONS.get(
+        ptype, ("avg",)
+    )[0]
 
 
 def train_s_per_iter(output_dir: str) -> float:
@@ -171,11 +177,15 @@ def code_version() -> Dict[str, str]:
     root = os.path.dirname(os.path.dirname(os.path.abspath(seg2.__file__)))
 
     def git(*args):
-        out = subprocess.run(["git", "-C", root, *args], capture_output=True, timeout=60, check=True)
+        out = subprocess.run(
+            ["git", "-C", root, *args], capture_output=True, timeout=60, check=True
+        )
         return out.stdout
 
     try:
-        if os.path.realpath(git("rev-parse", "--show-toplevel").decode().strip()) != os.path.realpath(root):
+        if os.path.realpath(
+            git("rev-parse", "--show-toplevel").decode().strip()
+        ) != os.path.realpath(root):
             commit = None  # seg2 lies inside another project's repository
         else:
             commit = git("rev-parse", "HEAD").decode().strip()
@@ -238,7 +248,9 @@ def check_run_folder(cfg, rerun_changed: bool = False):
     elif os.path.exists(os.path.join(folder, "config.yaml")):
         with open(os.path.join(folder, "config.yaml")) as f:
             diffs = setting_differences({"config": _config_keys(f.read())}, new)
-        diffs = [d for d in diffs if d.split(":")[0] not in ("seed", "seg2", "seg2_git", "detectron2")]
+        diffs = [
+            d for d in diffs if d.split(":")[0] not in ("seed", "seg2", "seg2_git", "detectron2")
+        ]
         if not diffs:
             logger.warning(f"{folder}: made before run settings were recorded; its config.yaml is the one asked "
                            "for now (code version unknown): reusing it")  # fmt: skip
@@ -252,7 +264,9 @@ def check_run_folder(cfg, rerun_changed: bool = False):
             k += 1
         if comm.is_main_process():
             shutil.move(folder, f"{folder}.old{k}")
-            logger.warning(f"{folder}: made with another setting ({diffs[0]}); moved to {folder}.old{k}, running again")
+            logger.warning(
+                f"{folder}: made with another setting ({diffs[0]}); moved to {folder}.old{k}, running again"
+            )
         comm.synchronize()
         return
     more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
@@ -279,7 +293,9 @@ def run_variant(name: str, cfg, study: str) -> dict:
     seed_all_rng(cfg.SEED)  # identical initial weights and data order for every variant of a seed
     trainer = AblationTrainer(cfg)
     trainer.resume_or_load(resume=True)
-    logger.info(f"{name} seed {cfg.SEED}: training from iteration {trainer.start_iter} to {cfg.SOLVER.MAX_ITER}")
+    logger.info(
+        f"{name} seed {cfg.SEED}: training from iteration {trainer.start_iter} to {cfg.SOLVER.MAX_ITER}"
+    )
     status = "finished"
     try:
         trainer.train()  # ends with the evaluation (detectron2's EvalHook after the last iteration)
@@ -290,7 +306,12 @@ def run_variant(name: str, cfg, study: str) -> dict:
         AblationTrainer.last_seconds_per_image = float("nan")
     if not comm.is_main_process():
         return {}
-    row = {"variant": name, "seed": cfg.SEED, "status": status, "evaluated": evaluation_protocol(cfg)}
+    row = {
+        "variant": name,
+        "seed": cfg.SEED,
+        "status": status,
+        "evaluated": evaluation_protocol(cfg),
+    }
     if cfg.SEG2.BEST_CHECKPOINT.TEST_DATASETS:  # the best model on val, tested (BestModelTest)
         best = getattr(trainer, "best_model_test", None) if status == "finished" else None
         results = best["results"] if best else {}
@@ -342,7 +363,10 @@ def run_ablation(
     setting before anything trains (:func:`check_run_folder`; ``rerun_changed``: move the changed
     ones aside and run them again). Returns the per-run rows."""
     per_seed = {
-        s: {os.path.splitext(os.path.basename(p))[0]: variant_cfg(p, opts, output_dir, s) for p in config_files}
+        s: {
+            os.path.splitext(os.path.basename(p))[0]: variant_cfg(p, opts, output_dir, s)
+            for p in config_files
+        }
         for s in seeds
     }
     first = per_seed[seeds[0]]
@@ -356,7 +380,9 @@ def run_ablation(
     rows = []
     if report_only:
         rows = [r for r in (read_result(cfg) for _, cfg in runs) if r is not None]
-        logger.info(f"ablation: {len(rows)} of {len(runs)} runs finished; reporting those, training nothing")
+        logger.info(
+            f"ablation: {len(rows)} of {len(runs)} runs finished; reporting those, training nothing"
+        )
         if not rows:
             raise Seg2Error(f"{output_dir}: no finished run ({RESULT_FILE}) to report yet")
     else:

@@ -12,8 +12,8 @@ inference per module (backbone, RPN, RoI heads, semantic head) and each step's p
     python3 tools/benchmarks/benchmark_multitask_cost.py --device cuda --size 800 1216 --batch 4 \\
         --warmup 5 --iters 20 --json output/multitask_cost.json
     # small sizes on the CPU (bfloat16 only pays off with AVX512-BF16 / AMX)
-    OMP_NUM_THREADS=2 python3 tools/benchmarks/benchmark_multitask_cost.py --device cpu --size 256 384 \\
-        --batch 2 --precisions fp32 bf16 --warmup 1 --iters 3
+    OMP_NUM_THREADS=2 python3 tools/benchmarks/benchmark_multitask_cost.py --device cpu \\
+        --size 256 384 --batch 2 --precisions fp32 bf16 --warmup 1 --iters 3
 
 Trailing KEY VALUE pairs apply to every model (e.g. a smaller backbone for a quick check). The
 models are randomly initialised (nothing is downloaded) and share the detection part's weights
@@ -49,23 +49,44 @@ REFERENCE = "mask_rcnn"
 # bilinearly (the SegNet paper's "bilinear" decoder variant), mirroring p5 -> p4 -> p3 -> p2 with
 # two 3x3 convs per stage (256 channels, GN as the other heads of configs/multitask/).
 SEGNET_FPN = [
-    "MODEL.SEM_SEG_HEAD.NAME", "SegNetHead", "MODEL.SEM_SEG_HEAD.IN_FEATURES", "['p2','p3','p4','p5']",
-    "MODEL.SEGNET_HEAD.UPSAMPLE", "bilinear", "MODEL.SEGNET_HEAD.NUM_CONVS", "[2,2,2]",
-    "MODEL.SEGNET_HEAD.NORM", "GN",
-]  # fmt: skip
+    "MODEL.SEM_SEG_HEAD.NAME",
+    "SegNetHead",
+    "MODEL.SEM_SEG_HEAD.IN_FEATURES",
+    "['p2','p3','p4','p5']",
+    "MODEL.SEGNET_HEAD.UPSAMPLE",
+    "bilinear",
+    "MODEL.SEGNET_HEAD.NUM_CONVS",
+    "[2,2,2]",
+    "MODEL.SEGNET_HEAD.NORM",
+    "GN",
+]
 # key -> (name in the table, config file, overrides)
+_D2 = (
+    "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml",
+    "COCO-PanopticSegmentation/panoptic_fpn_R_50_1x.yaml",
+)
 MODELS = {
-    REFERENCE: ("Mask R-CNN (d2)", model_zoo.get_config_file("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"), []),
-    "panoptic_fpn": ("PanopticFPN (d2)", model_zoo.get_config_file("COCO-PanopticSegmentation/panoptic_fpn_R_50_1x.yaml"), []),
+    REFERENCE: ("Mask R-CNN (d2)", model_zoo.get_config_file(_D2[0]), []),
+    "panoptic_fpn": ("PanopticFPN (d2)", model_zoo.get_config_file(_D2[1]), []),
     "fcn8s": ("seg2 + FCN-8s", "multitask/mask_rcnn_R50_FPN_fcn8s_1x_coco.yaml", []),
     "unet": ("seg2 + U-Net", "multitask/mask_rcnn_R50_FPN_unet_1x_coco.yaml", []),
-    "deeplabv3plus": ("seg2 + DeepLabV3+", "multitask/mask_rcnn_R50_FPN_deeplabv3plus_1x_coco.yaml", []),
-    "segnet": ("seg2 + SegNet (bilinear)", "multitask/mask_rcnn_R50_FPN_fcn8s_1x_coco.yaml", SEGNET_FPN),
-}  # fmt: skip
+    "deeplabv3plus": (
+        "seg2 + DeepLabV3+",
+        "multitask/mask_rcnn_R50_FPN_deeplabv3plus_1x_coco.yaml",
+        [],
+    ),
+    "segnet": (
+        "seg2 + SegNet (bilinear)",
+        "multitask/mask_rcnn_R50_FPN_fcn8s_1x_coco.yaml",
+        SEGNET_FPN,
+    ),
+}
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 MODULES = ("backbone", "proposal_generator", "roi_heads", "sem_seg_head")
 OBJECTS = 8  # per image
-SEM_CLASSES = 54  # semantic labels drawn below this: valid for PanopticFPN's 54 and seg2's 81 classes
+SEM_CLASSES = (
+    54  # semantic labels drawn below this: valid for PanopticFPN's 54 and seg2's 81 classes
+)
 
 
 def build_models(args):
@@ -81,9 +102,14 @@ def build_models(args):
         torch.manual_seed(0)
         model = build_model(cfg)
         if models:
-            missing, unexpected = model.load_state_dict(models[REFERENCE].state_dict(), strict=False)
+            missing, unexpected = model.load_state_dict(
+                models[REFERENCE].state_dict(), strict=False
+            )
             if unexpected or any(not k.startswith("sem_seg_head.") for k in missing):
-                raise RuntimeError(f"{name}: the detection part differs from {REFERENCE}'s: {unexpected or missing}")
+                raise RuntimeError(
+                    f"{name}: the detection part differs from {REFERENCE}'s: "
+                    f"{unexpected or missing}"
+                )
         models[name] = model
     return models
 
@@ -110,8 +136,15 @@ def synthetic_batch(size, batch, num_classes, device, seed=0):
         sem_seg = torch.zeros((h, w), dtype=torch.long)
         for m, c in zip(masks, classes):
             sem_seg[m] = 1 + int(c) % (SEM_CLASSES - 1)
-        out.append({"image": image.to(device), "height": h, "width": w, "instances": inst.to(device),
-                    "sem_seg": sem_seg.to(device)})  # fmt: skip
+        out.append(
+            {
+                "image": image.to(device),
+                "height": h,
+                "width": w,
+                "instances": inst.to(device),
+                "sem_seg": sem_seg.to(device),
+            }
+        )
     return out
 
 
@@ -124,9 +157,16 @@ def module_gflops(model, image):
     try:
         by_module = flops.by_module()
     except (TypeError, RuntimeError) as e:
-        print(f"FLOPs not counted: the JIT trace failed ({type(e).__name__}: {str(e)[:120]})", flush=True)
+        print(
+            f"FLOPs not counted: the JIT trace failed ({type(e).__name__}: {str(e)[:120]})",
+            flush=True,
+        )
         return {k: float("nan") for k in ("total",) + MODULES}
-    return {"total": by_module[""] / 1e9, **{m: by_module.get(m, 0) / 1e9 for m in MODULES}}
+    # detectron2's FlopCountAnalysis traces the model inside a TracingAdapter, as its "model"
+    return {
+        "total": by_module[""] / 1e9,
+        **{m: by_module.get(f"model.{m}", 0) / 1e9 for m in MODULES},
+    }
 
 
 def _step_memory_mb(step, device):
@@ -139,11 +179,19 @@ def _step_memory_mb(step, device):
 
 
 def measure(models, batch, args):
-    """Rows per model: parameters, FLOPs, and per precision and mode the median seconds and memory."""
-    rows = {name: {"model": MODELS[name][0], "key": name, "params_M": sum(p.numel() for p in m.parameters()) / 1e6,
-                   "head_params_M": sum(p.numel() for p in m.sem_seg_head.parameters()) / 1e6
-                   if hasattr(m, "sem_seg_head") else 0.0}  # fmt: skip
-            for name, m in models.items()}
+    """Rows per model: parameters, FLOPs, and per precision and mode the median seconds and the
+    peak memory."""
+    rows = {
+        name: {
+            "model": MODELS[name][0],
+            "key": name,
+            "params_M": sum(p.numel() for p in m.parameters()) / 1e6,
+            "head_params_M": sum(p.numel() for p in m.sem_seg_head.parameters()) / 1e6
+            if hasattr(m, "sem_seg_head")
+            else 0.0,
+        }
+        for name, m in models.items()
+    }
     if not args.no_flops:
         for name, m in models.items():
             rows[name]["gflops"] = module_gflops(m, batch[0]["image"])
@@ -157,13 +205,20 @@ def measure(models, batch, args):
                 if mode == "train":
                     steps[name] = train_step(m, [batch], amp_dtype=dtype, device=args.device)
                 else:
-                    steps[name] = inference_step(m, [test_batch], amp_dtype=dtype, device=args.device)
+                    steps[name] = inference_step(
+                        m, [test_batch], amp_dtype=dtype, device=args.device
+                    )
                 try:
                     with EventStorage(0):
                         steps[name](0)
                 except Exception as e:  # e.g. an op without a kernel for this dtype on this device
-                    print(f"{name} {mode} {precision}: fails ({type(e).__name__}: {str(e)[:160]})", flush=True)
-                    rows[name][f"{mode}_{precision}"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                    print(
+                        f"{name} {mode} {precision}: fails ({type(e).__name__}: {str(e)[:160]})",
+                        flush=True,
+                    )
+                    rows[name][f"{mode}_{precision}"] = {
+                        "error": f"{type(e).__name__}: {str(e)[:300]}"
+                    }
                     del steps[name]
             if not steps:
                 continue
@@ -175,8 +230,13 @@ def measure(models, batch, args):
                         "all_seconds": times[name],
                         "peak_mb": _step_memory_mb(step, args.device),
                     }
-            print(f"{mode} {precision}: " + ", ".join(
-                f"{n} {rows[n][f'{mode}_{precision}']['seconds']:.3f} s" for n in steps), flush=True)  # fmt: skip
+            print(
+                f"{mode} {precision}: "
+                + ", ".join(
+                    f"{n} {rows[n][f'{mode}_{precision}']['seconds']:.3f} s" for n in steps
+                ),
+                flush=True,
+            )
     return list(rows.values())
 
 
@@ -203,8 +263,8 @@ def profile_heads(models, batch, args, top=8):
     """
     Where a semantic head's cost goes, per model with one: the head alone on the backbone's
     features of the batch (training: forward, loss, backward into the features; inference:
-    forward), under torch.profiler on ``args.device``'s CPU side: the time of each child module's
-    forward, and the ops taking the most self time over the training step.
+    forward), under torch.profiler: the time of each child module's forward, and the ops taking
+    the most self time (CPU time on the CPU, device time on a GPU).
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -217,8 +277,12 @@ def profile_heads(models, batch, args, top=8):
             images = model.preprocess_image(batch)
             features = model.backbone(images.tensor)
         features = {k: v.detach().requires_grad_() for k, v in features.items()}
-        targets = torch.full(images.tensor.shape[:1] + images.tensor.shape[-2:], 255, dtype=torch.long,
-                             device=images.tensor.device)  # fmt: skip
+        targets = torch.full(
+            images.tensor.shape[:1] + images.tensor.shape[-2:],
+            255,
+            dtype=torch.long,
+            device=images.tensor.device,
+        )
         for i, x in enumerate(batch):
             h, w = x["sem_seg"].shape
             targets[i, :h, :w] = x["sem_seg"]
@@ -240,26 +304,44 @@ def profile_heads(models, batch, args, top=8):
         try:
             result = {}
             for mode, fn in (("train", train), ("inference", infer)):
-                activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device != "cpu" else [])
+                activities = [ProfilerActivity.CPU] + (
+                    [ProfilerActivity.CUDA] if args.device != "cpu" else []
+                )
                 with profile(activities=activities) as prof:
                     fn()
                 events = prof.key_averages()
-                modules = {e.key: e.cpu_time_total / 1e3 for e in events if e.key.startswith("head.")}
-                ops = sorted((e for e in events if not e.key.startswith("head.")), key=lambda e: -e.self_cpu_time_total)
+                kind = "cpu" if args.device == "cpu" else "device"
+                total, own = (
+                    (lambda e: getattr(e, f"{kind}_time_total")),
+                    (lambda e: getattr(e, f"self_{kind}_time_total")),
+                )
+                modules = {e.key: total(e) / 1e3 for e in events if e.key.startswith("head.")}
+                ops = sorted(
+                    (e for e in events if not e.key.startswith("head.")), key=lambda e: -own(e)
+                )
                 result[mode] = {
-                    "total_ms": sum(e.self_cpu_time_total for e in events) / 1e3,
+                    "time": kind,
+                    "total_ms": sum(own(e) for e in events if not e.key.startswith("head.")) / 1e3,
                     "forward_ms_by_child": modules,
-                    "top_ops_self_ms": {e.key: e.self_cpu_time_total / 1e3 for e in ops[:top]},
+                    "top_ops_self_ms": {e.key: own(e) / 1e3 for e in ops[:top]},
                 }
         finally:
             for h in handles:
                 h.remove()
         out[name] = result
-        print(f"\n{MODELS[name][0]}: semantic head alone, {tuple(images.tensor.shape)} padded batch")
+        print(
+            f"\n{MODELS[name][0]}: semantic head alone, {tuple(images.tensor.shape)} padded batch"
+        )
         for mode, r in result.items():
-            print(f"  {mode}: {r['total_ms']:.1f} ms CPU self time in all")
-            print("    forward by child: " + ", ".join(f"{k[5:]} {v:.1f}" for k, v in r["forward_ms_by_child"].items()))
-            print("    top ops (self ms): " + ", ".join(f"{k} {v:.1f}" for k, v in r["top_ops_self_ms"].items()))
+            print(f"  {mode}: {r['total_ms']:.1f} ms {r['time']} time in all")
+            print(
+                "    forward by child: "
+                + ", ".join(f"{k[5:]} {v:.1f}" for k, v in r["forward_ms_by_child"].items())
+            )
+            print(
+                "    top ops (self ms): "
+                + ", ".join(f"{k} {v:.1f}" for k, v in r["top_ops_self_ms"].items())
+            )
     return out
 
 
@@ -272,9 +354,13 @@ def add_ratios(rows):
         for key, value in list(r.items()):
             if isinstance(value, dict) and "seconds" in value:
                 base = ref.get(key, {})
-                value["ratio"] = value["seconds"] / base["seconds"] if "seconds" in base else float("nan")
+                value["ratio"] = (
+                    value["seconds"] / base["seconds"] if "seconds" in base else float("nan")
+                )
                 if "peak_mb" in base:
-                    value["peak_ratio"] = value["peak_mb"] / base["peak_mb"] if base["peak_mb"] > 0 else float("nan")
+                    value["peak_ratio"] = (
+                        value["peak_mb"] / base["peak_mb"] if base["peak_mb"] > 0 else float("nan")
+                    )
     return rows
 
 
@@ -296,42 +382,81 @@ def markdown(rows, precisions) -> str:
     for r in rows:
         g = r.get("gflops")
         cells = [r["model"], f"{r['params_M']:.1f} ({r['head_params_M']:.2f})"]
-        cells += [f"{g['total']:.3g} ({g['sem_seg_head']:.3g})" if g else "—",
-                  f"{r['gflops_ratio']:.2f}" if g else "—"]  # fmt: skip
+        cells += [
+            f"{g['total']:.3g} ({g['sem_seg_head']:.3g})" if g else "—",
+            f"{r['gflops_ratio']:.2f}" if g else "—",
+        ]
         for p in precisions:
             train, infer = r.get(f"train_{p}"), r.get(f"inference_{p}")
             cells += [timing(train), timing(infer)]
-            cells.append(f"{train['peak_mb']:.0f} ({train['peak_ratio']:.2f})" if train and "peak_mb" in train else "—")
+            cells.append(
+                f"{train['peak_mb']:.0f} ({train['peak_ratio']:.2f})"
+                if train and "peak_mb" in train
+                else "—"
+            )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def _commit():
     try:
-        out = subprocess.run(["git", "-C", C, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        out = subprocess.run(
+            ["git", "-C", C, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        )
         return out.stdout.strip() or None
     except OSError:
         return None
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
-                   help="image size (default: 800 1216 on a GPU, 256 384 on the CPU)")  # fmt: skip
-    p.add_argument("--batch", type=int, default=None, help="images per step (default: 4 on a GPU, 2 on the CPU)")
-    p.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), default=None,
-                   help="default: fp32 fp16 bf16 on a GPU, fp32 bf16 on the CPU")  # fmt: skip
-    p.add_argument("--models", nargs="+", choices=list(MODELS), help="a subset (the reference always runs)")
+    p.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("H", "W"),
+        help="image size (default: 800 1216 on a GPU, 256 384 on the CPU)",
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="images per step (default: 4 on a GPU, 2 on the CPU)",
+    )
+    p.add_argument(
+        "--precisions",
+        nargs="+",
+        choices=list(PRECISIONS),
+        default=None,
+        help="default: fp32 fp16 bf16 on a GPU, fp32 bf16 on the CPU",
+    )
+    p.add_argument(
+        "--models", nargs="+", choices=list(MODELS), help="a subset (the reference always runs)"
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     p.add_argument("--iters", type=int, default=5, help="timed rounds (the models taking turns)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0: torch's default)")
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch threads on the CPU (0: torch's default)"
+    )
     p.add_argument("--no-flops", action="store_true", help="leave out fvcore's FLOP count")
-    p.add_argument("--no-timing", action="store_true", help="leave out the timed steps (e.g. with --profile)")
-    p.add_argument("--profile", action="store_true", help="also profile each semantic head alone (torch.profiler)")
+    p.add_argument(
+        "--no-timing", action="store_true", help="leave out the timed steps (e.g. with --profile)"
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile each semantic head alone (torch.profiler)",
+    )
     p.add_argument("--json", help="also write the rows here")
-    p.add_argument("opts", nargs=argparse.REMAINDER,
-                   help="config overrides for every model, KEY VALUE ... (after -- when they follow a list)")  # fmt: skip
+    p.add_argument(
+        "opts",
+        nargs=argparse.REMAINDER,
+        help="config overrides for every model, KEY VALUE ... (after -- when they follow a list)",
+    )
     return p
 
 
@@ -351,16 +476,27 @@ def main(argv=None):
         args.precisions = []
     rows = add_ratios(measure(models, batch, args))
     profiles = profile_heads(models, batch, args) if args.profile else None
-    machine = torch.cuda.get_device_name(args.device) if gpu else f"{platform.processor() or 'CPU'}, {os.cpu_count()} CPUs"
-    title = (f"{args.batch} images of {args.size[0]}x{args.size[1]}, {args.device} ({machine}), torch "
-             f"{torch.__version__}, {torch.get_num_threads()} threads, median of {args.iters} rounds, commit {_commit()}")  # fmt: skip
+    machine = (
+        torch.cuda.get_device_name(args.device)
+        if gpu
+        else f"{platform.processor() or 'CPU'}, {os.cpu_count()} CPUs"
+    )
+    title = (
+        f"{args.batch} images of {args.size[0]}x{args.size[1]}, {args.device} ({machine}), torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads, median of {args.iters} rounds, "
+        f"commit {_commit()}"
+    )
     table = markdown(rows, args.precisions)
     print(f"\n{title}; ratios to {REFERENCE}\n\n{table}")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "title": title, "rows": rows, "profiles": profiles}, f, indent=1,
-                      default=str)  # fmt: skip
+            json.dump(
+                {"args": vars(args), "title": title, "rows": rows, "profiles": profiles},
+                f,
+                indent=1,
+                default=str,
+            )
     return rows
 
 

@@ -28,8 +28,15 @@ import numpy as np
 import torch
 
 __all__ = [
-    "PeakMemory", "best_of_rounds", "inference_step", "rss_mb", "sync", "timed", "time_iterations",
-    "time_round_robin", "train_step",
+    "PeakMemory",
+    "best_of_rounds",
+    "inference_step",
+    "rss_mb",
+    "sync",
+    "timed",
+    "time_iterations",
+    "time_round_robin",
+    "train_step",
 ]
 
 
@@ -219,4 +226,3 @@ def inference_step(
             return model(batches[i % len(batches)])
 
     return step
-
