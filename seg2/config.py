@@ -1,5 +1,7 @@
 """seg2's config keys, added to a detectron2 CfgNode by :func:`add_seg2_config`."""
 
+import os
+
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
@@ -14,6 +16,7 @@ def add_seg2_config(cfg):
     cfg.SEG2 = CN()
     # Where the synthetic "seg2_shapes" dataset is generated and cached. Empty: the environment
     # variable SEG2_SHAPES_ROOT, else $DETECTRON2_DATASETS/seg2_shapes (default datasets/seg2_shapes).
+    # The panoptic variant (seg2_shapes_panoptic_*) goes beside it, into <that folder>_panoptic.
     cfg.SEG2.SHAPES_ROOT = ""
     cfg.SEG2.INPUT = CN()
     # With INPUT.CROP.ENABLED and TYPE "absolute": pad each training crop to the full crop size
@@ -211,7 +214,7 @@ def load_seg2_config(config_file: str, opts=()):
     Raises:
         Seg2Error: an unknown key, an odd override list or a type mismatch, naming the file.
     """
-    from .data import register_seg2_shapes
+    from .data import register_seg2_shapes, register_seg2_shapes_panoptic
     from .utils import Seg2Error
 
     cfg = get_cfg()
@@ -225,4 +228,5 @@ def load_seg2_config(config_file: str, opts=()):
         raise Seg2Error(f"bad config ({config_file}, overrides {list(opts)}): {detail}") from e
     if cfg.SEG2.SHAPES_ROOT:
         register_seg2_shapes(cfg.SEG2.SHAPES_ROOT)
+        register_seg2_shapes_panoptic(os.path.normpath(cfg.SEG2.SHAPES_ROOT) + "_panoptic")
     return cfg
