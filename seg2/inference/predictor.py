@@ -76,7 +76,10 @@ class Seg2Predictor:
                 band, so the (K, H, W) logits never exist at once).
 
         Returns:
-            dict: "instances" (for models that predict them) and "sem_seg" or "sem_seg_labels".
+            dict: "instances" (for models that predict them) and "sem_seg" or "sem_seg_labels";
+            "panoptic_seg" ((H, W) segment ids, segments_info) for the multi-task model when it
+            combines them (``MODEL.PANOPTIC_FPN.COMBINE.ENABLED`` on panoptic data, see
+            :func:`seg2.modeling.tasks.panoptic_output`), also tiled and test-time augmented.
         """
         if sem_seg_output not in ("logits", "labels"):
             raise ValueError(f"sem_seg_output={sem_seg_output!r}: expected 'logits' or 'labels'")
@@ -109,12 +112,20 @@ class Seg2Predictor:
                 )
             if same_size and sem_seg_output == "labels":
                 out["sem_seg_labels"] = self.tiler(tensor, output="labels")
-                return out
+                return self._add_panoptic(out, out["sem_seg_labels"])
             logits = self.tiler(tensor, output="logits")
             if not same_size:
                 logits = F.interpolate(logits[None], size=(height, width), mode="bilinear", align_corners=False)[0]
             out["sem_seg"] = logits
+            self._add_panoptic(out, logits.argmax(dim=0))
         if sem_seg_output == "labels" and "sem_seg" in out:
             logits = out.pop("sem_seg")
             out["sem_seg_labels"] = logits.max(0).indices.to(torch.uint8 if logits.shape[0] <= 256 else torch.int64)
+        return out
+
+    def _add_panoptic(self, out: dict, labels: torch.Tensor) -> dict:
+        """Add "panoptic_seg" to the outputs of the tiled path (the model adds it itself otherwise),
+        from the whole-image instances and the tiled semantic classes."""
+        if "panoptic_seg" in self.tasks and "instances" in out:
+            out["panoptic_seg"] = self.model.combine_panoptic(out["instances"], labels.to(torch.int64))
         return out

@@ -1,4 +1,13 @@
-"""Which outputs ("instances", "sem_seg") a meta-architecture predicts, for picking evaluators."""
+"""Which outputs ("instances", "sem_seg", "panoptic_seg") a meta-architecture predicts, for
+picking evaluators."""
+
+import logging
+
+from detectron2.data import MetadataCatalog
+
+from ..utils import Seg2Error
+
+logger = logging.getLogger(__name__)
 
 # detectron2's own meta-architectures; seg2's add themselves where they are defined.
 META_ARCH_TASKS = {
@@ -21,4 +30,85 @@ def model_tasks(cfg) -> frozenset:
     tasks = META_ARCH_TASKS[name]
     if name == "PanopticFPN" and not cfg.MODEL.PANOPTIC_FPN.COMBINE.ENABLED:
         tasks = tasks - {"panoptic_seg"}  # PanopticFPN.forward combines the outputs only when enabled
+    if name == "Seg2MultiTaskRCNN" and panoptic_output(cfg):
+        tasks = tasks | {"panoptic_seg"}
     return tasks
+
+
+def is_panoptic_dataset(meta) -> bool:
+    """Whether a dataset's metadata describes panoptic data (detectron2's COCO panoptic
+    registrations, :func:`seg2.data.register_coco_panoptic_folder`): thing and stuff id maps and a
+    panoptic JSON or a panoptic evaluator type."""
+    return (
+        meta.get("thing_dataset_id_to_contiguous_id", None) is not None
+        and meta.get("stuff_dataset_id_to_contiguous_id", None) is not None
+        and (meta.get("panoptic_json", None) is not None or str(meta.get("evaluator_type", "")).endswith("panoptic_seg"))
+    )
+
+
+def is_separated_layout(meta) -> bool:
+    """Whether a panoptic dataset's semantic classes are detectron2's separated layout (Panoptic
+    FPN's): ``stuff_classes`` = [all things folded] + the stuff, each stuff id mapped to 1.."""
+    stuff = meta.get("stuff_classes", None)
+    ids = set(meta.get("stuff_dataset_id_to_contiguous_id", {}).values()) - {0}
+    return stuff is not None and ids == set(range(1, len(stuff)))
+
+
+_logged = set()
+
+
+def panoptic_output(cfg) -> bool:
+    """
+    Whether ``Seg2MultiTaskRCNN`` built from ``cfg`` returns "panoptic_seg" (detectron2's
+    ``combine_semantic_and_instance_outputs`` of its instances and semantic map, as PanopticFPN):
+    ``MODEL.PANOPTIC_FPN.COMBINE.ENABLED`` (detectron2's default True) and panoptic datasets in
+    ``DATASETS.TRAIN`` / ``DATASETS.TEST``. Their semantic classes must be detectron2's separated
+    layout (class 0 = all things, 1.. = stuff): the merge reads class 0 as "thing" and every other
+    class as a stuff segment. Datasets with semantic classes but no panoptic metadata (seg2_shapes'
+    background + things, VOC, CamVid) give no panoptic output: logged once.
+
+    Raises:
+        Seg2Error: a panoptic dataset in another layout, panoptic datasets mixed with
+            non-panoptic semantic ones, or no instance masks (``MODEL.MASK_ON`` False).
+    """
+    if not cfg.MODEL.PANOPTIC_FPN.COMBINE.ENABLED:
+        return False
+    registered = set(MetadataCatalog.list())
+    names = [n for n in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST) if n in registered]
+    panoptic = [n for n in names if is_panoptic_dataset(MetadataCatalog.get(n))]
+    other = [n for n in names if n not in panoptic and MetadataCatalog.get(n).get("stuff_classes", None) is not None]
+    if not panoptic:
+        message = (
+            f"Seg2MultiTaskRCNN: no panoptic_seg output although MODEL.PANOPTIC_FPN.COMBINE.ENABLED: the datasets "
+            f"{other or names} have no panoptic metadata (thing/stuff id maps, panoptic_json), so their semantic "
+            "classes are not detectron2's separated layout; set MODEL.PANOPTIC_FPN.COMBINE.ENABLED False to silence this"
+        )
+        if message not in _logged:
+            _logged.add(message)
+            logger.info(message)
+        return False
+    num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+    if other:
+        raise Seg2Error(
+            f"MODEL.SEM_SEG_HEAD.NUM_CLASSES={num_classes}: DATASETS mix the panoptic dataset {panoptic[0]!r} (separated "
+            f"layout: class 0 = all things) with {other[0]!r}, whose semantic classes mean something else"
+        )
+    for name in panoptic:
+        meta = MetadataCatalog.get(name)
+        if not is_separated_layout(meta):
+            stuff = meta.get("stuff_classes", None)
+            raise Seg2Error(
+                f"MODEL.SEM_SEG_HEAD.NUM_CLASSES={num_classes} with MODEL.PANOPTIC_FPN.COMBINE.ENABLED: dataset {name!r} "
+                f"gives {len(stuff) if stuff is not None else 'no'} stuff_classes in another layout than detectron2's "
+                "separated one (class 0 = all things, 1.. = stuff), which the panoptic merge needs: use its "
+                "*_panoptic_separated registration (COCO: NUM_CLASSES 54) or set MODEL.PANOPTIC_FPN.COMBINE.ENABLED False"
+            )
+        if len(meta.stuff_classes) != num_classes:
+            raise Seg2Error(
+                f"MODEL.SEM_SEG_HEAD.NUM_CLASSES={num_classes} but the panoptic dataset {name!r} has "
+                f"{len(meta.stuff_classes)} semantic classes (things + {len(meta.stuff_classes) - 1} stuff); "
+                f"set MODEL.SEM_SEG_HEAD.NUM_CLASSES: {len(meta.stuff_classes)}"
+            )
+    if not cfg.MODEL.MASK_ON:
+        raise Seg2Error("MODEL.PANOPTIC_FPN.COMBINE.ENABLED with panoptic datasets needs instance masks: set MODEL.MASK_ON True")
+    return True
