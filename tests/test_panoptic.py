@@ -359,3 +359,73 @@ def test_panoptic_quickstart_builds_and_trains_one_step(tiny_panoptic):
     with torch.no_grad():
         (out,) = model([_image(cfg)])
     assert set(out) == {"instances", "sem_seg", "panoptic_seg"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Predictor (whole and tiled), TTA, demo
+
+LOW_THRESHOLDS = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0, "MODEL.PANOPTIC_FPN.COMBINE.INSTANCES_CONFIDENCE_THRESH", 0.02,
+                  "MODEL.PANOPTIC_FPN.COMBINE.STUFF_AREA_LIMIT", 16]
+
+
+def _merged(model, instances, labels):
+    return combine_semantic_and_instance_outputs(
+        instances, labels, model.combine_overlap_thresh, model.combine_stuff_area_thresh, model.combine_instances_score_thresh
+    )
+
+
+def _assert_same_panoptic(a, b):
+    assert torch.equal(a[0], b[0]) and a[1] == b[1]
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_predictor_returns_the_merge_of_its_outputs(tiny_panoptic, tiled):
+    from seg2.inference import Seg2Predictor
+
+    cfg = _quickstart_cfg(head_opts=LOW_THRESHOLDS + ["INPUT.MIN_SIZE_TEST", 0])
+    if tiled:
+        cfg.merge_from_list(["SEG2.TILING.ENABLED", True, "SEG2.TILING.TILE_SIZE", 32, "SEG2.TILING.STRIDE", 32])
+    torch.manual_seed(0)
+    predictor = Seg2Predictor(cfg)
+    image = np.random.default_rng(0).integers(0, 256, size=(64, 96, 3), dtype=np.uint8)
+    out = predictor(image)
+    ids, info = out["panoptic_seg"]
+    assert ids.shape == (64, 96) and info
+    _assert_same_panoptic(out["panoptic_seg"], _merged(predictor.model, out["instances"], out["sem_seg"].argmax(0)))
+    labels = predictor(image, sem_seg_output="labels")
+    _assert_same_panoptic(labels["panoptic_seg"], out["panoptic_seg"])
+
+
+def test_tta_merges_the_augmented_outputs(tiny_panoptic):
+    from seg2.inference import build_tta_model
+
+    cfg = _quickstart_cfg(head_opts=LOW_THRESHOLDS)
+    cfg.merge_from_list(["TEST.AUG.ENABLED", True, "TEST.AUG.MIN_SIZES", (64, 80), "TEST.AUG.MAX_SIZE", 200, "TEST.AUG.FLIP", True])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    (out,) = build_tta_model(cfg, model)([_image(cfg, 5)])
+    assert out["sem_seg"].shape == (3, 64, 64)
+    _assert_same_panoptic(out["panoptic_seg"], _merged(model, out["instances"], out["sem_seg"].argmax(0)))
+
+
+def test_demo_draws_and_writes_the_panoptic_segmentation(tiny_panoptic, tmp_path, capsys):
+    from test_demo import _weights, demo
+
+    src = os.path.join(tiny_panoptic, "coco", "val", "shapes_val_00000.jpg")
+    out = str(tmp_path / "out")
+    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", QUICKSTART)
+    argv = ["--config-file", config, "--input", src, "--output", out, "--confidence-threshold", "0.0"]
+    opts = ["DATASETS.TRAIN", "('seg2_test_panoptic_train',)", "DATASETS.TEST", "('seg2_test_panoptic_val',)",
+            "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
+            "MODEL.PANOPTIC_FPN.COMBINE.INSTANCES_CONFIDENCE_THRESH", "0.0", "MODEL.PANOPTIC_FPN.COMBINE.STUFF_AREA_LIMIT", "4"]
+    weights = _weights(demo.get_parser().parse_args(argv + opts), str(tmp_path / "model"), seed=0)
+    assert demo.main(argv + opts + ["MODEL.WEIGHTS", weights]) == 0, capsys.readouterr().out
+    with open(os.path.join(out, "panoptic_segments.json")) as f:
+        (entry,) = json.load(f)
+    assert entry["file_name"] == src and entry["panoptic_png"] == "shapes_val_00000_panoptic.png"
+    ids = rgb2id(np.asarray(Image.open(os.path.join(out, entry["panoptic_png"]))))
+    assert set(np.unique(ids).tolist()) - {0} == {s["id"] for s in entry["segments_info"]} != set()
+    overlay = np.asarray(Image.open(os.path.join(out, "shapes_val_00000_overlay_panoptic.png")).convert("RGB"))
+    image = np.asarray(Image.open(src).convert("RGB"))
+    changed = (overlay != image).any(axis=2)
+    assert overlay.shape == image.shape and changed[ids != 0].mean() > 0.9  # segments are drawn
