@@ -9,7 +9,7 @@ Per input image ``<name>``, in ``--output``:
   <name>_overlay_semantic.png   semantic classes blended over the image, legend on the right
   <name>_sem_seg.png            the raw semantic map, a palette PNG of class indices
   <name>_overlay_instances.png  instance masks, boxes, class and score (detectron2's Visualizer)
-  <name>_overlay_panoptic.png   the panoptic segmentation (detectron2's Visualizer.draw_panoptic_seg)
+  <name>_overlay_panoptic.png   the panoptic segmentation (Visualizer.draw_panoptic_seg)
   <name>_panoptic.png           its segment ids as COCO panoptic colours (R + 256 G + 256^2 B)
 for models that predict instances, ``instances_coco.json`` (COCO format, with scores), and for
 those that predict panoptic segmentations, ``panoptic_segments.json`` (per image its PNG and
@@ -150,9 +150,12 @@ def run(args) -> int:
             if "panoptic_seg" in out:
                 segment_ids, segments_info = out["panoptic_seg"]
                 segment_ids = segment_ids.to("cpu")
-                save_png(draw_panoptic(rgb, segment_ids, segments_info, metadata), os.path.join(args.output, f"{stem}_overlay_panoptic.png"))
-                save_png(id2rgb(segment_ids.numpy()), os.path.join(args.output, f"{stem}_panoptic.png"))
-                panoptic.append({"file_name": path, "panoptic_png": f"{stem}_panoptic.png", "segments_info": segments_info})
+                drawn = draw_panoptic(rgb, segment_ids, segments_info, metadata)
+                save_png(drawn, os.path.join(args.output, f"{stem}_overlay_panoptic.png"))
+                png = f"{stem}_panoptic.png"
+                save_png(id2rgb(segment_ids.numpy()), os.path.join(args.output, png))
+                entry = {"file_name": path, "panoptic_png": png, "segments_info": segments_info}
+                panoptic.append(entry)
             done += 1
         except seg2.Seg2Error as e:
             failures.append((path, str(e)))

@@ -39,7 +39,11 @@ from .panoptic import (
 from .sem_seg_cache import coco_sem_seg_map, generate_coco_sem_seg
 from .sem_seg_folder import load_sem_seg_folder, register_sem_seg_folder
 from .shapes import SHAPES_CLASSES, default_shapes_root, generate_shapes
-from .shapes_panoptic import PANOPTIC_STUFF_CLASSES, default_shapes_panoptic_root, generate_shapes_panoptic
+from .shapes_panoptic import (
+    PANOPTIC_STUFF_CLASSES,
+    default_shapes_panoptic_root,
+    generate_shapes_panoptic,
+)
 from .voc import (
     VOC_CLASSES,
     load_voc_instances,

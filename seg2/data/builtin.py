@@ -106,7 +106,7 @@ def register_seg2_shapes(root: str = None):
         )
 
 
-SHAPES_PANOPTIC_DATASETS = tuple(f"seg2_shapes_panoptic_{split}" for split in sorted(DEFAULT_SPLITS))
+SHAPES_PANOPTIC_DATASETS = tuple(f"seg2_shapes_panoptic_{s}" for s in sorted(DEFAULT_SPLITS))
 
 
 def _shapes_panoptic_paths(root: str, split: str) -> dict:
@@ -139,8 +139,12 @@ def load_shapes_panoptic(root: str, split: str):
             max_instances=params["max_instances"],
         )
     if split not in params["splits"]:
-        raise Seg2Error(f"{root}: the panoptic shapes cache has the splits {sorted(params['splits'])}, not {split!r}")
-    return load_coco_panoptic_separated(dataset_name=f"seg2_shapes_panoptic_{split}", **_shapes_panoptic_paths(root, split))
+        raise Seg2Error(
+            f"{root}: the panoptic shapes cache has the splits {sorted(params['splits'])}, "
+            f"not {split!r}"
+        )
+    paths = _shapes_panoptic_paths(root, split)
+    return load_coco_panoptic_separated(dataset_name=f"seg2_shapes_panoptic_{split}", **paths)
 
 
 def register_seg2_shapes_panoptic(root: str = None):
@@ -155,7 +159,7 @@ def register_seg2_shapes_panoptic(root: str = None):
         name = f"seg2_shapes_panoptic_{split}"
         meta = folder_metadata(PANOPTIC_CATEGORIES, **_shapes_panoptic_paths(root, split))
         meta["dataset_root"] = root
-        register_dataset(name, lambda root=root, split=split: load_shapes_panoptic(root, split), meta)
+        register_dataset(name, lambda r=root, s=split: load_shapes_panoptic(r, s), meta)
 
 
 # name -> (split, with_sem_seg)

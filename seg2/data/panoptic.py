@@ -70,22 +70,31 @@ def read_panoptic_json(panoptic_json: str) -> dict:
         with open(panoptic_json) as f:
             data = json.load(f)
     except OSError as e:
-        raise Seg2Error(f"{panoptic_json}: cannot read the panoptic JSON ({e.strerror or e})") from e
+        raise Seg2Error(
+            f"{panoptic_json}: cannot read the panoptic JSON ({e.strerror or e})"
+        ) from e
     except ValueError as e:
         raise Seg2Error(f"{panoptic_json}: not valid JSON ({e})") from e
     for key in ("annotations", "categories"):
         if not isinstance(data.get(key), list):
-            raise Seg2Error(f"{panoptic_json}: no {key!r} list; a COCO panoptic JSON has 'images', 'annotations', 'categories'")
+            raise Seg2Error(
+                f"{panoptic_json}: no {key!r} list; a COCO panoptic JSON has 'images', "
+                "'annotations', 'categories'"
+            )
     seen: Dict[int, dict] = {}
     for c in data["categories"]:
         if c["id"] in seen:
             kinds = ["thing" if x.get("isthing") else "stuff" for x in (seen[c["id"]], c)]
             raise Seg2Error(
-                f"{panoptic_json}: category id {c['id']} is given twice ({seen[c['id']]['name']!r} as {kinds[0]}, "
+                f"{panoptic_json}: category id {c['id']} is given twice "
+                f"({seen[c['id']]['name']!r} as {kinds[0]}, "
                 f"{c['name']!r} as {kinds[1]}); thing and stuff categories need distinct ids"
             )
         if c["id"] == 0:
-            raise Seg2Error(f"{panoptic_json}: category {c['name']!r} has id 0, which COCO panoptic reserves for void")
+            raise Seg2Error(
+                f"{panoptic_json}: category {c['name']!r} has id 0, which COCO panoptic "
+                "reserves for void"
+            )
         seen[c["id"]] = c
     return data
 
@@ -105,11 +114,15 @@ def panoptic_metadata(categories: List[dict], source: str = "categories") -> dic
     stuff = [c for c in cats if not c.get("isthing", 0)]
     if not things or not stuff:
         raise Seg2Error(
-            f"{panoptic_json}: {len(things)} thing and {len(stuff)} stuff categories (isthing 1 / 0); the "
+            f"{panoptic_json}: {len(things)} thing and {len(stuff)} stuff categories "
+            "(isthing 1 / 0); the "
             "separated layout needs at least one of each"
         )
     if len(stuff) > 254:
-        raise Seg2Error(f"{panoptic_json}: {len(stuff)} stuff categories; the separated layout's uint8 maps hold 254")
+        raise Seg2Error(
+            f"{panoptic_json}: {len(stuff)} stuff categories; the separated layout's uint8 "
+            "maps hold 254"
+        )
     default = palette_colors(len(cats) + 1)[1:]
     colour = {c["id"]: tuple(c.get("color", default[i])) for i, c in enumerate(cats)}
     stuff_map = {0: 0}
@@ -132,7 +145,9 @@ def _png_path(panoptic_root: str, ann: dict) -> str:
 def _separate_one(png: str, ann: dict, meta: dict, panoptic_json: str):
     """(separated semantic map, [COCO instance annotations without ids]) of one panoptic PNG."""
     if not os.path.isfile(png):
-        raise Seg2Error(f"{png}: panoptic PNG of image {ann['image_id']} listed in {panoptic_json} not found")
+        raise Seg2Error(
+            f"{png}: panoptic PNG of image {ann['image_id']} listed in {panoptic_json} not found"
+        )
     try:
         with Image.open(png) as im:
             ids = rgb2id(np.asarray(im.convert("RGB")))
@@ -144,17 +159,23 @@ def _separate_one(png: str, ann: dict, meta: dict, panoptic_json: str):
     extra = [int(v) for v in present if v != 0 and int(v) not in segments]
     if extra:
         raise Seg2Error(
-            f"{png}: segment id {extra[0]} is in the PNG but not in the segments_info of image {ann['image_id']} "
-            f"in {panoptic_json}" + (f" ({len(extra)} such ids: {extra[:5]})" if len(extra) > 1 else "")
+            f"{png}: segment id {extra[0]} is in the PNG but not in the segments_info of image "
+            f"{ann['image_id']} "
+            f"in {panoptic_json}"
+            + (f" ({len(extra)} such ids: {extra[:5]})" if len(extra) > 1 else "")
         )
-    things, stuff = meta["thing_dataset_id_to_contiguous_id"], meta["stuff_dataset_id_to_contiguous_id"]
+    things, stuff = (
+        meta["thing_dataset_id_to_contiguous_id"],
+        meta["stuff_dataset_id_to_contiguous_id"],
+    )
     lut = np.full(len(present), IGNORE_LABEL, dtype=np.uint8)  # 0 (void) and unlisted -> ignore
     index = {int(v): i for i, v in enumerate(present)}
     annotations = []
     for seg_id, s in segments.items():
         if seg_id not in index:
             raise Seg2Error(
-                f"{panoptic_json}: segment id {seg_id} (category {s['category_id']}) of image {ann['image_id']} "
+                f"{panoptic_json}: segment id {seg_id} (category {s['category_id']}) of image "
+                f"{ann['image_id']} "
                 f"has no pixel in {png}"
             )
         cat = s["category_id"]
@@ -176,13 +197,16 @@ def _separate_one(png: str, ann: dict, meta: dict, panoptic_json: str):
             lut[index[seg_id]] = stuff[cat]
         else:
             raise Seg2Error(
-                f"{panoptic_json}: segment id {seg_id} of image {ann['image_id']} has category_id {cat}, which is not "
+                f"{panoptic_json}: segment id {seg_id} of image {ann['image_id']} has "
+                f"category_id {cat}, which is not "
                 "in the file's categories"
             )
     return lut[inverse], annotations
 
 
-def separate_coco_panoptic(panoptic_json: str, panoptic_root: str, out_dir: str, data: Optional[dict] = None) -> str:
+def separate_coco_panoptic(
+    panoptic_json: str, panoptic_root: str, out_dir: str, data: Optional[dict] = None
+) -> str:
     """
     Derive the separated layout from COCO panoptic PNGs + JSON into ``out_dir``, as detectron2's
     ``datasets/prepare_panoptic_fpn.py`` does for the semantic maps, plus the instances:
@@ -213,7 +237,9 @@ def separate_coco_panoptic(panoptic_json: str, panoptic_root: str, out_dir: str,
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
-        raise Seg2Error(f"cannot write the separated panoptic cache {out_dir!r}: {e.strerror or e}") from e
+        raise Seg2Error(
+            f"cannot write the separated panoptic cache {out_dir!r}: {e.strerror or e}"
+        ) from e
     logger.info(f"Deriving instances and semantic maps of {panoptic_json} into {out_dir} ...")
     annotations: List[dict] = []
     anns = data["annotations"]
@@ -228,7 +254,9 @@ def separate_coco_panoptic(panoptic_json: str, panoptic_root: str, out_dir: str,
             annotations.append(a)
     thing_ids = set(meta["thing_dataset_id_to_contiguous_id"])
     coco = {
-        "info": {"description": f"instances derived by seg2 from {os.path.basename(panoptic_json)}"},
+        "info": {
+            "description": f"instances derived by seg2 from {os.path.basename(panoptic_json)}"
+        },
         "images": data.get("images", []),
         "annotations": annotations,
         "categories": [c for c in data["categories"] if c["id"] in thing_ids],
@@ -244,7 +272,10 @@ def _image_files(data: dict, image_root: str, panoptic_json: str) -> Dict[int, d
     images = {im["id"]: im for im in data.get("images", [])}
     for ann in data["annotations"]:
         if ann["image_id"] not in images:
-            raise Seg2Error(f"{panoptic_json}: annotation {ann['file_name']} names image id {ann['image_id']}, not in 'images'")
+            raise Seg2Error(
+                f"{panoptic_json}: annotation {ann['file_name']} names image id "
+                f"{ann['image_id']}, not in 'images'"
+            )
     return images
 
 
@@ -278,7 +309,12 @@ def load_coco_panoptic_separated(
         image = images[ann["image_id"]]
         r = records.get(ann["image_id"])
         if r is None:  # an image without things: load_coco_json keeps it only if listed in its JSON
-            r = {"image_id": ann["image_id"], "height": image["height"], "width": image["width"], "annotations": []}
+            r = {
+                "image_id": ann["image_id"],
+                "height": image["height"],
+                "width": image["width"],
+                "annotations": [],
+            }
         r = dict(r, file_name=os.path.join(image_root, image["file_name"]))
         r["sem_seg_file_name"] = os.path.join(sem_seg_root, ann["file_name"])
         out.append(r)
@@ -358,12 +394,20 @@ def register_coco_panoptic_folder(
     """
     if categories is None:
         categories = read_panoptic_json(panoptic_json)["categories"]
-    meta = folder_metadata(categories, image_root, panoptic_root, panoptic_json, instances_json, sem_seg_root)
+    meta = folder_metadata(
+        categories, image_root, panoptic_root, panoptic_json, instances_json, sem_seg_root
+    )
     meta.update(metadata or {})
     return register_dataset(
         name,
         lambda: load_coco_panoptic_separated(
-            image_root, panoptic_root, panoptic_json, instances_json, sem_seg_root, cache_dir, dataset_name=name
+            image_root,
+            panoptic_root,
+            panoptic_json,
+            instances_json,
+            sem_seg_root,
+            cache_dir,
+            dataset_name=name,
         ),
         meta,
     )

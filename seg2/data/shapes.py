@@ -175,8 +175,8 @@ def _visible_instances(full_masks, classes, size: int):
     return kept, obj, count
 
 
-def _paint_instances(rng: np.random.Generator, img: np.ndarray, obj: np.ndarray, instances) -> np.ndarray:
-    """``img`` with each instance region of ``obj`` in a noisy colour of its class's hue, as uint8."""
+def _paint_instances(rng: np.random.Generator, img: np.ndarray, obj: np.ndarray, instances):
+    """``img`` with each instance region of ``obj`` in a noisy colour of its class's hue (uint8)."""
     for k, (cls, _) in enumerate(instances, start=1):
         hue = (_CLASS_HUES[SHAPES_CLASSES[cls]] + rng.integers(-12, 13)) % 180
         hsv = np.uint8([[[hue, rng.integers(150, 256), rng.integers(150, 256)]]])
@@ -391,7 +391,10 @@ def generate_shapes(
     splits = dict(DEFAULT_SPLITS if splits is None else splits)
     params = _params(splits, image_size, seed, max_instances)
     return _ensure_cache(
-        root, params, lambda out: _generate_into(out, splits, image_size, seed, max_instances), "seg2_shapes"
+        root,
+        params,
+        lambda out: _generate_into(out, splits, image_size, seed, max_instances),
+        "seg2_shapes",
     )
 
 

@@ -44,12 +44,19 @@ logger = logging.getLogger(__name__)
 PANOPTIC_STUFF_CLASSES = ("sky", "ground")
 # COCO panoptic categories: the things keep their seg2_shapes ids (1..3), the stuff follows.
 PANOPTIC_CATEGORIES = [
-    {"id": i + 1, "name": n, "isthing": 1, "supercategory": "shape"} for i, n in enumerate(SHAPES_CLASSES)
+    {"id": i + 1, "name": n, "isthing": 1, "supercategory": "shape"}
+    for i, n in enumerate(SHAPES_CLASSES)
 ] + [
     {"id": len(SHAPES_CLASSES) + 1 + i, "name": n, "isthing": 0, "supercategory": "stuff"}
     for i, n in enumerate(PANOPTIC_STUFF_CLASSES)
 ]
-_COLOURS = {"circle": (220, 20, 60), "square": (0, 142, 0), "triangle": (0, 0, 230), "sky": (70, 130, 180), "ground": (152, 110, 60)}
+_COLOURS = {
+    "circle": (220, 20, 60),
+    "square": (0, 142, 0),
+    "triangle": (0, 0, 230),
+    "sky": (70, 130, 180),
+    "ground": (152, 110, 60),
+}
 for _c in PANOPTIC_CATEGORIES:
     _c["color"] = list(_COLOURS[_c["name"]])
 # Bump when the output changes, so old caches are regenerated.
@@ -68,8 +75,12 @@ def _sky(rng: np.random.Generator, size: int) -> np.ndarray:
     """A smooth sky: a vertical gradient between two bluish colours, light noise."""
     yy = np.linspace(0.0, 1.0, size, dtype=np.float32)[:, None, None]
     hues = rng.integers(95, 115, size=2)
-    top = cv2.cvtColor(np.uint8([[[hues[0], rng.integers(90, 200), rng.integers(170, 240)]]]), cv2.COLOR_HSV2RGB)
-    bottom = cv2.cvtColor(np.uint8([[[hues[1], rng.integers(20, 90), rng.integers(200, 256)]]]), cv2.COLOR_HSV2RGB)
+    top = cv2.cvtColor(
+        np.uint8([[[hues[0], rng.integers(90, 200), rng.integers(170, 240)]]]), cv2.COLOR_HSV2RGB
+    )
+    bottom = cv2.cvtColor(
+        np.uint8([[[hues[1], rng.integers(20, 90), rng.integers(200, 256)]]]), cv2.COLOR_HSV2RGB
+    )
     top, bottom = top[0, 0].astype(np.float32), bottom[0, 0].astype(np.float32)
     img = (1 - yy) * top + yy * bottom
     return np.broadcast_to(img, (size, size, 3)) + rng.normal(0, 3, size=(size, size, 3))
@@ -116,7 +127,9 @@ def _render_panoptic_image(rng: np.random.Generator, size: int, max_instances: i
     return img, ids, segments, kept, sem
 
 
-def _write_image(out: str, split: str, split_index: int, i: int, image_size: int, seed: int, max_instances: int):
+def _write_image(
+    out: str, split: str, split_index: int, i: int, image_size: int, seed: int, max_instances: int
+):
     """Render image ``i`` of ``split`` and write its files; then its record, last."""
     # Its own seed sequence (a 4th entry): the panoptic images differ from seg2_shapes' ones.
     rng = np.random.default_rng([seed, split_index, i, 1])
@@ -125,26 +138,43 @@ def _write_image(out: str, split: str, split_index: int, i: int, image_size: int
     coco = os.path.join(out, "coco")
     Image.fromarray(img).save(os.path.join(coco, split, name + ".jpg"), quality=92)
     Image.fromarray(id2rgb(ids)).save(os.path.join(coco, f"panoptic_{split}", name + ".png"))
-    Image.fromarray(sem, mode="L").save(os.path.join(coco, f"panoptic_stuff_{split}", name + ".png"))
+    Image.fromarray(sem, mode="L").save(
+        os.path.join(coco, f"panoptic_stuff_{split}", name + ".png")
+    )
     for s in segments:
         ys, xs = np.nonzero(ids == s["id"])
         s["area"] = int(len(ys))
-        s["bbox"] = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
-    record = {"name": name, "instances": [[cls, polygons] for cls, polygons in instances], "segments": segments}
+        s["bbox"] = [
+            int(xs.min()),
+            int(ys.min()),
+            int(xs.max() - xs.min() + 1),
+            int(ys.max() - ys.min() + 1),
+        ]
+    record = {
+        "name": name,
+        "instances": [[cls, polygons] for cls, polygons in instances],
+        "segments": segments,
+    }
     part = _shapes._part_path(out, split, i)
     with open(part + ".tmp", "w") as f:
         json.dump(record, f)
     os.replace(part + ".tmp", part)
 
 
-def _generate_into(out: str, splits: Dict[str, int], image_size: int, seed: int, max_instances: int):
+def _generate_into(
+    out: str, splits: Dict[str, int], image_size: int, seed: int, max_instances: int
+):
     coco = os.path.join(out, "coco")
-    for d in ["annotations"] + [f"{p}{s}" for s in splits for p in ("", "panoptic_", "panoptic_stuff_")]:
+    for d in ["annotations"] + [
+        f"{p}{s}" for s in splits for p in ("", "panoptic_", "panoptic_stuff_")
+    ]:
         os.makedirs(os.path.join(coco, d), exist_ok=True)
     os.makedirs(os.path.join(out, _shapes._PARTS), exist_ok=True)
     jobs = [(s, k, i) for k, (s, n) in enumerate(sorted(splits.items())) for i in range(n)]
     todo = [j for j in jobs if not os.path.isfile(_shapes._part_path(out, j[0], j[2]))]
-    for split, split_index, i in log_progress(todo, len(todo), "seg2_shapes_panoptic images", logger):
+    for split, split_index, i in log_progress(
+        todo, len(todo), "seg2_shapes_panoptic images", logger
+    ):
         _write_image(out, split, split_index, i, image_size, seed, max_instances)
     ann_id = 1
     for split, num_images in sorted(splits.items()):
@@ -154,7 +184,13 @@ def _generate_into(out: str, splits: Dict[str, int], image_size: int, seed: int,
         for i in range(num_images):
             with open(_shapes._part_path(out, split, i)) as f:
                 record = json.load(f)
-            annotations.append({"image_id": i + 1, "file_name": record["name"] + ".png", "segments_info": record["segments"]})
+            annotations.append(
+                {
+                    "image_id": i + 1,
+                    "file_name": record["name"] + ".png",
+                    "segments_info": record["segments"],
+                }
+            )
         panoptic = {
             "info": {"description": f"seg2_shapes_panoptic {split}, seed {seed}"},
             "images": instances["images"],

@@ -127,5 +127,6 @@ class Seg2Predictor:
         """Add "panoptic_seg" to the outputs of the tiled path (the model adds it itself otherwise),
         from the whole-image instances and the tiled semantic classes."""
         if "panoptic_seg" in self.tasks and "instances" in out:
-            out["panoptic_seg"] = self.model.combine_panoptic(out["instances"], labels.to(torch.int64))
+            labels = labels.to(torch.int64)
+            out["panoptic_seg"] = self.model.combine_panoptic(out["instances"], labels)
         return out

@@ -148,7 +148,8 @@ class MultiTaskRCNNWithTTA(GeneralizedRCNNWithTTA):
         out["sem_seg"] = self.semantic.sem_seg(input)
         if getattr(self.model, "combine_enabled", False):
             # The panoptic merge of the augmented outputs, as the model merges its own.
-            out["panoptic_seg"] = self.model.combine_panoptic(out["instances"], out["sem_seg"].argmax(dim=0))
+            labels = out["sem_seg"].argmax(dim=0)
+            out["panoptic_seg"] = self.model.combine_panoptic(out["instances"], labels)
         return out
 
 

@@ -42,7 +42,10 @@ def is_panoptic_dataset(meta) -> bool:
     return (
         meta.get("thing_dataset_id_to_contiguous_id", None) is not None
         and meta.get("stuff_dataset_id_to_contiguous_id", None) is not None
-        and (meta.get("panoptic_json", None) is not None or str(meta.get("evaluator_type", "")).endswith("panoptic_seg"))
+        and (
+            meta.get("panoptic_json", None) is not None
+            or str(meta.get("evaluator_type", "")).endswith("panoptic_seg")
+        )
     )
 
 
@@ -76,39 +79,47 @@ def panoptic_output(cfg) -> bool:
     registered = set(MetadataCatalog.list())
     names = [n for n in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST) if n in registered]
     panoptic = [n for n in names if is_panoptic_dataset(MetadataCatalog.get(n))]
-    other = [n for n in names if n not in panoptic and MetadataCatalog.get(n).get("stuff_classes", None) is not None]
+    other = [
+        n
+        for n in names
+        if n not in panoptic and MetadataCatalog.get(n).get("stuff_classes", None) is not None
+    ]
+    key = "MODEL.PANOPTIC_FPN.COMBINE.ENABLED"
     if not panoptic:
         message = (
-            f"Seg2MultiTaskRCNN: no panoptic_seg output although MODEL.PANOPTIC_FPN.COMBINE.ENABLED: the datasets "
-            f"{other or names} have no panoptic metadata (thing/stuff id maps, panoptic_json), so their semantic "
-            "classes are not detectron2's separated layout; set MODEL.PANOPTIC_FPN.COMBINE.ENABLED False to silence this"
+            f"Seg2MultiTaskRCNN: no panoptic_seg output although {key}: the datasets "
+            f"{other or names} have no panoptic metadata (thing/stuff id maps, panoptic_json), so "
+            f"their semantic classes are not detectron2's separated layout; set {key} False to "
+            "silence this"
         )
         if message not in _logged:
             _logged.add(message)
             logger.info(message)
         return False
-    num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+    n = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
     if other:
         raise Seg2Error(
-            f"MODEL.SEM_SEG_HEAD.NUM_CLASSES={num_classes}: DATASETS mix the panoptic dataset {panoptic[0]!r} (separated "
-            f"layout: class 0 = all things) with {other[0]!r}, whose semantic classes mean something else"
+            f"MODEL.SEM_SEG_HEAD.NUM_CLASSES={n}: DATASETS mix the panoptic dataset "
+            f"{panoptic[0]!r} (separated layout: class 0 = all things) with {other[0]!r}, whose "
+            "semantic classes mean something else"
         )
     for name in panoptic:
         meta = MetadataCatalog.get(name)
+        stuff = meta.get("stuff_classes", None)
         if not is_separated_layout(meta):
-            stuff = meta.get("stuff_classes", None)
             raise Seg2Error(
-                f"MODEL.SEM_SEG_HEAD.NUM_CLASSES={num_classes} with MODEL.PANOPTIC_FPN.COMBINE.ENABLED: dataset {name!r} "
-                f"gives {len(stuff) if stuff is not None else 'no'} stuff_classes in another layout than detectron2's "
-                "separated one (class 0 = all things, 1.. = stuff), which the panoptic merge needs: use its "
-                "*_panoptic_separated registration (COCO: NUM_CLASSES 54) or set MODEL.PANOPTIC_FPN.COMBINE.ENABLED False"
+                f"MODEL.SEM_SEG_HEAD.NUM_CLASSES={n} with {key}: dataset {name!r} gives "
+                f"{len(stuff) if stuff is not None else 'no'} stuff_classes in another layout than "
+                "detectron2's separated one (class 0 = all things, 1.. = stuff), which the "
+                "panoptic merge needs: use its *_panoptic_separated registration (COCO: "
+                f"NUM_CLASSES 54) or set {key} False"
             )
-        if len(meta.stuff_classes) != num_classes:
+        if len(stuff) != n:
             raise Seg2Error(
-                f"MODEL.SEM_SEG_HEAD.NUM_CLASSES={num_classes} but the panoptic dataset {name!r} has "
-                f"{len(meta.stuff_classes)} semantic classes (things + {len(meta.stuff_classes) - 1} stuff); "
-                f"set MODEL.SEM_SEG_HEAD.NUM_CLASSES: {len(meta.stuff_classes)}"
+                f"MODEL.SEM_SEG_HEAD.NUM_CLASSES={n} but the panoptic dataset {name!r} has "
+                f"{len(stuff)} semantic classes (things + {len(stuff) - 1} stuff); "
+                f"set MODEL.SEM_SEG_HEAD.NUM_CLASSES: {len(stuff)}"
             )
     if not cfg.MODEL.MASK_ON:
-        raise Seg2Error("MODEL.PANOPTIC_FPN.COMBINE.ENABLED with panoptic datasets needs instance masks: set MODEL.MASK_ON True")
+        raise Seg2Error(f"{key} on panoptic datasets needs instance masks: set MODEL.MASK_ON True")
     return True

@@ -83,8 +83,9 @@ class Seg2MultiTaskRCNN(GeneralizedRCNN):
         head_classes = getattr(sem_seg_head, "num_classes", None)
         if combine_enabled and head_classes is not None and head_classes < 2:
             raise Seg2Error(
-                f"MODEL.SEM_SEG_HEAD.NUM_CLASSES={head_classes}: the panoptic output (combine_enabled) needs the "
-                "separated layout's class 0 = all things and at least one stuff class"
+                f"MODEL.SEM_SEG_HEAD.NUM_CLASSES={head_classes}: the panoptic output "
+                "(combine_enabled) needs the separated layout's class 0 = all things and at least "
+                "one stuff class"
             )
         self.combine_enabled = combine_enabled
         self.combine_overlap_thresh = combine_overlap_thresh
@@ -282,7 +283,8 @@ class Seg2MultiTaskRCNN(GeneralizedRCNN):
             if sem_seg:
                 out["sem_seg"] = sem_seg_postprocess(sem_seg_results[i], image_size, height, width)
                 if self.combine_enabled:
-                    out["panoptic_seg"] = self.combine_panoptic(out["instances"], out["sem_seg"].argmax(dim=0))
+                    labels = out["sem_seg"].argmax(dim=0)
+                    out["panoptic_seg"] = self.combine_panoptic(out["instances"], labels)
             processed.append(out)
         return processed
 
