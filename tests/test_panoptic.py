@@ -623,3 +623,35 @@ def test_demo_draws_and_writes_the_panoptic_segmentation(tiny_panoptic, tmp_path
     image = np.asarray(Image.open(src).convert("RGB"))
     changed = (overlay != image).any(axis=2)
     assert overlay.shape == image.shape and changed[ids != 0].mean() > 0.9  # segments are drawn
+
+
+def test_mapper_reads_detectron2s_separated_registration(tiny_panoptic):
+    """Records of detectron2's own register_coco_panoptic_separated (how it registers
+    coco_2017_*_panoptic_separated), here on the COCO-layout panoptic shapes: the mapper reads the
+    single-channel stuff maps as class indices, unchanged, and the instances from the polygons."""
+    from detectron2.data.datasets import register_coco_panoptic_separated
+
+    from seg2.data import panoptic_metadata
+    from seg2.data.builtin import _shapes_panoptic_paths
+    from seg2.data.shapes_panoptic import PANOPTIC_CATEGORIES
+
+    p = _shapes_panoptic_paths(tiny_panoptic, "val")
+    name = "seg2_test_d2_panoptic"
+    if name + "_separated" not in DatasetCatalog.list():
+        register_coco_panoptic_separated(
+            name, panoptic_metadata(PANOPTIC_CATEGORIES), p["image_root"], p["panoptic_root"],
+            p["panoptic_json"], p["sem_seg_root"], p["instances_json"],
+        )  # fmt: skip
+    records = DatasetCatalog.get(name + "_separated")
+    assert len(records) == 3 and all("sem_seg_file_name" in r and r["annotations"] for r in records)
+    cfg = _quickstart_cfg()
+    cfg.DATASETS.TRAIN = (name + "_separated",)
+    cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.RANDOM_FLIP = (64,), 64, "none"
+    mapper = MultiTaskDatasetMapper(cfg, is_train=True)
+    for r in records:
+        mapped = mapper(r)
+        stuff = np.asarray(Image.open(r["sem_seg_file_name"]))
+        assert Image.open(r["sem_seg_file_name"]).mode == "L"
+        assert np.array_equal(mapped["sem_seg"].numpy(), stuff)
+        assert set(np.unique(stuff).tolist()) <= {0, 1, 2, 255}
+        assert len(mapped["instances"]) == len(r["annotations"])
