@@ -1,5 +1,6 @@
 """seg2's config keys, added to a detectron2 CfgNode by :func:`add_seg2_config`."""
 
+
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
@@ -14,6 +15,7 @@ def add_seg2_config(cfg):
     cfg.SEG2 = CN()
     # Where the synthetic "seg2_shapes" dataset is generated and cached. Empty: the environment
     # variable SEG2_SHAPES_ROOT, else $DETECTRON2_DATASETS/seg2_shapes (default datasets/seg2_shapes).
+    # The panoptic variant (seg2_shapes_panoptic_*) goes beside it, into <that folder>_panoptic.
     cfg.SEG2.SHAPES_ROOT = ""
     # Training data (seg2.data.MultiTaskDatasetMapper): an image or label map that cannot be
     # decoded (empty, truncated, not an image) is skipped with a warning naming it, and detectron2

@@ -190,3 +190,25 @@ def test_an_unknown_norm_names_its_key():
     head = build_model(cfg).sem_seg_head
     norms = [m for m in head.modules() if isinstance(m, torch.nn.GroupNorm)]
     assert norms and all(m.num_groups == 32 for m in norms)
+
+
+@pytest.mark.parametrize("config", [c for c in SHIPPED if "panoptic" in c])
+def test_panoptic_configs_merge_on_their_datasets(config):
+    """The panoptic configs with their datasets' metadata (registered; no file is read): the
+    model checks the separated class layout at build time and returns "panoptic_seg"."""
+    from seg2.modeling import model_tasks
+
+    cfg = shipped_cfg(config)
+    kept = seg2.load_seg2_config(os.path.join(CONFIGS, config))
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = kept.DATASETS.TRAIN, kept.DATASETS.TEST
+    assert cfg.MODEL.PANOPTIC_FPN.COMBINE.ENABLED and cfg.SEG2.BEST_CHECKPOINT.METRIC == "panoptic_seg/PQ"
+    assert model_tasks(cfg) == {"instances", "sem_seg", "panoptic_seg"}
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    assert model.combine_enabled
+    (x,) = synthetic_batch(cfg, model, n=1)
+    with torch.no_grad():
+        (out,) = model([{k: x[k] for k in ("image", "height", "width")}])
+    ids, segments_info = out["panoptic_seg"]
+    assert ids.shape == (SIZE, SIZE) and ids.dtype == torch.int32
+    assert set(torch.unique(ids).tolist()) - {0} == {s["id"] for s in segments_info}

@@ -9,7 +9,11 @@ Per input image ``<name>``, in ``--output``:
   <name>_overlay_semantic.png   semantic classes blended over the image, legend on the right
   <name>_sem_seg.png            the raw semantic map, a palette PNG of class indices
   <name>_overlay_instances.png  instance masks, boxes, class and score (detectron2's Visualizer)
-and for models that predict instances, ``instances_coco.json`` (COCO format, with scores).
+  <name>_overlay_panoptic.png   the panoptic segmentation (Visualizer.draw_panoptic_seg)
+  <name>_panoptic.png           its segment ids as COCO panoptic colours (R + 256 G + 256^2 B)
+for models that predict instances, ``instances_coco.json`` (COCO format, with scores), and for
+those that predict panoptic segmentations, ``panoptic_segments.json`` (per image its PNG and
+segments_info, category ids as the model gives them: contiguous thing ids, semantic stuff classes).
 A file that cannot be read or run is reported at the end; the others are still written; the
 exit status is 1 when any failed. Files in an input folder whose extension is not an image's are
 skipped, and listed as such. A seg2 error of the setup (config, weights) ends it with one line
@@ -31,12 +35,14 @@ from PIL import Image
 
 import seg2
 from seg2.data import write_label_map
+from seg2.data.panoptic import id2rgb
 from seg2.inference import UINT16_MODES, Seg2Predictor, read_image
 from seg2.inference.visualize import (
     background_indices,
     class_colors,
     class_names,
     draw_instances,
+    draw_panoptic,
     draw_sem_seg_overlay,
     instances_to_coco_dataset,
 )
@@ -116,7 +122,7 @@ def run(args) -> int:
     paths, failures = expand_inputs(args.input, skipped)
     for f in skipped:
         logger.warning("%s: skipped: not an image file name (%s)", f, ", ".join(IMAGE_EXTENSIONS))
-    records, used, done = [], set(), 0
+    records, panoptic, used, done = [], [], set(), 0
     for path in tqdm.tqdm(paths, desc="demo", unit="image", file=sys.stderr):
         try:
             bgr = read_image(path, "BGR", uint16=args.uint16, max_pixels=args.max_pixels)
@@ -141,6 +147,15 @@ def run(args) -> int:
                 instances = out["instances"].to("cpu")
                 save_png(draw_instances(rgb, instances, metadata), os.path.join(args.output, f"{stem}_overlay_instances.png"))
                 records.append({"file_name": path, "height": rgb.shape[0], "width": rgb.shape[1], "instances": instances})
+            if "panoptic_seg" in out:
+                segment_ids, segments_info = out["panoptic_seg"]
+                segment_ids = segment_ids.to("cpu")
+                drawn = draw_panoptic(rgb, segment_ids, segments_info, metadata)
+                save_png(drawn, os.path.join(args.output, f"{stem}_overlay_panoptic.png"))
+                png = f"{stem}_panoptic.png"
+                save_png(id2rgb(segment_ids.numpy()), os.path.join(args.output, png))
+                entry = {"file_name": path, "panoptic_png": png, "segments_info": segments_info}
+                panoptic.append(entry)
             done += 1
         except seg2.Seg2Error as e:
             failures.append((path, str(e)))
@@ -151,6 +166,9 @@ def run(args) -> int:
     if records:
         with open(os.path.join(args.output, "instances_coco.json"), "w") as f:
             json.dump(instances_to_coco_dataset(records, metadata), f)
+    if panoptic:
+        with open(os.path.join(args.output, "panoptic_segments.json"), "w") as f:
+            json.dump(panoptic, f)
     summary = f"demo: {done} image(s) written to {args.output}, {len(failures)} failed"
     print(summary + (":" if failures else ""))
     for path, problem in failures:

@@ -4,12 +4,15 @@ from . import builtin  # noqa: F401  (registers seg2_shapes_*, voc_2012_*, coco_
 from .builtin import (
     COCO_2017_SEM_SEG_SPLITS,
     SHAPES_DATASETS,
+    SHAPES_PANOPTIC_DATASETS,
     VOC_2012_INSTANCE_SPLITS,
     VOC_2012_SEM_SEG_SPLITS,
     load_shapes,
+    load_shapes_panoptic,
     register_all_coco_2017_sem_seg,
     register_all_voc_2012,
     register_seg2_shapes,
+    register_seg2_shapes_panoptic,
 )
 from .camvid import (
     CAMVID_CLASSES,
@@ -28,9 +31,20 @@ from .dataset_mapper import MultiTaskDatasetMapper
 from .image import UINT16_MODES, read_image, to_uint8_image
 from .label_map import check_label_values, read_label_map, read_sem_seg, write_label_map
 from .label_map import IGNORE_LABEL, sem_seg_format
+from .panoptic import (
+    load_coco_panoptic_separated,
+    panoptic_metadata,
+    register_coco_panoptic_folder,
+    separate_coco_panoptic,
+)
 from .sem_seg_cache import coco_sem_seg_map, generate_coco_sem_seg
 from .sem_seg_folder import load_sem_seg_folder, register_sem_seg_folder
 from .shapes import SHAPES_CLASSES, default_shapes_root, generate_shapes
+from .shapes_panoptic import (
+    PANOPTIC_STUFF_CLASSES,
+    default_shapes_panoptic_root,
+    generate_shapes_panoptic,
+)
 from .voc import (
     VOC_CLASSES,
     load_voc_instances,
@@ -42,6 +56,16 @@ from .voc import (
 )
 
 __all__ = [
+    "separate_coco_panoptic",
+    "register_coco_panoptic_folder",
+    "panoptic_metadata",
+    "load_coco_panoptic_separated",
+    "register_seg2_shapes_panoptic",
+    "load_shapes_panoptic",
+    "generate_shapes_panoptic",
+    "default_shapes_panoptic_root",
+    "PANOPTIC_STUFF_CLASSES",
+    "SHAPES_PANOPTIC_DATASETS",
     "CAMVID_CLASSES",
     "CAMVID_COLORS",
     "CAMVID_SPLITS",

@@ -5,6 +5,9 @@ under ``$DETECTRON2_DATASETS`` (default ``datasets/``); nothing is read at impor
 * ``seg2_shapes_{train,val}``: the synthetic shapes dataset (see :mod:`seg2.data.shapes`),
   generated on first use into ``default_shapes_root()``. Records carry both ``annotations`` and
   ``sem_seg_file_name``.
+* ``seg2_shapes_panoptic_{train,val}``: the panoptic variant (see
+  :mod:`seg2.data.shapes_panoptic`), generated on first use into
+  ``default_shapes_panoptic_root()``: COCO panoptic PNGs + JSON, instances, separated semantic maps.
 * ``voc_2012_sem_seg_{train,val}``, ``voc_2012_sem_seg_train_aug`` (VOC + SBD, 10,582 images),
   ``voc_2012_instance_{train,val}`` (instances and class maps): Pascal VOC 2012 in
   ``VOC2012/`` and SBD in ``SBD/`` (see :mod:`seg2.data.voc`).
@@ -30,6 +33,13 @@ from .shapes import (
     default_shapes_root,
     generate_shapes,
     read_shapes_params,
+)
+from .panoptic import folder_metadata, load_coco_panoptic_separated
+from .shapes_panoptic import (
+    PANOPTIC_CATEGORIES,
+    PANOPTIC_GENERATOR_VERSION,
+    default_shapes_panoptic_root,
+    generate_shapes_panoptic,
 )
 from .voc import register_voc_instances, register_voc_sem_seg
 from .voc_palette import palette_colors
@@ -94,6 +104,62 @@ def register_seg2_shapes(root: str = None):
                 dataset_root=root,
             ),
         )
+
+
+SHAPES_PANOPTIC_DATASETS = tuple(f"seg2_shapes_panoptic_{s}" for s in sorted(DEFAULT_SPLITS))
+
+
+def _shapes_panoptic_paths(root: str, split: str) -> dict:
+    coco = os.path.join(root, "coco")
+    return dict(
+        image_root=os.path.join(coco, split),
+        panoptic_root=os.path.join(coco, f"panoptic_{split}"),
+        panoptic_json=os.path.join(coco, "annotations", f"panoptic_{split}.json"),
+        instances_json=os.path.join(coco, "annotations", f"instances_{split}.json"),
+        sem_seg_root=os.path.join(coco, f"panoptic_stuff_{split}"),
+    )
+
+
+def load_shapes_panoptic(root: str, split: str):
+    """
+    Load ``split`` of the panoptic shapes dataset under ``root`` (generated on first use, with
+    the defaults; a cache made with other parameters is used as it is, as :func:`load_shapes`
+    does) as separated-layout records (:func:`seg2.data.load_coco_panoptic_separated`).
+    """
+    params = read_shapes_params(root)
+    if params is None or params.get("panoptic_generator_version") != PANOPTIC_GENERATOR_VERSION:
+        generate_shapes_panoptic(root)
+        params = read_shapes_params(root)
+    else:
+        generate_shapes_panoptic(
+            root,
+            splits=params["splits"],
+            image_size=params["image_size"],
+            seed=params["seed"],
+            max_instances=params["max_instances"],
+        )
+    if split not in params["splits"]:
+        raise Seg2Error(
+            f"{root}: the panoptic shapes cache has the splits {sorted(params['splits'])}, "
+            f"not {split!r}"
+        )
+    paths = _shapes_panoptic_paths(root, split)
+    return load_coco_panoptic_separated(dataset_name=f"seg2_shapes_panoptic_{split}", **paths)
+
+
+def register_seg2_shapes_panoptic(root: str = None):
+    """
+    (Re-)register ``seg2_shapes_panoptic_{train,val}`` with their data under ``root`` (None:
+    :func:`~seg2.data.shapes_panoptic.default_shapes_panoptic_root`): things circle, square,
+    triangle; stuff sky, ground; detectron2's separated layout (semantic classes "things", "sky",
+    "ground") and the metadata of the PQ evaluator (evaluator_type "coco_panoptic_seg").
+    """
+    root = root or default_shapes_panoptic_root()
+    for split in sorted(DEFAULT_SPLITS):
+        name = f"seg2_shapes_panoptic_{split}"
+        meta = folder_metadata(PANOPTIC_CATEGORIES, **_shapes_panoptic_paths(root, split))
+        meta["dataset_root"] = root
+        register_dataset(name, lambda r=root, s=split: load_shapes_panoptic(r, s), meta)
 
 
 # name -> (split, with_sem_seg)
@@ -163,6 +229,7 @@ def register_all_coco_2017_sem_seg(root: str):
 
 
 register_seg2_shapes()
+register_seg2_shapes_panoptic()
 _root = os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
 register_all_voc_2012(_root)
 register_all_coco_2017_sem_seg(_root)

@@ -28,7 +28,7 @@ import re
 import shutil
 import tempfile
 import time
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import cv2
 import numpy as np
@@ -108,16 +108,11 @@ def _mask_to_polygons(mask: np.ndarray):
     return polygons
 
 
-def _render_image(rng: np.random.Generator, size: int, max_instances: int):
+def _place_shapes(rng: np.random.Generator, size: int, max_instances: int):
     """
-    One image and its instances.
-
-    Returns:
-        image (H, W, 3) uint8 RGB, instance label map (H, W) uint8 (0 background, k = k-th
-        instance, 255 void), class map (H, W) uint8 (0 background, 1.. classes, 255 void), and
-        the list of instances as (class index, COCO polygons).
+    Draw 2..``max_instances`` shapes, later ones on top, each earlier one keeping at least half of
+    its area visible. Returns their full masks (H, W) bool and class indices, in drawing order.
     """
-    img = _background(rng, size)
     n = int(rng.integers(2, max_instances + 1))
     full_masks, classes = [], []
     for _ in range(n):
@@ -145,8 +140,19 @@ def _render_image(rng: np.random.Generator, size: int, max_instances: int):
                 full_masks.append(full)
                 classes.append(cls)
                 break
+    return full_masks, classes
 
-    # Visible part of each instance (later ones are on top), as polygons.
+
+def _visible_instances(full_masks, classes, size: int):
+    """
+    The visible part of each shape (later ones are on top) as COCO polygons, and the instance
+    map painted from those polygons exactly as pycocotools rasterises them.
+
+    Returns:
+        instances [(class index, polygons)] (shapes whose polygons cover no pixel left out), the
+        instance map (H, W) uint8 (0 none, k = k-th instance) and the number of polygons
+        covering each pixel (H, W) int32.
+    """
     instances = []
     for i, m in enumerate(full_masks):
         visible = m.copy()
@@ -156,7 +162,6 @@ def _render_image(rng: np.random.Generator, size: int, max_instances: int):
         if polygons:
             instances.append((classes[i], polygons))
 
-    # Label maps are painted from the polygons exactly as pycocotools rasterises them.
     obj = np.zeros((size, size), dtype=np.uint8)
     count = np.zeros((size, size), dtype=np.int32)
     kept = []
@@ -167,16 +172,35 @@ def _render_image(rng: np.random.Generator, size: int, max_instances: int):
         kept.append((cls, polygons))
         count += m
         obj[m] = len(kept)
-    instances = kept
+    return kept, obj, count
 
-    # Paint the objects before marking borders, so the image shows whole objects.
+
+def _paint_instances(rng: np.random.Generator, img: np.ndarray, obj: np.ndarray, instances):
+    """``img`` with each instance region of ``obj`` in a noisy colour of its class's hue (uint8)."""
     for k, (cls, _) in enumerate(instances, start=1):
         hue = (_CLASS_HUES[SHAPES_CLASSES[cls]] + rng.integers(-12, 13)) % 180
         hsv = np.uint8([[[hue, rng.integers(150, 256), rng.integers(150, 256)]]])
         colour = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0].astype(np.float32)
         region = obj == k
         img[region] = colour + rng.normal(0, 10, size=(int(region.sum()), 3))
-    img = np.clip(img, 0, 255).astype(np.uint8)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _render_image(rng: np.random.Generator, size: int, max_instances: int):
+    """
+    One image and its instances.
+
+    Returns:
+        image (H, W, 3) uint8 RGB, instance label map (H, W) uint8 (0 background, k = k-th
+        instance, 255 void), class map (H, W) uint8 (0 background, 1.. classes, 255 void), and
+        the list of instances as (class index, COCO polygons).
+    """
+    img = _background(rng, size)
+    full_masks, classes = _place_shapes(rng, size, max_instances)
+    # Label maps are painted from the polygons exactly as pycocotools rasterises them.
+    instances, obj, count = _visible_instances(full_masks, classes, size)
+    # Paint the objects before marking borders, so the image shows whole objects.
+    img = _paint_instances(rng, img, obj, instances)
 
     # Void border: wherever the label changes within a 3x3 neighbourhood, or polygons overlap.
     kernel = np.ones((3, 3), np.uint8)
@@ -366,6 +390,21 @@ def generate_shapes(
     """
     splits = dict(DEFAULT_SPLITS if splits is None else splits)
     params = _params(splits, image_size, seed, max_instances)
+    return _ensure_cache(
+        root,
+        params,
+        lambda out: _generate_into(out, splits, image_size, seed, max_instances),
+        "seg2_shapes",
+    )
+
+
+def _ensure_cache(root: str, params: dict, write: Callable[[str], None], what: str) -> str:
+    """
+    The cache machinery of :func:`generate_shapes`, for any generator: reuse ``root`` if its
+    manifest holds ``params`` and its files are intact, else ``write(folder)`` the tree into a
+    resumable folder beside ``root`` (under a lock), write the manifest and rename it into place.
+    ``what`` names the dataset in messages.
+    """
     problem = check_shapes_cache(root, params) if os.path.exists(root) else "it does not exist yet"
     if problem is None:
         remove_stale_generations(root)
@@ -379,7 +418,7 @@ def generate_shapes(
         lock = open(partial + ".lock", "a")
     except OSError as e:
         raise Seg2Error(
-            f"cannot write the seg2_shapes cache under {parent!r}: {e.strerror or e}. Point "
+            f"cannot write the {what} cache under {parent!r}: {e.strerror or e}. Point "
             "SEG2_SHAPES_ROOT (or DETECTRON2_DATASETS, or the config key SEG2.SHAPES_ROOT) at a "
             "writable folder."
         ) from e
@@ -389,11 +428,11 @@ def generate_shapes(
         if problem is None:
             return root
         if os.path.exists(root):
-            logger.warning(f"Regenerating the seg2_shapes cache at {root}: {problem}.")
+            logger.warning(f"Regenerating the {what} cache at {root}: {problem}.")
         else:
-            logger.info(f"Generating the seg2_shapes dataset into {root} ({params}) ...")
+            logger.info(f"Generating the {what} dataset into {root} ({params}) ...")
         os.makedirs(partial, exist_ok=True)  # a generator before us renamed it into place
-        _generate_into(partial, splits, image_size, seed, max_instances)
+        write(partial)
         with open(os.path.join(partial, MANIFEST), "w") as f:
             json.dump({"params": params, "files": _file_list(partial)}, f, indent=1, sort_keys=True)
         _replace_dir(partial, root, params)

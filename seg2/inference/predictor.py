@@ -73,7 +73,10 @@ class Seg2Predictor:
                 band, so the (K, H, W) logits never exist at once).
 
         Returns:
-            dict: "instances" (for models that predict them) and "sem_seg" or "sem_seg_labels".
+            dict: "instances" (for models that predict them) and "sem_seg" or "sem_seg_labels";
+            "panoptic_seg" ((H, W) segment ids, segments_info) for the multi-task model when it
+            combines them (``MODEL.PANOPTIC_FPN.COMBINE.ENABLED`` on panoptic data, see
+            :func:`seg2.resolve.panoptic_output`), also tiled and test-time augmented.
         """
         if sem_seg_output not in ("logits", "labels"):
             raise ValueError(f"sem_seg_output={sem_seg_output!r}: expected 'logits' or 'labels'")
@@ -96,7 +99,7 @@ class Seg2Predictor:
             if "instances" in self.tasks:
                 out["instances"] = self.model.inference([inputs], sem_seg=False)[0]["instances"]
             out["sem_seg_labels"] = self.tiler(inputs["image"], output="labels")
-            return out
+            return self._add_panoptic(out, out["sem_seg_labels"])
         else:
             out = self.model([inputs])[0]  # the model's own inference mode (whole image or tiles)
         if sem_seg_output == "labels" and "sem_seg" in out:
@@ -115,3 +118,11 @@ class Seg2Predictor:
         resized = self.aug.get_transform(image).apply_image(image)
         tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
         return {"image": tensor, "height": height, "width": width}
+
+    def _add_panoptic(self, out: dict, labels: torch.Tensor) -> dict:
+        """Add "panoptic_seg" to the outputs of the tiled path (the model adds it itself otherwise),
+        from the whole-image instances and the tiled semantic classes."""
+        if "panoptic_seg" in self.tasks and "instances" in out:
+            labels = labels.to(torch.int64)
+            out["panoptic_seg"] = self.model.combine_panoptic(out["instances"], labels)
+        return out

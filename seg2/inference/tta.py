@@ -191,7 +191,8 @@ class MultiTaskRCNNWithTTA(GeneralizedRCNNWithTTA):
     Test-time augmentation of :class:`seg2.modeling.meta_arch.Seg2MultiTaskRCNN` (Mask R-CNN,
     He et al., ICCV 2017, plus a semantic head): instances by detectron2's
     ``GeneralizedRCNNWithTTA`` (boxes merged over the augmentations, masks averaged), the
-    semantic logits by :class:`SemanticSegmentorWithTTA` with the same ``TEST.AUG`` augmentations.
+    semantic logits by :class:`SemanticSegmentorWithTTA` with the same ``TEST.AUG`` augmentations;
+    "panoptic_seg", when the model combines them, is its merge of those two augmented outputs.
     """
 
     def __init__(self, cfg, model, tta_mapper=None, batch_size=3):
@@ -220,6 +221,10 @@ class MultiTaskRCNNWithTTA(GeneralizedRCNNWithTTA):
     def _inference_one_image(self, input):
         out = super()._inference_one_image(input)
         out["sem_seg"] = self.semantic.sem_seg(input)
+        if getattr(self.model, "combine_enabled", False):
+            # The panoptic merge of the augmented outputs, as the model merges its own.
+            labels = out["sem_seg"].argmax(dim=0)
+            out["panoptic_seg"] = self.model.combine_panoptic(out["instances"], labels)
         return out
 
 

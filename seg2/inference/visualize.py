@@ -17,6 +17,7 @@ __all__ = [
     "class_colors",
     "class_names",
     "draw_instances",
+    "draw_panoptic",
     "draw_sem_seg_overlay",
     "instances_to_coco_dataset",
 ]
@@ -99,6 +100,14 @@ def draw_instances(image_rgb: np.ndarray, instances, metadata) -> np.ndarray:
     """Instance masks, boxes, class names and scores drawn by detectron2's ``Visualizer`` (RGB)."""
     vis = Visualizer(image_rgb, metadata, scale=1.0, instance_mode=ColorMode.IMAGE)
     return vis.draw_instance_predictions(instances).get_image()
+
+
+def draw_panoptic(image_rgb: np.ndarray, panoptic_seg, segments_info, metadata) -> np.ndarray:
+    """A panoptic segmentation ((H, W) segment ids and segments_info, as detectron2's PanopticFPN
+    and seg2's multi-task model return it) drawn by detectron2's ``Visualizer.draw_panoptic_seg``
+    (RGB): things by ``thing_classes``, stuff by ``stuff_classes`` of the separated layout."""
+    vis = Visualizer(image_rgb, metadata, scale=1.0, instance_mode=ColorMode.IMAGE)
+    return vis.draw_panoptic_seg(panoptic_seg, segments_info).get_image()
 
 
 def instances_to_coco_dataset(records: List[dict], metadata, categories: Optional[List[dict]] = None) -> dict:

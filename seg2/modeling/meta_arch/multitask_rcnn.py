@@ -6,6 +6,7 @@ import torch
 from detectron2.config import configurable
 from detectron2.layers import NaiveSyncBatchNorm
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, build_sem_seg_head
+from detectron2.modeling.meta_arch.panoptic_fpn import combine_semantic_and_instance_outputs
 from detectron2.modeling.postprocessing import detector_postprocess, sem_seg_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils import comm
@@ -36,7 +37,9 @@ class Seg2MultiTaskRCNN(GeneralizedRCNN):
     target for a task has no loss for that task: in one process the task is skipped; in several
     processes (``keep_all_branches``) it gets a loss of weight 0 that keeps its branch in the graph
     (see :meth:`forward`). Outputs per image: "instances" and "sem_seg" ((C, height, width)
-    logits). :meth:`sem_seg_logits` runs the semantic branch alone (tiled inference uses it).
+    logits), and with ``combine_enabled`` "panoptic_seg" exactly as detectron2's PanopticFPN gives
+    it (:meth:`combine_panoptic`; the semantic classes in detectron2's separated layout, class 0 =
+    all things). :meth:`sem_seg_logits` runs the semantic branch alone (tiled inference uses it).
     """
 
     @configurable
@@ -47,6 +50,10 @@ class Seg2MultiTaskRCNN(GeneralizedRCNN):
         instance_loss_weight: float = 1.0,
         keep_all_branches: Optional[bool] = None,
         tiling: Optional[dict] = None,
+        combine_enabled: bool = False,
+        combine_overlap_thresh: float = 0.5,
+        combine_stuff_area_thresh: float = 4096,
+        combine_instances_score_thresh: float = 0.5,
         **kwargs,
     ):
         """
@@ -57,6 +64,13 @@ class Seg2MultiTaskRCNN(GeneralizedRCNN):
                 weight 0 that keeps its parameters in the graph (what DistributedDataParallel
                 without ``find_unused_parameters`` needs) instead of skipping it. None: when
                 training in several processes (``comm.get_world_size() > 1``).
+            combine_enabled (bool): also return "panoptic_seg" (see :meth:`combine_panoptic`);
+                the semantic head's class 0 must be all things folded, 1.. the stuff classes.
+            combine_overlap_thresh, combine_stuff_area_thresh, combine_instances_score_thresh:
+                detectron2's PanopticFPN arguments (``MODEL.PANOPTIC_FPN.COMBINE.OVERLAP_THRESH``,
+                ``STUFF_AREA_LIMIT``, ``INSTANCES_CONFIDENCE_THRESH``): an instance is dropped
+                when more than this share of it is already taken, stuff regions smaller than this
+                many pixels are dropped, instances below this score are dropped.
             kwargs: the arguments of detectron2's ``GeneralizedRCNN``.
         """
         super().__init__(**kwargs)
@@ -68,6 +82,17 @@ class Seg2MultiTaskRCNN(GeneralizedRCNN):
         self.sem_seg_head = sem_seg_head
         self.instance_loss_weight = instance_loss_weight
         self.keep_all_branches = keep_all_branches
+        head_classes = getattr(sem_seg_head, "num_classes", None)
+        if combine_enabled and head_classes is not None and head_classes < 2:
+            raise Seg2Error(
+                f"MODEL.SEM_SEG_HEAD.NUM_CLASSES={head_classes}: the panoptic output "
+                "(combine_enabled) needs the separated layout's class 0 = all things and at least "
+                "one stuff class"
+            )
+        self.combine_enabled = combine_enabled
+        self.combine_overlap_thresh = combine_overlap_thresh
+        self.combine_stuff_area_thresh = combine_stuff_area_thresh
+        self.combine_instances_score_thresh = combine_instances_score_thresh
         # Loss names per task, as the branches return them; the detection names are learnt from the
         # first batch that runs the RPN and RoI heads (they depend on the heads: cascade, keypoints).
         self._loss_keys = {"sem_seg": ("loss_sem_seg",), "instances": None}
@@ -91,6 +116,13 @@ class Seg2MultiTaskRCNN(GeneralizedRCNN):
         ret["sem_seg_head"] = build_sem_seg_head(cfg, ret["backbone"].output_shape())
         ret["instance_loss_weight"] = cfg.MODEL.MULTITASK.INSTANCE_LOSS_WEIGHT
         ret["tiling"] = tiling
+        # Whether to merge a panoptic output is the data's decision, made by the resolve step
+        # (seg2.resolve_config), which also checks the class layout: a plain value here.
+        combine = cfg.MODEL.PANOPTIC_FPN.COMBINE
+        ret["combine_enabled"] = combine.ENABLED
+        ret["combine_overlap_thresh"] = combine.OVERLAP_THRESH
+        ret["combine_stuff_area_thresh"] = combine.STUFF_AREA_LIMIT
+        ret["combine_instances_score_thresh"] = combine.INSTANCES_CONFIDENCE_THRESH
         return ret
 
     def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
@@ -99,7 +131,8 @@ class Seg2MultiTaskRCNN(GeneralizedRCNN):
             batched_inputs (list[dict]): "image"; in training "instances" and/or "sem_seg".
 
         Returns:
-            training: dict of losses; inference: list of ``{"instances", "sem_seg"}``.
+            training: dict of losses; inference: list of ``{"instances", "sem_seg"}`` (and
+            "panoptic_seg" with ``combine_enabled``).
 
         Training in several processes, a task without any target in this process's batch gets
         its usual loss names with the value 0 and a zero gradient for each of its parameters
@@ -236,7 +269,8 @@ class Seg2MultiTaskRCNN(GeneralizedRCNN):
 
         Returns:
             do_postprocess: list of ``{"instances"}`` plus ``"sem_seg"`` ((K, height, width)
-            logits) when ``sem_seg``; otherwise (list[Instances], (N, K, H', W') padded logits
+            logits) when ``sem_seg``, and ``"panoptic_seg"`` (:meth:`combine_panoptic`) when also
+            ``combine_enabled``; otherwise (list[Instances], (N, K, H', W') padded logits
             or None).
         """
         assert not self.training
@@ -260,8 +294,35 @@ class Seg2MultiTaskRCNN(GeneralizedRCNN):
                 out["sem_seg"] = sem_seg_postprocess(logits, image_size, height, width)
             elif sem_seg:
                 out["sem_seg"] = sem_seg_postprocess(sem_seg_results[i], image_size, height, width)
+            if sem_seg and self.combine_enabled:
+                labels = out["sem_seg"].argmax(dim=0)
+                out["panoptic_seg"] = self.combine_panoptic(out["instances"], labels)
             processed.append(out)
         return processed
+
+    def combine_panoptic(self, instances: Instances, sem_seg_labels: torch.Tensor):
+        """
+        The panoptic segmentation of one image, as detectron2's PanopticFPN makes it: its
+        ``combine_semantic_and_instance_outputs`` with this model's thresholds.
+
+        Args:
+            instances (Instances): post-processed detections with "pred_masks", "scores",
+                "pred_classes" (contiguous thing ids).
+            sem_seg_labels (Tensor): (H, W) semantic classes (the argmax of the logits) in
+                detectron2's separated layout: 0 = any thing, k >= 1 = the k-th stuff class.
+
+        Returns:
+            (panoptic_seg, segments_info): (H, W) int32 segment ids (0: no segment) and per
+            segment a dict "id", "isthing", "category_id" (thing: contiguous thing id, with
+            "score" and "instance_id"; stuff: the semantic class k >= 1, with "area").
+        """
+        return combine_semantic_and_instance_outputs(
+            instances,
+            sem_seg_labels,
+            self.combine_overlap_thresh,
+            self.combine_stuff_area_thresh,
+            self.combine_instances_score_thresh,
+        )
 
 
 def _communicates(module: torch.nn.Module) -> bool:
