@@ -174,7 +174,9 @@ def test_no_panoptic_output_unless_enabled_on_panoptic_data(tiny_panoptic):
     # detectron2's default ENABLED=True on seg2_shapes (background + things, no panoptic metadata)
     cfg = base_cfg("quickstart/mask_rcnn_R18_FPN_fcn8s_shapes_cpu.yaml")
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = ("seg2_shapes_train",), ("seg2_shapes_val",)
-    assert cfg.MODEL.PANOPTIC_FPN.COMBINE.ENABLED
+    cfg.MODEL.PANOPTIC_FPN.COMBINE.ENABLED = True
+    cfg = seg2.resolve_config(cfg)  # the data decides: not panoptic
+    assert not cfg.MODEL.PANOPTIC_FPN.COMBINE.ENABLED
     model = build_model(cfg).eval()
     assert not model.combine_enabled and model_tasks(cfg) == {"instances", "sem_seg"}
     with torch.no_grad():
@@ -201,7 +203,7 @@ def test_head_classes_are_checked_against_the_datasets(tiny_panoptic):
     with pytest.raises(
         seg2.Seg2Error, match=r"MODEL.SEM_SEG_HEAD.NUM_CLASSES=4.*'seg2_test_panoptic_train'"
     ):
-        build_model(cfg)
+        seg2.resolve_config(cfg)
     # detectron2's "standard" layout (every class a semantic class), as coco_2017_val_panoptic
     standard = _metadata_only(
         "seg2_test_panoptic_standard",
@@ -217,7 +219,7 @@ def test_head_classes_are_checked_against_the_datasets(tiny_panoptic):
     cfg.DATASETS.TRAIN = cfg.DATASETS.TEST = (standard,)
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = 2
     with pytest.raises(seg2.Seg2Error) as e:
-        build_model(cfg)
+        seg2.resolve_config(cfg)
     message = str(e.value)
     assert (
         "MODEL.SEM_SEG_HEAD.NUM_CLASSES=3" in message
@@ -234,12 +236,12 @@ def test_head_classes_are_checked_against_the_datasets(tiny_panoptic):
     with pytest.raises(
         seg2.Seg2Error, match=r"MODEL.SEM_SEG_HEAD.NUM_CLASSES=3: DATASETS mix .*'seg2_test_plain'"
     ):
-        build_model(cfg)
+        seg2.resolve_config(cfg)
     # no masks to merge
     cfg = _quickstart_cfg()
     cfg.MODEL.MASK_ON = False
     with pytest.raises(seg2.Seg2Error, match="MODEL.MASK_ON"):
-        build_model(cfg)
+        seg2.resolve_config(cfg)
 
 
 def test_model_from_plain_arguments_checks_its_head(tiny_panoptic):
@@ -538,7 +540,7 @@ def test_predictor_returns_the_merge_of_its_outputs(tiny_panoptic, tiled):
     cfg = _quickstart_cfg(head_opts=LOW_THRESHOLDS + ["INPUT.MIN_SIZE_TEST", 0])
     if tiled:
         cfg.merge_from_list(
-            ["SEG2.TILING.ENABLED", True, "SEG2.TILING.TILE_SIZE", 32, "SEG2.TILING.STRIDE", 32]
+            ["TEST.TILING.ENABLED", True, "TEST.TILING.TILE_SIZE", 32, "TEST.TILING.STRIDE", 32]
         )
     torch.manual_seed(0)
     predictor = Seg2Predictor(cfg)
