@@ -563,6 +563,8 @@ def test_tta_merges_the_augmented_outputs(tiny_panoptic):
         [
             "TEST.AUG.ENABLED",
             True,
+            "TEST.AUG.SCALE_RATIOS",
+            (),
             "TEST.AUG.MIN_SIZES",
             (64, 80),
             "TEST.AUG.MAX_SIZE",
