@@ -3,6 +3,7 @@
 
 detectron2 itself is not on PyPI: install it from source first (see README.md).
 """
+
 from setuptools import find_packages, setup
 
 setup(

@@ -19,7 +19,9 @@ def _check_detectron2():
     try:
         import detectron2
     except ImportError as e:
-        raise ImportError(f"seg2 needs detectron2, which is not importable ({e}).\n{_INSTALL_HINT}") from e
+        raise ImportError(
+            f"seg2 needs detectron2, which is not importable ({e}).\n{_INSTALL_HINT}"
+        ) from e
     version = getattr(detectron2, "__version__", "0")
     try:
         parsed = tuple(int(p) for p in version.split(".")[:2])
@@ -34,10 +36,19 @@ def _check_detectron2():
 
 _check_detectron2()
 
+from . import (
+    data,  # noqa: E402,F401  (registers datasets)
+    modeling,  # noqa: E402,F401  (registers model parts)
+)
 from .config import add_seg2_config, load_seg2_config  # noqa: E402
-from .utils import Seg2Error  # noqa: E402
-from . import data  # noqa: E402,F401  (registers datasets)
-from . import modeling  # noqa: E402,F401  (registers model parts)
 from .resolve import resolve_config  # noqa: E402
+from .utils import Seg2Error  # noqa: E402
 
-__all__ = ["add_seg2_config", "load_seg2_config", "resolve_config", "Seg2Error", "data", "__version__"]
+__all__ = [
+    "add_seg2_config",
+    "load_seg2_config",
+    "resolve_config",
+    "Seg2Error",
+    "data",
+    "__version__",
+]

@@ -1,6 +1,5 @@
 """seg2's config keys, added to a detectron2 CfgNode by :func:`add_seg2_config`."""
 
-
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
@@ -14,7 +13,8 @@ def add_seg2_config(cfg):
     """
     cfg.SEG2 = CN()
     # Where the synthetic "seg2_shapes" dataset is generated and cached. Empty: the environment
-    # variable SEG2_SHAPES_ROOT, else $DETECTRON2_DATASETS/seg2_shapes (default datasets/seg2_shapes).
+    # variable SEG2_SHAPES_ROOT, else $DETECTRON2_DATASETS/seg2_shapes (default
+    # datasets/seg2_shapes).
     # The panoptic variant (seg2_shapes_panoptic_*) goes beside it, into <that folder>_panoptic.
     cfg.SEG2.SHAPES_ROOT = ""
     # Training data (seg2.data.MultiTaskDatasetMapper): an image or label map that cannot be
@@ -89,7 +89,8 @@ _TILING_KEYS = ("ENABLED", "TILE_SIZE", "STRIDE", "BATCH_SIZE", "BLEND", "MARGIN
 _RENAMED_KEYS = {
     "SEG2.INPUT.IGNORE_LABEL": (
         "MODEL.SEM_SEG_HEAD.IGNORE_VALUE",
-        "detectron2's key, which the semantic head's loss and seg2's mapper read; it must equal the "
+        "detectron2's key, which the semantic head's loss and seg2's mapper read; it must equal "
+        "the "
         "datasets' metadata ignore_label (255 for seg2's datasets).",
     ),
     "SEG2.INPUT.SINGLE_CATEGORY_MAX_AREA": (
@@ -106,7 +107,8 @@ _RENAMED_KEYS = {
         "detectron2's nodes",
         "SEG2.INPUT.PAD_TO_CROP_SIZE is now INPUT.CROP.PAD_TO_SIZE, SEG2.INPUT.IGNORE_LABEL "
         "MODEL.SEM_SEG_HEAD.IGNORE_VALUE, SEG2.INPUT.SINGLE_CATEGORY_MAX_AREA "
-        "INPUT.CROP.SINGLE_CATEGORY_MAX_AREA, SEG2.INPUT.NUM_SEM_SEG_CLASSES MODEL.SEM_SEG_HEAD.NUM_CLASSES.",
+        "INPUT.CROP.SINGLE_CATEGORY_MAX_AREA, SEG2.INPUT.NUM_SEM_SEG_CLASSES "
+        "MODEL.SEM_SEG_HEAD.NUM_CLASSES.",
     ),
     "SEG2.DATALOADER.MAX_BAD_SAMPLE_SHARE": ("DATALOADER.MAX_BAD_SAMPLE_SHARE", None),
     "SEG2.DATALOADER": (
@@ -163,7 +165,13 @@ def _add_modeling_config(cfg):
     cfg.MODEL.VGG.OUT_FEATURES = []
     # The classic U-Net contracting path (build_unet_encoder_backbone).
     cfg.MODEL.UNET_ENCODER = CN()
-    cfg.MODEL.UNET_ENCODER.CHANNELS = [64, 128, 256, 512, 1024]  # enc1 (stride 1) ... enc5 (stride 16)
+    cfg.MODEL.UNET_ENCODER.CHANNELS = [
+        64,
+        128,
+        256,
+        512,
+        1024,
+    ]  # enc1 (stride 1) ... enc5 (stride 16)
     cfg.MODEL.UNET_ENCODER.PADDING = "valid"  # "valid" (the paper) or "same"
     cfg.MODEL.UNET_ENCODER.NORM = ""
     cfg.MODEL.UNET_ENCODER.OUT_FEATURES = []  # [] for all
@@ -212,7 +220,8 @@ def _add_modeling_config(cfg):
     # The semantic loss of every seg2 head (seg2.modeling.losses), also inside Seg2MultiTaskRCNN.
     # detectron2's MODEL.SEM_SEG_HEAD.LOSS_TYPE picks it: "cross_entropy", "hard_pixel_mining",
     # "focal", "dice", "lovasz" or a sum such as "cross_entropy+dice"; IGNORE_VALUE is left out.
-    # LOSS_TOP_K: fraction of the labelled pixels "hard_pixel_mining" keeps (detectron2's DeepLab: 0.2).
+    # LOSS_TOP_K: fraction of the labelled pixels "hard_pixel_mining" keeps (detectron2's DeepLab:
+    # 0.2).
     cfg.MODEL.SEM_SEG_HEAD.LOSS_TOP_K = 0.2
     # FOCAL_GAMMA: the focusing parameter of "focal" (Lin et al.: 2).
     cfg.MODEL.SEM_SEG_HEAD.FOCAL_GAMMA = 2.0

@@ -17,7 +17,8 @@ Formats: TorchScript by ``torch.jit.trace``, ONNX by the TorchScript-based expor
 (``torch.onnx.export(..., dynamo=False)``). The default ``dynamo=True`` exporter of torch 2.13
 goes through ``torch.export``, which fails on detectron2's ``TracingAdapter`` for every seg2
 model tried (FCN, U-Net, SegNet; Mask R-CNN was not tried), while the tracing exporter works on
-the same adapter. ``torch.jit.script`` of seg2's models fails (detectron2's ``Conv2d`` with a functional
+the same adapter. ``torch.jit.script`` of seg2's models fails (detectron2's ``Conv2d`` with a
+functional
 activation, heads that index a ``ModuleDict`` by feature name); :func:`export_scripting` reports
 that as an error naming the cause.
 
@@ -60,7 +61,9 @@ FORMATS = ("torchscript", "onnx")
 ONNX_OPSET = 17
 
 
-def load_weights_for_export(model: torch.nn.Module, weights: str, allow_random: bool = False) -> None:
+def load_weights_for_export(
+    model: torch.nn.Module, weights: str, allow_random: bool = False
+) -> None:
     """
     Load ``weights`` (``MODEL.WEIGHTS``) into ``model`` strictly: every parameter must come from
     the file (:class:`~seg2.checkpoint.Seg2Checkpointer`), else a one-line :class:`Seg2Error`.
@@ -70,10 +73,15 @@ def load_weights_for_export(model: torch.nn.Module, weights: str, allow_random: 
     if not weights:
         if not allow_random:
             raise Seg2Error(
-                "MODEL.WEIGHTS is empty: the export would hold a randomly initialised model. Set MODEL.WEIGHTS "
-                "to a trained checkpoint, or pass --allow-random-weights to export the initialisation on purpose"
+                "MODEL.WEIGHTS is empty: the export would hold a randomly initialised model. Set "
+                "MODEL.WEIGHTS "
+                "to a trained checkpoint, or pass --allow-random-weights to export the "
+                "initialisation on purpose"
             )
-        logger.warning("MODEL.WEIGHTS is empty: exporting a randomly initialised model (--allow-random-weights)")
+        logger.warning(
+            "MODEL.WEIGHTS is empty: exporting a randomly initialised model "
+            "(--allow-random-weights)"
+        )
         return
     Seg2Checkpointer(model, strict=True).load(weights, checkpointables=[])
 
@@ -134,10 +142,17 @@ def export_tracing(model: torch.nn.Module, image: torch.Tensor, fmt: str, output
         else:
             path = os.path.join(output_dir, "model.onnx")
             torch.onnx.export(
-                adapter, (image,), path, opset_version=ONNX_OPSET, dynamo=False,
-                input_names=["image"], output_names=[f"output{i}" for i in range(len(outputs))],
+                adapter,
+                (image,),
+                path,
+                opset_version=ONNX_OPSET,
+                dynamo=False,
+                input_names=["image"],
+                output_names=[f"output{i}" for i in range(len(outputs))],
             )
-    logger.info("Exported %s to %s; outputs schema: %s", type(model).__name__, path, adapter.outputs_schema)
+    logger.info(
+        "Exported %s to %s; outputs schema: %s", type(model).__name__, path, adapter.outputs_schema
+    )
     return path, adapter
 
 
@@ -152,7 +167,8 @@ def export_scripting(model: torch.nn.Module, output_dir: str) -> str:
     except Exception as e:  # torch raises RuntimeError / NotSupportedError / frontend errors
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise Seg2Error(
-            f"torch.jit.script cannot compile {type(model).__name__} ({type(e).__name__}: {first[:200]}); "
+            f"torch.jit.script cannot compile {type(model).__name__} ({type(e).__name__}: "
+            f"{first[:200]}); "
             "export it with --export-method tracing instead"
         ) from e
     os.makedirs(output_dir, exist_ok=True)
@@ -177,7 +193,9 @@ def load_exported(path: str, threads: int = 0) -> Callable[[torch.Tensor], List[
         name = session.get_inputs()[0].name
 
         def run_onnx(image: torch.Tensor) -> List[torch.Tensor]:
-            return [torch.from_numpy(o) for o in session.run(None, {name: image.detach().cpu().numpy()})]
+            return [
+                torch.from_numpy(o) for o in session.run(None, {name: image.detach().cpu().numpy()})
+            ]
 
         return run_onnx
     module = torch.jit.load(path, map_location="cpu")
@@ -200,7 +218,9 @@ def _eager(model: torch.nn.Module, adapter: TracingAdapter, image: torch.Tensor)
         return adapter.outputs_schema(adapter(image))
 
 
-def compare_with_eager(model: torch.nn.Module, adapter: TracingAdapter, run: Callable, image: torch.Tensor) -> dict:
+def compare_with_eager(
+    model: torch.nn.Module, adapter: TracingAdapter, run: Callable, image: torch.Tensor
+) -> dict:
     """
     The exported model (``run``, from :func:`load_exported`) against the eager one on ``image``:
     ``{"sem_seg_max_abs", "sem_seg_argmax_equal", "instances", "instances_eager",
@@ -211,7 +231,9 @@ def compare_with_eager(model: torch.nn.Module, adapter: TracingAdapter, run: Cal
     report = {}
     if "sem_seg" in ref:
         report["sem_seg_max_abs"] = (got["sem_seg"] - ref["sem_seg"]).abs().max().item()
-        report["sem_seg_argmax_equal"] = bool(torch.equal(got["sem_seg"].argmax(0), ref["sem_seg"].argmax(0)))
+        report["sem_seg_argmax_equal"] = bool(
+            torch.equal(got["sem_seg"].argmax(0), ref["sem_seg"].argmax(0))
+        )
     if "instances" in ref:
         a, b = got["instances"], ref["instances"]
         report["instances"], report["instances_eager"] = len(a), len(b)

@@ -10,7 +10,8 @@ is loaded and before any model, mapper, loss or evaluator is built.
   the ignore value (``MODEL.SEM_SEG_HEAD.IGNORE_VALUE`` against ``ignore_label``: one value from
   label file to loss to metric), and whether the meta-architecture can run the inference mode
   asked for (``TEST.TILING``);
-* decides whether ``Seg2MultiTaskRCNN`` merges a panoptic output: ``MODEL.PANOPTIC_FPN.COMBINE.ENABLED``
+* decides whether ``Seg2MultiTaskRCNN`` merges a panoptic output:
+``MODEL.PANOPTIC_FPN.COMBINE.ENABLED``
   stays on only for panoptic datasets in detectron2's separated class layout (checked, naming the
   key), and is turned off, with one log line, for data without panoptic metadata;
 * turns ``MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING`` into numbers in ``MODEL.SEM_SEG_HEAD.CLASS_WEIGHT``
@@ -76,7 +77,11 @@ def resolve_config(cfg, *, class_weights: bool = True):
 
 
 def _dataset_names(cfg) -> List[str]:
-    names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST) + list(cfg.SEG2.BEST_CHECKPOINT.TEST_DATASETS)
+    names = (
+        list(cfg.DATASETS.TRAIN)
+        + list(cfg.DATASETS.TEST)
+        + list(cfg.SEG2.BEST_CHECKPOINT.TEST_DATASETS)
+    )
     return list(dict.fromkeys(names))
 
 
@@ -86,14 +91,17 @@ def _check_inference_mode(cfg, tasks):
     name = cfg.MODEL.META_ARCHITECTURE
     if tasks is not None and "sem_seg" not in tasks:
         raise Seg2Error(
-            f"TEST.TILING.ENABLED=True but MODEL.META_ARCHITECTURE={name!r} predicts no semantic map; tiling applies "
+            f"TEST.TILING.ENABLED=True but MODEL.META_ARCHITECTURE={name!r} predicts no semantic "
+            "map; tiling applies "
             "to semantic models and the semantic branch of multi-task ones"
         )
     arch = META_ARCH_REGISTRY.get(name) if name in META_ARCH_REGISTRY else None
     if not getattr(arch, "tiles_in_inference", False):
         raise Seg2Error(
-            f"TEST.TILING.ENABLED=True but MODEL.META_ARCHITECTURE={name!r} does not tile in its inference: use "
-            "Seg2SemanticSegmentor (semantic) or Seg2MultiTaskRCNN (instances + semantic), which run the same "
+            f"TEST.TILING.ENABLED=True but MODEL.META_ARCHITECTURE={name!r} does not tile in its "
+            "inference: use "
+            "Seg2SemanticSegmentor (semantic) or Seg2MultiTaskRCNN (instances + semantic), which "
+            "run the same "
             "heads (detectron2's SemSegFPNHead too)"
         )
 
@@ -124,11 +132,17 @@ def check_class_counts(cfg, tasks, dataset_names: Sequence[str]):
     checks = []
     if tasks is None or "instances" in tasks:
         if name == "RetinaNet":
-            checks.append(("MODEL.RETINANET.NUM_CLASSES", cfg.MODEL.RETINANET.NUM_CLASSES, "thing_classes"))
+            checks.append(
+                ("MODEL.RETINANET.NUM_CLASSES", cfg.MODEL.RETINANET.NUM_CLASSES, "thing_classes")
+            )
         elif tasks is not None:
-            checks.append(("MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL.ROI_HEADS.NUM_CLASSES, "thing_classes"))
+            checks.append(
+                ("MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL.ROI_HEADS.NUM_CLASSES, "thing_classes")
+            )
     if tasks is not None and "sem_seg" in tasks:
-        checks.append(("MODEL.SEM_SEG_HEAD.NUM_CLASSES", cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, "stuff_classes"))
+        checks.append(
+            ("MODEL.SEM_SEG_HEAD.NUM_CLASSES", cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, "stuff_classes")
+        )
     registered = set(DatasetCatalog.list())
     for dataset in dataset_names:
         if dataset not in registered:
@@ -138,7 +152,8 @@ def check_class_counts(cfg, tasks, dataset_names: Sequence[str]):
             if classes is not None and len(classes) != n:
                 raise Seg2Error(
                     f"{key}={n} but dataset {dataset!r} has {len(classes)} {field} "
-                    f"({list(classes)[:6]}{'...' if len(classes) > 6 else ''}); set {key}: {len(classes)}"
+                    f"({list(classes)[:6]}{'...' if len(classes) > 6 else ''}); set {key}: "
+                    f"{len(classes)}"
                 )
 
 
@@ -151,7 +166,8 @@ def _check_ignore_value(ignore_value: int, dataset_names: Sequence[str]):
         ignore = MetadataCatalog.get(name).get("ignore_label", None) if name in registered else None
         if ignore is not None and ignore != ignore_value:
             raise Seg2Error(
-                f"dataset {name!r} has ignore_label={ignore} in its metadata but MODEL.SEM_SEG_HEAD.IGNORE_VALUE="
+                f"dataset {name!r} has ignore_label={ignore} in its metadata but "
+                "MODEL.SEM_SEG_HEAD.IGNORE_VALUE="
                 f"{ignore_value}: the loss would train on the pixels its metrics skip; set "
                 f"MODEL.SEM_SEG_HEAD.IGNORE_VALUE: {ignore} (or correct the dataset's metadata)"
             )
@@ -164,17 +180,21 @@ def _resolve_class_weights(cfg):
         return
     if len(sem.CLASS_WEIGHT):
         logger.warning(
-            f"MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING={method!r} and CLASS_WEIGHT are both set: using CLASS_WEIGHT as "
+            f"MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING={method!r} and CLASS_WEIGHT are both set: using "
+            "CLASS_WEIGHT as "
             "given (a resolved run's config.yaml); clear it to count the weights again"
         )
         return
     names = tuple(cfg.DATASETS.TRAIN)
     if not names and method:
         raise Seg2Error(
-            f"MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING={method!r} computes the weights from DATASETS.TRAIN, which is empty"
+            f"MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING={method!r} computes the weights from "
+            "DATASETS.TRAIN, which is empty"
         )
     with config_keys({"method": "MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING"}):
-        weights = class_weights_for_datasets(names, sem.NUM_CLASSES, method, ignore_label=sem.IGNORE_VALUE)
+        weights = class_weights_for_datasets(
+            names, sem.NUM_CLASSES, method, ignore_label=sem.IGNORE_VALUE
+        )
     sem.CLASS_WEIGHT = [float(w) for w in weights]
 
 

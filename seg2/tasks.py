@@ -6,7 +6,8 @@ META_ARCH_TASKS = {
     "GeneralizedRCNN": frozenset({"instances"}),
     "ProposalNetwork": frozenset(),
     "SemanticSegmentor": frozenset({"sem_seg"}),
-    # panoptic_seg only while MODEL.PANOPTIC_FPN.COMBINE.ENABLED (detectron2's default), see model_tasks
+    # panoptic_seg only while MODEL.PANOPTIC_FPN.COMBINE.ENABLED (detectron2's default), see
+    # model_tasks
     "PanopticFPN": frozenset({"instances", "sem_seg", "panoptic_seg"}),
 }
 
@@ -16,12 +17,15 @@ def model_tasks(cfg) -> frozenset:
     name = cfg.MODEL.META_ARCHITECTURE
     if name not in META_ARCH_TASKS:
         raise KeyError(
-            f"MODEL.META_ARCHITECTURE={name!r}: seg2 does not know which outputs it predicts; add it "
+            f"MODEL.META_ARCHITECTURE={name!r}: seg2 does not know which outputs it predicts; add "
+            "it "
             "to seg2.tasks.META_ARCH_TASKS"
         )
     tasks = META_ARCH_TASKS[name]
     if name == "PanopticFPN" and not cfg.MODEL.PANOPTIC_FPN.COMBINE.ENABLED:
-        tasks = tasks - {"panoptic_seg"}  # PanopticFPN.forward combines the outputs only when enabled
+        tasks = tasks - {
+            "panoptic_seg"
+        }  # PanopticFPN.forward combines the outputs only when enabled
     if name == "Seg2MultiTaskRCNN" and cfg.MODEL.PANOPTIC_FPN.COMBINE.ENABLED:
         # The resolve step (seg2.resolve_config) turns it off for data that is not panoptic.
         tasks = tasks | {"panoptic_seg"}

@@ -29,7 +29,9 @@ def tiny_shapes_root(tmp_path_factory):
 def shared_fixtures():
     """The team's real fixtures in ../shared/fixtures; absent for users outside the team."""
     if not os.path.isdir(SHARED_FIXTURES):
-        pytest.skip(f"{SHARED_FIXTURES} is absent: the shared fixtures are only in the seg2 team's checkout")
+        pytest.skip(
+            f"{SHARED_FIXTURES} is absent: the shared fixtures are only in the seg2 team's checkout"
+        )
     return SHARED_FIXTURES
 
 

@@ -52,7 +52,9 @@ def _vgg(cfg, out_features, fc_dim=32, pad100=False):
 
 
 def _resnet(cfg, out_features, deeplab=False):
-    cfg.MODEL.BACKBONE.NAME = "build_resnet_deeplab_backbone" if deeplab else "build_resnet_backbone"
+    cfg.MODEL.BACKBONE.NAME = (
+        "build_resnet_deeplab_backbone" if deeplab else "build_resnet_backbone"
+    )
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
     r = cfg.MODEL.RESNETS
     r.NORM, r.OUT_FEATURES = "BN", out_features
@@ -77,7 +79,12 @@ def tiny_semantic_cfg(head: str, backbone: str, num_classes: int = 4):
     cfg.MODEL.PIXEL_STD = [57.0, 57.0, 57.0]
     sem = cfg.MODEL.SEM_SEG_HEAD
     sem.NAME = head
-    sem.NUM_CLASSES, sem.IGNORE_VALUE, sem.LOSS_TYPE, sem.NORM = num_classes, 255, "cross_entropy", "BN"
+    sem.NUM_CLASSES, sem.IGNORE_VALUE, sem.LOSS_TYPE, sem.NORM = (
+        num_classes,
+        255,
+        "cross_entropy",
+        "BN",
+    )
     res = ["res2", "res3", "res4", "res5"]
     if head == "FCNHead":
         if backbone in ("vgg", "vgg_pad100"):
@@ -90,7 +97,9 @@ def tiny_semantic_cfg(head: str, backbone: str, num_classes: int = 4):
         if backbone.startswith("unet"):
             padding = backbone.split("_")[1]
             _unet_encoder(cfg, padding, (8, 8, 16) if padding == "valid" else (8, 8, 16, 16, 16))
-            sem.IN_FEATURES = [f"enc{i}" for i in range(1, len(cfg.MODEL.UNET_ENCODER.CHANNELS) + 1)]
+            sem.IN_FEATURES = [
+                f"enc{i}" for i in range(1, len(cfg.MODEL.UNET_ENCODER.CHANNELS) + 1)
+            ]
             cfg.MODEL.UNET_HEAD.PADDING = padding
         else:
             _resnet(cfg, res, deeplab=backbone == "deeplab_resnet")
@@ -108,8 +117,17 @@ def tiny_semantic_cfg(head: str, backbone: str, num_classes: int = 4):
             cfg.MODEL.SEGNET_HEAD.UPSAMPLE = "bilinear"
     elif head == "Seg2DeepLabV3PlusHead":
         _resnet(cfg, ["res2", "res5"], deeplab=backbone == "deeplab_resnet")
-        sem.IN_FEATURES, sem.PROJECT_FEATURES, sem.PROJECT_CHANNELS = ["res2", "res5"], ["res2"], [8]
-        sem.ASPP_CHANNELS, sem.CONVS_DIM, sem.ASPP_DILATIONS, sem.ASPP_DROPOUT = 16, 16, [2, 4, 6], 0.0
+        sem.IN_FEATURES, sem.PROJECT_FEATURES, sem.PROJECT_CHANNELS = (
+            ["res2", "res5"],
+            ["res2"],
+            [8],
+        )
+        sem.ASPP_CHANNELS, sem.CONVS_DIM, sem.ASPP_DILATIONS, sem.ASPP_DROPOUT = (
+            16,
+            16,
+            [2, 4, 6],
+            0.0,
+        )
         sem.COMMON_STRIDE = 4
     else:
         raise ValueError(head)
@@ -130,7 +148,9 @@ def mapped_inputs(cfg, records, size=64):
     cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (size,), size
     cfg.INPUT.RANDOM_FLIP = "none"
     cfg.INPUT.CROP.ENABLED = False
-    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 4  # background + the 3 shapes: the label values the mapper accepts
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = (
+        4  # background + the 3 shapes: the label values the mapper accepts
+    )
     mapper = MultiTaskDatasetMapper(cfg, True)
     return [mapper(r) for r in records]
 

@@ -8,9 +8,10 @@ import subprocess
 
 import pytest
 import torch
-from seg2_model_helpers import import_tool, register_tiny_shapes
 
 import seg2
+
+from seg2_model_helpers import import_tool, register_tiny_shapes
 
 ablation = import_tool("ablation.runner")
 report = import_tool("ablation.report")
@@ -39,7 +40,8 @@ def test_mean_std_and_the_papers_ordering_by_hand():
         _row("align", 3, "ROIAlign", 61.0, 90.0, 72.0),
     ]  # fmt: skip
     aggs = {a["variant"]: a for a in report.aggregate(rows, "poolers")}
-    # align: mask AP 60, 58, 61 -> mean 59.667, sample std sqrt(((.333)^2 + (1.667)^2 + (1.333)^2) / 2) = 1.528
+    # align: mask AP 60, 58, 61 -> mean 59.667, sample std sqrt(((.333)^2 + (1.667)^2 + (1.333)^2)
+    # / 2) = 1.528
     assert aggs["align"]["mask_AP"] == pytest.approx(59.6667, abs=1e-4)
     assert aggs["align"]["mask_AP_std"] == pytest.approx(1.5275, abs=1e-4)
     # pool: the diverged seed is left out: 50, 59 -> mean 54.5, std 6.364; n = 2 of 3 runs
@@ -75,9 +77,11 @@ def test_ordering_only_on_complete_seeds_gaps_of_variant_means_and_single_values
         1,
         [2, 3],
     )
-    # variant means: align AP 46.667, AP50 76.667, AP75 53.333; warp 50 / 84 / 55; pool (n=1) 40 / 85 / 44.
+    # variant means: align AP 46.667, AP50 76.667, AP75 53.333; warp 50 / 84 / 55; pool (n=1) 40 /
+    # 85 / 44.
     # Gap = align - mean(warp, pool): AP 46.667 - 45 = 1.667; AP50 76.667 - 84.5 = -7.833;
-    # AP75 53.333 - 49.5 = 3.833 (pooling the 3 runs of the others instead would give 53.333 - 51.333 = 2.0)
+    # AP75 53.333 - 49.5 = 3.833 (pooling the 3 runs of the others instead would give 53.333 -
+    # 51.333 = 2.0)
     assert verdict["gaps"]["mask_AP"] == pytest.approx(1.6667, abs=1e-4)
     assert verdict["gaps"]["mask_AP50"] == pytest.approx(-7.8333, abs=1e-4)
     assert (
@@ -258,7 +262,8 @@ def test_a_run_folder_is_reused_only_with_its_whole_setting(tiny_data, tmp_path)
         ablation.run_ablation(
             [str(config)], [1], str(out), TINY_OPTS + ["SOLVER.MAX_ITER", "3"], command="test"
         )
-    # rerun_changed: the old folder is kept aside, the run trains with the new setting and records it
+    # rerun_changed: the old folder is kept aside, the run trains with the new setting and records
+    # it
     opts = TINY_OPTS + ["SOLVER.MAX_ITER", "3"]
     (row,) = ablation.run_ablation(
         [str(config)], [1], str(out), opts, command="test", rerun_changed=True

@@ -1,4 +1,5 @@
-"""SOLVER.AMP.ENABLED on the CPU: bfloat16 autocast steps for every head family, SegNet-Basic, the\nmulti-task models and Mask R-CNN; seg2's Trainer picks Seg2AMPTrainer."""
+"""SOLVER.AMP.ENABLED on the CPU: bfloat16 autocast steps for every head family, SegNet-Basic, the
+multi-task models and Mask R-CNN; seg2's Trainer picks Seg2AMPTrainer."""
 
 import os
 
@@ -9,11 +10,24 @@ from detectron2.modeling import build_model
 
 import seg2
 from seg2.engine import Seg2AMPTrainer, Trainer
-from seg2_model_helpers import CONFIGS, base_cfg, load_records, mapped_inputs, one_thread, register_tiny_shapes, tiny_semantic_cfg  # noqa: F401
+
+from seg2_model_helpers import (
+    CONFIGS,
+    base_cfg,
+    load_records,
+    mapped_inputs,
+    register_tiny_shapes,
+    tiny_semantic_cfg,
+)  # noqa: F401
 
 # One model per semantic head family (SegNet with max-unpooling on VGG's indices), and the
 # multi-task Mask R-CNN with an FCN-8s and a U-Net head.
-FAMILIES = [("FCNHead", "vgg"), ("UNetHead", "unet_same"), ("SegNetHead", "vgg"), ("Seg2DeepLabV3PlusHead", "resnet")]
+FAMILIES = [
+    ("FCNHead", "vgg"),
+    ("UNetHead", "unet_same"),
+    ("SegNetHead", "vgg"),
+    ("Seg2DeepLabV3PlusHead", "resnet"),
+]
 # ... and Mask R-CNN alone with seg2's RoIWarp-max pooler (max over roi_align samples).
 RCNN = [
     "quickstart/mask_rcnn_R18_FPN_fcn8s_shapes_cpu.yaml",
@@ -25,7 +39,10 @@ RCNN = [
 def _semantic_batch(num_classes=4, n=2, size=64):
     g = torch.Generator().manual_seed(0)
     return [
-        {"image": torch.rand(3, size, size, generator=g) * 255, "sem_seg": torch.randint(0, num_classes, (size, size), generator=g)}
+        {
+            "image": torch.rand(3, size, size, generator=g) * 255,
+            "sem_seg": torch.randint(0, num_classes, (size, size), generator=g),
+        }
         for _ in range(n)
     ]
 
@@ -57,8 +74,14 @@ def test_semantic_head_trains_under_bf16_autocast(head, backbone):
     for losses in loss_dicts:
         assert losses["loss_sem_seg"].dtype == torch.float32  # seg2's loss in float32
         assert torch.isfinite(losses["loss_sem_seg"])
-    changed = [k for k, p in model.named_parameters() if k in before and not torch.equal(before[k], p.detach())]
-    assert any(k.startswith("sem_seg_head.") for k in changed) and any(k.startswith("backbone.") for k in changed)
+    changed = [
+        k
+        for k, p in model.named_parameters()
+        if k in before and not torch.equal(before[k], p.detach())
+    ]
+    assert any(k.startswith("sem_seg_head.") for k in changed) and any(
+        k.startswith("backbone.") for k in changed
+    )
     assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay float32
 
 
@@ -83,14 +106,21 @@ def test_every_loss_term_is_float32_and_finite_under_autocast():
 
 def test_segnet_basic_trains_under_bf16_autocast():
     """SegNet-Basic (input LRN, 7x7 convs, max-unpooling) at 16 channels instead of 64."""
-    cfg = base_cfg("camvid/segnet-basic-tutorial-weights_10k_camvid.yaml")  # fixed weights: no data read
+    cfg = base_cfg(
+        "camvid/segnet-basic-tutorial-weights_10k_camvid.yaml"
+    )  # fixed weights: no data read
     cfg.MODEL.SEGNET_BASIC.CHANNELS = 16
     torch.manual_seed(0)
     model = build_model(cfg)
     loss_dicts, conv_dtypes, before = _amp_steps(model, _semantic_batch(num_classes=11, size=48))
     assert torch.bfloat16 in conv_dtypes
-    assert all(torch.isfinite(d["loss_sem_seg"]) and d["loss_sem_seg"].dtype == torch.float32 for d in loss_dicts)
-    assert any(not torch.equal(before[k], p.detach()) for k, p in model.named_parameters() if k in before)
+    assert all(
+        torch.isfinite(d["loss_sem_seg"]) and d["loss_sem_seg"].dtype == torch.float32
+        for d in loss_dicts
+    )
+    assert any(
+        not torch.equal(before[k], p.detach()) for k, p in model.named_parameters() if k in before
+    )
 
 
 @pytest.mark.parametrize("config", RCNN, ids=lambda c: os.path.basename(c))
@@ -107,8 +137,14 @@ def test_rcnn_models_train_under_bf16_autocast(config, tiny_shapes_root):
         assert {"loss_rpn_cls", "loss_cls", "loss_box_reg", "loss_mask"} <= set(losses)
         assert all(torch.isfinite(v) for v in losses.values()), losses
         assert not multitask or losses["loss_sem_seg"].dtype == torch.float32
-    changed = {k.split(".")[0] for k, p in model.named_parameters() if k in before and not torch.equal(before[k], p.detach())}
-    assert {"backbone", "roi_heads", "proposal_generator"} | ({"sem_seg_head"} if multitask else set()) <= changed
+    changed = {
+        k.split(".")[0]
+        for k, p in model.named_parameters()
+        if k in before and not torch.equal(before[k], p.detach())
+    }
+    assert {"backbone", "roi_heads", "proposal_generator"} | (
+        {"sem_seg_head"} if multitask else set()
+    ) <= changed
 
 
 def test_trainer_with_amp_enabled_trains_on_the_cpu(tiny_shapes_root, tmp_path):
@@ -118,16 +154,22 @@ def test_trainer_with_amp_enabled_trains_on_the_cpu(tiny_shapes_root, tmp_path):
         register_tiny_shapes(f"seg2_test_amp_{split}", tiny_shapes_root, split)
     cfg = get_cfg()
     seg2.add_seg2_config(cfg)
-    cfg.merge_from_file(os.path.join(CONFIGS, "quickstart", "mask_rcnn_R18_FPN_unet_shapes_cpu.yaml"))
+    cfg.merge_from_file(
+        os.path.join(CONFIGS, "quickstart", "mask_rcnn_R18_FPN_unet_shapes_cpu.yaml")
+    )
     cfg.merge_from_list([
         "SOLVER.AMP.ENABLED", True, "DATASETS.TRAIN", ("seg2_test_amp_train",), "DATASETS.TEST", (),
         "INPUT.MIN_SIZE_TRAIN", (64,), "INPUT.MAX_SIZE_TRAIN", 64, "SOLVER.IMS_PER_BATCH", 2,
-        "SOLVER.MAX_ITER", 2, "DATALOADER.NUM_WORKERS", 0, "SEG2.BEST_CHECKPOINT.METRIC", "", "SEG2.BEST_CHECKPOINT.METRICS", [],
+        "SOLVER.MAX_ITER", 2, "DATALOADER.NUM_WORKERS", 0, "SEG2.BEST_CHECKPOINT.METRIC", "",
+        "SEG2.BEST_CHECKPOINT.METRICS", [],
         "SEG2.BEST_CHECKPOINT.WEIGHTS", [],
         "TEST.EVAL_PERIOD", 0, "OUTPUT_DIR", str(tmp_path), "MODEL.DEVICE", "cpu",
     ])  # fmt: skip
     trainer = Trainer(cfg)
-    assert isinstance(trainer._trainer, Seg2AMPTrainer) and trainer._trainer.precision == torch.bfloat16
+    assert (
+        isinstance(trainer._trainer, Seg2AMPTrainer)
+        and trainer._trainer.precision == torch.bfloat16
+    )
     trainer.resume_or_load(resume=False)
     trainer.train()
     losses = [v for v, _ in trainer.storage.history("total_loss").values()]

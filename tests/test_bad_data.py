@@ -57,7 +57,10 @@ def _folder(root, n=6, bad=()):
     os.makedirs(os.path.join(root, "labels"), exist_ok=True)
     records = []
     for i in range(n):
-        img, lbl = os.path.join(root, "images", f"{i:02d}.jpg"), os.path.join(root, "labels", f"{i:02d}.png")
+        img, lbl = (
+            os.path.join(root, "images", f"{i:02d}.jpg"),
+            os.path.join(root, "labels", f"{i:02d}.png"),
+        )
         _image(img, i)
         _label(lbl, 9 if bad.get(i) == "label_value" else 1)
         kind = bad.get(i)
@@ -70,7 +73,9 @@ def _folder(root, n=6, bad=()):
                 f.write("not an image\n")
         elif kind == "label_truncated":
             _truncate(lbl)
-        records.append({"file_name": img, "sem_seg_file_name": lbl, "height": S, "width": S, "image_id": i})
+        records.append(
+            {"file_name": img, "sem_seg_file_name": lbl, "height": S, "width": S, "image_id": i}
+        )
     return records
 
 
@@ -88,8 +93,12 @@ def _cfg(**keys):
 
 
 KINDS = {1: "truncated", 2: "empty", 3: "text", 4: "label_truncated"}
-REASONS = {1: "image file is truncated", 2: "cannot identify image file", 3: "cannot identify image file",
-           4: "cannot read the label map"}
+REASONS = {
+    1: "image file is truncated",
+    2: "cannot identify image file",
+    3: "cannot identify image file",
+    4: "cannot read the label map",
+}
 
 
 def test_training_skips_undecodable_files_with_one_counted_warning_each(tmp_path, caplog):
@@ -100,19 +109,32 @@ def test_training_skips_undecodable_files_with_one_counted_warning_each(tmp_path
         for i in KINDS:
             assert mapper(records[i]) is None  # detectron2's MapDataset maps another sample
         assert mapper(records[1]) is None  # drawn again: skipped, no second warning
-    warnings = [r.getMessage() for r in caplog.records if "skipping training sample" in r.getMessage()]
+    warnings = [
+        r.getMessage() for r in caplog.records if "skipping training sample" in r.getMessage()
+    ]
     assert len(warnings) == 4
     for (i, reason), message in zip(REASONS.items(), warnings):
         path = records[i]["sem_seg_file_name"] if i == 4 else records[i]["file_name"]
-        assert message.startswith(f"skipping training sample {path}: cannot read the ") and reason in message
-    assert "4 unreadable of 5 files read" in warnings[-1] and "MAX_BAD_SAMPLE_SHARE=0.05" in warnings[-1]
-    assert mapper.bad_samples.bad == {records[i]["file_name"] for i in (1, 2, 3)} | {records[4]["sem_seg_file_name"]}
+        assert (
+            message.startswith(f"skipping training sample {path}: cannot read the ")
+            and reason in message
+        )
+    assert (
+        "4 unreadable of 5 files read" in warnings[-1]
+        and "MAX_BAD_SAMPLE_SHARE=0.05" in warnings[-1]
+    )
+    assert mapper.bad_samples.bad == {records[i]["file_name"] for i in (1, 2, 3)} | {
+        records[4]["sem_seg_file_name"]
+    }
 
     # Evaluation: the same file is an error naming it.
     test_mapper = MultiTaskDatasetMapper(_cfg(), is_train=False)
     assert test_mapper(records[0])["image"].shape == (3, S, S)
     for i in (1, 2, 3):
-        with pytest.raises(UnreadableFileError, match=f"{records[i]['file_name']}: cannot read the image .*{REASONS[i]}"):
+        with pytest.raises(
+            UnreadableFileError,
+            match=f"{records[i]['file_name']}: cannot read the image .*{REASONS[i]}",
+        ):
             test_mapper(records[i])
     # A label value out of range is a data error, not an unreadable file: never skipped.
     (oor,) = _folder(str(tmp_path / "oor"), n=1, bad={0: "label_value"})
@@ -126,20 +148,31 @@ def test_bad_share_over_the_limit_stops_training(tmp_path):
     mapper = MultiTaskDatasetMapper(cfg, is_train=True, num_records=4)
     # Judged over max(files read, 4 records): 2 of 4 bad is not more than half; the third is.
     assert [mapper(records[i]) is None for i in (0, 1, 2)] == [False, True, True]
-    with pytest.raises(Seg2Error, match=r"^3 of 4 training files read by this loader are unreadable, more than "
-                       r"DATALOADER.MAX_BAD_SAMPLE_SHARE=0.5; the last: .*03\.jpg: cannot read the image"):
+    with pytest.raises(
+        Seg2Error,
+        match=r"^3 of 4 training files read by this loader are unreadable, more than "
+        r"DATALOADER.MAX_BAD_SAMPLE_SHARE=0.5; the last: .*03\.jpg: cannot read the image",
+    ):
         mapper(records[3])
     strict = MultiTaskDatasetMapper(_cfg(**{"DATALOADER.MAX_BAD_SAMPLE_SHARE": 0.0}), is_train=True)
     with pytest.raises(Seg2Error, match="1 of 1 training files"):
         strict(records[1])
-    with pytest.raises(Seg2Error, match=r"^DATALOADER.MAX_BAD_SAMPLE_SHARE=1.0: expected in \[0, 1\)"):
+    with pytest.raises(
+        Seg2Error, match=r"^DATALOADER.MAX_BAD_SAMPLE_SHARE=1.0: expected in \[0, 1\)"
+    ):
         MultiTaskDatasetMapper(_cfg(**{"DATALOADER.MAX_BAD_SAMPLE_SHARE": 1.0}), is_train=True)
 
 
 def test_detectron2_loader_retries_a_skipped_sample(tmp_path):
     records = _folder(str(tmp_path), n=5, bad={2: "truncated"})
-    cfg = _cfg(**{"SOLVER.IMS_PER_BATCH": 2, "DATALOADER.NUM_WORKERS": 0, "SEED": 3,
-                  "DATALOADER.MAX_BAD_SAMPLE_SHARE": 0.3})
+    cfg = _cfg(
+        **{
+            "SOLVER.IMS_PER_BATCH": 2,
+            "DATALOADER.NUM_WORKERS": 0,
+            "SEED": 3,
+            "DATALOADER.MAX_BAD_SAMPLE_SHARE": 0.3,
+        }
+    )
     mapper = MultiTaskDatasetMapper(cfg, is_train=True, num_records=len(records))
     loader = iter(build_detection_train_loader(cfg, mapper=mapper, dataset=records))
     seen = [x["file_name"] for _ in range(15) for x in next(loader)]
@@ -151,20 +184,43 @@ def test_detectron2_loader_retries_a_skipped_sample(tmp_path):
 
 def test_coco_loader_rejects_empty_and_non_image_files_at_load(tmp_path):
     records = _folder(str(tmp_path), n=3, bad={1: "empty", 2: "text"})
-    images = [{"id": i + 1, "file_name": os.path.basename(r["file_name"]), "width": S, "height": S}
-              for i, r in enumerate(records)]
-    annotations = [{"id": i + 1, "image_id": i + 1, "category_id": 1, "iscrowd": 0, "area": 64.0, "bbox": [8, 8, 8, 8],
-                    "segmentation": [[8, 8, 16, 8, 16, 16, 8, 16]]} for i in range(3)]
+    images = [
+        {"id": i + 1, "file_name": os.path.basename(r["file_name"]), "width": S, "height": S}
+        for i, r in enumerate(records)
+    ]
+    annotations = [
+        {
+            "id": i + 1,
+            "image_id": i + 1,
+            "category_id": 1,
+            "iscrowd": 0,
+            "area": 64.0,
+            "bbox": [8, 8, 8, 8],
+            "segmentation": [[8, 8, 16, 8, 16, 16, 8, 16]],
+        }
+        for i in range(3)
+    ]
     json_file = str(tmp_path / "instances.json")
     for drop, bad in ((None, 1), (1, 2)):  # each bad file in turn
         keep = [k for k in range(3) if k != drop]
         with open(json_file, "w") as f:
-            json.dump({"images": [images[k] for k in keep], "annotations": [annotations[k] for k in keep],
-                       "categories": [{"id": 1, "name": "thing"}]}, f)
-        with pytest.raises(Seg2Error, match=rf"{records[bad]['file_name']}: cannot read the image for id {bad + 1} "
-                           rf"listed in .*instances\.json \(cannot identify image file"):
+            json.dump(
+                {
+                    "images": [images[k] for k in keep],
+                    "annotations": [annotations[k] for k in keep],
+                    "categories": [{"id": 1, "name": "thing"}],
+                },
+                f,
+            )
+        with pytest.raises(
+            Seg2Error,
+            match=rf"{records[bad]['file_name']}: cannot read the image for id {bad + 1} "
+            rf"listed in .*instances\.json \(cannot identify image file",
+        ):
             load_coco_with_sem_seg(json_file, str(tmp_path / "images"))
-        assert len(load_coco_with_sem_seg(json_file, str(tmp_path / "images"), check_images=False)) == len(keep)
+        assert len(
+            load_coco_with_sem_seg(json_file, str(tmp_path / "images"), check_images=False)
+        ) == len(keep)
 
 
 class _RaisesInWorker(torch.utils.data.Dataset):
@@ -180,7 +236,10 @@ def test_seg2_error_of_a_dataloader_worker_is_one_line(capsys, monkeypatch):
     with pytest.raises(Seg2Error) as info:
         next(iter(loader))
     assert "Traceback" in str(info.value)  # torch's wrapping: the worker's whole traceback
-    assert seg2_error_message(info.value) == "labels/00.png: label map holds value(s) 9 (in DataLoader worker process 0)"
+    assert (
+        seg2_error_message(info.value)
+        == "labels/00.png: label map holds value(s) 9 (in DataLoader worker process 0)"
+    )
     assert seg2_error_message(ValueError("x")) is None
 
     def fails():
@@ -191,26 +250,36 @@ def test_seg2_error_of_a_dataloader_worker_is_one_line(capsys, monkeypatch):
         run_tool(fails)
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and "Traceback" not in err
-    assert err == "seg2: error: labels/00.png: label map holds value(s) 9 (in DataLoader worker process 0)\n"
+    assert (
+        err
+        == "seg2: error: labels/00.png: label map holds value(s) 9 (in DataLoader worker process 0)\n"
+    )
     with pytest.raises(SystemExit):
         run_tool(fails, debug=True)
     err = capsys.readouterr().err
-    assert "Traceback" in err and err.endswith("seg2: error: labels/00.png: label map holds value(s) 9 (in DataLoader worker process 0)\n")
+    assert "Traceback" in err and err.endswith(
+        "seg2: error: labels/00.png: label map holds value(s) 9 (in DataLoader worker process 0)\n"
+    )
     assert run_tool(lambda: 3) == 3
     with pytest.raises(ValueError):  # not a seg2 error: Python's own report
         run_tool(int, "x")
 
 
 def test_seg2_error_of_a_launched_process_is_one_line():
-    # detectron2's launch with several GPUs spawns processes; torch.multiprocessing's spawn re-raises
+    # detectron2's launch with several GPUs spawns processes; torch.multiprocessing's spawn
+    # re-raises
     # a process's error as ProcessRaisedException carrying its formatted traceback, as here.
     try:
         raise Seg2Error("labels/00.png: label map holds value(s) 9")
     except Seg2Error:
         tb = traceback.format_exc()
-    e = torch.multiprocessing.ProcessRaisedException(f"\n\n-- Process 1 terminated with the following error:\n{tb}", 1, 4321)
+    e = torch.multiprocessing.ProcessRaisedException(
+        f"\n\n-- Process 1 terminated with the following error:\n{tb}", 1, 4321
+    )
     assert seg2_error_message(e) == "labels/00.png: label map holds value(s) 9"
-    e = torch.multiprocessing.ProcessRaisedException("\n\n-- Process 1 terminated ...\nValueError: x\n", 1, 4321)
+    e = torch.multiprocessing.ProcessRaisedException(
+        "\n\n-- Process 1 terminated ...\nValueError: x\n", 1, 4321
+    )
     assert seg2_error_message(e) is None
 
 
@@ -231,43 +300,97 @@ def _train_net(tmp_path, datasets, *args):
     pythonpath = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONPATH=pythonpath)
     env.pop("SEG2_DEBUG", None)
-    common = ["MODEL.SEM_SEG_HEAD.NUM_CLASSES", "2", "INPUT.MIN_SIZE_TRAIN", f"({S},)", "INPUT.MAX_SIZE_TRAIN", str(S),
-              "INPUT.MIN_SIZE_TEST", str(S), "INPUT.MAX_SIZE_TEST", str(S), "SOLVER.IMS_PER_BATCH", "2",
-              "SOLVER.WARMUP_ITERS", "1", "OUTPUT_DIR", str(tmp_path / "out")]
-    return subprocess.run([sys.executable, str(script), "--config-file", UNET, *args[:-1], *common, *args[-1]],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    common = [
+        "MODEL.SEM_SEG_HEAD.NUM_CLASSES",
+        "2",
+        "INPUT.MIN_SIZE_TRAIN",
+        f"({S},)",
+        "INPUT.MAX_SIZE_TRAIN",
+        str(S),
+        "INPUT.MIN_SIZE_TEST",
+        str(S),
+        "INPUT.MAX_SIZE_TEST",
+        str(S),
+        "SOLVER.IMS_PER_BATCH",
+        "2",
+        "SOLVER.WARMUP_ITERS",
+        "1",
+        "OUTPUT_DIR",
+        str(tmp_path / "out"),
+    ]
+    return subprocess.run(
+        [sys.executable, str(script), "--config-file", UNET, *args[:-1], *common, *args[-1]],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=REPO,
+    )
 
 
 def test_train_net_skips_a_truncated_jpeg_and_evaluation_names_it(tmp_path):
     records = _folder(str(tmp_path / "data"), n=3, bad={1: "truncated"})
     datasets = {"t_bad_jpeg": str(tmp_path / "data")}
     train = ["DATASETS.TRAIN", "('t_bad_jpeg',)", "DATALOADER.NUM_WORKERS", "0", "SEED", "1"]
-    r = _train_net(tmp_path, datasets, train + ["DATASETS.TEST", "()", "SOLVER.MAX_ITER", "3",
-                                               "DATALOADER.MAX_BAD_SAMPLE_SHARE", "0.5"])
+    r = _train_net(
+        tmp_path,
+        datasets,
+        train
+        + ["DATASETS.TEST", "()", "SOLVER.MAX_ITER", "3", "DATALOADER.MAX_BAD_SAMPLE_SHARE", "0.5"],
+    )
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-3000:]
     assert (tmp_path / "out" / "model_final.pth").is_file()
     skips = [line for line in log.splitlines() if "skipping training sample" in line]
     # Drawn in the 6 samples of 3 iterations (seed 1), once named, then known.
-    assert len(skips) == 1 and f"{records[1]['file_name']}: cannot read the image (image file is truncated" in skips[0]
+    assert (
+        len(skips) == 1
+        and f"{records[1]['file_name']}: cannot read the image (image file is truncated" in skips[0]
+    )
     assert "(1 unreadable of" in skips[0]
 
     # Evaluation: the same file ends the tool with one line naming it, no metric.
-    r = _train_net(tmp_path, datasets, "--eval-only", train + ["DATASETS.TEST", "('t_bad_jpeg',)",
-                                                               "MODEL.WEIGHTS", str(tmp_path / "out" / "model_final.pth")])
+    r = _train_net(
+        tmp_path,
+        datasets,
+        "--eval-only",
+        train
+        + [
+            "DATASETS.TEST",
+            "('t_bad_jpeg',)",
+            "MODEL.WEIGHTS",
+            str(tmp_path / "out" / "model_final.pth"),
+        ],
+    )
     assert r.returncode == 1
-    assert r.stderr.splitlines()[-1].startswith(f"seg2: error: {records[1]['file_name']}: cannot read the image (image file is truncated")
+    assert r.stderr.splitlines()[-1].startswith(
+        f"seg2: error: {records[1]['file_name']}: cannot read the image (image file is truncated"
+    )
     assert "Traceback" not in r.stdout + r.stderr and "mIoU" not in r.stdout
 
 
 def test_train_net_reports_a_worker_seg2_error_in_one_line(tmp_path):
     records = _folder(str(tmp_path / "data"), n=4, bad={k: "label_value" for k in range(4)})
-    r = _train_net(tmp_path, {"t_bad_label": str(tmp_path / "data")},
-                   ["DATASETS.TRAIN", "('t_bad_label',)", "DATASETS.TEST", "()", "DATALOADER.NUM_WORKERS", "1",
-                    "SOLVER.MAX_ITER", "2"])
+    r = _train_net(
+        tmp_path,
+        {"t_bad_label": str(tmp_path / "data")},
+        [
+            "DATASETS.TRAIN",
+            "('t_bad_label',)",
+            "DATASETS.TEST",
+            "()",
+            "DATALOADER.NUM_WORKERS",
+            "1",
+            "SOLVER.MAX_ITER",
+            "2",
+        ],
+    )
     assert r.returncode == 1, (r.stdout + r.stderr)[-3000:]
     assert "Traceback" not in r.stdout + r.stderr
     (line,) = [x for x in r.stderr.splitlines() if x.startswith("seg2: error:")]
-    assert line.endswith("label map holds value(s) 9 in 256 pixel(s), which are neither a class index (0..1) nor the "
-                         "ignore label 255 (in DataLoader worker process 0)")
+    assert line.endswith(
+        "label map holds value(s) 9 in 256 pixel(s), which are neither a class index (0..1) nor "
+        "the "
+        "ignore label 255 (in DataLoader worker process 0)"
+    )
     assert any(line.startswith(f"seg2: error: {x['sem_seg_file_name']}: ") for x in records)

@@ -9,9 +9,10 @@ import time
 import numpy as np
 import pytest
 from detectron2.modeling import build_model
-from seg2_model_helpers import import_tool, register_tiny_shapes, tiny_semantic_cfg
 
 from seg2.inference import TiledSemSegInference
+
+from seg2_model_helpers import import_tool, register_tiny_shapes, tiny_semantic_cfg
 
 timing = import_tool("timing", "tools/benchmarks")
 benchmark = import_tool("benchmark", "tools/benchmarks")

@@ -11,13 +11,14 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine.hooks import BestCheckpointer
-from seg2_model_helpers import register_tiny_shapes
-from test_train_net import _register_tiny, _tiny_cfg
 
 import seg2
-from seg2.engine import Trainer
 from seg2.data import check_dataset_names
+from seg2.engine import Trainer
 from seg2.engine.hooks import BEST_MODEL_TEST_FILE, build_best_checkpoint_hooks
+
+from seg2_model_helpers import register_tiny_shapes
+from test_train_net import _register_tiny, _tiny_cfg
 
 
 def _cfg(root, output_dir, *opts):
@@ -46,9 +47,14 @@ def _expected_best_iter(history, mode="max"):
 def test_weighted_sum_is_tracked_and_best_model_kept(tiny_shapes_root, tmp_path, caplog):
     metrics, weights = ["segm/AP", "bbox/AP50"], [0.75, 0.25]
     cfg = _cfg(
-        tiny_shapes_root, tmp_path,
-        "SEG2.BEST_CHECKPOINT.METRIC", "combined/score",
-        "SEG2.BEST_CHECKPOINT.METRICS", metrics, "SEG2.BEST_CHECKPOINT.WEIGHTS", weights,
+        tiny_shapes_root,
+        tmp_path,
+        "SEG2.BEST_CHECKPOINT.METRIC",
+        "combined/score",
+        "SEG2.BEST_CHECKPOINT.METRICS",
+        metrics,
+        "SEG2.BEST_CHECKPOINT.WEIGHTS",
+        weights,
     )
     with caplog.at_level(logging.INFO):
         trainer = _train(cfg)
@@ -61,7 +67,9 @@ def test_weighted_sum_is_tracked_and_best_model_kept(tiny_shapes_root, tmp_path,
     assert [it for _, it in combined] == [9, 19, 30]
     parts = [dict((it, v) for v, it in storage.history(m).values()) for m in metrics]
     for value, it in combined:
-        assert math.isclose(value, 0.75 * parts[0][it] + 0.25 * parts[1][it], rel_tol=1e-9, abs_tol=1e-12)
+        assert math.isclose(
+            value, 0.75 * parts[0][it] + 0.25 * parts[1][it], rel_tol=1e-9, abs_tol=1e-12
+        )
 
     best = torch.load(tmp_path / "model_best.pth", map_location="cpu", weights_only=False)
     assert best["iteration"] == _expected_best_iter(combined)
@@ -73,7 +81,9 @@ def test_off_by_default_and_single_metric_hooks(tiny_shapes_root, tmp_path):
     seg2.add_seg2_config(cfg)
     assert cfg.SEG2.BEST_CHECKPOINT.METRIC == ""
     assert build_best_checkpoint_hooks(cfg, checkpointer=None) == []
-    cfg.merge_from_list(["SEG2.BEST_CHECKPOINT.METRIC", "sem_seg/mIoU", "SEG2.BEST_CHECKPOINT.MODE", "min"])
+    cfg.merge_from_list(
+        ["SEG2.BEST_CHECKPOINT.METRIC", "sem_seg/mIoU", "SEG2.BEST_CHECKPOINT.MODE", "min"]
+    )
     (hook,) = build_best_checkpoint_hooks(cfg, checkpointer=None)
     assert isinstance(hook, BestCheckpointer) and hook._val_metric == "sem_seg/mIoU"
     # The quickstart keeps its best model by mask AP; the multi-task quickstarts by AP and mIoU.
@@ -84,10 +94,25 @@ def test_off_by_default_and_single_metric_hooks(tiny_shapes_root, tmp_path):
     "opts, key",
     [
         (["SEG2.BEST_CHECKPOINT.METRIC", "segm/AP", "SEG2.BEST_CHECKPOINT.MODE", "best"], "MODE"),
-        (["SEG2.BEST_CHECKPOINT.METRIC", "c", "SEG2.BEST_CHECKPOINT.METRICS", ["segm/AP"]], "WEIGHTS"),
-        (["SEG2.BEST_CHECKPOINT.METRIC", "", "SEG2.BEST_CHECKPOINT.METRICS", ["segm/AP"],
-          "SEG2.BEST_CHECKPOINT.WEIGHTS", [1.0]], "METRIC is empty"),
-        (["SEG2.BEST_CHECKPOINT.METRICS", ["segm/AP"], "SEG2.BEST_CHECKPOINT.WEIGHTS", [1.0]], "a name of its own"),
+        (
+            ["SEG2.BEST_CHECKPOINT.METRIC", "c", "SEG2.BEST_CHECKPOINT.METRICS", ["segm/AP"]],
+            "WEIGHTS",
+        ),
+        (
+            [
+                "SEG2.BEST_CHECKPOINT.METRIC",
+                "",
+                "SEG2.BEST_CHECKPOINT.METRICS",
+                ["segm/AP"],
+                "SEG2.BEST_CHECKPOINT.WEIGHTS",
+                [1.0],
+            ],
+            "METRIC is empty",
+        ),
+        (
+            ["SEG2.BEST_CHECKPOINT.METRICS", ["segm/AP"], "SEG2.BEST_CHECKPOINT.WEIGHTS", [1.0]],
+            "a name of its own",
+        ),
     ],
 )
 def test_bad_keys_are_named(tiny_shapes_root, tmp_path, opts, key):
@@ -104,7 +129,9 @@ def _plain(results):
 def test_best_model_is_tested_on_the_test_datasets_after_training(tiny_shapes_root, tmp_path):
     """Chosen on DATASETS.TEST (val), reported on TEST_DATASETS: the figures in model_best_test.json
     are those of model_best.pth evaluated on the test set, and the trainer keeps its final model."""
-    register_tiny_shapes("seg2_test_tiny_heldout", tiny_shapes_root, "train")  # data it is not chosen on
+    register_tiny_shapes(
+        "seg2_test_tiny_heldout", tiny_shapes_root, "train"
+    )  # data it is not chosen on
     cfg = _cfg(
         tiny_shapes_root, tmp_path,
         "SEG2.BEST_CHECKPOINT.METRIC", "segm/AP", "SEG2.BEST_CHECKPOINT.TEST_DATASETS", ("seg2_test_tiny_heldout",),
@@ -129,9 +156,13 @@ def test_best_model_is_tested_on_the_test_datasets_after_training(tiny_shapes_ro
     # ... and on the validation set, the value it was chosen by
     val_cfg = cfg.clone()
     val_cfg.DATASETS.TEST = ("seg2_test_tiny_val",)
-    assert Trainer.test(val_cfg, model)["segm"]["AP"] == pytest.approx(max(v for v, _ in chosen), abs=1e-9)
+    assert Trainer.test(val_cfg, model)["segm"]["AP"] == pytest.approx(
+        max(v for v, _ in chosen), abs=1e-9
+    )
 
-    final = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)["model"]
+    final = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)[
+        "model"
+    ]
     for k, v in trainer.model.state_dict().items():
         assert torch.equal(v.cpu(), final[k]), k
 
@@ -142,7 +173,8 @@ def test_best_model_is_tested_on_the_test_datasets_after_training(tiny_shapes_ro
         (["SEG2.BEST_CHECKPOINT.METRIC", "", "SEG2.BEST_CHECKPOINT.TEST_DATASETS", ("seg2_test_tiny_train",)],
          "METRIC is empty"),
         (["SEG2.BEST_CHECKPOINT.METRIC", "segm/AP", "SEG2.BEST_CHECKPOINT.TEST_DATASETS", ("seg2_test_tiny_val",)],
-         r"share \['seg2_test_tiny_val'\]: the best model would be reported on the data it was chosen on"),
+         r"share \['seg2_test_tiny_val'\]: the best model would be reported on the data it was "
+         r"chosen on"),
     ],
 )  # fmt: skip
 def test_test_datasets_need_a_metric_and_other_data(tiny_shapes_root, tmp_path, opts, match):
@@ -156,5 +188,8 @@ def test_unregistered_test_dataset_is_named_before_training(tiny_shapes_root, tm
         tiny_shapes_root, tmp_path,
         "SEG2.BEST_CHECKPOINT.METRIC", "segm/AP", "SEG2.BEST_CHECKPOINT.TEST_DATASETS", ("camvid_tset",),
     )  # fmt: skip
-    with pytest.raises(seg2.Seg2Error, match="SEG2.BEST_CHECKPOINT.TEST_DATASETS names 'camvid_tset'.*'camvid_test'"):
+    with pytest.raises(
+        seg2.Seg2Error,
+        match="SEG2.BEST_CHECKPOINT.TEST_DATASETS names 'camvid_tset'.*'camvid_test'",
+    ):
         check_dataset_names(cfg)

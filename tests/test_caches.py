@@ -52,7 +52,9 @@ def test_coco_sem_seg_cache_is_keyed_on_the_json_content(tmp_path):
     with pytest.raises(Seg2Error) as e:
         load_coco_sem_seg(json_file, image_root, cache, dataset_name="t_cache_key")
     message = str(e.value)
-    assert message.startswith(f"{cache} holds semantic maps made from other annotations: json_sha256 ")
+    assert message.startswith(
+        f"{cache} holds semantic maps made from other annotations: json_sha256 "
+    )
     assert message.endswith("Delete the folder (it is a cache) to regenerate it.")
     # The stale maps were not used; regenerated, they follow the new ids (dog 1, cat 2).
     for name in os.listdir(cache):
@@ -67,14 +69,23 @@ def test_cache_made_by_a_size_keyed_seg2_is_refused_and_explained(tmp_path):
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / "seg2_source.json").write_text(
-        json.dumps({"json_file": "instances.json", "json_bytes": os.path.getsize(json_file), "rule_version": 1})
+        json.dumps(
+            {
+                "json_file": "instances.json",
+                "json_bytes": os.path.getsize(json_file),
+                "rule_version": 1,
+            }
+        )
     )
-    with pytest.raises(Seg2Error, match=r"made by an earlier seg2, which keyed the cache on the file's size"):
+    with pytest.raises(
+        Seg2Error, match=r"made by an earlier seg2, which keyed the cache on the file's size"
+    ):
         load_coco_sem_seg(json_file, image_root, str(cache))
 
 
 def test_cache_files_are_world_readable_as_the_umask_allows(tmp_path, umask):
-    # Issue 15: cache PNGs were written with mkstemp's 0600, so a shared cache was unreadable to others.
+    # Issue 15: cache PNGs were written with mkstemp's 0600, so a shared cache was unreadable to
+    # others.
     json_file, image_root = write_coco(str(tmp_path))
     cache = str(tmp_path / "cache")
     records = load_coco_sem_seg(json_file, image_root, cache, dataset_name="t_cache_key")
@@ -134,7 +145,10 @@ def test_stale_shapes_folders_are_removed_but_not_a_running_generation(tmp_path,
         assert not killed.exists() and not legacy.exists() and not trash.exists()
         assert running.exists() and legacy_young.exists() and other.exists()
         assert (running / "VOC2012" / "JPEGImages" / "a.jpg").read_bytes() == b"jpg"
-    assert check_shapes_cache(root, json.load(open(os.path.join(root, "manifest.json")))["params"]) is None
+    assert (
+        check_shapes_cache(root, json.load(open(os.path.join(root, "manifest.json")))["params"])
+        is None
+    )
     # Once its lock is free, the left-over partial folder goes too; lock files stay.
     assert remove_stale_generations(root) == [str(running)]
     assert (tmp_path / ".partial-shapes-0123456789ab.lock").exists()

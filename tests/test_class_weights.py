@@ -19,9 +19,25 @@ from seg2.data.class_weights import compute_class_weights
 from seg2.modeling.losses import build_sem_seg_loss
 
 # SegNet's median-frequency weights for CamVid's 11 classes (REFERENCE.md, full train split).
-SEGNET_CAMVID_WEIGHTS = [0.2595, 0.1826, 4.5640, 0.1417, 0.9051, 0.3826, 9.6446, 1.8418, 0.6823, 6.2478, 7.3614]
+SEGNET_CAMVID_WEIGHTS = [
+    0.2595,
+    0.1826,
+    4.5640,
+    0.1417,
+    0.9051,
+    0.3826,
+    9.6446,
+    1.8418,
+    0.6823,
+    6.2478,
+    7.3614,
+]
 CAMVID_MINI = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "datasets", "CamVid_mini"
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    "..",
+    "shared",
+    "datasets",
+    "CamVid_mini",
 )
 
 
@@ -48,7 +64,11 @@ def test_median_frequency_by_hand(tiny_set, tmp_path, caplog):
     # weight = median / freq = 1, (3/7)/(1/3) = 9/7, (3/7)/(3/4) = 4/7; class 3 absent: 0.
     with caplog.at_level(logging.INFO, logger="seg2.data.class_weights"):
         w = compute_class_weights(
-            tiny_set, 4, "median_frequency", class_names=["bg", "pole", "car", "bike"], cache_dir=str(tmp_path / "c")
+            tiny_set,
+            4,
+            "median_frequency",
+            class_names=["bg", "pole", "car", "bike"],
+            cache_dir=str(tmp_path / "c"),
         )
     np.testing.assert_allclose(w, [1.0, 9 / 7, 4 / 7, 0.0])
     # the absent class is named in a warning; the per-class table is logged
@@ -78,7 +98,8 @@ def test_cache_is_reused_and_invalidated(tiny_set, tmp_path):
         json.dump(data, f)
     # freq 1, 1/2, 1/4, 1/8; median 3/8; weights 3/8, 3/4, 3/2, 3
     np.testing.assert_allclose(
-        compute_class_weights(tiny_set, 4, "median_frequency", cache_dir=cache_dir), [3 / 8, 3 / 4, 3 / 2, 3]
+        compute_class_weights(tiny_set, 4, "median_frequency", cache_dir=cache_dir),
+        [3 / 8, 3 / 4, 3 / 2, 3],
     )
     # The key is the label files' content: a new modification time alone keeps it (the edited
     # counts above are still used) ...
@@ -86,7 +107,8 @@ def test_cache_is_reused_and_invalidated(tiny_set, tmp_path):
     st = os.stat(a)
     os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     np.testing.assert_allclose(
-        compute_class_weights(tiny_set, 4, "median_frequency", cache_dir=cache_dir), [3 / 8, 3 / 4, 3 / 2, 3]
+        compute_class_weights(tiny_set, 4, "median_frequency", cache_dir=cache_dir),
+        [3 / 8, 3 / 4, 3 / 2, 3],
     )
     # ... while other labels of the same byte size, with the old modification time put back, are a
     # new key (issue 15: a size + mtime key would reuse the stale counts). A' = [[0, 1], [1, 255]]:
@@ -95,21 +117,26 @@ def test_cache_is_reused_and_invalidated(tiny_set, tmp_path):
     assert os.path.getsize(a) == st.st_size
     os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
     np.testing.assert_allclose(
-        compute_class_weights(tiny_set, 4, "median_frequency", cache_dir=cache_dir), [7 / 3, 1, 8 / 9, 0]
+        compute_class_weights(tiny_set, 4, "median_frequency", cache_dir=cache_dir),
+        [7 / 3, 1, 8 / 9, 0],
     )
     assert len(glob.glob(os.path.join(cache_dir, "class_weights", "*.json"))) == 2
     # a corrupt cache file is recomputed, not trusted
     with open(path, "w") as f:
         f.write("{not json")
-    write_label_map(np.array([[0, 0], [1, 255]], dtype=np.uint8), a)  # back to A: the corrupt entry's key
+    write_label_map(
+        np.array([[0, 0], [1, 255]], dtype=np.uint8), a
+    )  # back to A: the corrupt entry's key
     np.testing.assert_allclose(
-        compute_class_weights(tiny_set, 4, "median_frequency", cache_dir=cache_dir), [1, 9 / 7, 4 / 7, 0]
+        compute_class_weights(tiny_set, 4, "median_frequency", cache_dir=cache_dir),
+        [1, 9 / 7, 4 / 7, 0],
     )
     # cache files get the mode of normal files (0o666 less the umask), not mkstemp's 0600
     umask = os.umask(0)
     os.umask(umask)
     for p in glob.glob(os.path.join(cache_dir, "class_weights", "*.json")):
         assert os.stat(p).st_mode & 0o777 == 0o666 & ~umask
+
 
 def test_bad_label_value_names_the_file(tiny_set, tmp_path):
     write_label_map(np.array([[0, 7], [1, 1]], dtype=np.uint8), tiny_set[1]["sem_seg_file_name"])
@@ -123,7 +150,11 @@ def test_resolve_step_writes_the_weights_into_the_config(tiny_set, tmp_path, mon
     config that skipped the resolve step refuses to train, naming the key."""
     monkeypatch.setenv("SEG2_CACHE", str(tmp_path / "seg2_cache"))
     name = "seg2_test_class_weights_tiny"
-    register_dataset(name, lambda: tiny_set, {"stuff_classes": ["bg", "pole", "car", "bike"], "ignore_label": 255})
+    register_dataset(
+        name,
+        lambda: tiny_set,
+        {"stuff_classes": ["bg", "pole", "car", "bike"], "ignore_label": 255},
+    )
     try:
         cfg = get_cfg()
         seg2.add_seg2_config(cfg)
@@ -138,9 +169,13 @@ def test_resolve_step_writes_the_weights_into_the_config(tiny_set, tmp_path, mon
         assert cfg.MODEL.SEM_SEG_HEAD.CLASS_WEIGHT == []  # the caller's config is not changed
         saved = yaml.safe_load(resolved.dump())["MODEL"]["SEM_SEG_HEAD"]["CLASS_WEIGHT"]
         np.testing.assert_allclose(saved, [1, 9 / 7, 4 / 7, 0])  # numbers in the saved config.yaml
-        assert glob.glob(str(tmp_path / "seg2_cache" / "class_weights" / "*.json"))  # $SEG2_CACHE is used
+        assert glob.glob(
+            str(tmp_path / "seg2_cache" / "class_weights" / "*.json")
+        )  # $SEG2_CACHE is used
         loss = build_sem_seg_loss(resolved)
-        torch.testing.assert_close(loss.class_weight, torch.tensor([1, 9 / 7, 4 / 7, 0], dtype=torch.float32))
+        torch.testing.assert_close(
+            loss.class_weight, torch.tensor([1, 9 / 7, 4 / 7, 0], dtype=torch.float32)
+        )
         logits, t = torch.zeros(1, 4, 1, 2), torch.tensor([[[1, 2]]])
         # uniform logits: every pixel costs ln 4, the weighted mean is ln 4 whatever the weights
         assert float(loss(logits, t)) == pytest.approx(np.log(4), rel=1e-6)
@@ -149,7 +184,9 @@ def test_resolve_step_writes_the_weights_into_the_config(tiny_set, tmp_path, mon
         with pytest.raises(seg2.Seg2Error, match="CLASS_WEIGHTING='median_frequency'.*resolve"):
             unresolved(logits, t)
         cfg.DATASETS.TRAIN = ()
-        with pytest.raises(seg2.Seg2Error, match="CLASS_WEIGHTING='median_frequency'.*DATASETS.TRAIN"):
+        with pytest.raises(
+            seg2.Seg2Error, match="CLASS_WEIGHTING='median_frequency'.*DATASETS.TRAIN"
+        ):
             seg2.resolve_config(cfg)
     finally:
         DatasetCatalog.remove(name)
@@ -181,10 +218,17 @@ def test_camvid_mini_median_frequency_close_to_segnets(tmp_path):
     if not os.path.isdir(CAMVID_MINI):
         pytest.skip(f"{CAMVID_MINI} is absent: the shared data is only in the seg2 team's checkout")
     records = [
-        {"file_name": p, "sem_seg_file_name": p.replace(os.sep + "train" + os.sep, os.sep + "trainannot" + os.sep)}
+        {
+            "file_name": p,
+            "sem_seg_file_name": p.replace(
+                os.sep + "train" + os.sep, os.sep + "trainannot" + os.sep
+            ),
+        }
         for p in sorted(glob.glob(os.path.join(CAMVID_MINI, "train", "*.png")))
     ]
-    w = compute_class_weights(records, 11, "median_frequency", ignore_label=11, cache_dir=str(tmp_path))
+    w = compute_class_weights(
+        records, 11, "median_frequency", ignore_label=11, cache_dir=str(tmp_path)
+    )
     ratio = w / np.array(SEGNET_CAMVID_WEIGHTS)
     assert (np.abs(np.log(ratio)) < np.log(1.25)).sum() >= 10, np.round(ratio, 2)
     rare = {2, 6, 7, 9, 10}  # Pole, SignSymbol, Fence, Pedestrian, Bicyclist: weight > 1 in both
@@ -199,7 +243,9 @@ def test_interrupted_count_resumes_where_it_stopped(tiny_set, tmp_path, monkeypa
     path = str(tmp_path / "c.png")
     write_label_map(np.array([[3, 3], [0, 255]], dtype=np.uint8), path)
     records = tiny_set + [{"file_name": "c.jpg", "sem_seg_file_name": path}]
-    expected = compute_class_weights(records, 4, "median_frequency", cache_dir=str(tmp_path / "fresh"))
+    expected = compute_class_weights(
+        records, 4, "median_frequency", cache_dir=str(tmp_path / "fresh")
+    )
 
     class CtrlC(logging.Handler):
         def emit(self, record):

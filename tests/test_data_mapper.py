@@ -1,6 +1,5 @@
 """MultiTaskDatasetMapper: one geometry for image, instances and semantic map; checks on label maps."""
 
-
 import numpy as np
 import pytest
 import torch
@@ -42,11 +41,24 @@ def make_record(tmp_path, segm_kinds=("polygon", "rle", "bitmask"), sem=True, na
         else:
             segm = m.astype(bool)
         annotations.append(
-            {"bbox": [c0, r0, c1 - c0, r1 - r0], "bbox_mode": BoxMode.XYWH_ABS, "category_id": cls, "segmentation": segm, "iscrowd": 0}
+            {
+                "bbox": [c0, r0, c1 - c0, r1 - r0],
+                "bbox_mode": BoxMode.XYWH_ABS,
+                "category_id": cls,
+                "segmentation": segm,
+                "iscrowd": 0,
+            }
         )
     # A crowd region is not a training instance.
-    annotations.append({"bbox": [0, 0, 2, 2], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0, "iscrowd": 1,
-                        "segmentation": [[0, 0, 2, 0, 2, 2, 0, 2]]})
+    annotations.append(
+        {
+            "bbox": [0, 0, 2, 2],
+            "bbox_mode": BoxMode.XYWH_ABS,
+            "category_id": 0,
+            "iscrowd": 1,
+            "segmentation": [[0, 0, 2, 0, 2, 2, 0, 2]],
+        }
+    )
     label[VOID] = 255
     image = np.zeros((H, W, 3), np.uint8)
     image[..., 0] = np.where(label == 255, 200, label * 20)
@@ -54,7 +66,13 @@ def make_record(tmp_path, segm_kinds=("polygon", "rle", "bitmask"), sem=True, na
     image[..., 2] = np.arange(H)[:, None] * 10
     path = str(tmp_path / f"{name}.png")
     Image.fromarray(image).save(path)  # lossless, so colours encode labels exactly
-    record = {"file_name": path, "height": H, "width": W, "image_id": name, "annotations": annotations}
+    record = {
+        "file_name": path,
+        "height": H,
+        "width": W,
+        "image_id": name,
+        "annotations": annotations,
+    }
     if sem:
         record["sem_seg_file_name"] = str(tmp_path / f"{name}_label.png")
         write_label_map(label, record["sem_seg_file_name"])
@@ -81,16 +99,23 @@ def _dense_masks(gt_masks, shape):
     return np.stack([polygons_to_bitmask(p, *shape) for p in gt_masks.polygons])
 
 
-@pytest.mark.parametrize("kinds,mask_format,mask_type", [
-    (("polygon", "rle", "bitmask"), "polygon", BitMasks),  # mixed: kept as bitmasks
-    # Cropping polygons needs shapely; without it they are rasterised before the crop.
-    (("polygon", "polygon", "polygon"), "polygon", PolygonMasks if _HAS_SHAPELY else BitMasks),
-    (("polygon", "rle", "bitmask"), "bitmask", BitMasks),
-])
+@pytest.mark.parametrize(
+    "kinds,mask_format,mask_type",
+    [
+        (("polygon", "rle", "bitmask"), "polygon", BitMasks),  # mixed: kept as bitmasks
+        # Cropping polygons needs shapely; without it they are rasterised before the crop.
+        (("polygon", "polygon", "polygon"), "polygon", PolygonMasks if _HAS_SHAPELY else BitMasks),
+        (("polygon", "rle", "bitmask"), "bitmask", BitMasks),
+    ],
+)
 def test_one_geometry_for_image_instances_and_semantic_map(tmp_path, kinds, mask_format, mask_type):
     record = make_record(tmp_path, kinds)
     np.random.seed(0)
-    augs = [T.Resize((32, 48), interp=Image.NEAREST), T.RandomFlip(prob=1.0), T.RandomCrop("absolute", (26, 36))]
+    augs = [
+        T.Resize((32, 48), interp=Image.NEAREST),
+        T.RandomFlip(prob=1.0),
+        T.RandomCrop("absolute", (26, 36)),
+    ]
     mapper = _direct_mapper(augs, mask_format)
     for _ in range(3):
         out = mapper(record)
@@ -103,7 +128,9 @@ def test_one_geometry_for_image_instances_and_semantic_map(tmp_path, kinds, mask
         assert isinstance(inst.gt_masks, mask_type) and inst.image_size == (26, 36)
         masks = _dense_masks(inst.gt_masks, (26, 36))
         present = sorted(set(np.unique(sem)) - {0, 255})
-        assert (inst.gt_classes + 1).tolist() == present  # crowd dropped, cropped-away objects dropped
+        assert (
+            inst.gt_classes + 1
+        ).tolist() == present  # crowd dropped, cropped-away objects dropped
         for m, cls, box in zip(masks, inst.gt_classes.tolist(), inst.gt_boxes.tensor.numpy()):
             np.testing.assert_array_equal(m.astype(bool), sem == cls + 1)
             ys, xs = np.nonzero(m)
@@ -136,7 +163,11 @@ def test_semantic_only_and_instance_only_records(tmp_path):
     out = mapper(inst_only)
     assert "sem_seg" not in out and len(out["instances"]) == 3
     test_out = MultiTaskDatasetMapper(_cfg(), is_train=False)(full)
-    assert set(test_out) >= {"image", "height", "width"} and not {"instances", "sem_seg", "annotations"} & set(test_out)
+    assert set(test_out) >= {"image", "height", "width"} and not {
+        "instances",
+        "sem_seg",
+        "annotations",
+    } & set(test_out)
 
 
 def test_crop_caps_single_class_share(tmp_path):
@@ -145,11 +176,20 @@ def test_crop_caps_single_class_share(tmp_path):
     label[0, :] = 255  # ignored pixels count for neither class
     write_label_map(label, str(tmp_path / "halves.png"))
     Image.fromarray(np.zeros((20, 32, 3), np.uint8)).save(str(tmp_path / "halves.jpg"))
-    record = {"file_name": str(tmp_path / "halves.jpg"), "sem_seg_file_name": str(tmp_path / "halves.png"), "height": 20, "width": 32}
+    record = {
+        "file_name": str(tmp_path / "halves.jpg"),
+        "sem_seg_file_name": str(tmp_path / "halves.png"),
+        "height": 20,
+        "width": 32,
+    }
 
     def max_shares(max_area):
         cfg = _cfg()  # the 20x16 crop keeps its size (short side 16)
-        cfg.INPUT.CROP.ENABLED, cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE = True, "absolute", [20, 16]
+        cfg.INPUT.CROP.ENABLED, cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE = (
+            True,
+            "absolute",
+            [20, 16],
+        )
         cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = max_area
         mapper = MultiTaskDatasetMapper(cfg, is_train=True)
         np.random.seed(1)
@@ -197,7 +237,9 @@ def test_label_values_checked_against_the_class_count(tmp_path):
     label[0, 0] = 7
     write_label_map(label, record["sem_seg_file_name"])
     # No dataset: the semantic head's class count (a larger value would break its loss).
-    with pytest.raises(Seg2Error, match=r"r_label\.png: label map holds value\(s\) 7 in 1 pixel\(s\), .*0\.\.3"):
+    with pytest.raises(
+        Seg2Error, match=r"r_label\.png: label map holds value\(s\) 7 in 1 pixel\(s\), .*0\.\.3"
+    ):
         MultiTaskDatasetMapper(_cfg(), is_train=True)(record)
     cfg = _cfg()
     cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 8
@@ -234,9 +276,16 @@ def test_ignore_value_is_the_heads_and_must_match_the_datasets(tmp_path):
     assert set(np.unique(sem)) == {0, 1, 2, 3, 254}
 
     # A dataset whose metadata ignore_label differs: the resolve step names it and the key.
-    register_dataset("t_mapper_ignore_zero", lambda: [], {"stuff_classes": ["a", "b", "c", "d"], "ignore_label": 0})
+    register_dataset(
+        "t_mapper_ignore_zero",
+        lambda: [],
+        {"stuff_classes": ["a", "b", "c", "d"], "ignore_label": 0},
+    )
     cfg.DATASETS.TRAIN = ("t_mapper_ignore_zero",)
-    with pytest.raises(Seg2Error, match=r"'t_mapper_ignore_zero' has ignore_label=0 .*MODEL.SEM_SEG_HEAD.IGNORE_VALUE=254"):
+    with pytest.raises(
+        Seg2Error,
+        match=r"'t_mapper_ignore_zero' has ignore_label=0 .*MODEL.SEM_SEG_HEAD.IGNORE_VALUE=254",
+    ):
         seg2.resolve_config(cfg)
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (), ("t_mapper_ignore_zero",)  # evaluated on: as wrong
     with pytest.raises(Seg2Error, match="t_mapper_ignore_zero"):
@@ -246,7 +295,9 @@ def test_ignore_value_is_the_heads_and_must_match_the_datasets(tmp_path):
 def test_label_map_of_wrong_size_or_colour(tmp_path):
     record = make_record(tmp_path)
     write_label_map(np.zeros((H, W + 1), np.uint8), record["sem_seg_file_name"])
-    with pytest.raises(Seg2Error, match=r"r_label\.png: label map is 25x16 \(WxH\) but its image .*r\.png is 24x16"):
+    with pytest.raises(
+        Seg2Error, match=r"r_label\.png: label map is 25x16 \(WxH\) but its image .*r\.png is 24x16"
+    ):
         MultiTaskDatasetMapper(_cfg(), is_train=True)(record)
     Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(record["sem_seg_file_name"])
     with pytest.raises(Seg2Error, match=r"r_label\.png: label map has PIL mode 'RGB'"):

@@ -64,14 +64,18 @@ def _write_dataset(root, labels, kind):
         elif kind == "RGB":
             Image.fromarray(_colorize(label)).save(path)
         elif kind == "RGB_voc":  # colour-coded with VOC's colours (void: VOC's colour 255)
-            Image.fromarray(_colorize(label, palette_colors(3), tuple(VOC_PALETTE[765:768]))).save(path)
+            Image.fromarray(_colorize(label, palette_colors(3), tuple(VOC_PALETTE[765:768]))).save(
+                path
+            )
     return os.path.join(root, "images"), os.path.join(root, kind)
 
 
 @pytest.fixture
 def dataset(tmp_path):
     labels = _labels()
-    roots = {kind: _write_dataset(str(tmp_path), labels, kind) for kind in ("L", "P", "RGB", "RGB_voc")}
+    roots = {
+        kind: _write_dataset(str(tmp_path), labels, kind) for kind in ("L", "P", "RGB", "RGB_voc")
+    }
     return labels, roots
 
 
@@ -84,11 +88,23 @@ def test_index_and_rgb_masks_give_identical_records(dataset):
     loaded = {
         "L": load_sem_seg_folder(*roots["L"], CLASSES),
         "P": load_sem_seg_folder(*roots["P"], CLASSES),
-        "RGB": load_sem_seg_folder(*roots["RGB"], CLASSES, "rgb", colors=COLORS, void_colors=[VOID_COLOR]),
+        "RGB": load_sem_seg_folder(
+            *roots["RGB"], CLASSES, "rgb", colors=COLORS, void_colors=[VOID_COLOR]
+        ),
         # The colour table taken from a palette (VOC's), and from a palette PNG's palette.
-        "RGB_voc": load_sem_seg_folder(*roots["RGB_voc"], CLASSES, "rgb", palette=VOC_PALETTE, void_colors=[VOC_PALETTE[765:768]]),
+        "RGB_voc": load_sem_seg_folder(
+            *roots["RGB_voc"],
+            CLASSES,
+            "rgb",
+            palette=VOC_PALETTE,
+            void_colors=[VOC_PALETTE[765:768]],
+        ),
         "P as colours": load_sem_seg_folder(
-            *roots["P"], CLASSES, "rgb", palette=os.path.join(roots["P"][1], "img0.png"), void_colors=[(224, 224, 192)]
+            *roots["P"],
+            CLASSES,
+            "rgb",
+            palette=os.path.join(roots["P"][1], "img0.png"),
+            void_colors=[(224, 224, 192)],
         ),
     }
     reference = [_strip(r) for r in loaded["L"]]
@@ -115,14 +131,20 @@ def test_rgb_decoding_by_hand(tmp_path):
     path = str(tmp_path / "m.png")
     Image.fromarray(rgb).save(path)
     expected = np.array([[0, 1, 255], [2, 2, 0]])
-    np.testing.assert_array_equal(read_label_map(path, colors=COLORS, void_colors=[VOID_COLOR]), expected)
+    np.testing.assert_array_equal(
+        read_label_map(path, colors=COLORS, void_colors=[VOID_COLOR]), expected
+    )
     # An opaque RGBA mask decodes as its RGB; a transparent pixel is an error (it has no class).
     rgba = np.concatenate([rgb, np.full((2, 3, 1), 255, np.uint8)], axis=2)
     Image.fromarray(rgba).save(path)
-    np.testing.assert_array_equal(read_label_map(path, colors=COLORS, void_colors=[VOID_COLOR]), expected)
+    np.testing.assert_array_equal(
+        read_label_map(path, colors=COLORS, void_colors=[VOID_COLOR]), expected
+    )
     rgba[0, 0, 3] = 0
     Image.fromarray(rgba).save(path)
-    with pytest.raises(Seg2Error, match=r"m.png: RGBA label map has 1 pixel\(s\) that are not opaque"):
+    with pytest.raises(
+        Seg2Error, match=r"m.png: RGBA label map has 1 pixel\(s\) that are not opaque"
+    ):
         read_label_map(path, colors=COLORS, void_colors=[VOID_COLOR])
 
 
@@ -142,12 +164,24 @@ def test_unknown_colour_is_an_error_naming_file_colour_and_pixels(dataset, tmp_p
     rgb[5:7, 2:5] = (10, 20, 30)  # 6 pixels
     rgb[11, 15] = (255, 0, 0)  # 1 pixel
     Image.fromarray(rgb).save(os.path.join(roots["RGB"][1], "img1.png"))
-    records = load_sem_seg_folder(*roots["RGB"], CLASSES, "rgb", colors=COLORS, void_colors=[VOID_COLOR])
-    pattern = r"RGB/img1.png: RGB label map has colour\(s\) .*: \(10, 20, 30\) in 6 pixel\(s\), \(255, 0, 0\) in 1 pixel\(s\)"
+    records = load_sem_seg_folder(
+        *roots["RGB"], CLASSES, "rgb", colors=COLORS, void_colors=[VOID_COLOR]
+    )
+    pattern = (
+        r"RGB/img1.png: RGB label map has colour\(s\) .*: \(10, 20, 30\) in 6 pixel\(s\), "
+        r"\(255, 0, 0\) in 1 pixel\(s\)"
+    )
     with pytest.raises(Seg2Error, match=pattern):
         read_sem_seg(records[1])  # at map time, as the mapper and the evaluator read it
     with pytest.raises(Seg2Error, match=pattern):
-        load_sem_seg_folder(*roots["RGB"], CLASSES, "rgb", colors=COLORS, void_colors=[VOID_COLOR], check_labels=True)
+        load_sem_seg_folder(
+            *roots["RGB"],
+            CLASSES,
+            "rgb",
+            colors=COLORS,
+            void_colors=[VOID_COLOR],
+            check_labels=True,
+        )
     # Without void_colors, the void colour is an unknown colour too: nothing becomes background.
     with pytest.raises(Seg2Error, match=r"img0.png: .*\(0, 0, 0\) in 5 pixel\(s\)"):
         read_sem_seg(load_sem_seg_folder(*roots["RGB"], CLASSES, "rgb", colors=COLORS)[0])
@@ -166,7 +200,9 @@ def test_palette_mask_with_unknown_colour(tmp_path):
 def test_size_mismatch_is_an_error_at_load(dataset):
     labels, roots = dataset
     Image.fromarray(labels[2][:, :10], mode="L").save(os.path.join(roots["L"][1], "img2.png"))
-    with pytest.raises(Seg2Error, match=r"L/img2.png: label map is 10x12 \(WxH\) but its image .*img2.png is 16x12"):
+    with pytest.raises(
+        Seg2Error, match=r"L/img2.png: label map is 10x12 \(WxH\) but its image .*img2.png is 16x12"
+    ):
         load_sem_seg_folder(*roots["L"], CLASSES)
 
 
@@ -174,10 +210,14 @@ def test_unpaired_files_are_errors(dataset):
     _, roots = dataset
     image_root, label_root = roots["L"]
     os.rename(os.path.join(label_root, "img1.png"), os.path.join(label_root, "other.png"))
-    with pytest.raises(Seg2Error, match=r"images/img1.png: image has no label file <stem>.png in .*L"):
+    with pytest.raises(
+        Seg2Error, match=r"images/img1.png: image has no label file <stem>.png in .*L"
+    ):
         load_sem_seg_folder(image_root, label_root, CLASSES)
     Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(os.path.join(image_root, "img1.jpg"))
-    with pytest.raises(Seg2Error, match=r"images/img1.png: two files have the stem 'img1' \(also .*img1.jpg\)"):
+    with pytest.raises(
+        Seg2Error, match=r"images/img1.png: two files have the stem 'img1' \(also .*img1.jpg\)"
+    ):
         load_sem_seg_folder(image_root, label_root, CLASSES)
     os.remove(os.path.join(image_root, "img1.jpg"))
     os.rename(os.path.join(label_root, "other.png"), os.path.join(label_root, "img1.png"))
@@ -192,8 +232,19 @@ def test_labels_beside_images_with_a_suffix(tmp_path):
     for i, label in enumerate(_labels(2)):
         Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(folder / f"f{i}.png")
         Image.fromarray(_colorize(label)).save(folder / f"f{i}_L.png")
-    records = load_sem_seg_folder(str(folder), str(folder), CLASSES, "rgb", colors=COLORS, void_colors=[VOID_COLOR], label_ext="_L.png")
-    assert [(os.path.basename(r["file_name"]), os.path.basename(r["sem_seg_file_name"])) for r in records] == [
+    records = load_sem_seg_folder(
+        str(folder),
+        str(folder),
+        CLASSES,
+        "rgb",
+        colors=COLORS,
+        void_colors=[VOID_COLOR],
+        label_ext="_L.png",
+    )
+    assert [
+        (os.path.basename(r["file_name"]), os.path.basename(r["sem_seg_file_name"]))
+        for r in records
+    ] == [
         ("f0.png", "f0_L.png"),
         ("f1.png", "f1_L.png"),
     ]
@@ -204,7 +255,10 @@ def test_values_beyond_the_class_count(dataset):
     bad = labels[0].copy()
     bad[3, 4:7] = 5
     Image.fromarray(bad, mode="L").save(os.path.join(roots["L"][1], "img0.png"))
-    with pytest.raises(Seg2Error, match=r"L/img0.png: label map holds value\(s\) 5 in 3 pixel\(s\), which are neither"):
+    with pytest.raises(
+        Seg2Error,
+        match=r"L/img0.png: label map holds value\(s\) 5 in 3 pixel\(s\), which are neither",
+    ):
         load_sem_seg_folder(*roots["L"], CLASSES, check_labels=True)
     # At map time: the training mapper checks against the class count, which the resolve step
     # checked against the dataset's stuff_classes.
@@ -213,17 +267,27 @@ def test_values_beyond_the_class_count(dataset):
     seg2.add_seg2_config(cfg)
     cfg.MODEL.META_ARCHITECTURE = "Seg2MultiTaskRCNN"  # reads label maps
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = ("seg2_test_folder_bad",), ()
-    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(CLASSES), len(CLASSES) - 1
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, cfg.MODEL.ROI_HEADS.NUM_CLASSES = (
+        len(CLASSES),
+        len(CLASSES) - 1,
+    )
     mapper = MultiTaskDatasetMapper(seg2.resolve_config(cfg), is_train=True)
-    with pytest.raises(Seg2Error, match=r"L/img0.png: label map holds value\(s\) 5 in 3 pixel\(s\)"):
+    with pytest.raises(
+        Seg2Error, match=r"L/img0.png: label map holds value\(s\) 5 in 3 pixel\(s\)"
+    ):
         mapper(DatasetCatalog.get("seg2_test_folder_bad")[0])
 
 
 def test_wrong_kind_of_label_file(dataset):
     _, roots = dataset
-    with pytest.raises(Seg2Error, match=r"RGB/img0.png: label map has PIL mode 'RGB'.*label_format='rgb'"):
+    with pytest.raises(
+        Seg2Error, match=r"RGB/img0.png: label map has PIL mode 'RGB'.*label_format='rgb'"
+    ):
         load_sem_seg_folder(*roots["RGB"], CLASSES)  # colour masks loaded as index maps
-    with pytest.raises(Seg2Error, match=r"L/img0.png: label map has PIL mode 'L'; this dataset's label format is 'rgb'"):
+    with pytest.raises(
+        Seg2Error,
+        match=r"L/img0.png: label map has PIL mode 'L'; this dataset's label format is 'rgb'",
+    ):
         load_sem_seg_folder(*roots["L"], CLASSES, "rgb", colors=COLORS)
 
 
@@ -231,12 +295,30 @@ def test_wrong_kind_of_label_file(dataset):
     "kwargs, message",
     [
         (dict(label_format="rgb"), "needs the colour of each class"),
-        (dict(label_format="rgb", colors=COLORS[:2]), "colors has 2 colours but there are 3 class_names"),
-        (dict(label_format="rgb", colors=[COLORS[0], COLORS[1], COLORS[0]]), r"colour \(128, 64, 128\) is given twice: to class 0 and to class 2"),
-        (dict(label_format="rgb", colors=COLORS, void_colors=[COLORS[1]]), "given twice: to class 1 and to void colour 0"),
-        (dict(label_format="rgb", colors=[(1, 2), (3, 4, 5), (6, 7, 8)]), r"\(1, 2\) is not an \(r, g, b\) colour"),
-        (dict(label_format="rgb", colors=COLORS, void=[3]), "give void_colors instead of void values"),
-        (dict(label_format="index", void_colors=[VOID_COLOR]), "colors / void_colors need label_format='rgb'"),
+        (
+            dict(label_format="rgb", colors=COLORS[:2]),
+            "colors has 2 colours but there are 3 class_names",
+        ),
+        (
+            dict(label_format="rgb", colors=[COLORS[0], COLORS[1], COLORS[0]]),
+            r"colour \(128, 64, 128\) is given twice: to class 0 and to class 2",
+        ),
+        (
+            dict(label_format="rgb", colors=COLORS, void_colors=[COLORS[1]]),
+            "given twice: to class 1 and to void colour 0",
+        ),
+        (
+            dict(label_format="rgb", colors=[(1, 2), (3, 4, 5), (6, 7, 8)]),
+            r"\(1, 2\) is not an \(r, g, b\) colour",
+        ),
+        (
+            dict(label_format="rgb", colors=COLORS, void=[3]),
+            "give void_colors instead of void values",
+        ),
+        (
+            dict(label_format="index", void_colors=[VOID_COLOR]),
+            "colors / void_colors need label_format='rgb'",
+        ),
         (dict(label_format="gray"), "label_format must be 'index' or 'rgb'"),
         (dict(colors=COLORS, palette=VOC_PALETTE), "not both"),
         (dict(value_map={255: 300}), "mapped to 300, which is neither a class index"),
@@ -248,12 +330,21 @@ def test_wrong_kind_of_label_file(dataset):
 )
 def test_bad_label_formats(tmp_path, kwargs, message):
     with pytest.raises(Seg2Error, match=message):
-        register_sem_seg_folder("seg2_test_folder_format", str(tmp_path), str(tmp_path), CLASSES, **kwargs)
+        register_sem_seg_folder(
+            "seg2_test_folder_format", str(tmp_path), str(tmp_path), CLASSES, **kwargs
+        )
 
 
 def test_register_sem_seg_folder_metadata(dataset):
     _, roots = dataset
-    register_sem_seg_folder("seg2_test_folder_rgb", *roots["RGB"], CLASSES, "rgb", colors=COLORS, void_colors=[VOID_COLOR])
+    register_sem_seg_folder(
+        "seg2_test_folder_rgb",
+        *roots["RGB"],
+        CLASSES,
+        "rgb",
+        colors=COLORS,
+        void_colors=[VOID_COLOR],
+    )
     meta = MetadataCatalog.get("seg2_test_folder_rgb")
     assert meta.stuff_classes == CLASSES and meta.stuff_colors == COLORS
     assert meta.ignore_label == 255 and meta.evaluator_type == "sem_seg"
@@ -274,7 +365,11 @@ def test_mapper_reads_every_format_alike(dataset):
     cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = len(CLASSES)
     mapper = MultiTaskDatasetMapper(cfg, is_train=True)
     outputs = {}
-    for kind, kwargs in (("L", {}), ("P", {}), ("RGB", dict(label_format="rgb", colors=COLORS, void_colors=[VOID_COLOR]))):
+    for kind, kwargs in (
+        ("L", {}),
+        ("P", {}),
+        ("RGB", dict(label_format="rgb", colors=COLORS, void_colors=[VOID_COLOR])),
+    ):
         records = load_sem_seg_folder(*roots[kind], CLASSES, **kwargs)
         np.random.seed(0)  # the same flips
         outputs[kind] = [mapper(r) for r in records]
@@ -363,8 +458,15 @@ def test_16bit_index_png(tmp_path):
 
 @pytest.mark.parametrize(
     "values, expected",
-    [((0, 255), True), ((255,), True), ((0,), False), ((0, 1, 255), False), ((0, 254, 255), False),
-     ((1, 255), False), ((0, 7), False)],
+    [
+        ((0, 255), True),
+        ((255,), True),
+        ((0,), False),
+        ((0, 1, 255), False),
+        ((0, 254, 255), False),
+        ((1, 255), False),
+        ((0, 7), False),
+    ],
 )
 def test_ignore_only(values, expected):
     """The maps whose only non-zero value is 255, uint8 (fast path) and int64 alike."""

@@ -102,7 +102,10 @@ def test_voc_instances_hand_computed(voc_root):
     assert a["image_id"] == "a" and "sem_seg_file_name" not in a
     annos = a["annotations"]
     assert len(annos) == 2  # the void ring (255) is not an object
-    assert [x["category_id"] for x in annos] == [VOC_CLASSES.index("person"), VOC_CLASSES.index("car")]
+    assert [x["category_id"] for x in annos] == [
+        VOC_CLASSES.index("person"),
+        VOC_CLASSES.index("car"),
+    ]
     assert [x["bbox"] for x in annos] == [[1, 1, 4, 4], [5, 4, 9, 7]]
     assert all(x["bbox_mode"] == BoxMode.XYXY_ABS and x["iscrowd"] == 0 for x in annos)
     person = mask_util.decode(annos[0]["segmentation"])
@@ -131,9 +134,18 @@ def test_sbd_train_aug_composition(tmp_path):
     records = load_voc_sem_seg_train_aug(voc, str(sbd))
     # VOC train (a, b) + SBD train/val (b, c, d, e) - VOC val (c): a, b from VOC; d, e from SBD.
     assert [r["image_id"] for r in records] == ["a", "b", "d", "e"]
-    assert [os.path.splitext(r["sem_seg_file_name"])[1] for r in records] == [".png", ".png", ".mat", ".mat"]
-    assert read_label_map(records[1]["sem_seg_file_name"]).max() == 2  # VOC's label wins over SBD's 9
-    np.testing.assert_array_equal(read_label_map(records[2]["sem_seg_file_name"]), _maps_single(11)[0])
+    assert [os.path.splitext(r["sem_seg_file_name"])[1] for r in records] == [
+        ".png",
+        ".png",
+        ".mat",
+        ".mat",
+    ]
+    assert (
+        read_label_map(records[1]["sem_seg_file_name"]).max() == 2
+    )  # VOC's label wins over SBD's 9
+    np.testing.assert_array_equal(
+        read_label_map(records[2]["sem_seg_file_name"]), _maps_single(11)[0]
+    )
     assert all(r["file_name"].startswith(os.path.join(voc, "JPEGImages")) for r in records)
 
     (sbd / "cls" / "e.mat").unlink()
@@ -153,18 +165,22 @@ def test_shapes_voc_view_agrees_with_coco_view(tiny_shapes_root):
         voc_records = load_voc_instances(voc, split, class_names=SHAPES_CLASSES)
         coco_records = load_coco_with_sem_seg(
             os.path.join(coco, "annotations", f"instances_{split}.json"),
-                os.path.join(coco, split),
-                dataset_name=f"seg2_shapes_{split}",
+            os.path.join(coco, split),
+            dataset_name=f"seg2_shapes_{split}",
         )
         assert len(voc_records) == len(coco_records)
         for v, c in zip(voc_records, coco_records):
             assert os.path.basename(v["file_name"]) == os.path.basename(c["file_name"])
             obj = read_label_map(os.path.join(voc, "SegmentationObject", v["image_id"] + ".png"))
             off_border = obj != 255
-            assert [a["category_id"] for a in v["annotations"]] == [a["category_id"] for a in c["annotations"]]
+            assert [a["category_id"] for a in v["annotations"]] == [
+                a["category_id"] for a in c["annotations"]
+            ]
             for va, ca in zip(v["annotations"], c["annotations"]):
                 vm = mask_util.decode(va["segmentation"]).astype(bool)
-                cm = mask_util.decode(mask_util.merge(mask_util.frPyObjects(ca["segmentation"], *obj.shape)))
+                cm = mask_util.decode(
+                    mask_util.merge(mask_util.frPyObjects(ca["segmentation"], *obj.shape))
+                )
                 np.testing.assert_array_equal(vm[off_border], cm.astype(bool)[off_border])
                 assert not vm[~off_border].any()
                 instances += 1
@@ -177,22 +193,33 @@ def test_shapes_voc_view_agrees_with_coco_view(tiny_shapes_root):
 def test_missing_image_for_id_in_split_file(voc_root):
     os.remove(os.path.join(voc_root, "JPEGImages", "b.jpg"))
     for load in (load_voc_sem_seg, load_voc_instances):
-        with pytest.raises(Seg2Error, match=r"b\.jpg: image for id 'b' listed in .*train\.txt not found"):
+        with pytest.raises(
+            Seg2Error, match=r"b\.jpg: image for id 'b' listed in .*train\.txt not found"
+        ):
             load(voc_root, "train")
 
 
 def test_duplicate_id_in_split_file(voc_root):
     with open(os.path.join(voc_root, "ImageSets", "Segmentation", "train.txt"), "a") as f:
         f.write("a\n")
-    with pytest.raises(Seg2Error, match=r"train\.txt: image id 'a' is listed twice \(lines 1 and 3\)"):
+    with pytest.raises(
+        Seg2Error, match=r"train\.txt: image id 'a' is listed twice \(lines 1 and 3\)"
+    ):
         load_voc_sem_seg(voc_root, "train")
 
 
 def test_mask_size_differs_from_image(voc_root):
-    write_label_map(np.zeros((H + 1, W), np.uint8), os.path.join(voc_root, "SegmentationObject", "b.png"))
-    with pytest.raises(Seg2Error, match=r"SegmentationObject/b\.png: mask is 10x9 \(WxH\) but its image .*b\.jpg is 10x8"):
+    write_label_map(
+        np.zeros((H + 1, W), np.uint8), os.path.join(voc_root, "SegmentationObject", "b.png")
+    )
+    with pytest.raises(
+        Seg2Error,
+        match=r"SegmentationObject/b\.png: mask is 10x9 \(WxH\) but its image .*b\.jpg is 10x8",
+    ):
         load_voc_instances(voc_root, "train")
-    write_label_map(np.zeros((H, W + 2), np.uint8), os.path.join(voc_root, "SegmentationClass", "b.png"))
+    write_label_map(
+        np.zeros((H, W + 2), np.uint8), os.path.join(voc_root, "SegmentationClass", "b.png")
+    )
     with pytest.raises(Seg2Error, match=r"SegmentationClass/b\.png: mask is 12x8"):
         load_voc_sem_seg(voc_root, "train")
 
@@ -201,7 +228,9 @@ def test_label_value_neither_class_nor_void(voc_root):
     cls, obj = _maps_single(1)
     cls[0, 0] = 37  # VOC has 21 classes
     write_label_map(cls, os.path.join(voc_root, "SegmentationClass", "b.png"))
-    with pytest.raises(Seg2Error, match=r"b\.png: label map holds value\(s\) 37 in 1 pixel\(s\).*0\.\.20.*255"):
+    with pytest.raises(
+        Seg2Error, match=r"b\.png: label map holds value\(s\) 37 in 1 pixel\(s\).*0\.\.20.*255"
+    ):
         load_voc_instances(voc_root, "train")
     with pytest.raises(Seg2Error, match=r"b\.png: label map holds value\(s\) 37"):
         load_voc_sem_seg(voc_root, "train", check_labels=True)
@@ -209,7 +238,9 @@ def test_label_value_neither_class_nor_void(voc_root):
     cls, obj = _maps_single(1)
     cls[2, 2] = 0
     write_label_map(cls, os.path.join(voc_root, "SegmentationClass", "b.png"))
-    with pytest.raises(Seg2Error, match=r"SegmentationObject/b\.png: object 1 covers class value\(s\) \[0, 1\]"):
+    with pytest.raises(
+        Seg2Error, match=r"SegmentationObject/b\.png: object 1 covers class value\(s\) \[0, 1\]"
+    ):
         load_voc_instances(voc_root, "train")
 
 
@@ -220,7 +251,10 @@ def test_rgb_or_grayscale_mask_where_palette_expected(voc_root):
     with pytest.raises(Seg2Error, match=r"b\.png: label map has PIL mode 'RGB'"):
         load_voc_sem_seg(voc_root, "train")
     Image.fromarray(cls, mode="L").save(path)  # indices, but not VOC's palette format
-    with pytest.raises(Seg2Error, match=r"b\.png: label map has PIL mode 'L' but this dataset's label PNGs are palette"):
+    with pytest.raises(
+        Seg2Error,
+        match=r"b\.png: label map has PIL mode 'L' but this dataset's label PNGs are palette",
+    ):
         load_voc_instances(voc_root, "train")
     assert len(load_voc_sem_seg(voc_root, "train", require_palette=False, check_labels=True)) == 2
 
@@ -248,9 +282,16 @@ def test_builtin_voc_names_read_detectron2_datasets_layout(tmp_path):
             assert len(records) == n, name
             assert meta.evaluator_type == evaluator_type
             assert meta.thing_classes == list(VOC_CLASSES) and len(meta.stuff_classes) == 21
-            assert meta.ignore_label == 255 and len(meta.stuff_colors) == 21 and len(meta.thing_colors) == 20
+            assert (
+                meta.ignore_label == 255
+                and len(meta.stuff_colors) == 21
+                and len(meta.thing_colors) == 20
+            )
             has_inst, has_sem = "instance" in name, True
-            assert all(("annotations" in r) == has_inst and ("sem_seg_file_name" in r) == has_sem for r in records)
+            assert all(
+                ("annotations" in r) == has_inst and ("sem_seg_file_name" in r) == has_sem
+                for r in records
+            )
     finally:
         register_all_voc_2012(os.path.dirname(default_root))
     assert MetadataCatalog.get("voc_2012_sem_seg_val").dirname == default_root
@@ -268,7 +309,9 @@ def test_voc_instances_evaluate_with_detectron2_coco_evaluator(tmp_path):
     voc = make_voc(tmp_path / "VOC2012")
     register_voc_instances("t_voc_instance_eval", voc, "train")
     records = DatasetCatalog.get("t_voc_instance_eval")
-    evaluator = COCOEvaluator("t_voc_instance_eval", tasks=("bbox", "segm"), output_dir=str(tmp_path / "eval"))
+    evaluator = COCOEvaluator(
+        "t_voc_instance_eval", tasks=("bbox", "segm"), output_dir=str(tmp_path / "eval")
+    )
     evaluator.reset()
     for r in records:
         annos = r["annotations"]
@@ -276,10 +319,16 @@ def test_voc_instances_evaluate_with_detectron2_coco_evaluator(tmp_path):
         inst.pred_boxes = Boxes(torch.tensor([a["bbox"] for a in annos], dtype=torch.float32))
         inst.scores = torch.ones(len(annos))
         inst.pred_classes = torch.tensor([a["category_id"] for a in annos])
-        inst.pred_masks = torch.stack([torch.from_numpy(mask_util.decode(a["segmentation"])).bool() for a in annos])
-        evaluator.process([{"image_id": r["image_id"], "file_name": r["file_name"]}], [{"instances": inst}])
+        inst.pred_masks = torch.stack(
+            [torch.from_numpy(mask_util.decode(a["segmentation"])).bool() for a in annos]
+        )
+        evaluator.process(
+            [{"image_id": r["image_id"], "file_name": r["file_name"]}], [{"instances": inst}]
+        )
     results = evaluator.evaluate()
-    assert results["segm"]["AP"] == pytest.approx(100.0) and results["bbox"]["AP"] == pytest.approx(100.0)
+    assert results["segm"]["AP"] == pytest.approx(100.0) and results["bbox"]["AP"] == pytest.approx(
+        100.0
+    )
 
 
 def test_voc_sem_seg_evaluates_with_detectron2_sem_seg_evaluator(tmp_path):

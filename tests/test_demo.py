@@ -22,7 +22,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load_demo():
-    spec = importlib.util.spec_from_file_location("seg2_tools_demo", os.path.join(REPO_ROOT, "tools", "demo.py"))
+    spec = importlib.util.spec_from_file_location(
+        "seg2_tools_demo", os.path.join(REPO_ROOT, "tools", "demo.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -50,12 +52,18 @@ def _inputs(tiny_shapes_root, folder, n=2):
 
 
 SEMANTIC_OPTS = [
-    "MODEL.UNET_ENCODER.CHANNELS", "[8, 8, 16]",
-    "MODEL.SEM_SEG_HEAD.IN_FEATURES", '["enc1", "enc2", "enc3"]',
-    "INPUT.MIN_SIZE_TEST", "0",
-    "TEST.TILING.ENABLED", "True",
-    "TEST.TILING.TILE_SIZE", "32",
-    "TEST.TILING.STRIDE", "24",
+    "MODEL.UNET_ENCODER.CHANNELS",
+    "[8, 8, 16]",
+    "MODEL.SEM_SEG_HEAD.IN_FEATURES",
+    '["enc1", "enc2", "enc3"]',
+    "INPUT.MIN_SIZE_TEST",
+    "0",
+    "TEST.TILING.ENABLED",
+    "True",
+    "TEST.TILING.TILE_SIZE",
+    "32",
+    "TEST.TILING.STRIDE",
+    "24",
 ]
 
 
@@ -70,7 +78,9 @@ def test_demo_semantic_overlay_palette_and_bad_files(tiny_shapes_root, tmp_path,
         f.write(data[: len(data) // 3])
     with open(os.path.join(folder, "notes.png"), "w") as f:
         f.write("not an image")
-    with open(os.path.join(folder, "readme.txt"), "w") as f:  # no image extension: skipped, and said so
+    with open(
+        os.path.join(folder, "readme.txt"), "w"
+    ) as f:  # no image extension: skipped, and said so
         f.write("about these images")
     gray16 = (np.arange(20 * 24, dtype=np.uint16).reshape(20, 24) * 137).astype(np.uint16)
     Image.fromarray(gray16).save(os.path.join(folder, "gray16.png"))
@@ -85,10 +95,18 @@ def test_demo_semantic_overlay_palette_and_bad_files(tiny_shapes_root, tmp_path,
 
     assert status == 1  # two files failed ...
     assert "3 image(s) written" in printed and "2 failed" in printed
-    assert "truncated.jpg: cannot read the image" in printed and "notes.png: cannot read the image" in printed
-    assert f"demo: 1 file(s) in the input folders skipped, not image file names:\n  {folder}/readme.txt\n" in printed
+    assert (
+        "truncated.jpg: cannot read the image" in printed
+        and "notes.png: cannot read the image" in printed
+    )
+    assert (
+        "demo: 1 file(s) in the input folders skipped, not image file names:\n  "
+        f"{folder}/readme.txt\n" in printed
+    )
     stems = ["gray16"] + [os.path.splitext(os.path.basename(p))[0] for p in good]
-    assert sorted(os.listdir(out)) == sorted(f"{s}_{k}.png" for s in stems for k in ("sem_seg", "overlay_semantic"))
+    assert sorted(os.listdir(out)) == sorted(
+        f"{s}_{k}.png" for s in stems for k in ("sem_seg", "overlay_semantic")
+    )
 
     # ... the others are written: the raw map is the predictor's, the overlay differs from the
     # input exactly where the predicted class is not background (class 0)
@@ -102,28 +120,52 @@ def test_demo_semantic_overlay_palette_and_bad_files(tiny_shapes_root, tmp_path,
         assert np.array_equal(labels, expected), stem
         with Image.open(os.path.join(out, f"{stem}_sem_seg.png")) as im:
             assert im.getpalette()[:12] == VOC_PALETTE[:12]  # seg2_shapes' stuff_colors
-        overlay = np.asarray(Image.open(os.path.join(out, f"{stem}_overlay_semantic.png")).convert("RGB"))
+        overlay = np.asarray(
+            Image.open(os.path.join(out, f"{stem}_overlay_semantic.png")).convert("RGB")
+        )
         h, w = labels.shape
         assert overlay.shape[0] >= h and overlay.shape[1] > w  # legend on the right
         rgb = bgr[:, :, ::-1].astype(int)
         changed = (overlay[:h, :w].astype(int) != rgb).any(axis=2)
         fg = labels != 0
         colour = np.asarray(VOC_PALETTE[:12]).reshape(4, 3)[labels]
-        distinct = (np.abs(colour - rgb) > 2).any(axis=2)  # else blending may round back to the pixel
+        distinct = (np.abs(colour - rgb) > 2).any(
+            axis=2
+        )  # else blending may round back to the pixel
         assert not (changed & ~fg).any(), stem
         assert np.array_equal(changed & distinct, fg & distinct), stem
         if stem != "gray16":
-            assert fg.any() and (~fg).any(), "random weights should predict both background and shapes"
+            assert fg.any() and (~fg).any(), (
+                "random weights should predict both background and shapes"
+            )
 
 
 def test_demo_instances_json_and_overlay(tiny_shapes_root, tmp_path, capsys):
     good = _inputs(tiny_shapes_root, str(tmp_path / "in"), n=1)
     out = str(tmp_path / "out")
-    config = os.path.join(REPO_ROOT, "configs", "quickstart", "mask_rcnn_R18_FPN_fcn8s_shapes_cpu.yaml")
+    config = os.path.join(
+        REPO_ROOT, "configs", "quickstart", "mask_rcnn_R18_FPN_fcn8s_shapes_cpu.yaml"
+    )
     glob_arg = os.path.join(str(tmp_path / "in"), "*.jpg")
-    argv = ["--config-file", config, "--input", glob_arg, str(tmp_path / "missing.png"), "--output", out,
-            "--confidence-threshold", "0.0"]
-    opts = ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64", "TEST.DETECTIONS_PER_IMAGE", "5"]
+    argv = [
+        "--config-file",
+        config,
+        "--input",
+        glob_arg,
+        str(tmp_path / "missing.png"),
+        "--output",
+        out,
+        "--confidence-threshold",
+        "0.0",
+    ]
+    opts = [
+        "INPUT.MIN_SIZE_TEST",
+        "64",
+        "INPUT.MAX_SIZE_TEST",
+        "64",
+        "TEST.DETECTIONS_PER_IMAGE",
+        "5",
+    ]
     weights = _weights(demo.get_parser().parse_args(argv + opts), str(tmp_path / "model"), seed=0)
     status = demo.main(argv + opts + ["MODEL.WEIGHTS", weights])
     printed = capsys.readouterr().out
@@ -137,9 +179,13 @@ def test_demo_instances_json_and_overlay(tiny_shapes_root, tmp_path, capsys):
     assert [im["file_name"] for im in coco["images"]] == good
     assert [c["name"] for c in coco["categories"]] == ["circle", "square", "triangle"]
     anns = coco["annotations"]
-    assert 1 <= len(anns) <= 5 and all(a["category_id"] in (1, 2, 3) and 0 <= a["score"] <= 1 for a in anns)
+    assert 1 <= len(anns) <= 5 and all(
+        a["category_id"] in (1, 2, 3) and 0 <= a["score"] <= 1 for a in anns
+    )
     rgb = read_image(good[0], "RGB").astype(int)
-    overlay = np.asarray(Image.open(os.path.join(out, f"{stem}_overlay_instances.png")).convert("RGB")).astype(int)
+    overlay = np.asarray(
+        Image.open(os.path.join(out, f"{stem}_overlay_instances.png")).convert("RGB")
+    ).astype(int)
     assert overlay.shape == rgb.shape
     union = np.zeros(rgb.shape[:2], bool)
     for a in anns:
@@ -162,9 +208,15 @@ def test_read_image_bad_and_odd_files(tmp_path):
     assert (read_image(str(tmp_path / "white16.png")) == 255).all()
     ramp = np.array([[1000, 1100, 1200]], np.uint16)
     Image.fromarray(ramp).save(tmp_path / "ramp16.png")
-    assert read_image(str(tmp_path / "ramp16.png"), uint16="minmax")[0, :, 0].tolist() == [0, 128, 255]
+    assert read_image(str(tmp_path / "ramp16.png"), uint16="minmax")[0, :, 0].tolist() == [
+        0,
+        128,
+        255,
+    ]
     Image.fromarray(np.full((3, 3), 2.5, np.float32)).save(tmp_path / "float.tif")
-    with pytest.raises(Seg2Error, match=r"float.tif: floating-point image with values in \[2.5, 2.5\]"):
+    with pytest.raises(
+        Seg2Error, match=r"float.tif: floating-point image with values in \[2.5, 2.5\]"
+    ):
         read_image(str(tmp_path / "float.tif"))
     with pytest.raises(Seg2Error, match=r"nothing.jpg: cannot read the image \(no such file\)"):
         read_image(str(tmp_path / "nothing.jpg"))
@@ -172,7 +224,20 @@ def test_read_image_bad_and_odd_files(tmp_path):
 
 def test_demo_setup_error_is_one_line_and_status_1(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
-        demo.main(["--config-file", str(tmp_path / "missing.yaml"), "--input", str(tmp_path), "--output", str(tmp_path / "o")])
+        demo.main(
+            [
+                "--config-file",
+                str(tmp_path / "missing.yaml"),
+                "--input",
+                str(tmp_path),
+                "--output",
+                str(tmp_path / "o"),
+            ]
+        )
     err = capsys.readouterr().err
     assert info.value.code == 1 and "Traceback" not in err
-    assert err.startswith("seg2: error: bad config (") and "missing.yaml" in err and len(err.splitlines()) == 1
+    assert (
+        err.startswith("seg2: error: bad config (")
+        and "missing.yaml" in err
+        and len(err.splitlines()) == 1
+    )

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 from detectron2.engine import default_argument_parser
+
 from seg2_model_helpers import register_tiny_shapes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +45,8 @@ def tiny_run(tiny_shapes_root, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     # train_net's setup_logger stops propagation (caplog of later tests would see nothing); the
-    # autouse _restore_loggers of conftest.py runs after this module-scoped fixture, so undo it here.
+    # autouse _restore_loggers of conftest.py runs after this module-scoped fixture, so undo it
+    # here.
     loggers = [logging.getLogger(n) for n in ("seg2", "detectron2", "fvcore", "d2")]
     saved = [(lg, list(lg.handlers), lg.propagate, lg.level) for lg in loggers]
     try:
@@ -70,7 +72,8 @@ def test_every_checkpoint_is_evaluated_as_the_run_evaluated_it(tiny_run):
     rows = tool.main(args)
     # periodic checkpoints by iteration, then model_final, then model_best
     assert [(r["checkpoint"], r["iteration"]) for r in rows] == [
-        ("model_0000001.pth", 2), ("model_0000003.pth", 4), ("model_final.pth", 4), ("model_best.pth", rows[3]["iteration"])
+        ("model_0000001.pth", 2), ("model_0000003.pth", 4), ("model_final.pth", 4),
+        ("model_best.pth", rows[3]["iteration"])
     ]  # fmt: skip
     assert rows[3]["iteration"] in (2, 4)
 
@@ -128,7 +131,8 @@ def test_bad_input_is_one_line_naming_it(tmp_path, tiny_run):
     r = _run_tool("--run-dir", str(empty), "--dataset", "seg2_shapes_val")
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1] == (
-        f"seg2: error: --run-dir {empty}: no config.yaml (tools/train_net.py writes it into OUTPUT_DIR); "
+        f"seg2: error: --run-dir {empty}: no config.yaml (tools/train_net.py writes it into "
+        "OUTPUT_DIR); "
         "is this a run's output folder?"
     )
     shutil.copy(os.path.join(tiny_run, "config.yaml"), empty / "config.yaml")

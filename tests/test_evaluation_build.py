@@ -4,11 +4,9 @@ the same numbers, detectron2's own otherwise (VOC's AP computed by hand), and th
 import importlib.util
 import json
 import logging
-import os
 
 import pytest
 import torch
-
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_pascal_voc
@@ -20,15 +18,24 @@ from detectron2.evaluation import (
     PascalVOCDetectionEvaluator,
 )
 from detectron2.structures import Boxes, Instances
-from seg2_model_helpers import register_tiny_shapes
 
 import seg2
 from seg2 import Seg2Error
 from seg2.evaluation import EVALUATORS, MaskAPEvaluator, MIoUEvaluator, build_evaluator
 
+from seg2_model_helpers import register_tiny_shapes
+
 LOGGER = "seg2.evaluation.build"
 # The types detectron2's tools/train_net.py handles.
-D2_TRAIN_NET_TYPES = ("sem_seg", "coco", "coco_panoptic_seg", "cityscapes_instance", "cityscapes_sem_seg", "pascal_voc", "lvis")
+D2_TRAIN_NET_TYPES = (
+    "sem_seg",
+    "coco",
+    "coco_panoptic_seg",
+    "cityscapes_instance",
+    "cityscapes_sem_seg",
+    "pascal_voc",
+    "lvis",
+)
 
 
 def _cfg(meta_arch, mask_on=True):
@@ -50,7 +57,9 @@ def _register_shapes(tiny_shapes_root, name, evaluator_type):
 
 
 def test_every_registered_evaluator_type_is_accepted():
-    registered = {MetadataCatalog.get(n).get("evaluator_type", None) for n in MetadataCatalog.list()} - {None}
+    registered = {
+        MetadataCatalog.get(n).get("evaluator_type", None) for n in MetadataCatalog.list()
+    } - {None}
     assert set(D2_TRAIN_NET_TYPES) <= registered  # detectron2's builtin datasets carry them all
     assert registered <= set(EVALUATORS), sorted(registered - set(EVALUATORS))
 
@@ -59,7 +68,10 @@ def test_seg2_evaluators_where_they_compute_the_same(tiny_shapes_root, caplog):
     name = _register_shapes(tiny_shapes_root, "seg2_test_build_eval", "coco_sem_seg")
     with caplog.at_level(logging.INFO, logger=LOGGER):
         assert isinstance(build_evaluator(_cfg("GeneralizedRCNN"), name, None), MaskAPEvaluator)
-    assert "instances by MaskAPEvaluator (seg2's, the numbers of detectron2's COCOEvaluator)" in caplog.text
+    assert (
+        "instances by MaskAPEvaluator (seg2's, the numbers of detectron2's COCOEvaluator)"
+        in caplog.text
+    )
     assert "GeneralizedRCNN predicts no sem_seg; not evaluated" in caplog.text
     both = build_evaluator(_cfg("PanopticFPN"), name, None)
     assert isinstance(both, DatasetEvaluators)
@@ -67,18 +79,29 @@ def test_seg2_evaluators_where_they_compute_the_same(tiny_shapes_root, caplog):
     caplog.clear()
     with caplog.at_level(logging.INFO, logger=LOGGER):
         assert isinstance(build_evaluator(_cfg("SemanticSegmentor"), name, None), MIoUEvaluator)
-    assert "sem_seg by MIoUEvaluator (seg2's, the numbers of detectron2's SemSegEvaluator)" in caplog.text
+    assert (
+        "sem_seg by MIoUEvaluator (seg2's, the numbers of detectron2's SemSegEvaluator)"
+        in caplog.text
+    )
 
     for evaluator_type in ("sem_seg", "coco"):
-        name = _register_shapes(tiny_shapes_root, f"seg2_test_build_eval_{evaluator_type}", evaluator_type)
+        name = _register_shapes(
+            tiny_shapes_root, f"seg2_test_build_eval_{evaluator_type}", evaluator_type
+        )
         with pytest.raises(Seg2Error, match=f"{name!r} \\({evaluator_type}\\) has no target that"):
-            build_evaluator(_cfg("SemanticSegmentor" if evaluator_type == "coco" else "GeneralizedRCNN"), name, None)
+            build_evaluator(
+                _cfg("SemanticSegmentor" if evaluator_type == "coco" else "GeneralizedRCNN"),
+                name,
+                None,
+            )
 
 
 def test_coco_panoptic_type_evaluates_what_the_model_predicts(tiny_shapes_root, caplog, tmp_path):
     name = _register_shapes(tiny_shapes_root, "seg2_test_build_eval_panoptic", "coco_panoptic_seg")
     gt_json = tmp_path / "panoptic_val.json"
-    gt_json.write_text(json.dumps({"categories": [{"id": 1, "name": "circle", "isthing": 1}], "annotations": []}))
+    gt_json.write_text(
+        json.dumps({"categories": [{"id": 1, "name": "circle", "isthing": 1}], "annotations": []})
+    )
     MetadataCatalog.get(name).set(panoptic_json=str(gt_json), panoptic_root=str(tmp_path))
     # PanopticFPN without combining its outputs predicts no panoptic maps
     separate = _cfg("PanopticFPN")
@@ -92,8 +115,15 @@ def test_coco_panoptic_type_evaluates_what_the_model_predicts(tiny_shapes_root, 
     caplog.clear()
     with caplog.at_level(logging.INFO, logger=LOGGER):
         ev = build_evaluator(_cfg("PanopticFPN"), name, None)
-    assert [type(e).__name__ for e in ev._evaluators] == ["MaskAPEvaluator", "MIoUEvaluator", "Seg2PanopticEvaluator"]
-    assert "panoptic_seg by Seg2PanopticEvaluator (seg2's, the PQ of detectron2's COCOPanopticEvaluator)" in caplog.text
+    assert [type(e).__name__ for e in ev._evaluators] == [
+        "MaskAPEvaluator",
+        "MIoUEvaluator",
+        "Seg2PanopticEvaluator",
+    ]
+    assert (
+        "panoptic_seg by Seg2PanopticEvaluator (seg2's, the PQ of detectron2's "
+        "COCOPanopticEvaluator)" in caplog.text
+    )
 
 
 def test_keypoints_go_to_detectron2_coco_evaluator(tiny_shapes_root, caplog, tmp_path):
@@ -102,7 +132,10 @@ def test_keypoints_go_to_detectron2_coco_evaluator(tiny_shapes_root, caplog, tmp
     cfg.MODEL.KEYPOINT_ON = True
     with caplog.at_level(logging.INFO, logger=LOGGER):
         assert isinstance(build_evaluator(cfg, name, str(tmp_path)), COCOEvaluator)
-    assert "instances by COCOEvaluator (detectron2's: MaskAPEvaluator has no keypoint AP)" in caplog.text
+    assert (
+        "instances by COCOEvaluator (detectron2's: MaskAPEvaluator has no keypoint AP)"
+        in caplog.text
+    )
 
 
 def test_max_detections_beyond_coco_are_logged(tiny_shapes_root, caplog):
@@ -111,7 +144,10 @@ def test_max_detections_beyond_coco_are_logged(tiny_shapes_root, caplog):
     cfg.TEST.DETECTIONS_PER_IMAGE = 300
     with caplog.at_level(logging.INFO, logger=LOGGER):
         build_evaluator(cfg, name, None)
-    assert "AP counts the 100 highest-scoring of the TEST.DETECTIONS_PER_IMAGE=300 detections" in caplog.text
+    assert (
+        "AP counts the 100 highest-scoring of the TEST.DETECTIONS_PER_IMAGE=300 detections"
+        in caplog.text
+    )
 
 
 @pytest.mark.parametrize(
@@ -127,7 +163,9 @@ def test_official_protocols_use_detectron2_evaluators(name, evaluator, package, 
     time naming the package they need (not after a whole inference run)."""
     cfg = _cfg("SemanticSegmentor" if "sem_seg" in name else "GeneralizedRCNN")
     if importlib.util.find_spec(package) is None:
-        with pytest.raises(Seg2Error, match=f"needs the '{package}' package: pip install {package}"):
+        with pytest.raises(
+            Seg2Error, match=f"needs the '{package}' package: pip install {package}"
+        ):
             build_evaluator(cfg, name, None)
     elif evaluator is None:
         pytest.skip(f"{package} is installed; LVISEvaluator would read {name}'s JSON, absent here")
@@ -143,7 +181,9 @@ def _write_voc_xml(path, objects):
         f"<xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
         for c, b, d in objects
     )
-    path.write_text(f"<annotation><size><width>80</width><height>64</height></size>{objs}</annotation>")
+    path.write_text(
+        f"<annotation><size><width>80</width><height>64</height></size>{objs}</annotation>"
+    )
 
 
 def _boxes_instances(boxes, scores, classes):
@@ -163,8 +203,10 @@ def test_pascal_voc_type_uses_voc_ap(tmp_path, caplog):
     (root / "ImageSets" / "Main").mkdir(parents=True)
     (root / "ImageSets" / "Main" / "test.txt").write_text("a\nb\n")
     _write_voc_xml(root / "Annotations" / "a.xml", [("cat", (11, 11, 40, 40), 0)])
-    _write_voc_xml(root / "Annotations" / "b.xml", [("dog", (6, 6, 30, 30), 0), ("cat", (41, 41, 60, 60), 0),
-                                                    ("cat", (1, 41, 20, 60), 1)])
+    _write_voc_xml(
+        root / "Annotations" / "b.xml",
+        [("dog", (6, 6, 30, 30), 0), ("cat", (41, 41, 60, 60), 0), ("cat", (1, 41, 20, 60), 1)],
+    )
     name = "seg2_test_voc_boxes"
     if name in DatasetCatalog.list():
         DatasetCatalog.remove(name)
@@ -177,16 +219,30 @@ def test_pascal_voc_type_uses_voc_ap(tmp_path, caplog):
     assert "instances by PascalVOCDetectionEvaluator (detectron2's: VOC box AP" in caplog.text
     # Boxes as detectron2's VOC loader gives them (0-based corners: xmin - 1, ymin - 1).
     ev.reset()
-    ev.process([{"image_id": "a"}], [{"instances": _boxes_instances([[10, 10, 40, 40]], [0.9], [0])}])
+    ev.process(
+        [{"image_id": "a"}], [{"instances": _boxes_instances([[10, 10, 40, 40]], [0.9], [0])}]
+    )
     ev.process(
         [{"image_id": "b"}],
-        [{"instances": _boxes_instances([[59, 5, 79, 25], [5, 5, 30, 30], [40, 40, 60, 60]], [0.95, 0.8, 0.7], [1, 1, 0])}],
+        [
+            {
+                "instances": _boxes_instances(
+                    [[59, 5, 79, 25], [5, 5, 30, 30], [40, 40, 60, 60]], [0.95, 0.8, 0.7], [1, 1, 0]
+                )
+            }
+        ],
     )
     res = ev.evaluate()["bbox"]
-    assert res["AP50"] == pytest.approx(75.0) and res["AP75"] == pytest.approx(75.0) and res["AP"] == pytest.approx(75.0)
+    assert (
+        res["AP50"] == pytest.approx(75.0)
+        and res["AP75"] == pytest.approx(75.0)
+        and res["AP"] == pytest.approx(75.0)
+    )
 
 
 def test_unknown_evaluator_type_is_an_error(tiny_shapes_root):
     name = _register_shapes(tiny_shapes_root, "seg2_test_build_eval_unknown", "my_metric")
-    with pytest.raises(Seg2Error, match="evaluator_type='my_metric'; seg2 evaluates .*'cityscapes_sem_seg'"):
+    with pytest.raises(
+        Seg2Error, match="evaluator_type='my_metric'; seg2 evaluates .*'cityscapes_sem_seg'"
+    ):
         build_evaluator(_cfg("GeneralizedRCNN"), name, None)

@@ -6,11 +6,11 @@ import pickle
 
 import numpy as np
 import torch
-
 from detectron2.data import DatasetCatalog
 from detectron2.engine import launch
 from detectron2.structures import Boxes, Instances
 from detectron2.utils import comm
+
 from seg2_model_helpers import leave_process_group
 
 DATASET = "seg2_test_dist_val"
@@ -36,7 +36,9 @@ def _sample(record, index):
     gen = torch.Generator().manual_seed(index)
     gt = read_label_map(record["sem_seg_file_name"])
     h, w = gt.shape
-    logits = torch.nn.functional.one_hot(torch.from_numpy(np.where(gt == 255, 0, gt).astype(np.int64)), 4)
+    logits = torch.nn.functional.one_hot(
+        torch.from_numpy(np.where(gt == 255, 0, gt).astype(np.int64)), 4
+    )
     logits = logits.permute(2, 0, 1).float() + torch.randn(4, h, w, generator=gen)
     masks, classes = [], []
     for ann in record["annotations"]:
@@ -54,11 +56,17 @@ def _sample(record, index):
     inst.pred_masks = masks
     ys = masks.any(dim=2)
     xs = masks.any(dim=1)
-    boxes = [[x.nonzero().min(), y.nonzero().min(), x.nonzero().max() + 1, y.nonzero().max() + 1] for x, y in zip(xs, ys)]
+    boxes = [
+        [x.nonzero().min(), y.nonzero().min(), x.nonzero().max() + 1, y.nonzero().max() + 1]
+        for x, y in zip(xs, ys)
+    ]
     inst.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
     inst.scores = torch.rand(len(masks), generator=gen)
     inst.pred_classes = torch.tensor(classes)
-    return {"file_name": record["file_name"], "image_id": record["image_id"]}, {"sem_seg": logits, "instances": inst}
+    return {"file_name": record["file_name"], "image_id": record["image_id"]}, {
+        "sem_seg": logits,
+        "instances": inst,
+    }
 
 
 def _evaluate(root, out_file):
@@ -100,5 +108,10 @@ def test_two_process_run_equals_one_process(tiny_shapes_root, tmp_path):
     for task in a:
         assert a[task].keys() == b[task].keys()
         for k, v in a[task].items():
-            assert (math.isnan(v) and math.isnan(b[task][k])) or v == b[task][k], (task, k, v, b[task][k])
+            assert (math.isnan(v) and math.isnan(b[task][k])) or v == b[task][k], (
+                task,
+                k,
+                v,
+                b[task][k],
+            )
     assert 0 < a["sem_seg"]["mIoU"] < 100 and 0 < a["segm"]["AP"] < 100

@@ -8,10 +8,9 @@ import os
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import SemSegEvaluator
+from PIL import Image
 
 import seg2  # noqa: F401
 from seg2 import Seg2Error
@@ -95,7 +94,9 @@ def test_hand_computed(tmp_path):
     )
     logits = torch.full((3, 2, 2), -1.0)
     logits[0, 0, 0] = logits[1, 0, 1] = logits[1, 1, 0] = logits[1, 1, 1] = 1.0
-    res = _run(MIoUEvaluator(name, distributed=False), [{"file_name": "img.jpg"}], [{"sem_seg": logits}])
+    res = _run(
+        MIoUEvaluator(name, distributed=False), [{"file_name": "img.jpg"}], [{"sem_seg": logits}]
+    )
     # class a: tp 1, gt 2, pred 1 -> IoU 1/2; class b: tp 1, gt 1, pred 2 -> IoU 1/2.
     assert res["IoU-a"] == pytest.approx(50.0) and res["IoU-b"] == pytest.approx(50.0)
     assert math.isnan(res["IoU-c"]) and math.isnan(res["ACC-c"])
@@ -109,7 +110,12 @@ def test_hand_computed(tmp_path):
 def test_equals_detectron2_semseg_evaluator(shapes_val, boundary):
     inputs, outputs = _predictions(shapes_val)
     ref = _run(SemSegEvaluator(shapes_val, distributed=False), inputs, outputs)
-    ours = _run(MIoUEvaluator(shapes_val, distributed=False, boundary_iou=boundary), inputs, outputs, batch=3)
+    ours = _run(
+        MIoUEvaluator(shapes_val, distributed=False, boundary_iou=boundary),
+        inputs,
+        outputs,
+        batch=3,
+    )
     if boundary:
         assert set(ours) == set(ref)
     else:
@@ -155,7 +161,9 @@ def test_boundary_iou_21_classes_equals_detectron2_without_uint8_wraparound(tmp_
         records.append({"file_name": f"{i}.jpg", "sem_seg_file_name": str(path)})
         inputs.append({"file_name": f"{i}.jpg"})
         outputs.append({"sem_seg": _noisy_logits(gt, 21, torch.Generator().manual_seed(i), 0.7)})
-    name = _register("seg2_test_miou_21", records, stuff_classes=[f"c{k}" for k in range(21)], ignore_label=255)
+    name = _register(
+        "seg2_test_miou_21", records, stuff_classes=[f"c{k}" for k in range(21)], ignore_label=255
+    )
     ours = _run(MIoUEvaluator(name, distributed=False, boundary_iou=True), inputs, outputs)
     ref = _run(_SemSegEvaluatorWideBoundary(name, distributed=False), inputs, outputs)
     assert set(ours) == set(ref)
@@ -176,8 +184,12 @@ def test_argmax_channels_matches_torch_argmax_on_ties():
 def test_boundary_torch_equals_opencv(shape):
     gen = torch.Generator().manual_seed(shape[0])
     # Blocky maps with a few label values, as label maps are.
-    small = torch.randint(0, 6, (shape[0] // 4 + 1, shape[1] // 4 + 1), generator=gen, dtype=torch.uint8)
-    mask = small.repeat_interleave(4, 0).repeat_interleave(4, 1)[: shape[0], : shape[1]].contiguous()
+    small = torch.randint(
+        0, 6, (shape[0] // 4 + 1, shape[1] // 4 + 1), generator=gen, dtype=torch.uint8
+    )
+    mask = (
+        small.repeat_interleave(4, 0).repeat_interleave(4, 1)[: shape[0], : shape[1]].contiguous()
+    )
     a = mask_to_boundary(mask, use_cv2=True)
     b = mask_to_boundary(mask, use_cv2=False)
     assert torch.equal(a, b)
@@ -218,7 +230,13 @@ def test_predictions_json_equals_detectron2(shapes_val, tmp_path, dataset_ids):
             stuff_dataset_id_to_contiguous_id={10 * (i + 1): i for i in range(4)},
         )
     inputs, outputs = _predictions(name)
-    ev = MIoUEvaluator(name, distributed=False, output_dir=str(tmp_path / "seg2"), save_predictions_json=True, plots=False)
+    ev = MIoUEvaluator(
+        name,
+        distributed=False,
+        output_dir=str(tmp_path / "seg2"),
+        save_predictions_json=True,
+        plots=False,
+    )
     _run(ev, inputs, outputs)
     _run(SemSegEvaluator(name, distributed=False, output_dir=str(tmp_path / "d2")), inputs, outputs)
     ours = json.loads((tmp_path / "seg2" / "sem_seg_predictions.json").read_text())
@@ -254,10 +272,16 @@ def test_bad_input(shapes_val, tmp_path):
     gt = np.zeros((8, 8), np.uint8)
     gt[2, 3] = 7
     path = _write_png(tmp_path / "bad.png", gt)
-    name = _register("seg2_test_miou_badgt", [{"file_name": "b.jpg", "sem_seg_file_name": str(path)}],
-                     stuff_classes=["a", "b"], ignore_label=255)
+    name = _register(
+        "seg2_test_miou_badgt",
+        [{"file_name": "b.jpg", "sem_seg_file_name": str(path)}],
+        stuff_classes=["a", "b"],
+        ignore_label=255,
+    )
     with pytest.raises(Seg2Error, match=r"bad.png.*\[7\]"):
-        MIoUEvaluator(name, distributed=False).process([{"file_name": "b.jpg"}], [{"sem_seg": torch.zeros(2, 8, 8)}])
+        MIoUEvaluator(name, distributed=False).process(
+            [{"file_name": "b.jpg"}], [{"sem_seg": torch.zeros(2, 8, 8)}]
+        )
 
     # an empty dataset
     empty = _register("seg2_test_miou_empty", [], stuff_classes=["a"], ignore_label=255)
@@ -267,9 +291,17 @@ def test_bad_input(shapes_val, tmp_path):
 
 def test_all_pixels_ignored_gives_nan(tmp_path):
     path = _write_png(tmp_path / "void.png", np.full((4, 4), 255))
-    name = _register("seg2_test_miou_void", [{"file_name": "v.jpg", "sem_seg_file_name": str(path)}],
-                     stuff_classes=["a", "b"], ignore_label=255)
-    res = _run(MIoUEvaluator(name, distributed=False), [{"file_name": "v.jpg"}], [{"sem_seg": torch.randn(2, 4, 4)}])
+    name = _register(
+        "seg2_test_miou_void",
+        [{"file_name": "v.jpg", "sem_seg_file_name": str(path)}],
+        stuff_classes=["a", "b"],
+        ignore_label=255,
+    )
+    res = _run(
+        MIoUEvaluator(name, distributed=False),
+        [{"file_name": "v.jpg"}],
+        [{"sem_seg": torch.randn(2, 4, 4)}],
+    )
     assert res.pop("classes_without_gt") == 2 and res.pop("noGT-a") == res.pop("noGT-b") == 1
     assert all(math.isnan(v) for v in res.values())
 

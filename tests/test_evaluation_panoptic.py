@@ -9,17 +9,17 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from detectron2.data import MetadataCatalog
 from detectron2.engine import launch
 from detectron2.evaluation.testing import flatten_results_dict
 from detectron2.utils import comm
-from seg2_model_helpers import leave_process_group
+from PIL import Image
 
 from seg2 import Seg2Error
 from seg2.evaluation import Seg2PanopticEvaluator, pq_compute
 from seg2.evaluation.panoptic_evaluation import id2rgb, rgb2id
+
+from seg2_model_helpers import leave_process_group
 
 CATEGORIES = [
     {"id": 1, "name": "person", "isthing": 1},

@@ -14,6 +14,7 @@ from torch.nn import functional as F
 from seg2.export import export_scripting, export_tracing, load_exported, structured
 from seg2.modeling.upsample import max_unpool
 from seg2.utils import Seg2Error
+
 from seg2_model_helpers import REPO_ROOT, base_cfg, one_thread, tiny_semantic_cfg  # noqa: F401  (fixture)
 
 pytest.importorskip("onnxruntime")
@@ -28,6 +29,7 @@ BOX_ATOL = 1e-2  # pixels (measured up to 9e-4 px on 128x128 inputs)
 
 def _close(a, b, atol=LOGITS_ATOL):
     return (a - b).abs().max().item() <= atol * max(1.0, b.abs().max().item())
+
 
 SEMANTIC = [
     ("FCNHead", "vgg"),
@@ -123,7 +125,9 @@ def test_segnet_flops_are_counted():
 
 def test_scripting_is_a_clear_error(tmp_path):
     model = build_model(_semantic_cfg("FCNHead", "vgg"))
-    with pytest.raises(Seg2Error, match="torch.jit.script cannot compile Seg2SemanticSegmentor.*tracing"):
+    with pytest.raises(
+        Seg2Error, match="torch.jit.script cannot compile Seg2SemanticSegmentor.*tracing"
+    ):
         export_scripting(model, str(tmp_path))
 
 
@@ -138,11 +142,23 @@ def test_export_tool_writes_a_model_that_runs(tmp_path):
     image = np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)
     cv2.imwrite(str(tmp_path / "in.png"), image)
     out_dir = tmp_path / "out"
-    export_model.main([
-        "--config-file", os.path.join(REPO_ROOT, "configs/quickstart/unet_tiny_shapes_cpu.yaml"),
-        "--format", "onnx", "--sample-image", str(tmp_path / "in.png"), "--output", str(out_dir),
-        "--allow-random-weights", "MODEL.WEIGHTS", "", "INPUT.MIN_SIZE_TEST", "0",
-    ])
+    export_model.main(
+        [
+            "--config-file",
+            os.path.join(REPO_ROOT, "configs/quickstart/unet_tiny_shapes_cpu.yaml"),
+            "--format",
+            "onnx",
+            "--sample-image",
+            str(tmp_path / "in.png"),
+            "--output",
+            str(out_dir),
+            "--allow-random-weights",
+            "MODEL.WEIGHTS",
+            "",
+            "INPUT.MIN_SIZE_TEST",
+            "0",
+        ]
+    )
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(out_dir / "model.onnx"), providers=["CPUExecutionProvider"])

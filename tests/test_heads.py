@@ -14,7 +14,14 @@ from seg2.modeling import Upsample
 from seg2.modeling.backbone import vgg_feature_offsets
 from seg2.modeling.losses import SemSegLoss
 from seg2.modeling.upsample import bilinear_kernel
-from seg2_model_helpers import base_cfg, load_records, mapped_inputs, miou, one_thread, tiny_semantic_cfg  # noqa: F401
+
+from seg2_model_helpers import (
+    base_cfg,
+    load_records,
+    mapped_inputs,
+    miou,
+    tiny_semantic_cfg,
+)  # noqa: F401
 
 # (head, backbone) pairs: every head on its own backbone, on detectron2's ResNet and on the
 # DeepLab (dilated, output stride 16) ResNet.
@@ -48,7 +55,9 @@ def test_bilinear_deconv_matches_interpolate_in_interior(factor, kernel):
     # Off the border (where the transposed conv sees zero padding, interpolate clamps) they agree.
     m = factor
     torch.testing.assert_close(out[..., m:-m, m:-m], ref[..., m:-m, m:-m], atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(out, ref, atol=1e-3)  # the borders do differ: the crop above is needed
+    assert not torch.allclose(
+        out, ref, atol=1e-3
+    )  # the borders do differ: the crop above is needed
 
 
 def test_bilinear_kernel_by_hand():
@@ -130,6 +139,7 @@ def test_vgg_bn_loads_torchvision_checkpoints(tmp_path):
     from detectron2.layers import ShapeSpec as Shape
 
     from seg2.modeling.backbone import build_vgg_backbone
+
     from seg2_model_helpers import CONFIGS, base_cfg
 
     with open(f"{CONFIGS}/semantic/Base-SegNet-VGG16-BN.yaml") as f:
@@ -182,8 +192,14 @@ def test_head_output_shapes_odd_and_even(head, backbone):
 
 @pytest.mark.parametrize(
     "head,backbone",
-    [("FCNHead", "vgg"), ("UNetHead", "unet_same"), ("UNetHead", "unet_valid"), ("SegNetHead", "vgg"),
-     ("Seg2DeepLabV3PlusHead", "deeplab_resnet"), ("UNetHead", "resnet")],
+    [
+        ("FCNHead", "vgg"),
+        ("UNetHead", "unet_same"),
+        ("UNetHead", "unet_valid"),
+        ("SegNetHead", "vgg"),
+        ("Seg2DeepLabV3PlusHead", "deeplab_resnet"),
+        ("UNetHead", "resnet"),
+    ],
 )
 def test_gradients_reach_every_parameter(head, backbone):
     torch.manual_seed(0)
@@ -236,8 +252,10 @@ def test_deeplab_head_trained_on_crops_infers_on_any_size():
 
 # (head, backbone, iterations, Adam learning rate, config edits): narrow models, 2 images.
 _WIDER_DEEPLAB = {
-    "MODEL.RESNETS.WIDTH_PER_GROUP": 8, "MODEL.RESNETS.RES2_OUT_CHANNELS": 32,
-    "MODEL.SEM_SEG_HEAD.CONVS_DIM": 32, "MODEL.SEM_SEG_HEAD.ASPP_CHANNELS": 32,
+    "MODEL.RESNETS.WIDTH_PER_GROUP": 8,
+    "MODEL.RESNETS.RES2_OUT_CHANNELS": 32,
+    "MODEL.SEM_SEG_HEAD.CONVS_DIM": 32,
+    "MODEL.SEM_SEG_HEAD.ASPP_CHANNELS": 32,
 }
 OVERFIT = [
     ("FCNHead", "vgg", 60, 1e-2, {}),
@@ -280,7 +298,10 @@ def test_tiny_model_overfits_shapes_images(tiny_shapes_root, head, backbone, ite
 # ---- the loss every head shares (seg2.modeling.losses) ---------------------------------------
 LOSS_TYPES = ["cross_entropy", "hard_pixel_mining", "focal", "dice", "lovasz", "cross_entropy+dice"]
 LOSS_HEADS = [
-    ("FCNHead", "vgg"), ("UNetHead", "unet_same"), ("SegNetHead", "vgg"), ("Seg2DeepLabV3PlusHead", "deeplab_resnet")
+    ("FCNHead", "vgg"),
+    ("UNetHead", "unet_same"),
+    ("SegNetHead", "vgg"),
+    ("Seg2DeepLabV3PlusHead", "deeplab_resnet"),
 ]
 
 
@@ -312,7 +333,11 @@ def test_head_parameter_names_do_not_depend_on_the_loss():
     # Class weights are a non-persistent buffer and the loss holds no parameter: checkpoints of
     # models trained with any loss load into each other, and detectron2's DeepLab ones still do.
     names = {}
-    for loss_type, weight in [("cross_entropy", []), ("focal", [1.0, 2.0, 3.0, 4.0]), ("lovasz", [])]:
+    for loss_type, weight in [
+        ("cross_entropy", []),
+        ("focal", [1.0, 2.0, 3.0, 4.0]),
+        ("lovasz", []),
+    ]:
         cfg = tiny_semantic_cfg("Seg2DeepLabV3PlusHead", "deeplab_resnet")
         cfg.MODEL.SEM_SEG_HEAD.LOSS_TYPE, cfg.MODEL.SEM_SEG_HEAD.CLASS_WEIGHT = loss_type, weight
         names[loss_type] = sorted(build_model(cfg).state_dict())
@@ -323,7 +348,11 @@ def test_head_parameter_names_do_not_depend_on_the_loss():
 def test_multitask_model_uses_the_configured_loss(tiny_shapes_root):
     torch.manual_seed(0)
     cfg = base_cfg("quickstart/mask_rcnn_R18_FPN_fcn8s_shapes_cpu.yaml")
-    cfg.MODEL.FPN.OUT_CHANNELS, cfg.MODEL.ROI_BOX_HEAD.FC_DIM, cfg.MODEL.ROI_MASK_HEAD.CONV_DIM = 32, 64, 16
+    cfg.MODEL.FPN.OUT_CHANNELS, cfg.MODEL.ROI_BOX_HEAD.FC_DIM, cfg.MODEL.ROI_MASK_HEAD.CONV_DIM = (
+        32,
+        64,
+        16,
+    )
     cfg.MODEL.SEM_SEG_HEAD.LOSS_TYPE = "focal+lovasz"
     cfg.MODEL.SEM_SEG_HEAD.CLASS_WEIGHT = [0.5, 1.0, 2.0, 4.0]
     model = build_model(cfg)

@@ -7,12 +7,19 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 from torch.nn import functional as F
-from seg2_model_helpers import base_cfg, tiny_semantic_cfg
 
 import seg2
 from seg2 import Seg2Error
-from seg2.inference import Seg2Predictor, TiledSemSegInference, blend_window, reflect_indices, tile_starts
+from seg2.inference import (
+    Seg2Predictor,
+    TiledSemSegInference,
+    blend_window,
+    reflect_indices,
+    tile_starts,
+)
 from seg2.modeling.tiling import mirror_window
+
+from seg2_model_helpers import base_cfg, tiny_semantic_cfg
 
 
 def _model(head, backbone, seed=0):
@@ -22,7 +29,9 @@ def _model(head, backbone, seed=0):
 
 
 def _image(h, w, seed=0):
-    return torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    return torch.randint(
+        0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def _whole(model, image):
@@ -43,7 +52,9 @@ def test_tile_starts_by_hand():
 
 
 def test_tile_starts_cover_every_pixel():
-    for length, tile, stride, period in itertools.product([1, 5, 17, 64], [1, 4, 16], [1, 3, 4, 16], [1, 2, 4]):
+    for length, tile, stride, period in itertools.product(
+        [1, 5, 17, 64], [1, 4, 16], [1, 3, 4, 16], [1, 2, 4]
+    ):
         if stride > tile:
             continue
         starts = tile_starts(length, tile, stride, period)
@@ -63,9 +74,9 @@ def _reflect_pad(x, top, bottom, left, right):
     """Reference: torch's reflect padding, applied again while the padding exceeds the map."""
     while top or bottom or left or right:
         h, w = x.shape[-2:]
-        t, b, l, r = min(top, h - 1), min(bottom, h - 1), min(left, w - 1), min(right, w - 1)
-        x = F.pad(x, (l, r, t, b), mode="reflect")
-        top, bottom, left, right = top - t, bottom - b, left - l, right - r
+        t, b, lf, r = min(top, h - 1), min(bottom, h - 1), min(left, w - 1), min(right, w - 1)
+        x = F.pad(x, (lf, r, t, b), mode="reflect")
+        top, bottom, left, right = top - t, bottom - b, left - lf, right - r
     return x
 
 
@@ -75,7 +86,9 @@ def test_mirror_window_is_reflect_padding():
         expected = _reflect_pad(x, top, bottom, left, right)
         assert torch.equal(mirror_window(x, (-top, 5 + bottom), (-left, 7 + right)), expected)
     assert torch.equal(mirror_window(x, (1, 4), (2, 7)), x[..., 1:4, 2:7])  # inside: a plain crop
-    assert torch.equal(mirror_window(x, (3, 8), (0, 7)), x[..., [3, 4, 3, 2, 1], :])  # past the bottom
+    assert torch.equal(
+        mirror_window(x, (3, 8), (0, 7)), x[..., [3, 4, 3, 2, 1], :]
+    )  # past the bottom
     # by hand: 2 pixels reflect back and forth, 1 pixel repeats
     assert reflect_indices(-3, 5, 2).tolist() == [1, 0, 1, 0, 1, 0, 1, 0]
     assert reflect_indices(-2, 3, 1).tolist() == [0] * 5
@@ -83,8 +96,12 @@ def test_mirror_window_is_reflect_padding():
 
 def test_blend_windows():
     assert torch.equal(blend_window(3, "average"), torch.ones(3, dtype=torch.float64))
-    assert torch.allclose(blend_window(4, "linear"), torch.tensor([0.5, 1.0, 1.0, 0.5], dtype=torch.float64))
-    assert torch.allclose(blend_window(5, "linear"), torch.tensor([1, 2, 3, 2, 1], dtype=torch.float64) / 3)
+    assert torch.allclose(
+        blend_window(4, "linear"), torch.tensor([0.5, 1.0, 1.0, 0.5], dtype=torch.float64)
+    )
+    assert torch.allclose(
+        blend_window(5, "linear"), torch.tensor([1, 2, 3, 2, 1], dtype=torch.float64) / 3
+    )
     g = blend_window(64, "gaussian")
     assert torch.allclose(g, g.flip(0)) and g.min() > np.exp(-8.0) and g.argmax() in (31, 32)
     assert abs(g[0].item() - np.exp(-0.5 * (31.5 / 8.0) ** 2)) < 1e-12
@@ -123,7 +140,10 @@ def test_detectron2_semantic_segmentor_is_refused_tiling():
     cfg = tiny_semantic_cfg("FCNHead", "resnet")
     cfg.MODEL.META_ARCHITECTURE = "SemanticSegmentor"  # detectron2's own, with seg2's FCN head
     cfg.TEST.TILING.ENABLED = True
-    with pytest.raises(Seg2Error, match="MODEL.META_ARCHITECTURE='SemanticSegmentor' does not tile.*Seg2SemanticSegmentor"):
+    with pytest.raises(
+        Seg2Error,
+        match="MODEL.META_ARCHITECTURE='SemanticSegmentor' does not tile.*Seg2SemanticSegmentor",
+    ):
         seg2.resolve_config(cfg)
     model = build_model(cfg).eval()
     with pytest.raises(Seg2Error, match="model='SemanticSegmentor'.*sem_seg_logits"):
@@ -133,7 +153,10 @@ def test_detectron2_semantic_segmentor_is_refused_tiling():
 def test_panoptic_fpn_is_not_tiled():
     cfg = base_cfg("quickstart/mask_rcnn_R18_FPN_fcn8s_shapes_cpu.yaml")
     cfg.MODEL.META_ARCHITECTURE = "PanopticFPN"
-    cfg.MODEL.SEM_SEG_HEAD.NAME, cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = "SemSegFPNHead", ["p2", "p3", "p4", "p5"]
+    cfg.MODEL.SEM_SEG_HEAD.NAME, cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = (
+        "SemSegFPNHead",
+        ["p2", "p3", "p4", "p5"],
+    )
     cfg.TEST.TILING.ENABLED = True
     with pytest.raises(Seg2Error, match="MODEL.META_ARCHITECTURE='PanopticFPN'.*Seg2MultiTaskRCNN"):
         Seg2Predictor(cfg)
@@ -159,7 +182,9 @@ def test_valid_unet_tiles_equal_whole_image():
 def test_labels_are_argmax_of_blended_logits_and_tiles_differ_from_whole():
     _, model = _model("UNetHead", "unet_same")
     image = _image(50, 40, seed=3)
-    tiler = TiledSemSegInference(model, tile_size=32, stride=20, batch_size=3, blend="gaussian", margin=4)
+    tiler = TiledSemSegInference(
+        model, tile_size=32, stride=20, batch_size=3, blend="gaussian", margin=4
+    )
     assert len(tiler.tiles(50, 40)[1]) == 3 * 2  # stride 20 -> 16 (pooling period 16)
     logits = tiler(image)
     for batch_size in (2, 4):  # a batch ends inside a row of tiles, or spans two rows
@@ -177,12 +202,16 @@ def test_tiles_equal_stitching_by_hand_and_band_wraps_around():
     # keeps only a band of rows (a ring buffer): same logits, same labels.
     _, model = _model("UNetHead", "unet_same")
     image = _image(83, 45, seed=5)
-    tiler = TiledSemSegInference(model, tile_size=32, stride=16, batch_size=3, blend="linear", margin=5)
+    tiler = TiledSemSegInference(
+        model, tile_size=32, stride=16, batch_size=3, blend="linear", margin=5
+    )
     (th, tw), tiles = tiler.tiles(83, 45)
     ys, xs = sorted({y for y, _ in tiles}), sorted({x for _, x in tiles})
     assert ys == [0, 16, 32, 48, 64] and xs == [0, 16]  # the last row/column reach past the image
     band = tiler._band_rows(tiles, 3, th, 83)
-    assert band == 48  # batches [(0,0),(0,16),(16,0)], [(16,16),(32,0),(32,16)], ...: 0..47 open at most
+    assert (
+        band == 48
+    )  # batches [(0,0),(0,16),(16,0)], [(16,16),(32,0),(32,16)], ...: 0..47 open at most
     w = blend_window(32, "linear")
     w2d = (w[:, None] * w[None, :]).float()
     acc, norm = torch.zeros(4, 83 + 32, 45 + 32), torch.zeros(83 + 32, 45 + 32)
@@ -220,7 +249,9 @@ def test_predictor_tiled_equals_whole_and_takes_gray_and_16bit():
     ref = whole(np.repeat(gray[:, :, None], 3, axis=2))["sem_seg"]
     assert ref.shape == (4, 30, 41)
     assert torch.equal(tiled(gray)["sem_seg"], ref)
-    assert torch.equal(tiled(gray.astype(np.uint16) * 257)["sem_seg"], ref)  # 16 bit, scaled back to 8
+    assert torch.equal(
+        tiled(gray.astype(np.uint16) * 257)["sem_seg"], ref
+    )  # 16 bit, scaled back to 8
     assert torch.equal(tiled(gray, sem_seg_output="labels")["sem_seg_labels"].long(), ref.argmax(0))
     with pytest.raises(Seg2Error, match="shape"):
         tiled(np.zeros((4, 4, 2), np.uint8))

@@ -10,18 +10,24 @@ import torch
 from detectron2.data import transforms as T
 from detectron2.modeling import GeneralizedRCNNWithTTA, build_model
 from detectron2.modeling.postprocessing import sem_seg_postprocess
-from seg2_model_helpers import base_cfg, register_tiny_shapes, tiny_semantic_cfg
 
-import seg2
 from seg2 import Seg2Error
 from seg2.engine import Trainer
 from seg2.inference import (
-    MultiTaskRCNNWithTTA, Seg2Predictor, SemanticSegmentorWithTTA, TiledSemSegInference, build_tta_model,
+    MultiTaskRCNNWithTTA,
+    Seg2Predictor,
+    SemanticSegmentorWithTTA,
+    TiledSemSegInference,
+    build_tta_model,
 )
+
+from seg2_model_helpers import base_cfg, register_tiny_shapes, tiny_semantic_cfg
 
 
 def _image(h, w, seed=0):
-    return torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    return torch.randint(
+        0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def _semantic(seed=0):
@@ -31,7 +37,12 @@ def _semantic(seed=0):
 
 
 def _aug(cfg, min_sizes, flip, max_size=1000):
-    cfg.TEST.AUG.ENABLED, cfg.TEST.AUG.MIN_SIZES, cfg.TEST.AUG.MAX_SIZE, cfg.TEST.AUG.FLIP = True, min_sizes, max_size, flip
+    cfg.TEST.AUG.ENABLED, cfg.TEST.AUG.MIN_SIZES, cfg.TEST.AUG.MAX_SIZE, cfg.TEST.AUG.FLIP = (
+        True,
+        min_sizes,
+        max_size,
+        flip,
+    )
     cfg.TEST.AUG.SCALE_RATIOS = ()  # sizes in pixels (detectron2's keys)
     return cfg
 
@@ -79,7 +90,9 @@ def test_multi_scale_flip_tta_is_the_average_by_hand():
     for s in (30, 37, 45):
         x = _resized(image, s, 60)
         assert x.shape[-1] <= 60  # 45 would be 60.8 wide: MAX_SIZE makes it 44 x 60
-        expected += _plain(model, x, 37, 50) + _plain(model, x.flip(-1).contiguous(), 37, 50).flip(-1)
+        expected += _plain(model, x, 37, 50) + _plain(model, x.flip(-1).contiguous(), 37, 50).flip(
+            -1
+        )
     torch.testing.assert_close(out, expected / 6, rtol=1e-5, atol=1e-5)
 
 
@@ -103,10 +116,14 @@ def test_tta_tiles_each_scale():
         assert len(tiler.tiles(*x.shape[-2:])[1]) > 1  # really tiled
         for flip in (False, True):
             logits = tiler(x.flip(-1).contiguous() if flip else x)
-            expected += sem_seg_postprocess(logits.flip(-1) if flip else logits, x.shape[-2:], 40, 52)
+            expected += sem_seg_postprocess(
+                logits.flip(-1) if flip else logits, x.shape[-2:], 40, 52
+            )
     torch.testing.assert_close(out, expected / 4, rtol=1e-5, atol=1e-5)
     # tiles differ from whole images here: the tiled TTA is not the untiled one
-    untiled = build_tta_model(cfg, whole_model)([{"image": image, "height": 40, "width": 52}])[0]["sem_seg"]
+    untiled = build_tta_model(cfg, whole_model)([{"image": image, "height": 40, "width": 52}])[0][
+        "sem_seg"
+    ]
     assert not torch.allclose(out, untiled)
 
 
@@ -119,13 +136,19 @@ def test_tta_scale_ratios_are_relative_to_the_test_size():
     cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 40, 1000
     tta = build_tta_model(cfg, model)
     image = _image(40, 52, seed=2)
-    sizes = [tuple(x["image"].shape[-2:]) for x in tta.tta_mapper({"image": image, "height": 40, "width": 52})]
+    sizes = [
+        tuple(x["image"].shape[-2:])
+        for x in tta.tta_mapper({"image": image, "height": 40, "width": 52})
+    ]
     # 40 x 52 at ratios 0.5 .. 1.75, rounded as int(x + 0.5)
     assert sizes == [(20, 26), (30, 39), (40, 52), (50, 65), (60, 78), (70, 91)]
     cfg.INPUT.MIN_SIZE_TEST = 0  # native resolution: ratios of the image's own size
     cfg.TEST.AUG.SCALE_RATIOS = (1.0, 2.0)
     tta = build_tta_model(cfg, model)
-    sizes = [tuple(x["image"].shape[-2:]) for x in tta.tta_mapper({"image": image, "height": 40, "width": 52})]
+    sizes = [
+        tuple(x["image"].shape[-2:])
+        for x in tta.tta_mapper({"image": image, "height": 40, "width": 52})
+    ]
     assert sizes == [(40, 52), (80, 104)]
     cfg.TEST.AUG.MIN_SIZES = (288, 360)
     with pytest.raises(Seg2Error, match="TEST.AUG.SCALE_RATIOS=.*TEST.AUG.MIN_SIZES=.*both"):
@@ -144,7 +167,11 @@ def test_multitask_tta_instances_by_detectron2_and_semantic_by_seg2():
         plain = model([{"image": image, "height": 64, "width": 80}])[0]
     assert torch.equal(out["sem_seg"], plain["sem_seg"])  # identity TTA of the semantic branch
     inst = out["instances"]
-    assert inst.image_size == (64, 80) and inst.has("pred_masks") and inst.pred_masks.shape[-2:] == (64, 80)
+    assert (
+        inst.image_size == (64, 80)
+        and inst.has("pred_masks")
+        and inst.pred_masks.shape[-2:] == (64, 80)
+    )
     assert len(inst) <= cfg.TEST.DETECTIONS_PER_IMAGE
 
 

@@ -46,7 +46,9 @@ def test_cross_entropy_by_hand():
     # -(ln 1/2 + ln 1/2 + ln 1/3) / 3 = (2 ln2 + ln3) / 3
     assert float(cross_entropy_loss(logits, t)) == pytest.approx((2 * LN2 + LN3) / 3, rel=1e-6)
     # weighted mean: (2 ln2 [a, w=2] + ln2 [b, w=1] + ln3 [c, w=1]) / (2 + 1 + 1)
-    assert float(cross_entropy_loss(logits, t, class_weight=W)) == pytest.approx((3 * LN2 + LN3) / 4, rel=1e-6)
+    assert float(cross_entropy_loss(logits, t, class_weight=W)) == pytest.approx(
+        (3 * LN2 + LN3) / 4, rel=1e-6
+    )
     # PyTorch's own weighted, ignore_index cross-entropy is the reference
     ref = F.cross_entropy(logits, t, weight=W, ignore_index=255)
     torch.testing.assert_close(cross_entropy_loss(logits, t, class_weight=W), ref)
@@ -56,17 +58,27 @@ def test_pixel_normalization_is_segnets_caffe_loss_by_hand():
     logits, t = _tiny()
     # SegNet's Caffe SoftmaxWithLoss: sum of w[y] * nll over the labelled pixels / their count (3)
     expected = (3 * LN2 + LN3) / 3
-    assert float(cross_entropy_loss(logits, t, class_weight=W, normalization="pixels")) == pytest.approx(expected)
+    assert float(
+        cross_entropy_loss(logits, t, class_weight=W, normalization="pixels")
+    ) == pytest.approx(expected)
     # the same sum, unnormalised, from PyTorch, divided by the pixel count
     ref = F.cross_entropy(logits, t, weight=W, ignore_index=255, reduction="sum") / 3
-    torch.testing.assert_close(cross_entropy_loss(logits, t, class_weight=W, normalization="pixels"), ref)
+    torch.testing.assert_close(
+        cross_entropy_loss(logits, t, class_weight=W, normalization="pixels"), ref
+    )
     a, c = LN2 / 4, 4 * LN3 / 9
     got = focal_loss(logits, t, gamma=2.0, class_weight=W, normalization="pixels")
     assert float(got) == pytest.approx((3 * a + c) / 3, rel=1e-6)
     # without class weights both normalisations are the plain mean
-    assert float(cross_entropy_loss(logits, t, normalization="pixels")) == pytest.approx((2 * LN2 + LN3) / 3)
+    assert float(cross_entropy_loss(logits, t, normalization="pixels")) == pytest.approx(
+        (2 * LN2 + LN3) / 3
+    )
     loss = build_sem_seg_loss(
-        _cfg(LOSS_TYPE="cross_entropy", CLASS_WEIGHT=[1.0, 2.0, 5.0], CLASS_WEIGHT_NORMALIZATION="pixels")
+        _cfg(
+            LOSS_TYPE="cross_entropy",
+            CLASS_WEIGHT=[1.0, 2.0, 5.0],
+            CLASS_WEIGHT_NORMALIZATION="pixels",
+        )
     )
     assert float(loss(logits, t)) == pytest.approx(expected, rel=1e-6)
 
@@ -77,18 +89,24 @@ def test_focal_by_hand():
     a, c = LN2 / 4, 4 * LN3 / 9
     assert float(focal_loss(logits, t, gamma=2.0)) == pytest.approx((2 * a + c) / 3, rel=1e-6)
     # weighted (alpha_t = class weight): (2a + a + c) / (2 + 1 + 1)
-    assert float(focal_loss(logits, t, gamma=2.0, class_weight=W)) == pytest.approx((3 * a + c) / 4, rel=1e-6)
+    assert float(focal_loss(logits, t, gamma=2.0, class_weight=W)) == pytest.approx(
+        (3 * a + c) / 4, rel=1e-6
+    )
     # gamma 0 is cross-entropy, weighted or not
     for w in (None, W):
         torch.testing.assert_close(
-            focal_loss(logits, t, gamma=0.0, class_weight=w), cross_entropy_loss(logits, t, class_weight=w)
+            focal_loss(logits, t, gamma=0.0, class_weight=w),
+            cross_entropy_loss(logits, t, class_weight=w),
         )
 
 
 def test_hard_pixel_mining_by_hand_and_against_detectron2():
     logits, t = _tiny()
-    # per-pixel CE: a ln2, b ln2, c ln3; top 70% of 3 labelled pixels = int(2.1) = 2: (ln3 + ln2) / 2
-    assert float(hard_pixel_mining_loss(logits, t, top_k=0.7)) == pytest.approx((LN3 + LN2) / 2, rel=1e-6)
+    # per-pixel CE: a ln2, b ln2, c ln3; top 70% of 3 labelled pixels = int(2.1) = 2: (ln3 + ln2) /
+    # 2
+    assert float(hard_pixel_mining_loss(logits, t, top_k=0.7)) == pytest.approx(
+        (LN3 + LN2) / 2, rel=1e-6
+    )
     # weighted per-pixel losses 2 ln2, ln2, ln3: the top 2 are 2 ln2 and ln3
     assert float(hard_pixel_mining_loss(logits, t, top_k=0.7, class_weight=W)) == pytest.approx(
         (2 * LN2 + LN3) / 2, rel=1e-6
@@ -99,7 +117,8 @@ def test_hard_pixel_mining_by_hand_and_against_detectron2():
     torch.manual_seed(0)
     x, y = torch.randn(2, 5, 8, 9), torch.randint(0, 5, (2, 8, 9))
     torch.testing.assert_close(
-        hard_pixel_mining_loss(x, y, top_k=0.2), DeepLabCE(ignore_label=255, top_k_percent_pixels=0.2)(x, y)
+        hard_pixel_mining_loss(x, y, top_k=0.2),
+        DeepLabCE(ignore_label=255, top_k_percent_pixels=0.2)(x, y),
     )
 
 
@@ -186,9 +205,13 @@ def _cfg(**sem):
 
 
 def test_build_from_config():
-    loss = build_sem_seg_loss(_cfg(LOSS_TYPE="focal", FOCAL_GAMMA=0.0, CLASS_WEIGHT=[1.0, 2.0, 5.0]))
+    loss = build_sem_seg_loss(
+        _cfg(LOSS_TYPE="focal", FOCAL_GAMMA=0.0, CLASS_WEIGHT=[1.0, 2.0, 5.0])
+    )
     logits, t = _tiny()
-    assert loss.terms == ("focal",) and float(loss(logits, t)) == pytest.approx((3 * LN2 + LN3) / 4, rel=1e-6)
+    assert loss.terms == ("focal",) and float(loss(logits, t)) == pytest.approx(
+        (3 * LN2 + LN3) / 4, rel=1e-6
+    )
     # Class weights are not part of a checkpoint (they load into models with other weights).
     assert loss.state_dict() == {}
     loss = build_sem_seg_loss(_cfg(LOSS_TYPE="hard_pixel_mining", LOSS_TOP_K=0.7))
@@ -205,8 +228,14 @@ def test_build_from_config():
         ({"CLASS_WEIGHT": [1.0, 2.0]}, "MODEL.SEM_SEG_HEAD.CLASS_WEIGHT=[1.0, 2.0]"),
         ({"CLASS_WEIGHT": [1.0, float("nan"), 1.0]}, "MODEL.SEM_SEG_HEAD.CLASS_WEIGHT="),
         ({"CLASS_WEIGHT": [0.0, 0.0, 0.0]}, "not all 0"),
-        ({"LOSS_TYPE": "dice", "CLASS_WEIGHT": [1.0, 1.0, 1.0]}, "LOSS_TYPE='dice' has no term it weights"),
-        ({"CLASS_WEIGHT_NORMALIZATION": "count"}, "MODEL.SEM_SEG_HEAD.CLASS_WEIGHT_NORMALIZATION='count'"),
+        (
+            {"LOSS_TYPE": "dice", "CLASS_WEIGHT": [1.0, 1.0, 1.0]},
+            "LOSS_TYPE='dice' has no term it weights",
+        ),
+        (
+            {"CLASS_WEIGHT_NORMALIZATION": "count"},
+            "MODEL.SEM_SEG_HEAD.CLASS_WEIGHT_NORMALIZATION='count'",
+        ),
     ],
 )
 def test_bad_config_names_the_key(sem, key):
@@ -219,5 +248,7 @@ def test_bad_class_weighting_is_named_by_the_resolve_step():
     cfg.MODEL.META_ARCHITECTURE = "Seg2SemanticSegmentor"
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = ("seg2_shapes_train",), ()
     cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 4
-    with pytest.raises(seg2.Seg2Error, match=re.escape("MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING='median'")):
+    with pytest.raises(
+        seg2.Seg2Error, match=re.escape("MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING='median'")
+    ):
         seg2.resolve_config(cfg)

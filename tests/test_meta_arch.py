@@ -9,6 +9,7 @@ from detectron2.utils.events import EventStorage
 import seg2
 from seg2.modeling import META_ARCH_TASKS, model_tasks
 from seg2.modeling.tiling import mirror_window
+
 from seg2_model_helpers import base_cfg, load_records, mapped_inputs, one_thread, tiny_semantic_cfg  # noqa: F401
 
 
@@ -22,7 +23,9 @@ def test_tasks_registered():
 # ---- overlap-tile ------------------------------------------------------------------------------
 def test_mirror_window_reflects_and_repeats():
     x = torch.arange(4.0).view(1, 1, 1, 4)
-    out = mirror_window(x, (0, 1), (-2, 9))  # right padding larger than the map: the reflection repeats
+    out = mirror_window(
+        x, (0, 1), (-2, 9)
+    )  # right padding larger than the map: the reflection repeats
     assert out.flatten().tolist() == [2, 1, 0, 1, 2, 3, 2, 1, 0, 1, 2]
 
 
@@ -50,7 +53,10 @@ def test_valid_unet_overlap_tile_covers_the_image():
 def test_sem_seg_logits_context_and_mixed_size_batches():
     torch.manual_seed(0)
     model = build_model(tiny_semantic_cfg("UNetHead", "unet_same")).eval()  # size divisibility 16
-    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in [(40, 37), (33, 50), (40, 37)]]
+    images = [
+        torch.randint(0, 256, (3, h, w), dtype=torch.uint8)
+        for h, w in [(40, 37), (33, 50), (40, 37)]
+    ]
     assert model.tile_geometry(40) == (40, 0)  # "same" padding: no context needed
     with torch.no_grad():
         whole = model.sem_seg_logits(images[0][None])
@@ -65,7 +71,9 @@ def test_sem_seg_logits_context_and_mixed_size_batches():
         alone = [model([{"image": im}])[0]["sem_seg"] for im in images]
     assert torch.equal(batch[1]["sem_seg"], alone[1]) and torch.equal(alone[0], whole[0])
     for out, ref in zip(batch, alone):
-        torch.testing.assert_close(out["sem_seg"], ref, rtol=1e-5, atol=1e-5)  # batched with a twin: rounding
+        torch.testing.assert_close(
+            out["sem_seg"], ref, rtol=1e-5, atol=1e-5
+        )  # batched with a twin: rounding
 
 
 # ---- the multi-task model ----------------------------------------------------------------------
@@ -80,8 +88,11 @@ def _tiny_multitask_cfg(config="quickstart/mask_rcnn_R18_FPN_unet_shapes_cpu.yam
 
 @pytest.mark.parametrize(
     "config",
-    ["quickstart/mask_rcnn_R18_FPN_fcn8s_shapes_cpu.yaml", "quickstart/mask_rcnn_R18_FPN_unet_shapes_cpu.yaml",
-     "quickstart/mask_rcnn_R18_FPN_deeplabv3plus_shapes_cpu.yaml"],
+    [
+        "quickstart/mask_rcnn_R18_FPN_fcn8s_shapes_cpu.yaml",
+        "quickstart/mask_rcnn_R18_FPN_unet_shapes_cpu.yaml",
+        "quickstart/mask_rcnn_R18_FPN_deeplabv3plus_shapes_cpu.yaml",
+    ],
 )
 def test_multitask_trains_and_returns_both_outputs(tiny_shapes_root, config):
     torch.manual_seed(0)
@@ -109,7 +120,9 @@ def test_multitask_trains_and_returns_both_outputs(tiny_shapes_root, config):
 
 def test_multitask_batches_with_one_target_train(tiny_shapes_root):
     torch.manual_seed(0)
-    cfg = _tiny_multitask_cfg("quickstart/mask_rcnn_R18_FPN_fcn8s_shapes_cpu.yaml")  # a head without BN
+    cfg = _tiny_multitask_cfg(
+        "quickstart/mask_rcnn_R18_FPN_fcn8s_shapes_cpu.yaml"
+    )  # a head without BN
     model = build_model(cfg)
     inputs = mapped_inputs(cfg, load_records(tiny_shapes_root)[:2], size=64)
     no_sem = [{k: v for k, v in x.items() if k != "sem_seg"} for x in inputs]
@@ -119,7 +132,11 @@ def test_multitask_batches_with_one_target_train(tiny_shapes_root):
     head_params = list(model.sem_seg_head.parameters())
     rpn_params = list(model.proposal_generator.parameters())
     with EventStorage(0):
-        for batch, expect_sem, expect_inst in [(no_sem, False, True), (no_inst, True, False), (mixed, True, True)]:
+        for batch, expect_sem, expect_inst in [
+            (no_sem, False, True),
+            (no_inst, True, False),
+            (mixed, True, True),
+        ]:
             model.zero_grad(set_to_none=True)
             losses = model(batch)
             assert ("loss_sem_seg" in losses) == expect_sem
@@ -135,7 +152,9 @@ def test_multitask_batches_with_one_target_train(tiny_shapes_root):
     with EventStorage(0):
         features = model.backbone(model.preprocess_image(mixed).tensor)
         t = torch.full(features["p2"].shape[:1] + (64, 64), 255, dtype=torch.long)
-        t[1, : inputs[1]["sem_seg"].shape[0], : inputs[1]["sem_seg"].shape[1]] = inputs[1]["sem_seg"]
+        t[1, : inputs[1]["sem_seg"].shape[0], : inputs[1]["sem_seg"].shape[1]] = inputs[1][
+            "sem_seg"
+        ]
         _, both = model.sem_seg_head(features, t)
         alone_features = {k: v[1:] for k, v in features.items()}
         _, alone = model.sem_seg_head(alone_features, t[1:])
@@ -152,14 +171,20 @@ def test_multitask_inference_parts_match_the_whole():
         full = model(inputs)[0]
         detection = model.inference(inputs, sem_seg=False)[0]
         logits = model.sem_seg_logits(image[None])
-        given = model.inference(inputs, detected_instances=[model.inference(inputs, do_postprocess=False)[0][0]])[0]
+        given = model.inference(
+            inputs, detected_instances=[model.inference(inputs, do_postprocess=False)[0][0]]
+        )[0]
     assert len(full["instances"]) > 0 and set(detection) == {"instances"}
     for field in ("pred_boxes", "scores", "pred_classes", "pred_masks"):
         a, b = full["instances"].get(field), detection["instances"].get(field)
-        assert torch.equal(a.tensor if field == "pred_boxes" else a, b.tensor if field == "pred_boxes" else b)
+        assert torch.equal(
+            a.tensor if field == "pred_boxes" else a, b.tensor if field == "pred_boxes" else b
+        )
     # the semantic branch alone, resized as inference resizes it to height x width
     assert logits.shape == (1, 4, 48, 60)
-    torch.testing.assert_close(sem_seg_postprocess(logits[0], (48, 60), 96, 120), full["sem_seg"], rtol=0, atol=0)
+    torch.testing.assert_close(
+        sem_seg_postprocess(logits[0], (48, 60), 96, 120), full["sem_seg"], rtol=0, atol=0
+    )
     # given boxes: the RoI heads predict masks for exactly those boxes
     assert torch.equal(given["instances"].pred_boxes.tensor, full["instances"].pred_boxes.tensor)
     assert torch.equal(given["instances"].pred_masks, full["instances"].pred_masks)
@@ -172,7 +197,8 @@ def test_multitask_rejects_valid_padding():
         build_model(cfg)
 
 
-# ---- bad input: clear errors at build time, naming the config key ----------------------------------
+# ---- bad input: clear errors at build time, naming the config key
+# ----------------------------------
 def _fcn_cfg():
     return tiny_semantic_cfg("FCNHead", "vgg")
 
@@ -181,8 +207,14 @@ def _fcn_cfg():
     "edit,key",
     [
         (lambda c: setattr(c.MODEL.SEM_SEG_HEAD, "NAME", "NoSuchHead"), "MODEL.SEM_SEG_HEAD.NAME"),
-        (lambda c: setattr(c.MODEL.BACKBONE, "NAME", "build_no_such_backbone"), "MODEL.BACKBONE.NAME"),
-        (lambda c: setattr(c.MODEL.SEM_SEG_HEAD, "IN_FEATURES", ["pool3", "res4"]), "MODEL.SEM_SEG_HEAD.IN_FEATURES"),
+        (
+            lambda c: setattr(c.MODEL.BACKBONE, "NAME", "build_no_such_backbone"),
+            "MODEL.BACKBONE.NAME",
+        ),
+        (
+            lambda c: setattr(c.MODEL.SEM_SEG_HEAD, "IN_FEATURES", ["pool3", "res4"]),
+            "MODEL.SEM_SEG_HEAD.IN_FEATURES",
+        ),
         (lambda c: setattr(c.MODEL.FCN_HEAD, "UPSAMPLE", "cubic"), "MODEL.FCN_HEAD.UPSAMPLE"),
         (lambda c: setattr(c.MODEL.VGG, "OUT_FEATURES", ["pool9"]), "MODEL.VGG"),
     ],
@@ -197,7 +229,9 @@ def test_bad_config_names_the_key(edit, key):
 def test_segnet_unpool_without_indices_is_an_error():
     cfg = tiny_semantic_cfg("SegNetHead", "resnet")
     cfg.MODEL.SEGNET_HEAD.UPSAMPLE = "unpool"
-    with pytest.raises(seg2.Seg2Error, match=r"MODEL\.SEGNET_HEAD\.UPSAMPLE='unpool' needs pooling indices"):
+    with pytest.raises(
+        seg2.Seg2Error, match=r"MODEL\.SEGNET_HEAD\.UPSAMPLE='unpool' needs pooling indices"
+    ):
         build_model(cfg)
 
 
@@ -206,7 +240,10 @@ def test_num_classes_mismatch_with_dataset_metadata():
     cfg.DATASETS.TRAIN = ("seg2_shapes_train",)  # 4 stuff_classes
     cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 21
     # The resolve step checks the config against the datasets, before anything is built.
-    with pytest.raises(seg2.Seg2Error, match=r"MODEL\.SEM_SEG_HEAD\.NUM_CLASSES=21 but dataset 'seg2_shapes_train' has 4"):
+    with pytest.raises(
+        seg2.Seg2Error,
+        match=r"MODEL\.SEM_SEG_HEAD\.NUM_CLASSES=21 but dataset 'seg2_shapes_train' has 4",
+    ):
         seg2.resolve_config(cfg)
     cfg = _tiny_multitask_cfg()
     cfg.DATASETS.TRAIN = ("seg2_shapes_train",)  # 3 thing_classes

@@ -30,7 +30,12 @@ from seg2.engine import Trainer
 from seg2.utils import Seg2Error
 
 # one_thread: the test process sums on one thread, as the workers do (the same floating-point sums)
-from seg2_model_helpers import base_cfg, leave_process_group, load_records, mapped_inputs, one_thread, register_tiny_shapes  # noqa: F401
+from seg2_model_helpers import (
+    base_cfg,
+    leave_process_group,
+    load_records,
+    mapped_inputs,
+)  # noqa: F401
 
 STEPS = 4
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -53,7 +58,10 @@ def _batches(root):
     inputs = mapped_inputs(cfg, load_records(root)[:8], size=64)
     sem_only = [{k: v for k, v in x.items() if k != "instances"} for x in inputs[:4]]
     inst_only = [{k: v for k, v in x.items() if k != "sem_seg"} for x in inputs[4:]]
-    return [[part[(2 * s) % 4 : (2 * s) % 4 + 2] for s in range(STEPS)] for part in (sem_only, inst_only)]
+    return [
+        [part[(2 * s) % 4 : (2 * s) % 4 + 2] for s in range(STEPS)]
+        for part in (sem_only, inst_only)
+    ]
 
 
 class _TwoBatches(torch.nn.Module):
@@ -66,7 +74,9 @@ class _TwoBatches(torch.nn.Module):
 
     def forward(self, batches):
         a, b = (self.module(batch) for batch in batches)
-        return {k: (a[k] * 0.5 if k in a else 0.0) + (b[k] * 0.5 if k in b else 0.0) for k in {**a, **b}}
+        return {
+            k: (a[k] * 0.5 if k in a else 0.0) + (b[k] * 0.5 if k in b else 0.0) for k in {**a, **b}
+        }
 
 
 def _train(model, batches):
@@ -76,7 +86,11 @@ def _train(model, batches):
     trainer = SimpleTrainer(model, batches, optimizer)
     trainer.register_hooks([CallbackHook(before_step=lambda t: torch.manual_seed(100 + t.iter))])
     trainer.train(0, len(batches))
-    losses = {k: [v for v, _ in h.values()] for k, h in trainer.storage.histories().items() if k.startswith("loss")}
+    losses = {
+        k: [v for v, _ in h.values()]
+        for k, h in trainer.storage.histories().items()
+        if k.startswith("loss")
+    }
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, losses
 
 
@@ -85,7 +99,8 @@ def _ddp_worker(root, out_dir):
     batches = _batches(root)[comm.get_rank()]
     torch.manual_seed(0)
     model = Trainer.build_model(_cfg())
-    # As detectron2's DefaultTrainer wraps it (no find_unused_parameters); device_ids=None on the CPU.
+    # As detectron2's DefaultTrainer wraps it (no find_unused_parameters); device_ids=None on the
+    # CPU.
     model = create_ddp_model(model, broadcast_buffers=False, device_ids=None)
     state, losses = _train(model, batches)
     with open(os.path.join(out_dir, f"rank{comm.get_rank()}.pkl"), "wb") as f:
@@ -93,10 +108,17 @@ def _ddp_worker(root, out_dir):
     leave_process_group()
 
 
-def test_mixed_targets_on_two_processes_equal_one_process_on_both_batches(tiny_shapes_root, tmp_path):
+def test_mixed_targets_on_two_processes_equal_one_process_on_both_batches(
+    tiny_shapes_root, tmp_path
+):
     launch(
-        _ddp_worker, 2, dist_url="auto", args=(tiny_shapes_root, str(tmp_path)),
-        timeout=datetime.timedelta(minutes=3),  # a collective that waits fails instead of hanging the suite
+        _ddp_worker,
+        2,
+        dist_url="auto",
+        args=(tiny_shapes_root, str(tmp_path)),
+        timeout=datetime.timedelta(
+            minutes=3
+        ),  # a collective that waits fails instead of hanging the suite
     )
     ranks = []
     for r in range(2):
@@ -116,16 +138,32 @@ def test_mixed_targets_on_two_processes_equal_one_process_on_both_batches(tiny_s
     for k in a:
         assert torch.equal(a[k], b[k]), k  # DDP keeps the processes' weights identical
         assert torch.equal(a[k], single_state[k]), (k, (a[k] - single_state[k]).abs().max())
-    # Every part moved: the semantic head (trained on rank 0 only), the detector (rank 1 only), the backbone.
-    for prefix in ("sem_seg_head.", "roi_heads.box_predictor.", "roi_heads.mask_head.", "proposal_generator.",
-                   "backbone.bottom_up.stem."):
-        assert any(not torch.equal(a[k], init_state[k[len("module."):]]) for k in a if k.startswith("module." + prefix))
+    # Every part moved: the semantic head (trained on rank 0 only), the detector (rank 1 only), the
+    # backbone.
+    for prefix in (
+        "sem_seg_head.",
+        "roi_heads.box_predictor.",
+        "roi_heads.mask_head.",
+        "proposal_generator.",
+        "backbone.bottom_up.stem.",
+    ):
+        assert any(
+            not torch.equal(a[k], init_state[k[len("module.") :]])
+            for k in a
+            if k.startswith("module." + prefix)
+        )
     # Every process reported every loss at every step (the missing task's as 0): the main
     # process's mean over the 2 processes is the one-process mean.
-    assert set(ranks[0]["losses"]) == set(single_losses) >= {"loss_sem_seg", "loss_rpn_cls", "loss_cls", "loss_mask"}
+    assert (
+        set(ranks[0]["losses"])
+        == set(single_losses)
+        >= {"loss_sem_seg", "loss_rpn_cls", "loss_cls", "loss_mask"}
+    )
     for k, v in ranks[0]["losses"].items():
         assert len(v) == STEPS
-        torch.testing.assert_close(torch.tensor(v), torch.tensor(single_losses[k]), rtol=1e-6, atol=0, msg=k)
+        torch.testing.assert_close(
+            torch.tensor(v), torch.tensor(single_losses[k]), rtol=1e-6, atol=0, msg=k
+        )
 
 
 def test_union_batch_gives_the_mean_gradient_of_the_two_batches(tiny_shapes_root):
@@ -136,8 +174,10 @@ def test_union_batch_gives_the_mean_gradient_of_the_two_batches(tiny_shapes_root
     model = Trainer.build_model(_cfg()).train()
     grads = []
     with EventStorage(0):
-        for run in (lambda: _TwoBatches(model)((sem_batches[0], inst_batches[0])),
-                    lambda: {k: v * 0.5 for k, v in model(sem_batches[0] + inst_batches[0]).items()}):
+        for run in (
+            lambda: _TwoBatches(model)((sem_batches[0], inst_batches[0])),
+            lambda: {k: v * 0.5 for k, v in model(sem_batches[0] + inst_batches[0]).items()},
+        ):
             model.zero_grad(set_to_none=True)
             torch.manual_seed(100)
             sum(run().values()).backward()
@@ -157,8 +197,12 @@ def test_weight_zero_branches_in_one_process(tiny_shapes_root):
     assert model.keep_all_branches is None
     branch = {"sem_seg": ("sem_seg_head.",), "instances": ("proposal_generator.", "roi_heads.")}
     with EventStorage(0):
-        for batch, missing in [(sem_batches[0], "instances"), (inst_batches[0], "sem_seg"),
-                               (sem_batches[1], "instances"), ([{"image": sem_batches[0][0]["image"]}], "both")]:
+        for batch, missing in [
+            (sem_batches[0], "instances"),
+            (inst_batches[0], "sem_seg"),
+            (sem_batches[1], "instances"),
+            ([{"image": sem_batches[0][0]["image"]}], "both"),
+        ]:
             grads = []
             for keep_all in (False, True):
                 model.keep_all_branches = keep_all
@@ -168,14 +212,22 @@ def test_weight_zero_branches_in_one_process(tiny_shapes_root):
                 sum(losses.values()).backward()
                 grads.append({k: p.grad for k, p in model.named_parameters()})
             assert model._communicates is False
-            assert set(losses) == {"loss_sem_seg", "loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg",
-                                   "loss_mask"}
+            assert set(losses) == {
+                "loss_sem_seg",
+                "loss_rpn_cls",
+                "loss_rpn_loc",
+                "loss_cls",
+                "loss_box_reg",
+                "loss_mask",
+            }
             skipped = branch.get(missing, branch["sem_seg"] + branch["instances"])
             for k, g in grads[1].items():
                 assert g is not None, k  # every parameter is in the graph (what DDP needs)
                 if k.startswith(skipped):
                     assert grads[0][k] is None and not g.any(), k
-                elif grads[0][k] is None:  # the backbone without any target / parts only the skipped task uses
+                elif (
+                    grads[0][k] is None
+                ):  # the backbone without any target / parts only the skipped task uses
                     assert (missing == "both" or k.startswith("backbone.fpn_")) and not g.any(), k
                 else:
                     assert torch.equal(g, grads[0][k]), k
@@ -186,7 +238,10 @@ def test_weight_zero_branches_in_one_process(tiny_shapes_root):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             losses = model(sem_batches[1])
         sum(losses.values()).backward()
-        assert losses["loss_mask"].item() == 0.0 and not model.roi_heads.mask_head.predictor.weight.grad.any()
+        assert (
+            losses["loss_mask"].item() == 0.0
+            and not model.roi_heads.mask_head.predictor.weight.grad.any()
+        )
 
 
 # ---- bad input, and branches that communicate in their forward ---------------------------------
@@ -230,7 +285,13 @@ def _other_runs_worker(root, out_dir):
 
 
 def _launch_other_runs(root, out_dir):
-    launch(_other_runs_worker, 2, dist_url="auto", args=(root, out_dir), timeout=datetime.timedelta(minutes=2))
+    launch(
+        _other_runs_worker,
+        2,
+        dist_url="auto",
+        args=(root, out_dir),
+        timeout=datetime.timedelta(minutes=2),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -239,11 +300,14 @@ def other_runs(tiny_shapes_root, tmp_path_factory):
     that a run that hangs fails the tests instead of hanging the suite."""
     out_dir = str(tmp_path_factory.mktemp("ddp_other_runs"))
     code = (
-        f"import sys; sys.path[:0] = [{TESTS_DIR!r}, {REPO_ROOT!r}]; import test_multitask_ddp as t; "
+        f"import sys; sys.path[:0] = [{TESTS_DIR!r}, {REPO_ROOT!r}]; import test_multitask_ddp as "
+        "t; "
         f"t._launch_other_runs({tiny_shapes_root!r}, {out_dir!r})"
     )
     try:
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=400)
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=400
+        )
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"the 2-process runs did not end within {e.timeout} s (a hang): {e.stderr}")
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -260,10 +324,14 @@ def test_processes_that_disagree_on_the_task_set_fail_with_the_cause(other_runs)
         assert "disagree on the task set" in out["configs"]
         assert "rank 0: {'MODEL.META_ARCHITECTURE': 'Seg2MultiTaskRCNN'" in out["configs"]
         assert "rank 1: {'MODEL.META_ARCHITECTURE': 'GeneralizedRCNN'" in out["configs"]
-        # Processes that skip different tasks: their loss names, at the first step, in every process.
+        # Processes that skip different tasks: their loss names, at the first step, in every
+        # process.
         assert "disagree on the task set" in out["skipping"]
         assert "rank 0: ['loss_sem_seg']" in out["skipping"]
-        assert "rank 1: ['loss_box_reg', 'loss_cls', 'loss_mask', 'loss_rpn_cls', 'loss_rpn_loc']" in out["skipping"]
+        assert (
+            "rank 1: ['loss_box_reg', 'loss_cls', 'loss_mask', 'loss_rpn_cls', 'loss_rpn_loc']"
+            in out["skipping"]
+        )
 
 
 def test_sync_batch_norm_branches_train_on_mixed_targets(other_runs):
@@ -276,7 +344,11 @@ def test_sync_batch_norm_branches_train_on_mixed_targets(other_runs):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     for prefix in ("sem_seg_head.", "roi_heads.mask_head.", "proposal_generator."):
-        assert any(not torch.equal(a[k], init[k[len("module."):]]) for k in a if k.startswith("module." + prefix))
+        assert any(
+            not torch.equal(a[k], init[k[len("module.") :]])
+            for k in a
+            if k.startswith("module." + prefix)
+        )
 
 
 def test_train_loader_mixes_instance_and_semantic_only_datasets(tiny_shapes_root):
@@ -294,23 +366,34 @@ def test_train_loader_mixes_instance_and_semantic_only_datasets(tiny_shapes_root
         MetadataCatalog.pop(name, None)
     # the instance dataset: 4 records without their semantic map, one of them without any object
     inst_records = [{k: v for k, v in r.items() if k != "sem_seg_file_name"} for r in records[:4]]
-    for r in inst_records:  # COCO ids 1..3 -> contiguous 0..2, as a registered COCO dataset maps them
+    for (
+        r
+    ) in inst_records:  # COCO ids 1..3 -> contiguous 0..2, as a registered COCO dataset maps them
         r["annotations"] = [{**a, "category_id": a["category_id"] - 1} for a in r["annotations"]]
     inst_records[3]["annotations"] = []
     DatasetCatalog.register(inst, lambda: [dict(r) for r in inst_records])
     MetadataCatalog.get(inst).set(thing_classes=list(SHAPES_CLASSES))
-    DatasetCatalog.register(sem, lambda: [{k: v for k, v in r.items() if k != "annotations"} for r in records[4:]])
-    MetadataCatalog.get(sem).set(stuff_classes=["background"] + list(SHAPES_CLASSES), ignore_label=255)
+    DatasetCatalog.register(
+        sem, lambda: [{k: v for k, v in r.items() if k != "annotations"} for r in records[4:]]
+    )
+    MetadataCatalog.get(sem).set(
+        stuff_classes=["background"] + list(SHAPES_CLASSES), ignore_label=255
+    )
 
     cfg = _cfg()
     cfg.DATASETS.TRAIN = (inst, sem)
     dicts = train_dataset_dicts(cfg)
-    assert [("annotations" in d, "sem_seg_file_name" in d) for d in dicts] == [(True, False)] * 3 + [(False, True)] * 4
+    assert [("annotations" in d, "sem_seg_file_name" in d) for d in dicts] == [
+        (True, False)
+    ] * 3 + [(False, True)] * 4
     cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_WORKERS = 7, 0
     cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (64,), 64
     cfg.DATALOADER.ASPECT_RATIO_GROUPING = False
     batch = next(iter(Trainer.build_train_loader(cfg)))
-    assert sorted(("instances" in x, "sem_seg" in x) for x in batch) == [(False, True)] * 4 + [(True, False)] * 3
+    assert (
+        sorted(("instances" in x, "sem_seg" in x) for x in batch)
+        == [(False, True)] * 4 + [(True, False)] * 3
+    )
     cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = False
     assert len(train_dataset_dicts(cfg)) == 8
     MetadataCatalog.get(sem).set(thing_classes=["other"])

@@ -8,12 +8,13 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 from PIL import Image
-from seg2_model_helpers import tiny_semantic_cfg
 
 import seg2
 from seg2 import Seg2Error
 from seg2.data import MultiTaskDatasetMapper, read_image
 from seg2.inference import Seg2Predictor
+
+from seg2_model_helpers import tiny_semantic_cfg
 
 
 def _rgb(h=20, w=28, seed=0):
@@ -32,7 +33,9 @@ def _write_kinds(d):
     pal = Image.fromarray(grey).convert("P")
     pal.save(d / "palette.png")
     kinds["palette.png"] = np.asarray(pal.convert("RGB"))
-    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 7, np.uint8)])  # nearly transparent: alpha dropped
+    rgba = np.dstack(
+        [rgb, np.full(rgb.shape[:2], 7, np.uint8)]
+    )  # nearly transparent: alpha dropped
     Image.fromarray(rgba, "RGBA").save(d / "rgba.png")
     kinds["rgba.png"] = rgb
     cmyk = Image.fromarray(rgb).convert("CMYK")
@@ -44,7 +47,9 @@ def _write_kinds(d):
     kinds["grey16.png"] = np.repeat(g8[:, :, None], 3, 2)
     f = rgb[:, :, 1].astype(np.float32) / 255.0
     Image.fromarray(f, "F").save(d / "float.tif")
-    kinds["float.tif"] = np.repeat(np.floor(f.astype(np.float64) * 255 + 0.5).astype(np.uint8)[:, :, None], 3, 2)
+    kinds["float.tif"] = np.repeat(
+        np.floor(f.astype(np.float64) * 255 + 0.5).astype(np.uint8)[:, :, None], 3, 2
+    )
     # EXIF orientation 6 (rotate 90 degrees clockwise to show): read as shown, 28 x 20.
     im = Image.fromarray(rgb)
     exif = im.getexif()
@@ -78,7 +83,9 @@ def test_every_kind_of_image_gives_the_same_pixels_to_training_and_the_predictor
 
 def test_float_image_outside_0_1_is_named(tmp_path):
     Image.fromarray(np.full((4, 4), 300.0, np.float32), "F").save(tmp_path / "hdr.tif")
-    with pytest.raises(Seg2Error, match=r"hdr\.tif: floating-point image with values in \[300, 300\]"):
+    with pytest.raises(
+        Seg2Error, match=r"hdr\.tif: floating-point image with values in \[300, 300\]"
+    ):
         read_image(str(tmp_path / "hdr.tif"))
 
 
@@ -96,13 +103,19 @@ def test_tiling_is_the_models_inference_mode():
     cfg = _tiled_cfg()
     model = build_model(cfg).eval()
     assert model.tiler is not None and (model.tiler.tile_size, model.tiler.stride) == (32, 16)
-    image = torch.randint(0, 256, (3, 48, 70), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    image = torch.randint(
+        0, 256, (3, 48, 70), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    )
     with torch.no_grad():
-        forward = model([{"image": image}])[0]["sem_seg"]  # what Trainer.test / inference_on_dataset get
+        forward = model([{"image": image}])[0][
+            "sem_seg"
+        ]  # what Trainer.test / inference_on_dataset get
         tiled = model.tiler(image)
         whole = model.sem_seg_logits(image[None])[0]
     assert torch.equal(forward, tiled)
-    assert not torch.allclose(forward, whole)  # really tiled: tile borders differ from the whole image
+    assert not torch.allclose(
+        forward, whole
+    )  # really tiled: tile borders differ from the whole image
     predictor = Seg2Predictor(cfg)
     predictor.model.load_state_dict(model.state_dict())
     assert cfg.INPUT.FORMAT == "BGR"
@@ -143,9 +156,13 @@ def test_resolve_step_leaves_plain_values_and_is_idempotent():
     bad = cfg.clone()
     bad.defrost()
     bad.MODEL.SEM_SEG_HEAD.IGNORE_VALUE = 0
-    with pytest.raises(Seg2Error, match="dataset 'seg2_shapes_train' has ignore_label=255 .*IGNORE_VALUE=0"):
+    with pytest.raises(
+        Seg2Error, match="dataset 'seg2_shapes_train' has ignore_label=255 .*IGNORE_VALUE=0"
+    ):
         seg2.resolve_config(bad)
     bad.MODEL.SEM_SEG_HEAD.IGNORE_VALUE = 255
     bad.DATASETS.TEST = ("seg2_shapes_vall",)
-    with pytest.raises(Seg2Error, match="DATASETS.TEST names 'seg2_shapes_vall'.*Did you mean 'seg2_shapes_val'"):
+    with pytest.raises(
+        Seg2Error, match="DATASETS.TEST names 'seg2_shapes_vall'.*Did you mean 'seg2_shapes_val'"
+    ):
         seg2.resolve_config(bad)

@@ -25,6 +25,7 @@ from seg2.data import (
 from seg2.data.panoptic import id2rgb, rgb2id
 from seg2.data.shapes import shapes_digest
 from seg2.modeling import model_tasks
+
 from seg2_model_helpers import base_cfg, one_thread  # noqa: F401  (fixture)
 
 QUICKSTART = "quickstart/mask_rcnn_R18_FPN_fcn8s_shapes-panoptic_cpu.yaml"

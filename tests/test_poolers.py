@@ -4,12 +4,11 @@ import math
 
 import pytest
 import torch
-from torchvision.ops import roi_align
-
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import Boxes
+from torchvision.ops import roi_align
 
 import seg2
 from seg2.modeling.poolers import BilinearROIPooling, ExtendedROIPooler, quantize_rois
@@ -21,7 +20,9 @@ SIZE = 24
 
 
 def ramp(size=SIZE, channels=1, dtype=torch.float64):
-    ys, xs = torch.meshgrid(torch.arange(size, dtype=dtype), torch.arange(size, dtype=dtype), indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(size, dtype=dtype), torch.arange(size, dtype=dtype), indexing="ij"
+    )
     return (A * xs + B * ys + C).expand(1, channels, size, size).clone()
 
 
@@ -31,7 +32,9 @@ def ramp_at(y, x):
 
 # Box coordinates below are binary fractions: detectron2's Boxes stores float32.
 def pool(pooler_type, boxes, scale=1.0, aggregation="", sampling_ratio=2, size=SIZE, output=4):
-    pooler = ExtendedROIPooler(output, [scale], sampling_ratio, pooler_type, aggregation=aggregation)
+    pooler = ExtendedROIPooler(
+        output, [scale], sampling_ratio, pooler_type, aggregation=aggregation
+    )
     # torchvision's roi_pool needs float32 RoIs (Boxes' dtype) and features; the ramp's integer
     # pixel values are exact in float32, and RoIPool only selects them.
     dtype = torch.float32 if pooler_type == "ROIPool" else torch.float64
@@ -46,7 +49,9 @@ def bilinear_expected(box, output, sample_offset=0.5, shift=0.0):
     return torch.tensor(
         [
             [
-                ramp_at(y0 + (i + sample_offset) * bh - shift, x0 + (j + sample_offset) * bw - shift)
+                ramp_at(
+                    y0 + (i + sample_offset) * bh - shift, x0 + (j + sample_offset) * bw - shift
+                )
                 for j in range(output)
             ]
             for i in range(output)
@@ -62,7 +67,10 @@ def roipool_expected(box, output):
     bw, bh = (x1 - x0 + 1) / output, (y1 - y0 + 1) / output
     return torch.tensor(
         [
-            [ramp_at(math.ceil((i + 1) * bh) + y0 - 1, math.ceil((j + 1) * bw) + x0 - 1) for j in range(output)]
+            [
+                ramp_at(math.ceil((i + 1) * bh) + y0 - 1, math.ceil((j + 1) * bw) + x0 - 1)
+                for j in range(output)
+            ]
             for i in range(output)
         ],
         dtype=torch.float64,
@@ -94,24 +102,37 @@ def test_roialign_max_takes_the_largest_sample():
     for s in (2, 3):
         out = pool("ROIAlign", [box], aggregation="max", sampling_ratio=s)[0]
         # samples at (k + 0.5) / s of a bin; the ramp's largest is the last one, (s - 0.5) / s
-        torch.testing.assert_close(out, bilinear_expected(box, 4, sample_offset=(s - 0.5) / s), rtol=0, atol=1e-9)
+        torch.testing.assert_close(
+            out, bilinear_expected(box, 4, sample_offset=(s - 0.5) / s), rtol=0, atol=1e-9
+        )
     avg = pool("ROIAlignV2", [box])[0]
     mx = pool("ROIAlignV2", [box], aggregation="max")[0]
     bw, bh = (box[2] - box[0]) / 4, (box[3] - box[1]) / 4
-    torch.testing.assert_close(mx - avg, torch.full_like(avg, (A * bw + B * bh) / 4), rtol=0, atol=1e-9)
+    torch.testing.assert_close(
+        mx - avg, torch.full_like(avg, (A * bw + B * bh) / 4), rtol=0, atol=1e-9
+    )
 
 
 @pytest.mark.parametrize("aggregation", ["avg", "max"])
 def test_roiwarp_is_bilinear_sampling_of_the_quantised_roi(aggregation):
-    box = [4.5, 8.25, 27.5, 35.0]  # image coordinates; stride 2 -> [2.25, 4.125, 13.75, 17.5] -> [2, 4, 14, 18]
+    box = [
+        4.5,
+        8.25,
+        27.5,
+        35.0,
+    ]  # image coordinates; stride 2 -> [2.25, 4.125, 13.75, 17.5] -> [2, 4, 14, 18]
     out = pool("ROIWarp", [box], scale=0.5, aggregation=aggregation)[0]
     offset = 0.5 if aggregation == "avg" else 0.75
-    torch.testing.assert_close(out, bilinear_expected([2, 4, 14, 18], 4, sample_offset=offset), rtol=0, atol=1e-9)
+    torch.testing.assert_close(
+        out, bilinear_expected([2, 4, 14, 18], 4, sample_offset=offset), rtol=0, atol=1e-9
+    )
 
 
 def test_roipool_takes_the_max_of_quantised_bins():
     box = [2.25, 4.125, 13.75, 17.875]
-    torch.testing.assert_close(pool("ROIPool", [box])[0], roipool_expected(box, 4), rtol=0, atol=1e-9)
+    torch.testing.assert_close(
+        pool("ROIPool", [box])[0], roipool_expected(box, 4), rtol=0, atol=1e-9
+    )
 
 
 def test_quantize_rounds_halves_away_from_zero_as_roi_pool_does():
@@ -126,8 +147,17 @@ def test_quantize_rounds_halves_away_from_zero_as_roi_pool_does():
 
 def test_subpixel_shift_moves_roialign_but_not_the_quantised_poolers():
     stride = 2  # feature coordinates = image coordinates / 2
-    box = [6.25, 8.25, 26.0, 30.25]  # feature [3.125, 4.125, 13.0, 15.125]: rounds to [3, 4, 13, 15]
-    for shift in (0.25, 0.5, 0.625):  # image px; feature corners move 0.125 .. 0.3125, rounding the same
+    box = [
+        6.25,
+        8.25,
+        26.0,
+        30.25,
+    ]  # feature [3.125, 4.125, 13.0, 15.125]: rounds to [3, 4, 13, 15]
+    for shift in (
+        0.25,
+        0.5,
+        0.625,
+    ):  # image px; feature corners move 0.125 .. 0.3125, rounding the same
         moved = [v + shift for v in box]
         for ptype, agg in (("ROIPool", ""), ("ROIWarp", "avg"), ("ROIWarp", "max")):
             before = pool(ptype, [box], scale=1 / stride, aggregation=agg)
@@ -141,7 +171,9 @@ def test_subpixel_shift_moves_roialign_but_not_the_quantised_poolers():
             torch.testing.assert_close(after - before, expected, rtol=0, atol=1e-9)
             feature_box = [v / stride for v in moved]
             v2 = 0.5 if ptype == "ROIAlignV2" else 0.0
-            torch.testing.assert_close(after, bilinear_expected(feature_box, 4, shift=v2), rtol=0, atol=1e-9)
+            torch.testing.assert_close(
+                after, bilinear_expected(feature_box, 4, shift=v2), rtol=0, atol=1e-9
+            )
 
 
 def test_crossing_a_quantisation_boundary_moves_the_quantised_poolers_by_whole_cells():
@@ -162,8 +194,12 @@ def test_max_with_one_sample_equals_torchvision_roi_align(aligned):
     # including boxes that leave the feature map.
     torch.manual_seed(0)
     x = torch.randn(2, 5, 13, 17)
-    rois = torch.tensor([[0, 1.3, 2.7, 25.2, 19.9], [1, -6.0, 4.0, 40.0, 30.5], [1, 10.0, 10.0, 10.8, 11.5]])
-    ours = BilinearROIPooling((7, 5), 0.5, 1, aligned=aligned, quantize=False, aggregation="max")(x, rois)
+    rois = torch.tensor(
+        [[0, 1.3, 2.7, 25.2, 19.9], [1, -6.0, 4.0, 40.0, 30.5], [1, 10.0, 10.0, 10.8, 11.5]]
+    )
+    ours = BilinearROIPooling((7, 5), 0.5, 1, aligned=aligned, quantize=False, aggregation="max")(
+        x, rois
+    )
     torch.testing.assert_close(ours, roi_align(x, rois, (7, 5), 0.5, 1, aligned), rtol=0, atol=1e-6)
 
 
@@ -183,10 +219,16 @@ def test_multilevel_max_pooler_uses_detectron2_level_assignment():
     scales = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
     feats = [torch.randn(2, 3, 256 // s, 256 // s) for s in (4, 8, 16, 32)]
     boxes = [
-        Boxes(torch.tensor([[10.0, 10.0, 30.0, 40.0], [0.0, 0.0, 250.0, 200.0], [50.0, 60.0, 170.0, 150.0]])),
+        Boxes(
+            torch.tensor(
+                [[10.0, 10.0, 30.0, 40.0], [0.0, 0.0, 250.0, 200.0], [50.0, 60.0, 170.0, 150.0]]
+            )
+        ),
         Boxes(torch.tensor([[5.0, 7.0, 12.0, 9.5], [100.0, 20.0, 230.0, 240.0]])),
     ]
-    ours = ExtendedROIPooler(7, scales, 1, "ROIAlign", aggregation="max", canonical_box_size=64)(feats, boxes)
+    ours = ExtendedROIPooler(7, scales, 1, "ROIAlign", aggregation="max", canonical_box_size=64)(
+        feats, boxes
+    )
     ref = ROIPooler(7, scales, 1, "ROIAlign", canonical_box_size=64)(feats, boxes)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
     assert ours.shape == (5, 3, 7, 7)
@@ -225,13 +267,21 @@ def test_config_errors_name_the_key():
     cfg = _cfg(ROI_MASK_HEAD__POOLER_TYPE="ROIPool", ROI_MASK_HEAD__POOLER_AGGREGATION="avg")
     with pytest.raises(seg2.Seg2Error, match=r"MODEL.ROI_MASK_HEAD.POOLER_AGGREGATION='avg'"):
         build_extended_pooler(cfg, "ROI_MASK_HEAD", SHAPES)
-    cfg = _cfg(ROI_BOX_HEAD__POOLER_TYPE="ROIWarp", ROI_BOX_HEAD__POOLER_SAMPLING_RATIO=0, ROI_BOX_HEAD__POOLER_AGGREGATION="max")
+    cfg = _cfg(
+        ROI_BOX_HEAD__POOLER_TYPE="ROIWarp",
+        ROI_BOX_HEAD__POOLER_SAMPLING_RATIO=0,
+        ROI_BOX_HEAD__POOLER_AGGREGATION="max",
+    )
     with pytest.raises(seg2.Seg2Error, match=r"MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO > 0"):
         build_extended_pooler(cfg, "ROI_BOX_HEAD", SHAPES)
 
 
 def test_config_builds_the_requested_pooler():
-    cfg = _cfg(ROI_BOX_HEAD__POOLER_TYPE="ROIWarp", ROI_BOX_HEAD__POOLER_SAMPLING_RATIO=2, ROI_BOX_HEAD__POOLER_AGGREGATION="max")
+    cfg = _cfg(
+        ROI_BOX_HEAD__POOLER_TYPE="ROIWarp",
+        ROI_BOX_HEAD__POOLER_SAMPLING_RATIO=2,
+        ROI_BOX_HEAD__POOLER_AGGREGATION="max",
+    )
     pooler = build_extended_pooler(cfg, "ROI_BOX_HEAD", SHAPES)
     assert (pooler.pooler_type, pooler.aggregation) == ("ROIWarp", "max")
     assert [p.spatial_scale for p in pooler.level_poolers] == [0.25, 0.125]

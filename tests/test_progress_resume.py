@@ -50,4 +50,6 @@ def test_interrupted_shapes_generation_resumes(tmp_path, caplog):
     reference = generate_shapes(str(tmp_path / "ref"), splits=SPLITS, image_size=48, seed=5)
     assert shapes_digest(root) == shapes_digest(reference)
     # The partial folder became the cache; only the (empty) lock file stays beside it.
-    assert [os.path.basename(p)[-5:] for p in glob.glob(os.path.join(str(tmp_path), ".partial-*"))] == [".lock"] * 2
+    assert [
+        os.path.basename(p)[-5:] for p in glob.glob(os.path.join(str(tmp_path), ".partial-*"))
+    ] == [".lock"] * 2

@@ -47,7 +47,12 @@ def test_fcn16s_fcn32s_parameter_counts(config, score_layers, deconv_kernels):
 
 def test_segnet_parameter_count():
     model = _build("segnet_vgg16.yaml")
-    convs = sum(p.numel() for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d) for p in m.parameters())
+    convs = sum(
+        p.numel()
+        for m in model.backbone.modules()
+        if isinstance(m, torch.nn.Conv2d)
+        for p in m.parameters()
+    )
     assert convs == 14_714_688  # VGG16's 13 conv layers
     assert 29_440_000 <= _count(model) <= 29_460_000  # REFERENCE.md: about 29.44M to 29.46M
     assert _count(model) == 29_449_355  # 11 classes, 3x3 classifier, BN after every other conv

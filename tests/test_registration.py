@@ -43,7 +43,9 @@ def test_add_seg2_config_only_adds_keys():
     for key, value in before.items():
         assert after[key] == value, key
     added = set(after) - set(before)
-    assert added and all(k.split(".")[0] in ("SEG2", "MODEL", "INPUT", "SOLVER", "DATALOADER", "TEST") for k in added)
+    assert added and all(
+        k.split(".")[0] in ("SEG2", "MODEL", "INPUT", "SOLVER", "DATALOADER", "TEST") for k in added
+    )
     assert after["SEG2.SHAPES_ROOT"] == ""
 
 
@@ -78,8 +80,18 @@ def test_records_carry_both_views_and_the_mapper_reads_palette_indices(tiny_shap
     cfg = get_cfg()
     seg2.add_seg2_config(cfg)
     cfg.MODEL.META_ARCHITECTURE = "Seg2MultiTaskRCNN"  # reads label maps
-    cfg.merge_from_list(["INPUT.MIN_SIZE_TRAIN", (64,), "INPUT.MAX_SIZE_TRAIN", 64, "MODEL.MASK_ON", True,
-                         "INPUT.RANDOM_FLIP", "none"])
+    cfg.merge_from_list(
+        [
+            "INPUT.MIN_SIZE_TRAIN",
+            (64,),
+            "INPUT.MAX_SIZE_TRAIN",
+            64,
+            "MODEL.MASK_ON",
+            True,
+            "INPUT.RANDOM_FLIP",
+            "none",
+        ]
+    )
     mapper = MultiTaskDatasetMapper(cfg, True)
     out = mapper(records[0])
     expected = np.array(Image.open(records[0]["sem_seg_file_name"]))
@@ -87,7 +99,8 @@ def test_records_carry_both_views_and_the_mapper_reads_palette_indices(tiny_shap
     assert np.array_equal(out["sem_seg"].numpy(), expected)
     assert set(np.unique(expected)) <= {0, 1, 2, 3, 255} and (expected > 0).any()
     assert len(out["instances"]) == len(records[0]["annotations"])
-    # Label changes of the class map are never lost: the classes present equal the instances' classes.
+    # Label changes of the class map are never lost: the classes present equal the instances'
+    # classes.
     classes = set(out["instances"].gt_classes.tolist())
     assert {c + 1 for c in classes} == set(np.unique(expected)) - {0, 255}
 
@@ -108,5 +121,7 @@ def test_label_map_errors_name_the_file(tmp_path, tiny_shapes_root):
     cfg = get_cfg()
     seg2.add_seg2_config(cfg)
     cfg.MODEL.META_ARCHITECTURE = "Seg2MultiTaskRCNN"  # reads label maps
-    with pytest.raises(Seg2Error, match=r"small.png: label map is 48x32 \(WxH\) but its image .* is 64x64"):
+    with pytest.raises(
+        Seg2Error, match=r"small.png: label map is 48x32 \(WxH\) but its image .* is 64x64"
+    ):
         MultiTaskDatasetMapper(cfg, True)(rec)

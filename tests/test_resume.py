@@ -7,13 +7,14 @@ import os
 
 import pytest
 import torch
-from test_train_net import _register_tiny, _run_cli, _tiny_cfg
 
 from seg2 import Seg2Error
-from seg2.engine import Trainer
 from seg2.checkpoint import Seg2Checkpointer
+from seg2.engine import Trainer
 from seg2.engine.resume import trim_metrics_json
 from seg2.inference import Seg2Predictor
+
+from test_train_net import _register_tiny, _run_cli, _tiny_cfg
 
 
 def _records(path):
@@ -24,14 +25,24 @@ def _records(path):
 def _cfg(root, output_dir, max_iter):
     _register_tiny(root)
     cfg = _tiny_cfg(output_dir, max_iter=max_iter)
-    cfg.merge_from_list([
-        "SOLVER.CHECKPOINT_PERIOD", 10, "SOLVER.IMS_PER_BATCH", 1,
-        "DATASETS.TEST", (), "SEG2.BEST_CHECKPOINT.METRIC", "",
-    ])
+    cfg.merge_from_list(
+        [
+            "SOLVER.CHECKPOINT_PERIOD",
+            10,
+            "SOLVER.IMS_PER_BATCH",
+            1,
+            "DATASETS.TEST",
+            (),
+            "SEG2.BEST_CHECKPOINT.METRIC",
+            "",
+        ]
+    )
     return cfg
 
 
-def test_metrics_json_has_one_record_per_iteration_after_a_resume(tiny_shapes_root, tmp_path, caplog):
+def test_metrics_json_has_one_record_per_iteration_after_a_resume(
+    tiny_shapes_root, tmp_path, caplog
+):
     # Run 1 trains 22 iterations: detectron2 writes metrics.json records at iterations 19 (every
     # 20) and 21 (the last), and checkpoints after iterations 9 and 19. A kill after the record of
     # iteration 21 but before the final checkpoint leaves what we make by hand below: no
@@ -54,7 +65,8 @@ def test_metrics_json_has_one_record_per_iteration_after_a_resume(tiny_shapes_ro
         trainer.resume_or_load(resume=True)
     assert trainer.start_iter == 20
     assert (
-        f"{metrics}: dropped 1 record(s) at iterations >= 20, which this run (starting at iteration 20) "
+        f"{metrics}: dropped 1 record(s) at iterations >= 20, which this run (starting at "
+        "iteration 20) "
         "writes again, and 1 line(s) that are not JSON records (a write cut short); 1 kept. "
         f"The dropped lines are in {metrics}.dropped"
     ) in caplog.text
@@ -64,7 +76,10 @@ def test_metrics_json_has_one_record_per_iteration_after_a_resume(tiny_shapes_ro
     trainer.train()
 
     rows = _records(metrics)
-    assert [r["iteration"] for r in rows] == [19, 21]  # was 19, 21, (broken line), 21 before the fix
+    assert [r["iteration"] for r in rows] == [
+        19,
+        21,
+    ]  # was 19, 21, (broken line), 21 before the fix
     assert rows[0] == first[0]  # run 1's record before the checkpoint stays as it was
     # The record of iteration 21 is the resumed run's: JSONWriter writes the median of the last 20
     # values of total_loss, and run 2's storage holds its own iterations 20 and 21 only.
@@ -106,7 +121,9 @@ def test_truncated_checkpoint_is_named(tiny_shapes_root, tmp_path):
     with pytest.raises(Seg2Error) as e:
         Trainer(cfg).resume_or_load(resume=True)
     message = str(e.value)
-    assert message.startswith(f"cannot read the checkpoint {final} ({size} bytes): PytorchStreamReader failed")
+    assert message.startswith(
+        f"cannot read the checkpoint {final} ({size} bytes): PytorchStreamReader failed"
+    )
     assert "\n" not in message and "last_checkpoint" in message
     with pytest.raises(Seg2Error, match=r"^cannot read the checkpoint .*model_final.pth"):
         Seg2Checkpointer(Trainer.build_model(cfg)).load(str(final))
@@ -119,15 +136,41 @@ def test_truncated_checkpoint_is_named(tiny_shapes_root, tmp_path):
 
 def test_cli_resume_from_truncated_checkpoint_stops_in_one_line(tiny_shapes_root, tmp_path):
     # A real checkpoint of the quickstart model, cut in half, as an interrupted copy leaves it.
-    r = _run_cli("SEG2.SHAPES_ROOT", tiny_shapes_root, "OUTPUT_DIR", str(tmp_path), "SOLVER.MAX_ITER", "1",
-                 "DATASETS.TEST", "()", "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64")
+    r = _run_cli(
+        "SEG2.SHAPES_ROOT",
+        tiny_shapes_root,
+        "OUTPUT_DIR",
+        str(tmp_path),
+        "SOLVER.MAX_ITER",
+        "1",
+        "DATASETS.TEST",
+        "()",
+        "INPUT.MIN_SIZE_TRAIN",
+        "(64,)",
+        "INPUT.MAX_SIZE_TRAIN",
+        "64",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     final = tmp_path / "model_final.pth"
     _truncate(final)
-    r = _run_cli("--resume", "SEG2.SHAPES_ROOT", tiny_shapes_root, "OUTPUT_DIR", str(tmp_path), "SOLVER.MAX_ITER", "2",
-                 "DATASETS.TEST", "()")
+    r = _run_cli(
+        "--resume",
+        "SEG2.SHAPES_ROOT",
+        tiny_shapes_root,
+        "OUTPUT_DIR",
+        str(tmp_path),
+        "SOLVER.MAX_ITER",
+        "2",
+        "DATASETS.TEST",
+        "()",
+    )
     assert r.returncode == 1
-    assert r.stderr.strip().splitlines()[-1].startswith(
-        f"seg2: error: cannot read the checkpoint {final} ({os.path.getsize(final)} bytes): PytorchStreamReader failed"
+    assert (
+        r.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"seg2: error: cannot read the checkpoint {final} ({os.path.getsize(final)} bytes): "
+            "PytorchStreamReader failed"
+        )
     )
     assert "Traceback" not in r.stderr

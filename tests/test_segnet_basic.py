@@ -15,6 +15,7 @@ import seg2
 from seg2 import Seg2Error
 from seg2.data import MultiTaskDatasetMapper, register_camvid
 from seg2.engine import build_optimizer as seg2_build_optimizer
+
 from seg2_model_helpers import base_cfg, import_tool, one_thread  # noqa: F401  (fixture)
 
 _flatten = import_tool("ablation.runner")._flatten  # a CfgNode as {"A.B.C": value}
@@ -52,7 +53,9 @@ def test_input_lrn_is_caffes_formula_by_hand():
 
 def test_segnet_basic_covers_odd_sizes_and_the_variants_share_the_encoder():
     models = {v: build_model(_cfg(f"{v}_10k_camvid")).eval() for v in VARIANTS}
-    x = [{"image": torch.rand(3, 45, 60) * 255, "height": 45, "width": 60}]  # 45 -> 23 -> ... (ceil)
+    x = [
+        {"image": torch.rand(3, 45, 60) * 255, "height": 45, "width": 60}
+    ]  # 45 -> 23 -> ... (ceil)
     encoders = {}
     for v, model in models.items():
         with torch.no_grad():
@@ -83,14 +86,19 @@ def test_the_papers_fcn_basic_has_its_parameter_count_and_8x8_bilinear_deconvs()
     # score convs at zero, as FCN's (the msra filler diverged at the recipe's learning rate)
     assert all(s.weight.abs().max() == 0 and s.bias.abs().max() == 0 for s in head.score.values())
     with torch.no_grad():
-        out = model.eval()([{"image": torch.rand(3, 45, 60) * 255, "height": 45, "width": 60}])[0]["sem_seg"]
+        out = model.eval()([{"image": torch.rand(3, 45, 60) * 255, "height": 45, "width": 60}])[0][
+            "sem_seg"
+        ]
     assert out.shape == (11, 45, 60)
 
 
 def test_fcn_deconv_kernel_multiple_refuses_a_kernel_that_cannot_fit():
     cfg = _cfg("fcn-basic-paper_10k_camvid")
     cfg.MODEL.FCN_HEAD.DECONV_KERNEL_MULTIPLE = 0
-    with pytest.raises(Seg2Error, match=r"DECONV_KERNEL_MULTIPLE=0: .* needs m >= 1 .* factors here are \[2, 2, 2, 2\]"):
+    with pytest.raises(
+        Seg2Error,
+        match=r"DECONV_KERNEL_MULTIPLE=0: .* needs m >= 1 .* factors here are \[2, 2, 2, 2\]",
+    ):
         build_model(cfg)
 
 
@@ -101,13 +109,18 @@ def test_the_shipped_decoder_study_is_one_protocol(tmp_path):
 
     pattern = os.path.join(REPO_ROOT, "configs", "camvid", "*-basic_10k_camvid.yaml")
     files = sorted(glob.glob(pattern))
-    assert [os.path.basename(f) for f in files] == [f"{v}_10k_camvid.yaml" for v in sorted(VARIANTS)]
+    assert [os.path.basename(f) for f in files] == [
+        f"{v}_10k_camvid.yaml" for v in sorted(VARIANTS)
+    ]
     cfgs = {os.path.basename(f): ablation.variant_cfg(f, [], str(tmp_path), seed=1) for f in files}
     assert ablation.detect_study(cfgs) == "decoders"
     ablation.check_same_protocol(cfgs)
-    # the paper's FCN-Basic (another head on the same encoder) joins the study with a second --configs
+    # the paper's FCN-Basic (another head on the same encoder) joins the study with a second
+    # --configs
     paper = os.path.join(REPO_ROOT, "configs", "camvid", "fcn-basic-paper_10k_camvid.yaml")
-    ablation.check_same_protocol(dict(cfgs, paper=ablation.variant_cfg(paper, [], str(tmp_path), seed=1)))
+    ablation.check_same_protocol(
+        dict(cfgs, paper=ablation.variant_cfg(paper, [], str(tmp_path), seed=1))
+    )
 
 
 def test_chainercv_schedule_differs_from_the_authors_recipe_only_in_its_schedule():
@@ -135,12 +148,17 @@ def test_the_recipe_weights_by_median_frequency_and_the_prototxts_weights_stay_a
         assert (head.CLASS_WEIGHTING, list(head.CLASS_WEIGHT)) == ("median_frequency", []), name
         assert head.CLASS_WEIGHT_NORMALIZATION == "pixels", name  # Caffe's SoftmaxWithLoss
     recipe = _flatten(base_cfg(os.path.join("camvid", "segnet-basic_10k_camvid.yaml")))
-    tutorial = _flatten(base_cfg(os.path.join("camvid", "segnet-basic-tutorial-weights_10k_camvid.yaml")))
+    tutorial = _flatten(
+        base_cfg(os.path.join("camvid", "segnet-basic-tutorial-weights_10k_camvid.yaml"))
+    )
     diff = {k: (recipe[k], tutorial[k]) for k in recipe if recipe[k] != tutorial[k]}
     assert diff == {
         "MODEL.SEM_SEG_HEAD.CLASS_WEIGHT": ([], AUTHORS_WEIGHTS),
         "MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING": ("median_frequency", ""),
-        "OUTPUT_DIR": ("output/camvid/segnet-basic_10k", "output/camvid/segnet-basic-tutorial-weights_10k"),
+        "OUTPUT_DIR": (
+            "output/camvid/segnet-basic_10k",
+            "output/camvid/segnet-basic-tutorial-weights_10k",
+        ),
     }
 
 
@@ -179,28 +197,38 @@ def test_seg2s_median_frequency_is_chainercvs_but_for_void_pixels(tmp_path):
     np.testing.assert_allclose(seg2_w, _chainercv_median_frequency(labels, 4), rtol=1e-12)
 
     if not os.path.isdir(CAMVID_MINI):
-        pytest.skip(f"{CAMVID_MINI} is absent: CamVid_mini is only in the seg2 team's checkout (../shared)")
+        pytest.skip(
+            f"{CAMVID_MINI} is absent: CamVid_mini is only in the seg2 team's checkout (../shared)"
+        )
     files = sorted(glob.glob(os.path.join(CAMVID_MINI, "trainannot", "*.png")))
     records = [{"file_name": f, "sem_seg_file_name": f} for f in files]
     labels = [np.array(Image.open(f)) for f in files]  # 11 = void
-    seg2_w = compute_class_weights(records, 11, "median_frequency", ignore_label=11, cache_dir=str(tmp_path / "c"))
+    seg2_w = compute_class_weights(
+        records, 11, "median_frequency", ignore_label=11, cache_dir=str(tmp_path / "c")
+    )
     ratio = seg2_w / _chainercv_median_frequency(labels, 11)
     assert np.abs(ratio - 1).max() < 0.012, np.round(ratio, 4)  # Bicyclist 1.0105 on these 16 maps
     assert np.abs(ratio - 1).max() > 1e-4  # but not equal: void counts in ChainerCV's denominators
 
 
 @pytest.mark.parametrize("config", ["segnet-basic_10k_camvid", "fcn-basic-paper_10k_camvid"])
-def test_segnet_basic_learns_on_camvid_mini_with_median_frequency_weights(config, tmp_path, monkeypatch):
+def test_segnet_basic_learns_on_camvid_mini_with_median_frequency_weights(
+    config, tmp_path, monkeypatch
+):
     """A narrow SegNet-Basic encoder (16 channels) with its decoder or the paper's FCN-Basic one, on
     16 real CamVid images at 120x90, with class weights computed by seg2's median-frequency pass
     and the authors' solver: the loss falls."""
     if not os.path.isdir(CAMVID_MINI):
-        pytest.skip(f"{CAMVID_MINI} is absent: CamVid_mini is only in the seg2 team's checkout (../shared)")
+        pytest.skip(
+            f"{CAMVID_MINI} is absent: CamVid_mini is only in the seg2 team's checkout (../shared)"
+        )
     monkeypatch.setenv("SEG2_CACHE", str(tmp_path / "cache"))
     dataset = f"camvid_mini_sb_train_{config}"
     register_camvid(dataset, CAMVID_MINI, "train")
     cfg = _cfg(config)
-    cfg.MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING = "median_frequency"  # the recipe's, which _cfg turns off
+    cfg.MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING = (
+        "median_frequency"  # the recipe's, which _cfg turns off
+    )
     cfg.MODEL.SEGNET_BASIC.CHANNELS = 16
     cfg.DATASETS.TRAIN = (dataset,)
     cfg.DATASETS.TEST, cfg.SEG2.BEST_CHECKPOINT.TEST_DATASETS = (), ()
@@ -224,11 +252,30 @@ def test_segnet_basic_learns_on_camvid_mini_with_median_frequency_weights(config
     assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4]), losses
 
 
-# ---- the recipe, step by step, against the prototxt's semantics written out by hand ---------------
+# ---- the recipe, step by step, against the prototxt's semantics written out by hand
+# ---------------
 # segnet_basic_train.prototxt / segnet_basic_solver.prototxt, per parameter (lr_mult, decay_mult):
-# conv weights (1, 1), conv biases (2, 0), BN scale and shift (no param spec: Caffe's defaults 1, 1).
-PROTOTXT_MULTS = {"conv_weight": (1, 1), "conv_bias": (2, 0), "bn_scale": (1, 1), "bn_shift": (1, 1)}
-AUTHORS_WEIGHTS = [0.2595, 0.1826, 4.5640, 0.1417, 0.9051, 0.3826, 9.6446, 1.8418, 0.6823, 6.2478, 7.3614]
+# conv weights (1, 1), conv biases (2, 0), BN scale and shift (no param spec: Caffe's defaults 1,
+# 1).
+PROTOTXT_MULTS = {
+    "conv_weight": (1, 1),
+    "conv_bias": (2, 0),
+    "bn_scale": (1, 1),
+    "bn_shift": (1, 1),
+}
+AUTHORS_WEIGHTS = [
+    0.2595,
+    0.1826,
+    4.5640,
+    0.1417,
+    0.9051,
+    0.3826,
+    9.6446,
+    1.8418,
+    0.6823,
+    6.2478,
+    7.3614,
+]
 
 
 def _kind(name):
@@ -250,17 +297,22 @@ def test_segnet_basic_optimizer_has_the_prototxts_multipliers():
     for name, p in model.named_parameters():
         lr_mult, decay_mult = PROTOTXT_MULTS[_kind(name)]
         g = group_of[id(p)]
-        assert (g["lr"], g["weight_decay"]) == pytest.approx((lr * lr_mult, decay * decay_mult)), name
+        assert (g["lr"], g["weight_decay"]) == pytest.approx((lr * lr_mult, decay * decay_mult)), (
+            name
+        )
         kinds[_kind(name)] = kinds.get(_kind(name), 0) + 1
     # 9 convs (4 encoder, 4 decoder, the classifier) and 8 BN layers
     assert kinds == {"conv_weight": 9, "conv_bias": 9, "bn_scale": 8, "bn_shift": 8}
-    # detectron2's own rule (SOLVER.NORM_BIAS_HYPERPARAMS "bias") gives BN shifts the conv biases' settings
+    # detectron2's own rule (SOLVER.NORM_BIAS_HYPERPARAMS "bias") gives BN shifts the conv biases'
+    # settings
     cfg.SOLVER.NORM_BIAS_HYPERPARAMS = "bias"
     d2 = {id(p): g for g in seg2_build_optimizer(cfg, model).param_groups for p in g["params"]}
     shift = model.backbone.stages[0].norm.bias
     assert (d2[id(shift)]["lr"], d2[id(shift)]["weight_decay"]) == pytest.approx((0.2, 0.0))
     cfg.SOLVER.NORM_BIAS_HYPERPARAMS = "weights"
-    with pytest.raises(Seg2Error, match=r"SOLVER.NORM_BIAS_HYPERPARAMS='weights': choose one of \['bias', 'norm'\]"):
+    with pytest.raises(
+        Seg2Error, match=r"SOLVER.NORM_BIAS_HYPERPARAMS='weights': choose one of \['bias', 'norm'\]"
+    ):
         seg2_build_optimizer(cfg, model)
 
 
@@ -273,10 +325,15 @@ def test_segnet_basic_convs_start_from_caffes_msra_filler():
     for conv in convs:
         fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
         std = conv.weight.std().item()
-        assert abs(std / (2.0 / fan_in) ** 0.5 - 1) < 0.1, (conv, std)  # 704 to 200,704 samples each
+        assert abs(std / (2.0 / fan_in) ** 0.5 - 1) < 0.1, (
+            conv,
+            std,
+        )  # 704 to 200,704 samples each
         assert not conv.bias.any()
     classifier = model.sem_seg_head.decoder["conv1"][1]
-    assert classifier.out_channels == 11 and classifier.weight.std().item() == pytest.approx((2 / 64) ** 0.5, rel=0.1)
+    assert classifier.out_channels == 11 and classifier.weight.std().item() == pytest.approx(
+        (2 / 64) ** 0.5, rel=0.1
+    )
 
 
 def _by_hand_step(params, images, targets, state, *, eps):
@@ -296,7 +353,9 @@ def _by_hand_step(params, images, targets, state, *, eps):
         return (x - mean) / torch.sqrt(var + eps) * g.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
 
     def conv(x, name):
-        return torch.nn.functional.conv2d(x, params[name + ".weight"], params[name + ".bias"], padding=3)
+        return torch.nn.functional.conv2d(
+            x, params[name + ".weight"], params[name + ".bias"], padding=3
+        )
 
     sizes, indices = [], []
     for i in range(4):
@@ -310,7 +369,9 @@ def _by_hand_step(params, images, targets, state, *, eps):
         name = f"sem_seg_head.decoder.conv{i}.0"
         x = bn(conv(x, name), name)
     logits = torch.nn.functional.conv2d(
-        x, params["sem_seg_head.decoder.conv1.1.weight"], params["sem_seg_head.decoder.conv1.1.bias"]
+        x,
+        params["sem_seg_head.decoder.conv1.1.weight"],
+        params["sem_seg_head.decoder.conv1.1.bias"],
     )
     log_p = torch.log_softmax(logits, dim=1)
     valid = targets != 255
@@ -333,7 +394,9 @@ def test_segnet_basic_training_steps_equal_the_prototxt_by_hand():
     SimpleTrainer) on two real 360x480 CamVid images equal the same steps written out by hand from
     the prototxt (8 channels instead of 64, to be quick)."""
     if not os.path.isdir(CAMVID_MINI):
-        pytest.skip(f"{CAMVID_MINI} is absent: CamVid_mini is only in the seg2 team's checkout (../shared)")
+        pytest.skip(
+            f"{CAMVID_MINI} is absent: CamVid_mini is only in the seg2 team's checkout (../shared)"
+        )
     register_camvid("camvid_mini_recipe_train", CAMVID_MINI, "train")
     cfg = _cfg("segnet-basic-tutorial-weights_10k_camvid")  # the prototxt's class weights
     cfg.MODEL.SEGNET_BASIC.CHANNELS = 8
@@ -362,7 +425,9 @@ def test_segnet_basic_training_steps_equal_the_prototxt_by_hand():
     assert by_hand[2] < by_hand[0]
     for name, p in model.named_parameters():
         # float32 round-off of the two orders of summation: at most a few 1e-6 here
-        torch.testing.assert_close(p.detach(), params[name].detach(), rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(
+            p.detach(), params[name].detach(), rtol=1e-4, atol=1e-5, msg=name
+        )
         if _kind(name) != "conv_bias":  # a conv bias before BN gets no gradient (BN removes it)
             moved = (p.detach() - initial[name]).abs().max().item()
             assert moved > 3e-4, (name, moved)  # the steps moved it far beyond the tolerance

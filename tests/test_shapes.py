@@ -33,17 +33,26 @@ def test_layouts_are_the_real_ones(tiny_shapes_root):
     voc = os.path.join(tiny_shapes_root, "VOC2012")
     names = open(os.path.join(voc, "ImageSets", "Segmentation", "train.txt")).read().split()
     assert len(names) == 8
-    for sub, ext in (("JPEGImages", ".jpg"), ("SegmentationClass", ".png"), ("SegmentationObject", ".png")):
+    for sub, ext in (
+        ("JPEGImages", ".jpg"),
+        ("SegmentationClass", ".png"),
+        ("SegmentationObject", ".png"),
+    ):
         assert all(os.path.isfile(os.path.join(voc, sub, n + ext)) for n in names)
     cls_png = Image.open(os.path.join(voc, "SegmentationClass", names[0] + ".png"))
     assert cls_png.mode == "P"
     # VOC's colour map: class 1 is (128, 0, 0), void (255) is (224, 224, 192).
     pal = cls_png.getpalette()
     assert pal[3:6] == [128, 0, 0] and pal[255 * 3 : 255 * 3 + 3] == [224, 224, 192]
-    coco = json.load(open(os.path.join(tiny_shapes_root, "coco", "annotations", "instances_train.json")))
+    coco = json.load(
+        open(os.path.join(tiny_shapes_root, "coco", "annotations", "instances_train.json"))
+    )
     assert [c["name"] for c in coco["categories"]] == list(SHAPES_CLASSES)
     assert len(coco["images"]) == 8
-    assert all(isinstance(a["segmentation"], list) and len(a["segmentation"][0]) >= 6 for a in coco["annotations"])
+    assert all(
+        isinstance(a["segmentation"], list) and len(a["segmentation"][0]) >= 6
+        for a in coco["annotations"]
+    )
 
 
 def test_coco_and_voc_views_agree(tiny_shapes_root):
@@ -51,7 +60,9 @@ def test_coco_and_voc_views_agree(tiny_shapes_root):
     voc = os.path.join(tiny_shapes_root, "VOC2012")
     overlapping_images = 0
     for split in ("train", "val"):
-        coco = json.load(open(os.path.join(tiny_shapes_root, "coco", "annotations", f"instances_{split}.json")))
+        coco = json.load(
+            open(os.path.join(tiny_shapes_root, "coco", "annotations", f"instances_{split}.json"))
+        )
         anns_by_image = {}
         for a in sorted(coco["annotations"], key=lambda a: a["id"]):
             anns_by_image.setdefault(a["image_id"], []).append(a)
@@ -67,7 +78,9 @@ def test_coco_and_voc_views_agree(tiny_shapes_root):
             assert valid.mean() > 0.6  # the void band is a border, not the image
             boxes = []
             for k, a in enumerate(anns, start=1):
-                m = mask_util.decode(mask_util.frPyObjects(a["segmentation"], img["height"], img["width"]))
+                m = mask_util.decode(
+                    mask_util.frPyObjects(a["segmentation"], img["height"], img["width"])
+                )
                 m = m.max(axis=2).astype(bool)
                 assert np.array_equal(m & valid, obj == k)
                 assert (obj == k).sum() > 0
@@ -99,7 +112,9 @@ def test_two_processes_generating_at_once(tmp_path):
         p.join(120)
         assert p.exitcode == 0
     assert shapes_digest(root) == reference
-    leftovers = [n for n in os.listdir(tmp_path) if n.startswith(".tmp-") or n.startswith(".trash-")]
+    leftovers = [
+        n for n in os.listdir(tmp_path) if n.startswith(".tmp-") or n.startswith(".trash-")
+    ]
     assert leftovers == []
 
 

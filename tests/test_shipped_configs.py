@@ -14,8 +14,9 @@ from detectron2.utils.events import EventStorage
 from PIL import Image
 
 import seg2
-from seg2_model_helpers import CONFIGS, base_cfg, one_thread, tiny_semantic_cfg  # noqa: F401  (fixture)
 from seg2.engine import build_optimizer  # the Trainer's (SOLVER.NORM_BIAS_HYPERPARAMS)
+
+from seg2_model_helpers import CONFIGS, base_cfg, one_thread, tiny_semantic_cfg  # noqa: F401  (fixture)
 
 # Every config under configs/ except the _BASE_-only files (Base-*.yaml), found anew on each run.
 SHIPPED = sorted(
@@ -28,7 +29,14 @@ SIZE = 64  # a multiple of every shipped model's size divisibility (32 for the F
 
 def test_the_glob_finds_every_config_family():
     folders = {os.path.dirname(p) for p in SHIPPED}
-    assert folders == {"camvid", "multitask", "pooler_ablation", "quickstart", "reference", "semantic"}
+    assert folders == {
+        "camvid",
+        "multitask",
+        "pooler_ablation",
+        "quickstart",
+        "reference",
+        "semantic",
+    }
     assert len(SHIPPED) >= 50
 
 
@@ -42,8 +50,16 @@ def label_datasets(tmp_path_factory):
         dataset = f"seg2_test_shipped_configs_{num_classes}"
         if dataset not in DatasetCatalog.list():
             label = root / f"{num_classes}.png"
-            Image.fromarray((np.arange(16 * 16).reshape(16, 16) % num_classes).astype(np.uint8)).save(label)
-            record = {"file_name": str(label), "sem_seg_file_name": str(label), "height": 16, "width": 16, "image_id": 0}
+            Image.fromarray(
+                (np.arange(16 * 16).reshape(16, 16) % num_classes).astype(np.uint8)
+            ).save(label)
+            record = {
+                "file_name": str(label),
+                "sem_seg_file_name": str(label),
+                "height": 16,
+                "width": 16,
+                "image_id": 0,
+            }
             DatasetCatalog.register(dataset, lambda: [dict(record)])
             MetadataCatalog.get(dataset).set(ignore_label=255)
         return dataset
@@ -68,9 +84,15 @@ def synthetic_batch(cfg, model, n=2, size=SIZE):
     g = torch.Generator().manual_seed(0)
     batch = []
     for _ in range(n):
-        x = {"image": torch.rand(len(cfg.MODEL.PIXEL_MEAN), size, size, generator=g) * 255, "height": size, "width": size}
+        x = {
+            "image": torch.rand(len(cfg.MODEL.PIXEL_MEAN), size, size, generator=g) * 255,
+            "height": size,
+            "width": size,
+        }
         if hasattr(model, "sem_seg_head"):
-            x["sem_seg"] = torch.randint(0, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, (size, size), generator=g)
+            x["sem_seg"] = torch.randint(
+                0, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, (size, size), generator=g
+            )
         if hasattr(model, "roi_heads"):
             boxes = torch.tensor([[8.0, 8.0, 40.0, 48.0], [20.0, 16.0, 60.0, 60.0]]) * size / 64
             masks = torch.zeros(2, size, size, dtype=torch.bool)
@@ -101,7 +123,9 @@ def test_shipped_config_trains_one_step_and_infers(config, label_datasets, tmp_p
     scheduler = build_lr_scheduler(cfg, optimizer)
     # Two images where a BatchNorm trains (one value per channel cannot be normalised: ASPP's
     # pooled branch), else one: the VGG16 FCNs are the slowest models here.
-    batch_norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    batch_norms = [
+        m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+    ]
     batch = synthetic_batch(cfg, model, n=2 if batch_norms else 1)
     head = model.sem_seg_head if hasattr(model, "sem_seg_head") else model.roi_heads
     before = [p.detach().clone() for p in head.parameters() if p.requires_grad]
@@ -151,7 +175,8 @@ def test_every_camvid_config_tunes_on_val_and_reports_test_once(config):
         ("multitask/mask_rcnn_R50_FPN_deeplabv3plus_1x_coco.yaml", ["MODEL.SEM_SEG_HEAD.NORM", "GN"],
          "MODEL.SEM_SEG_HEAD.NORM='GN'", "48 channels set by MODEL.SEM_SEG_HEAD.PROJECT_CHANNELS"),
         ("multitask/mask_rcnn_R50_FPN_deeplabv3plus_1x_coco.yaml",
-         ["MODEL.SEM_SEG_HEAD.NORM", "GN", "MODEL.SEM_SEG_HEAD.PROJECT_CHANNELS", [64], "MODEL.SEM_SEG_HEAD.CONVS_DIM", 200],
+         ["MODEL.SEM_SEG_HEAD.NORM", "GN", "MODEL.SEM_SEG_HEAD.PROJECT_CHANNELS", [64],
+          "MODEL.SEM_SEG_HEAD.CONVS_DIM", 200],
          "MODEL.SEM_SEG_HEAD.NORM='GN'", "200 channels set by MODEL.SEM_SEG_HEAD.CONVS_DIM"),
         ("multitask/mask_rcnn_R50_FPN_unet_1x_coco.yaml", ["MODEL.UNET_HEAD.DECODER_CHANNELS", [256, 128, 48]],
          "MODEL.UNET_HEAD.NORM='GN'", "48 channels set by MODEL.UNET_HEAD.DECODER_CHANNELS"),
@@ -167,7 +192,9 @@ def test_every_camvid_config_tunes_on_val_and_reports_test_once(config):
          "MODEL.UNET_ENCODER.NORM='GN'", "set by MODEL.UNET_ENCODER.CHANNELS"),
     ],
 )  # fmt: skip
-def test_a_norm_that_does_not_fit_the_channels_names_both_keys(config, opts, norm_key, channels_key):
+def test_a_norm_that_does_not_fit_the_channels_names_both_keys(
+    config, opts, norm_key, channels_key
+):
     cfg = base_cfg(config)
     cfg.MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING = ""
     cfg.merge_from_list(opts)
@@ -181,7 +208,10 @@ def test_a_norm_that_does_not_fit_the_channels_names_both_keys(config, opts, nor
 def test_an_unknown_norm_names_its_key():
     cfg = tiny_semantic_cfg("Seg2DeepLabV3PlusHead", "resnet")
     cfg.MODEL.SEM_SEG_HEAD.NORM = "XN"
-    with pytest.raises(seg2.Seg2Error, match=r"MODEL.SEM_SEG_HEAD.NORM='XN' is not a norm detectron2's get_norm knows"):
+    with pytest.raises(
+        seg2.Seg2Error,
+        match=r"MODEL.SEM_SEG_HEAD.NORM='XN' is not a norm detectron2's get_norm knows",
+    ):
         build_model(cfg)
     # The same head with norms that fit: builds (GN on 32-channel layers, BN on anything).
     cfg.MODEL.SEM_SEG_HEAD.NORM = "GN"
@@ -201,7 +231,10 @@ def test_panoptic_configs_merge_on_their_datasets(config):
     cfg = shipped_cfg(config)
     kept = seg2.load_seg2_config(os.path.join(CONFIGS, config))
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = kept.DATASETS.TRAIN, kept.DATASETS.TEST
-    assert cfg.MODEL.PANOPTIC_FPN.COMBINE.ENABLED and cfg.SEG2.BEST_CHECKPOINT.METRIC == "panoptic_seg/PQ"
+    assert (
+        cfg.MODEL.PANOPTIC_FPN.COMBINE.ENABLED
+        and cfg.SEG2.BEST_CHECKPOINT.METRIC == "panoptic_seg/PQ"
+    )
     assert model_tasks(cfg) == {"instances", "sem_seg", "panoptic_seg"}
     torch.manual_seed(0)
     model = build_model(cfg).eval()

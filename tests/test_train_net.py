@@ -9,10 +9,11 @@ import sys
 import numpy as np
 import pytest
 from detectron2.config import get_cfg
-from seg2_model_helpers import register_tiny_shapes
 
 import seg2
 from seg2.engine import Trainer
+
+from seg2_model_helpers import register_tiny_shapes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(REPO, "configs", "quickstart", "mask_rcnn_R18_FPN_shapes_cpu.yaml")
@@ -28,14 +29,42 @@ def _tiny_cfg(output_dir, max_iter):
     cfg = get_cfg()
     seg2.add_seg2_config(cfg)
     cfg.merge_from_file(QUICKSTART)
-    cfg.merge_from_list([
-        "DATASETS.TRAIN", ("seg2_test_tiny_train",), "DATASETS.TEST", ("seg2_test_tiny_val",),
-        "INPUT.MIN_SIZE_TRAIN", (64,), "INPUT.MAX_SIZE_TRAIN", 64,
-        "INPUT.MIN_SIZE_TEST", 64, "INPUT.MAX_SIZE_TEST", 64, "INPUT.RANDOM_FLIP", "none",
-        "SOLVER.IMS_PER_BATCH", 4, "SOLVER.MAX_ITER", max_iter, "SOLVER.BASE_LR", 0.01,
-        "SOLVER.WARMUP_ITERS", 10, "SOLVER.CLIP_GRADIENTS.ENABLED", True, "SOLVER.STEPS", (), "DATALOADER.NUM_WORKERS", 0,
-        "SEED", 7, "OUTPUT_DIR", str(output_dir),
-    ])
+    cfg.merge_from_list(
+        [
+            "DATASETS.TRAIN",
+            ("seg2_test_tiny_train",),
+            "DATASETS.TEST",
+            ("seg2_test_tiny_val",),
+            "INPUT.MIN_SIZE_TRAIN",
+            (64,),
+            "INPUT.MAX_SIZE_TRAIN",
+            64,
+            "INPUT.MIN_SIZE_TEST",
+            64,
+            "INPUT.MAX_SIZE_TEST",
+            64,
+            "INPUT.RANDOM_FLIP",
+            "none",
+            "SOLVER.IMS_PER_BATCH",
+            4,
+            "SOLVER.MAX_ITER",
+            max_iter,
+            "SOLVER.BASE_LR",
+            0.01,
+            "SOLVER.WARMUP_ITERS",
+            10,
+            "SOLVER.CLIP_GRADIENTS.ENABLED",
+            True,
+            "SOLVER.STEPS",
+            (),
+            "DATALOADER.NUM_WORKERS",
+            0,
+            "SEED",
+            7,
+            "OUTPUT_DIR",
+            str(output_dir),
+        ]
+    )
     return cfg
 
 
@@ -70,7 +99,11 @@ def _run_cli(*args, timeout=600):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2", PYTHONPATH=pythonpath)
     return subprocess.run(
         [sys.executable, TRAIN_NET, "--config-file", QUICKSTART, *args],
-        capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO,
     )
 
 
@@ -81,8 +114,20 @@ def cli_shapes_root(tmp_path_factory):
 
 
 def test_cli_trains_resumes_and_evaluates(tmp_path, cli_shapes_root):
-    common = ["SEG2.SHAPES_ROOT", cli_shapes_root, "OUTPUT_DIR", str(tmp_path), "SOLVER.IMS_PER_BATCH", "2",
-              "DATALOADER.NUM_WORKERS", "0", "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "96"]
+    common = [
+        "SEG2.SHAPES_ROOT",
+        cli_shapes_root,
+        "OUTPUT_DIR",
+        str(tmp_path),
+        "SOLVER.IMS_PER_BATCH",
+        "2",
+        "DATALOADER.NUM_WORKERS",
+        "0",
+        "INPUT.MIN_SIZE_TRAIN",
+        "(96,)",
+        "INPUT.MAX_SIZE_TRAIN",
+        "96",
+    ]
     r = _run_cli(*common, "SOLVER.MAX_ITER", "3", "DATASETS.TEST", "()")
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "model_final.pth").is_file()
@@ -104,7 +149,10 @@ def test_cli_trains_resumes_and_evaluates(tmp_path, cli_shapes_root):
 def test_cli_unknown_dataset_is_a_clear_error(tmp_path):
     r = _run_cli("DATASETS.TRAIN", "('seg2_shapes_trian',)", "OUTPUT_DIR", str(tmp_path))
     assert r.returncode != 0
-    assert "seg2: error: DATASETS.TRAIN names 'seg2_shapes_trian', which is not a registered dataset" in r.stderr
+    assert (
+        "seg2: error: DATASETS.TRAIN names 'seg2_shapes_trian', which is not a registered dataset"
+        in r.stderr
+    )
     assert "Did you mean 'seg2_shapes_train'" in r.stderr
     assert "Traceback" not in r.stderr
 

@@ -4,17 +4,20 @@ Ablation studies (the harness is tools/ablation/): train and evaluate every conf
 protocol, over several seeds, and report mean ± std per variant.
 
     # the Mask R-CNN RoI pooler ablation on seg2_shapes, CPU, 5 seeds (6 variants)
-    OMP_NUM_THREADS=1 python3 tools/ablate.py --configs 'configs/pooler_ablation/mask_rcnn_*_R18_FPN_shapes_cpu.yaml' \\
+    OMP_NUM_THREADS=1 python3 tools/ablate.py --configs
+    'configs/pooler_ablation/mask_rcnn_*_R18_FPN_shapes_cpu.yaml' \\
         --seeds 1 2 3 4 5 --output-dir output/pooler_ablation_shapes
     # COCO, R50-C4 as in the paper (8 GPUs)
-    python3 tools/ablate.py --num-gpus 8 --configs 'configs/pooler_ablation/mask_rcnn_*_R50_C4_1x_coco.yaml' \\
+    python3 tools/ablate.py --num-gpus 8 --configs
+    'configs/pooler_ablation/mask_rcnn_*_R50_C4_1x_coco.yaml' \\
         --output-dir output/pooler_ablation_c4
     # SegNet-Basic and its decoder variants on CamVid (the SegNet paper's Table 1), one GPU: each
     # run keeps its best checkpoint on camvid_val and is reported on camvid_test
     python3 tools/ablate.py --configs 'configs/camvid/*-basic_10k_camvid.yaml' --seeds 1 2 3 \\
         --output-dir output/camvid_decoders
 
-Trailing KEY VALUE pairs apply to every variant (also right after --seeds). The study (which keys may differ between the
+Trailing KEY VALUE pairs apply to every variant (also right after --seeds). The study (which keys
+may differ between the
 variants, which metrics to report) is chosen from the configs (--study auto) or named. Running the
 same command again resumes: finished runs are read back, an unfinished one resumes from its last
 checkpoint, each only where its recorded setting (merged config, seed, seg2 version and git commit,
@@ -79,7 +82,8 @@ def parse_args(argv=None, default_configs=None):
     parser.add_argument(
         "--rerun-changed", action="store_true",
         help="a run folder made with another setting (config, seed, code version) is moved aside to "
-        "<folder>.old<k> and run again (default: refuse, naming the folder and the keys that differ)",
+        "<folder>.old<k> and run again (default: refuse, naming the folder and the keys that "
+        "differ)",
     )  # fmt: skip
     add_debug_argument(parser)
     parser.add_argument(

@@ -17,7 +17,8 @@ segments_info, category ids as the model gives them: contiguous thing ids, seman
 A file that cannot be read or run is reported at the end; the others are still written; the
 exit status is 1 when any failed. Files in an input folder whose extension is not an image's are
 skipped, and listed as such. A seg2 error of the setup (config, weights) ends it with one line
-``seg2: error: ...`` and exit status 1 (``--debug``: with its traceback). Large images: ``TEST.TILING.ENABLED True INPUT.MIN_SIZE_TEST 0``.
+``seg2: error: ...`` and exit status 1 (``--debug``: with its traceback). Large images:
+``TEST.TILING.ENABLED True INPUT.MIN_SIZE_TEST 0``.
 """
 
 import argparse
@@ -53,16 +54,36 @@ logger = logging.getLogger("seg2.demo")
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="seg2 demo: predictions of a config on images, as PNGs and COCO JSON")
+    p = argparse.ArgumentParser(
+        description="seg2 demo: predictions of a config on images, as PNGs and COCO JSON"
+    )
     p.add_argument("--config-file", required=True, metavar="FILE")
-    p.add_argument("--input", nargs="+", required=True, help="image files, folders (their images) or glob patterns")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        help="image files, folders (their images) or glob patterns",
+    )
     p.add_argument("--output", required=True, help="folder for the outputs (created)")
-    p.add_argument("--confidence-threshold", type=float, default=0.5, help="minimum score of instances drawn and written")
-    p.add_argument("--alpha", type=float, default=0.5, help="opacity of semantic colours in the overlay")
-    p.add_argument("--uint16", choices=UINT16_MODES, default="scale", help="how 16-bit images become 8-bit")
-    p.add_argument("--max-pixels", type=int, default=0, help="refuse images larger than this (0: no limit)")
+    p.add_argument(
+        "--confidence-threshold",
+        type=float,
+        default=0.5,
+        help="minimum score of instances drawn and written",
+    )
+    p.add_argument(
+        "--alpha", type=float, default=0.5, help="opacity of semantic colours in the overlay"
+    )
+    p.add_argument(
+        "--uint16", choices=UINT16_MODES, default="scale", help="how 16-bit images become 8-bit"
+    )
+    p.add_argument(
+        "--max-pixels", type=int, default=0, help="refuse images larger than this (0: no limit)"
+    )
     add_debug_argument(p)
-    p.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
+    p.add_argument(
+        "opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ..."
+    )
     return p
 
 
@@ -129,7 +150,9 @@ def run(args) -> int:
             try:
                 out = predictor(bgr, sem_seg_output="labels")
             except (RuntimeError, ValueError) as e:
-                raise seg2.Seg2Error(f"{path}: inference failed on an image of {bgr.shape[1]}x{bgr.shape[0]} ({e})") from e
+                raise seg2.Seg2Error(
+                    f"{path}: inference failed on an image of {bgr.shape[1]}x{bgr.shape[0]} ({e})"
+                ) from e
             rgb = np.ascontiguousarray(bgr[:, :, ::-1])
             stem = output_stem(path, used)
             if "sem_seg_labels" in out:
@@ -138,15 +161,36 @@ def run(args) -> int:
                 colors, names = class_colors(metadata, k), class_names(metadata, k)
                 if labels.dtype == np.uint8:
                     flat = [v for c in colors for v in c]
-                    write_label_map(labels, os.path.join(args.output, f"{stem}_sem_seg.png"), flat + [0] * (768 - len(flat)))
+                    write_label_map(
+                        labels,
+                        os.path.join(args.output, f"{stem}_sem_seg.png"),
+                        flat + [0] * (768 - len(flat)),
+                    )
                 else:
-                    logger.warning("%s: %d classes do not fit a palette PNG; no %s_sem_seg.png written", path, k, stem)
-                overlay = draw_sem_seg_overlay(rgb, labels, colors, names, background_indices(names), args.alpha)
+                    logger.warning(
+                        "%s: %d classes do not fit a palette PNG; no %s_sem_seg.png written",
+                        path,
+                        k,
+                        stem,
+                    )
+                overlay = draw_sem_seg_overlay(
+                    rgb, labels, colors, names, background_indices(names), args.alpha
+                )
                 save_png(overlay, os.path.join(args.output, f"{stem}_overlay_semantic.png"))
             if "instances" in out:
                 instances = out["instances"].to("cpu")
-                save_png(draw_instances(rgb, instances, metadata), os.path.join(args.output, f"{stem}_overlay_instances.png"))
-                records.append({"file_name": path, "height": rgb.shape[0], "width": rgb.shape[1], "instances": instances})
+                save_png(
+                    draw_instances(rgb, instances, metadata),
+                    os.path.join(args.output, f"{stem}_overlay_instances.png"),
+                )
+                records.append(
+                    {
+                        "file_name": path,
+                        "height": rgb.shape[0],
+                        "width": rgb.shape[1],
+                        "instances": instances,
+                    }
+                )
             if "panoptic_seg" in out:
                 segment_ids, segments_info = out["panoptic_seg"]
                 segment_ids = segment_ids.to("cpu")

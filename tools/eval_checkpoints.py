@@ -30,8 +30,8 @@ from detectron2.utils.logger import setup_logger
 from tabulate import tabulate
 
 import seg2  # noqa: F401  (registers seg2's datasets and models)
-from seg2.config import load_seg2_config
 from seg2.checkpoint import Seg2Checkpointer
+from seg2.config import load_seg2_config
 from seg2.engine import Trainer
 from seg2.utils import Seg2Error
 from seg2.utils.cli import add_debug_argument, run_tool

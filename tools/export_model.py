@@ -3,7 +3,8 @@
 Export a seg2 model to TorchScript or ONNX, in the shape of detectron2's
 ``tools/deploy/export_model.py``:
 
-    python3 tools/export_model.py --config-file configs/quickstart/segnet_vgg16-tiny_shapes_cpu.yaml \\
+    python3 tools/export_model.py --config-file
+    configs/quickstart/segnet_vgg16-tiny_shapes_cpu.yaml \\
         --format onnx --sample-image image.png --output output/export MODEL.WEIGHTS model_final.pth
 
 The model is traced on the sample image (``--sample-image``, resized as the predictor does;
@@ -18,12 +19,11 @@ import json
 import logging
 
 import torch
+from benchmarks.timing import time_round_robin  # tools/benchmarks/timing.py
 from detectron2.data import build_detection_test_loader
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
-
-from benchmarks.timing import time_round_robin  # tools/benchmarks/timing.py
 
 import seg2
 from seg2.data import MultiTaskDatasetMapper, read_image
@@ -55,9 +55,13 @@ def sample_image(cfg, path):
     first image of ``DATASETS.TEST`` as the test loader gives it."""
     if path is None:
         if not cfg.DATASETS.TEST:
-            raise Seg2Error("no --sample-image and DATASETS.TEST is empty: give an image to trace on")
+            raise Seg2Error(
+                "no --sample-image and DATASETS.TEST is empty: give an image to trace on"
+            )
         mapper = MultiTaskDatasetMapper(cfg, False)
-        return next(iter(build_detection_test_loader(cfg, cfg.DATASETS.TEST[0], mapper=mapper)))[0]["image"].float()
+        return next(iter(build_detection_test_loader(cfg, cfg.DATASETS.TEST[0], mapper=mapper)))[0][
+            "image"
+        ].float()
     image = read_image(path, format=cfg.INPUT.FORMAT)
     if cfg.INPUT.MIN_SIZE_TEST > 0:
         aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
@@ -74,29 +78,62 @@ def check(model, adapter, path, image, repeats):
         import numpy as np
 
         with torch.no_grad():
-            times = time_round_robin({"eager": lambda _: adapter(image), "exported": lambda _: run(image)}, 1, repeats)
+            times = time_round_robin(
+                {"eager": lambda _: adapter(image), "exported": lambda _: run(image)}, 1, repeats
+            )
         eager, exported = (float(np.median(times[k])) for k in ("eager", "exported"))
-        print(json.dumps({"eager_s": eager, "exported_s": exported, "exported_over_eager": exported / eager,
-                          "threads": torch.get_num_threads(), "size": list(image.shape)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "eager_s": eager,
+                    "exported_s": exported,
+                    "exported_over_eager": exported / eager,
+                    "threads": torch.get_num_threads(),
+                    "size": list(image.shape),
+                }
+            ),
+            flush=True,
+        )
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Export a seg2 model for deployment.")
     parser.add_argument("--format", choices=FORMATS, default="torchscript", help="output format")
-    parser.add_argument("--export-method", choices=["tracing", "scripting"], default="tracing",
-                        help="tracing (TorchScript and ONNX) or scripting (TorchScript; fails for seg2's models)")
+    parser.add_argument(
+        "--export-method",
+        choices=["tracing", "scripting"],
+        default="tracing",
+        help="tracing (TorchScript and ONNX) or scripting (TorchScript; fails for seg2's models)",
+    )
     parser.add_argument("--config-file", required=True, metavar="FILE", help="path to config file")
-    parser.add_argument("--sample-image", default=None, help="image to trace on (default: first of DATASETS.TEST)")
+    parser.add_argument(
+        "--sample-image", default=None, help="image to trace on (default: first of DATASETS.TEST)"
+    )
     parser.add_argument("--output", required=True, help="output directory for the exported model")
-    parser.add_argument("--check", action="store_true",
-                        help="run the exported model on the sample and print its max abs difference to the eager model")
-    parser.add_argument("--benchmark", type=int, default=0, metavar="N",
-                        help="with --check: time N calls of eager and exported, side by side (CPU)")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads of torch and onnxruntime (0: default)")
-    parser.add_argument("--allow-random-weights", action="store_true",
-                        help="export even with MODEL.WEIGHTS empty (a randomly initialised model)")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="run the exported model on the sample and print its max abs difference to the eager model",
+    )
+    parser.add_argument(
+        "--benchmark",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --check: time N calls of eager and exported, side by side (CPU)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="CPU threads of torch and onnxruntime (0: default)"
+    )
+    parser.add_argument(
+        "--allow-random-weights",
+        action="store_true",
+        help="export even with MODEL.WEIGHTS empty (a randomly initialised model)",
+    )
     add_debug_argument(parser)
-    parser.add_argument("opts", default=None, nargs=argparse.REMAINDER, help="config overrides, KEY VALUE ...")
+    parser.add_argument(
+        "opts", default=None, nargs=argparse.REMAINDER, help="config overrides, KEY VALUE ..."
+    )
     args = parser.parse_args(argv)
     return run_tool(export, args, debug=args.debug)
 
@@ -112,7 +149,9 @@ def export(args):
     model.eval()
     if args.export_method == "scripting":
         if args.format != "torchscript":
-            raise Seg2Error("--export-method scripting gives TorchScript only: use --format torchscript")
+            raise Seg2Error(
+                "--export-method scripting gives TorchScript only: use --format torchscript"
+            )
         path = export_scripting(model, args.output)
     else:
         image = sample_image(cfg, args.sample_image)

@@ -4,7 +4,8 @@ seg2 training script: Mask R-CNN, semantic and multi-task models on seg2's datas
 
     python tools/train_net.py --config-file configs/quickstart/mask_rcnn_R18_FPN_shapes_cpu.yaml
     python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
-    python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS ... TEST.AUG.ENABLED True \
+    python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS ... TEST.AUG.ENABLED True
+    \
         TEST.AUG.SCALE_RATIOS "(0.75, 1.0, 1.25)"   # also with test-time augmentation
 
 A seg2 error (bad config or data, wherever raised) ends it with one line ``seg2: error: ...`` and
@@ -15,9 +16,9 @@ The trainer and the setup are :mod:`seg2.engine`'s, for scripts of your own to r
 from detectron2.engine import default_argument_parser, launch
 
 import seg2  # noqa: F401  (registers seg2's datasets and models)
+from seg2.checkpoint import Seg2Checkpointer
 from seg2.engine import Trainer, setup
 from seg2.utils import Seg2Error
-from seg2.checkpoint import Seg2Checkpointer
 from seg2.utils.cli import add_debug_argument, check_num_gpus, run_tool
 
 

@@ -25,12 +25,23 @@ from .camvid import (
     register_camvid,
 )
 from .catalog import check_dataset_names, register_dataset
-from .coco import load_coco_sem_seg, load_coco_with_sem_seg, register_coco_sem_seg, register_coco_with_sem_seg
+from .coco import (
+    load_coco_sem_seg,
+    load_coco_with_sem_seg,
+    register_coco_sem_seg,
+    register_coco_with_sem_seg,
+)
 from .coco_json import check_coco_json
 from .dataset_mapper import MultiTaskDatasetMapper
 from .image import UINT16_MODES, read_image, to_uint8_image
-from .label_map import check_label_values, read_label_map, read_sem_seg, write_label_map
-from .label_map import IGNORE_LABEL, sem_seg_format
+from .label_map import (
+    IGNORE_LABEL,
+    check_label_values,
+    read_label_map,
+    read_sem_seg,
+    sem_seg_format,
+    write_label_map,
+)
 from .panoptic import (
     load_coco_panoptic_separated,
     panoptic_metadata,

@@ -22,10 +22,10 @@ import os
 
 from detectron2.data import MetadataCatalog
 
-
+from ..utils import Seg2Error
 from .catalog import register_dataset
 from .coco import load_coco_with_sem_seg, register_coco_sem_seg
-from ..utils import Seg2Error
+from .panoptic import folder_metadata, load_coco_panoptic_separated
 from .shapes import (
     DEFAULT_SPLITS,
     IGNORE_LABEL,
@@ -34,7 +34,6 @@ from .shapes import (
     generate_shapes,
     read_shapes_params,
 )
-from .panoptic import folder_metadata, load_coco_panoptic_separated
 from .shapes_panoptic import (
     PANOPTIC_CATEGORIES,
     PANOPTIC_GENERATOR_VERSION,
@@ -66,7 +65,9 @@ def load_shapes(root: str, split: str):
             max_instances=params["max_instances"],
         )
     if split not in params["splits"]:
-        raise Seg2Error(f"{root}: the shapes cache has the splits {sorted(params['splits'])}, not {split!r}")
+        raise Seg2Error(
+            f"{root}: the shapes cache has the splits {sorted(params['splits'])}, not {split!r}"
+        )
     return load_coco_with_sem_seg(
         os.path.join(root, "coco", "annotations", f"instances_{split}.json"),
         os.path.join(root, "coco", split),
@@ -175,7 +176,8 @@ VOC_2012_SEM_SEG_SPLITS = {
     "voc_2012_sem_seg_val": ("val", False),
     "voc_2012_sem_seg_train_aug": ("train", True),
 }
-# name -> (image folder, instances JSON, with_instances); maps cached in coco/seg2_sem_seg/<image folder>
+# name -> (image folder, instances JSON, with_instances); maps cached in coco/seg2_sem_seg/<image
+# folder>
 COCO_2017_SEM_SEG_SPLITS = {
     "coco_2017_sem_seg_train": ("train2017", "instances_train2017.json", False),
     "coco_2017_sem_seg_val": ("val2017", "instances_val2017.json", False),

@@ -112,13 +112,17 @@ def read_camvid_list(root: str, split: str) -> List[Tuple[str, str]]:
             if not fields:
                 continue
             if len(fields) != 2:
-                raise Seg2Error(f"{list_file}:{lineno}: expected '<image> <label>', got {line.strip()!r}")
+                raise Seg2Error(
+                    f"{list_file}:{lineno}: expected '<image> <label>', got {line.strip()!r}"
+                )
             image, label = (_resolve(root, p, list_file, lineno) for p in fields)
             for path, what in ((image, "image"), (label, "label map")):
                 if not os.path.isfile(path):
                     raise Seg2Error(f"{path}: {what} listed in {list_file}:{lineno} not found")
             if image in seen:
-                raise Seg2Error(f"{list_file}:{lineno}: image {image} is listed twice (also line {seen[image]})")
+                raise Seg2Error(
+                    f"{list_file}:{lineno}: image {image} is listed twice (also line {seen[image]})"
+                )
             seen[image] = lineno
             pairs.append((image, label))
     if not pairs:
@@ -141,12 +145,19 @@ def load_camvid(root: str, split: str, check_labels: bool = False) -> List[dict]
             PNG or has another size than its image; with ``check_labels``, a value above 11.
     """
     if not os.path.isdir(root):
-        raise Seg2Error(f"{root}: CamVid folder not found (expected train/, trainannot/, train.txt ...)")
+        raise Seg2Error(
+            f"{root}: CamVid folder not found (expected train/, trainannot/, train.txt ...)"
+        )
     if os.path.isfile(os.path.join(root, split + ".txt")):
-        records = [sem_seg_record(image, label, CAMVID_FORMAT) for image, label in read_camvid_list(root, split)]
+        records = [
+            sem_seg_record(image, label, CAMVID_FORMAT)
+            for image, label in read_camvid_list(root, split)
+        ]
         if check_labels:
             for r in records:
-                check_label_values(read_sem_seg(r), r["sem_seg_file_name"], len(CAMVID_CLASSES), IGNORE_LABEL)
+                check_label_values(
+                    read_sem_seg(r), r["sem_seg_file_name"], len(CAMVID_CLASSES), IGNORE_LABEL
+                )
     else:
         logger.info(f"{root}: no {split}.txt; pairing {split}/ and {split}annot/ by file name")
         records = load_sem_seg_folder(

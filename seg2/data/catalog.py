@@ -26,8 +26,8 @@ def check_dataset_names(cfg):
                 hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
                 raise Seg2Error(
                     f"{key} names {name!r}, which is not a registered dataset.{hint} "
-                    "Registered names: `python -c \"import seg2; from detectron2.data import "
-                    "DatasetCatalog; print(DatasetCatalog.list())\"`."
+                    'Registered names: `python -c "import seg2; from detectron2.data import '
+                    'DatasetCatalog; print(DatasetCatalog.list())"`.'
                 )
 
 
@@ -52,7 +52,9 @@ def check_test_datasets(cfg):
                 )
 
 
-def register_dataset(name: str, loader: Callable[[], List[dict]], metadata: Optional[dict] = None) -> str:
+def register_dataset(
+    name: str, loader: Callable[[], List[dict]], metadata: Optional[dict] = None
+) -> str:
     """
     Register ``loader`` in detectron2's ``DatasetCatalog`` under ``name`` and set ``metadata``
     on its ``MetadataCatalog`` entry, replacing an earlier registration of that name with both
@@ -60,7 +62,8 @@ def register_dataset(name: str, loader: Callable[[], List[dict]], metadata: Opti
     ``thing_classes`` would clash with a new one). seg2's ``register_*`` functions use it; so can
     yours, e.g. to point a built-in name at another folder or to register records made in code::
 
-        register_dataset("my_val", lambda: records, {"stuff_classes": ["bg", "road"], "ignore_label": 255})
+        register_dataset("my_val", lambda: records, {"stuff_classes": ["bg", "road"],
+        "ignore_label": 255})
 
     Args:
         name (str): the dataset name, as ``DATASETS.TRAIN`` / ``DATASETS.TEST`` give it.

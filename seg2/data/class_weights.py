@@ -85,7 +85,9 @@ def class_pixel_counts(
     image_pixels = np.zeros(num_classes, dtype=np.int64)
     for path, label in label_maps:
         check_label_values(label, path, num_classes, ignore_label)
-        counts = np.bincount(label[label != ignore_label].ravel().astype(np.int64), minlength=num_classes)
+        counts = np.bincount(
+            label[label != ignore_label].ravel().astype(np.int64), minlength=num_classes
+        )
         pixels += counts
         image_pixels[counts > 0] += counts.sum()
     return pixels, image_pixels
@@ -95,7 +97,9 @@ def _warn_absent(pixels: np.ndarray, class_names: Optional[Sequence[str]]):
     absent = [int(c) for c in np.flatnonzero(pixels == 0)]
     if absent:
         names = [class_names[c] if class_names else str(c) for c in absent]
-        logger.warning(f"class weights: class(es) {names} have no pixel in the training set; their weight is 0")
+        logger.warning(
+            f"class weights: class(es) {names} have no pixel in the training set; their weight is 0"
+        )
 
 
 def median_frequency_weights(pixels: np.ndarray, image_pixels: np.ndarray) -> np.ndarray:
@@ -128,14 +132,18 @@ def _weights_from_counts(pixels, image_pixels, method: str) -> np.ndarray:
 
 
 # ---- the cached computation over dataset records ------------------------------------------------
-def _cache_path(records: List[dict], num_classes: int, ignore_label: int, dataset_names, cache_dir: str) -> str:
+def _cache_path(
+    records: List[dict], num_classes: int, ignore_label: int, dataset_names, cache_dir: str
+) -> str:
     files = []
     for r in records:
         path = r["sem_seg_file_name"]
         try:
             digest = file_sha256(path)
         except OSError as e:
-            raise Seg2Error(f"{path}: cannot read the label map of {r.get('file_name', 'a record')} ({e})") from e
+            raise Seg2Error(
+                f"{path}: cannot read the label map of {r.get('file_name', 'a record')} ({e})"
+            ) from e
         # How the file is decoded (index values or a colour table, void values) changes the counts.
         files.append([os.path.abspath(path), digest, r.get("sem_seg_format")])
     key = json.dumps([_CACHE_VERSION, list(dataset_names), num_classes, ignore_label, files])
@@ -149,14 +157,22 @@ def _read_counts(path: str, num_classes: int, what: str):
     try:
         with open(path) as f:
             data = json.load(f)
-        pixels, image_pixels = np.array(data["pixels"], np.int64), np.array(data["image_pixels"], np.int64)
+        pixels, image_pixels = (
+            np.array(data["pixels"], np.int64),
+            np.array(data["image_pixels"], np.int64),
+        )
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as e:
-        logger.warning(f"class weights: ignoring the unreadable {what} {path} ({e}); counting again")
+        logger.warning(
+            f"class weights: ignoring the unreadable {what} {path} ({e}); counting again"
+        )
         return None
     if pixels.shape != (num_classes,) or image_pixels.shape != (num_classes,):
-        logger.warning(f"class weights: ignoring the {what} {path}, which has other class counts; counting again")
+        logger.warning(
+            f"class weights: ignoring the {what} {path}, which has other class counts; counting "
+            "again"
+        )
         return None
     return data, pixels, image_pixels
 
@@ -192,7 +208,9 @@ def _read_partial(path: str, num_classes: int, num_records: int):
         return None
     done = counts[0].get("done")
     if not isinstance(done, int) or not 0 < done <= num_records:
-        logger.warning(f"class weights: ignoring the partial count {path} (done={done!r}); counting again")
+        logger.warning(
+            f"class weights: ignoring the partial count {path} (done={done!r}); counting again"
+        )
         return None
     return (done, *counts[1:])
 
@@ -210,15 +228,29 @@ def _count_resumable(records: List[dict], num_classes: int, ignore_label: int, c
     state = _read_partial(partial, num_classes, len(records))
     if state is not None:
         start, pixels, image_pixels = state
-        logger.info(f"class weights: resuming an interrupted count after {start} of {len(records)} label maps")
+        logger.info(
+            f"class weights: resuming an interrupted count after {start} of {len(records)} label "
+            "maps"
+        )
     last = time.perf_counter()
     todo = records[start:]
-    for i, r in enumerate(log_progress(todo, len(todo), "class weights: label maps read", logger, _PROGRESS_SECONDS)):
-        p, ip = class_pixel_counts([(r["sem_seg_file_name"], read_sem_seg(r))], num_classes, ignore_label)
+    for i, r in enumerate(
+        log_progress(todo, len(todo), "class weights: label maps read", logger, _PROGRESS_SECONDS)
+    ):
+        p, ip = class_pixel_counts(
+            [(r["sem_seg_file_name"], read_sem_seg(r))], num_classes, ignore_label
+        )
         pixels += p
         image_pixels += ip
         if time.perf_counter() - last >= _PROGRESS_SECONDS:
-            _write_json(partial, {"done": start + i + 1, "pixels": pixels.tolist(), "image_pixels": image_pixels.tolist()})
+            _write_json(
+                partial,
+                {
+                    "done": start + i + 1,
+                    "pixels": pixels.tolist(),
+                    "image_pixels": image_pixels.tolist(),
+                },
+            )
             last = time.perf_counter()
     return pixels, image_pixels, partial
 
@@ -226,10 +258,17 @@ def _count_resumable(records: List[dict], num_classes: int, ignore_label: int, c
 def _log_table(weights, pixels, method: str, class_names: Optional[Sequence[str]]):
     total = max(int(pixels.sum()), 1)
     rows = [
-        [class_names[c] if class_names else c, int(pixels[c]), f"{pixels[c] / total:.4f}", f"{weights[c]:.4f}"]
+        [
+            class_names[c] if class_names else c,
+            int(pixels[c]),
+            f"{pixels[c] / total:.4f}",
+            f"{weights[c]:.4f}",
+        ]
         for c in range(len(weights))
     ]
-    table = tabulate(rows, headers=["class", "pixels", "pixel frequency", "weight"], tablefmt="pipe")
+    table = tabulate(
+        rows, headers=["class", "pixels", "pixel frequency", "weight"], tablefmt="pipe"
+    )
     logger.info(f"class weights ({method}):\n{table}")
 
 
@@ -263,11 +302,19 @@ def compute_class_weights(
         raise InvalidArgument("method", method, f"one of {list(CLASS_WEIGHTINGS)}")
     labelled = [r for r in records if r.get("sem_seg_file_name")]
     if not labelled:
-        raise Seg2Error(f"class weights: no record of {list(dataset_names) or 'the records'} has a semantic label map")
-    cache = _cache_path(labelled, num_classes, ignore_label, dataset_names, cache_dir or default_cache_dir())
+        raise Seg2Error(
+            f"class weights: no record of {list(dataset_names) or 'the records'} has a semantic "
+            "label map"
+        )
+    cache = _cache_path(
+        labelled, num_classes, ignore_label, dataset_names, cache_dir or default_cache_dir()
+    )
     counts = _read_cache(cache, num_classes)
     if counts is None:
-        logger.info(f"class weights: counting the pixels of {len(labelled)} label maps of {list(dataset_names)}")
+        logger.info(
+            f"class weights: counting the pixels of {len(labelled)} label maps of "
+            f"{list(dataset_names)}"
+        )
         *counts, partial = _count_resumable(labelled, num_classes, ignore_label, cache)
         _write_cache(cache, *counts, dataset_names, len(labelled))
         if os.path.exists(partial):
@@ -294,12 +341,27 @@ def class_weights_for_datasets(
     run the first process of each machine counts (and caches) while the others wait, then read
     the cache."""
     records = [r for name in dataset_names for r in DatasetCatalog.get(name)]
-    class_names = MetadataCatalog.get(dataset_names[0]).get("stuff_classes", None) if dataset_names else None
+    class_names = (
+        MetadataCatalog.get(dataset_names[0]).get("stuff_classes", None) if dataset_names else None
+    )
     if class_names is not None and len(class_names) != num_classes:
         class_names = None
-    kwargs = dict(ignore_label=ignore_label, class_names=class_names, dataset_names=dataset_names, cache_dir=cache_dir)
+    kwargs = dict(
+        ignore_label=ignore_label,
+        class_names=class_names,
+        dataset_names=dataset_names,
+        cache_dir=cache_dir,
+    )
     if comm.get_world_size() == 1:
         return compute_class_weights(records, num_classes, method, **kwargs)
-    weights = compute_class_weights(records, num_classes, method, **kwargs) if comm.get_local_rank() == 0 else None
+    weights = (
+        compute_class_weights(records, num_classes, method, **kwargs)
+        if comm.get_local_rank() == 0
+        else None
+    )
     comm.synchronize()
-    return weights if weights is not None else compute_class_weights(records, num_classes, method, **kwargs)
+    return (
+        weights
+        if weights is not None
+        else compute_class_weights(records, num_classes, method, **kwargs)
+    )

@@ -13,14 +13,14 @@ from detectron2.data import MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 from PIL import Image
 
+from ..constants import IGNORE_LABEL
 from ..utils import Seg2Error
 from ..utils.files import file_sha256
 from .catalog import register_dataset
 from .coco_json import check_coco_json as _check_coco_json
 from .label_map import label_map_size, warn_ignore_only_sample
-from ..constants import IGNORE_LABEL
-from .sem_seg_cache import label_map_path
 from .sem_seg_cache import generate_coco_sem_seg as _generate_coco_sem_seg
+from .sem_seg_cache import label_map_path
 
 __all__ = [
     "load_coco_with_sem_seg",
@@ -76,7 +76,8 @@ def _check_image_files(records: List[dict], json_file: str):
     text file named .jpg or an image of another size is an error naming it now, not a crash in
     training (detectron2's SizeMismatchError) or a wrong box scale.
     Reads the first bytes of each file only: 0.12-0.14 ms per image, 1.2-1.4 s per 10,000 images
-    on a warm page cache, about twice the JSON loading itself (tools/benchmarks/benchmark_image_check.py);
+    on a warm page cache, about twice the JSON loading itself
+    (tools/benchmarks/benchmark_image_check.py);
     ``check_images=False`` skips it. A truncated image body is found when the mapper decodes it."""
     for r in records:
         path = r["file_name"]
@@ -109,7 +110,9 @@ def _set_semantic_metadata(dataset_name: Optional[str]):
         meta.ignore_label = IGNORE_LABEL
 
 
-def _load_checked(json_file: str, image_root: str, dataset_name: Optional[str], check_images: bool) -> List[dict]:
+def _load_checked(
+    json_file: str, image_root: str, dataset_name: Optional[str], check_images: bool
+) -> List[dict]:
     _check_coco_json(json_file)
     records = load_coco_json(json_file, image_root, dataset_name, extra_annotation_keys=["id"])
     if check_images:
@@ -149,7 +152,10 @@ def load_coco_with_sem_seg(
         for r in records:
             path = label_map_path(sem_seg_root, r)
             if not os.path.isfile(path):
-                raise Seg2Error(f"{path}: semantic map for image {r['file_name']} (id {r['image_id']}) not found")
+                raise Seg2Error(
+                    f"{path}: semantic map for image {r['file_name']} (id {r['image_id']}) not "
+                    "found"
+                )
             h, w = label_map_size(path)
             if (h, w) != (r["height"], r["width"]):
                 raise Seg2Error(
@@ -218,9 +224,18 @@ def register_coco_with_sem_seg(
     ``check_images``: as in :func:`load_coco_with_sem_seg`.
     """
     meta = _things_metadata(thing_classes, metadata)
-    meta.update(json_file=json_file, image_root=image_root, sem_seg_root=sem_seg_root, evaluator_type="coco_sem_seg")
+    meta.update(
+        json_file=json_file,
+        image_root=image_root,
+        sem_seg_root=sem_seg_root,
+        evaluator_type="coco_sem_seg",
+    )
     register_dataset(
-        name, lambda: load_coco_with_sem_seg(json_file, image_root, sem_seg_root, name, check_images=check_images), meta
+        name,
+        lambda: load_coco_with_sem_seg(
+            json_file, image_root, sem_seg_root, name, check_images=check_images
+        ),
+        meta,
     )
 
 
@@ -252,6 +267,8 @@ def register_coco_sem_seg(
         meta["json_file"] = json_file  # COCOEvaluator's ground truth
     register_dataset(
         name,
-        lambda: load_coco_sem_seg(json_file, image_root, cache_dir, name, with_instances, num_workers, check_images),
+        lambda: load_coco_sem_seg(
+            json_file, image_root, cache_dir, name, with_instances, num_workers, check_images
+        ),
         meta,
     )

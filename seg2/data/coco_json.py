@@ -91,11 +91,15 @@ def check_coco_json(json_file: str) -> dict:
         with open(json_file) as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
-        raise Seg2Error(f"{json_file}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
+        raise Seg2Error(
+            f"{json_file}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})"
+        ) from e
     except (OSError, UnicodeDecodeError) as e:
         raise Seg2Error(f"{json_file}: cannot read the COCO annotation file ({e})") from e
     if not isinstance(data, dict):
-        raise Seg2Error(f"{json_file}: expected a JSON object with 'images', 'annotations', 'categories'")
+        raise Seg2Error(
+            f"{json_file}: expected a JSON object with 'images', 'annotations', 'categories'"
+        )
     data.setdefault("annotations", [])  # an image-info file (e.g. COCO test) has none
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
@@ -108,7 +112,8 @@ def check_coco_json(json_file: str) -> dict:
         _check_image_entry(json_file, img)
         if img["id"] in images:
             raise Seg2Error(
-                f"{json_file}: image id {img['id']} appears twice ({images[img['id']]['file_name']!r} and "
+                f"{json_file}: image id {img['id']} appears twice "
+                f"({images[img['id']]['file_name']!r} and "
                 f"{img['file_name']!r}); pycocotools would silently keep only one"
             )
         images[img["id"]] = img
@@ -131,16 +136,26 @@ def check_coco_json(json_file: str) -> dict:
         aid = a.get("id")
         img = images.get(a.get("image_id"))
         if img is None:
-            raise Seg2Error(f"{json_file}: annotation {aid} refers to image id {a.get('image_id')}, which is not in 'images'")
+            raise Seg2Error(
+                f"{json_file}: annotation {aid} refers to image id {a.get('image_id')}, which is "
+                "not in 'images'"
+            )
         annotated.add(img["id"])
-        where = f"{json_file}: annotation {aid} (image id {img['id']}, {img['file_name']!r}, {img['width']}x{img['height']})"
+        size = f"{img['width']}x{img['height']}"
+        where = (
+            f"{json_file}: annotation {aid} (image id {img['id']}, {img['file_name']!r}, {size})"
+        )
         if a.get("category_id") not in categories:
             raise Seg2Error(f"{where}: category_id {a.get('category_id')} is not in 'categories'")
         area = a["area"]
         if not (_is_number(area) and area >= 0):
             raise Seg2Error(f"{where}: area {area!r} is not a non-negative number of pixels")
         box = a.get("bbox")
-        if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)):
+        if not (
+            isinstance(box, (list, tuple))
+            and len(box) == 4
+            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)
+        ):
             raise Seg2Error(f"{where}: bbox {box!r} is not [x, y, width, height]")
         x, y, w, h = box
         if w < 0 or h < 0:
@@ -157,11 +172,14 @@ def check_coco_json(json_file: str) -> dict:
                 empty_anns.append(aid)
         elif isinstance(segm, dict):
             if list(segm.get("size", [])) != [img["height"], img["width"]]:
-                raise Seg2Error(f"{where}: RLE size {segm.get('size')} is not the image's [height, width]")
+                raise Seg2Error(
+                    f"{where}: RLE size {segm.get('size')} is not the image's [height, width]"
+                )
     if short_polygons:
         logger.warning(
             f"{json_file}: skipping {short_polygons} polygon(s) with fewer than 3 points; "
-            f"{len(empty_anns)} annotation(s) have no other polygon and are dropped: ids {_short(empty_anns)}"
+            f"{len(empty_anns)} annotation(s) have no other polygon and are dropped: ids "
+            f"{_short(empty_anns)}"
         )
     return {
         "images": len(images),

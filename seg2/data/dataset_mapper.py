@@ -13,8 +13,8 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.utils.logger import log_first_n
 
-from ..tasks import META_ARCH_TASKS, model_tasks
 from ..constants import IGNORE_LABEL
+from ..tasks import META_ARCH_TASKS, model_tasks
 from ..utils import InvalidArgument, Seg2Error, UnreadableFileError, name_config_keys
 from .image import read_image_with_orientation
 from .label_map import check_label_values, read_sem_seg
@@ -40,7 +40,9 @@ class _BadSampleCounter:
 
     def __init__(self, max_share: float, num_records: Optional[int]):
         self.max_share = max_share
-        self.min_files = min(MIN_FILES_FOR_SHARE, num_records) if num_records else MIN_FILES_FOR_SHARE
+        self.min_files = (
+            min(MIN_FILES_FOR_SHARE, num_records) if num_records else MIN_FILES_FOR_SHARE
+        )
         self.seen, self.bad = set(), set()
 
     def read(self, file_name: str):
@@ -59,7 +61,8 @@ class _BadSampleCounter:
             )
         if new:
             logger.warning(
-                f"skipping training sample {error} ({n_bad} unreadable of {n_seen} files read by this loader, "
+                f"skipping training sample {error} ({n_bad} unreadable of {n_seen} files read by "
+                "this loader, "
                 f"limit DATALOADER.MAX_BAD_SAMPLE_SHARE={self.max_share:g})"
             )
 
@@ -104,7 +107,9 @@ class MultiTaskDatasetMapper(DatasetMapper):
       with polygons when shapely (which fvcore needs to crop polygons) is not installed.
     """
 
-    @name_config_keys({"image_format": "INPUT.FORMAT", "max_bad_share": "DATALOADER.MAX_BAD_SAMPLE_SHARE"})
+    @name_config_keys(
+        {"image_format": "INPUT.FORMAT", "max_bad_share": "DATALOADER.MAX_BAD_SAMPLE_SHARE"}
+    )
     @configurable
     def __init__(
         self,
@@ -136,7 +141,9 @@ class MultiTaskDatasetMapper(DatasetMapper):
         """
         super().__init__(is_train, **kwargs)
         if self.image_format not in ("BGR", "RGB"):
-            raise InvalidArgument("image_format", self.image_format, "'BGR' or 'RGB' (seg2.data.read_image's orders)")
+            raise InvalidArgument(
+                "image_format", self.image_format, "'BGR' or 'RGB' (seg2.data.read_image's orders)"
+            )
         if not 0.0 <= max_bad_share < 1.0:
             raise InvalidArgument("max_bad_share", max_bad_share, "in [0, 1)")
         self.ignore_label = ignore_label
@@ -167,7 +174,11 @@ class MultiTaskDatasetMapper(DatasetMapper):
         ret["ignore_label"] = cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
         # Label maps are read for models with a semantic output (and models seg2 does not know).
         known = cfg.MODEL.META_ARCHITECTURE in META_ARCH_TASKS
-        ret["num_classes"] = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES if not known or "sem_seg" in model_tasks(cfg) else None
+        ret["num_classes"] = (
+            cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+            if not known or "sem_seg" in model_tasks(cfg)
+            else None
+        )
         ret["max_bad_share"] = cfg.DATALOADER.MAX_BAD_SAMPLE_SHARE
         return ret
 
@@ -176,8 +187,10 @@ class MultiTaskDatasetMapper(DatasetMapper):
             return
         self._rotated_warned.add(file_name)
         logger.warning(
-            f"{file_name}: EXIF orientation {orientation}: the image is read rotated/flipped as it is shown, and its "
-            "label map as stored; they are aligned only if the label map was drawn on the image as shown"
+            f"{file_name}: EXIF orientation {orientation}: the image is read rotated/flipped as "
+            "it is shown, and its "
+            "label map as stored; they are aligned only if the label map was drawn on the image "
+            "as shown"
         )
 
     def _read_sem_seg(self, record: dict, image: np.ndarray, image_file: str) -> np.ndarray:
@@ -217,7 +230,9 @@ class MultiTaskDatasetMapper(DatasetMapper):
 
     def _map(self, dataset_dict):
         dataset_dict = copy.deepcopy(dataset_dict)
-        image, orientation = read_image_with_orientation(dataset_dict["file_name"], self.image_format)
+        image, orientation = read_image_with_orientation(
+            dataset_dict["file_name"], self.image_format
+        )
         if orientation != 1 and "sem_seg_file_name" in dataset_dict:
             self._warn_rotated(dataset_dict["file_name"], orientation)
         utils.check_image_size(dataset_dict, image)
@@ -245,23 +260,32 @@ class MultiTaskDatasetMapper(DatasetMapper):
             dataset_dict["sem_seg"] = torch.as_tensor(sem_seg_gt.astype("long"))
 
         if self.proposal_topk is not None:
-            utils.transform_proposals(dataset_dict, image_shape, transforms, proposal_topk=self.proposal_topk)
+            utils.transform_proposals(
+                dataset_dict, image_shape, transforms, proposal_topk=self.proposal_topk
+            )
 
         if not self.is_train:
             dataset_dict.pop("annotations", None)
             return dataset_dict
         if "annotations" in dataset_dict:
-            self._transform_annotations(dataset_dict, transforms, image_shape, padded_shape, orig_shape)
+            self._transform_annotations(
+                dataset_dict, transforms, image_shape, padded_shape, orig_shape
+            )
         return dataset_dict
 
-    def _transform_annotations(self, dataset_dict, transforms, image_shape, padded_shape=None, orig_shape=None):
+    def _transform_annotations(
+        self, dataset_dict, transforms, image_shape, padded_shape=None, orig_shape=None
+    ):
         padded_shape = padded_shape or image_shape
         orig_shape = orig_shape or (dataset_dict["height"], dataset_dict["width"])
-        rasterise_polygons = not _HAS_SHAPELY and any(isinstance(t, T.CropTransform) for t in transforms)
+        rasterise_polygons = not _HAS_SHAPELY and any(
+            isinstance(t, T.CropTransform) for t in transforms
+        )
         if rasterise_polygons:
             log_first_n(
                 logging.WARNING,
-                "shapely is not installed: polygons of cropped images are rasterised before the crop "
+                "shapely is not installed: polygons of cropped images are rasterised before the "
+                "crop "
                 "(pip install shapely to crop them as polygons).",
                 n=1,
                 name=__name__,
@@ -277,7 +301,9 @@ class MultiTaskDatasetMapper(DatasetMapper):
             segm = obj.get("segmentation")
             if rasterise_polygons and isinstance(segm, list):
                 obj["segmentation"] = utils.polygons_to_bitmask(segm, *orig_shape)
-            bitmask = obj.pop("segmentation") if isinstance(obj.get("segmentation"), np.ndarray) else None
+            bitmask = (
+                obj.pop("segmentation") if isinstance(obj.get("segmentation"), np.ndarray) else None
+            )
             obj = utils.transform_instance_annotations(
                 obj, transforms, image_shape, keypoint_hflip_indices=self.keypoint_hflip_indices
             )
@@ -286,10 +312,13 @@ class MultiTaskDatasetMapper(DatasetMapper):
             annos.append(obj)
 
         mask_format = self.instance_mask_format
-        if mask_format == "polygon" and any(not isinstance(a.get("segmentation", []), list) for a in annos):
+        if mask_format == "polygon" and any(
+            not isinstance(a.get("segmentation", []), list) for a in annos
+        ):
             log_first_n(
                 logging.INFO,
-                "Instances given as RLE or bitmasks are kept as BitMasks under INPUT.MASK_FORMAT='polygon'.",
+                "Instances given as RLE or bitmasks are kept as BitMasks under "
+                "INPUT.MASK_FORMAT='polygon'.",
                 n=1,
                 name=__name__,
             )

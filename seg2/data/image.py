@@ -33,7 +33,8 @@ from ..utils import Seg2Error, UnreadableFileError
 __all__ = ["UINT16_MODES", "read_image", "read_image_with_orientation", "to_uint8_image"]
 
 # How 16-bit pixels become 8-bit: "scale" maps 0..65535 linearly onto 0..255; "minmax" stretches
-# each image's own range onto 0..255 (for images that use only part of the range, e.g. 12-bit sensors).
+# each image's own range onto 0..255 (for images that use only part of the range, e.g. 12-bit
+# sensors).
 UINT16_MODES = ("scale", "minmax")
 _EXIF_ORIENTATION = 0x0112
 _INT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
@@ -52,7 +53,8 @@ def _float_to_uint8(arr: np.ndarray, name: str) -> np.ndarray:
     lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
     if not (np.isfinite(arr).all() and lo >= 0.0 and hi <= 1.0):
         raise Seg2Error(
-            f"{name}: floating-point image with values in [{lo:g}, {hi:g}]; seg2 reads float images with values "
+            f"{name}: floating-point image with values in [{lo:g}, {hi:g}]; seg2 reads float "
+            "images with values "
             "in [0, 1] (scaled by 255): convert it to 8 or 16 bit, or to that range"
         )
     return np.floor(arr.astype(np.float64) * 255.0 + 0.5).astype(np.uint8)
@@ -87,7 +89,8 @@ def to_uint8_image(array: np.ndarray, name: str = "image", uint16: str = "scale"
     elif array.dtype != np.uint8:
         if array.dtype.kind not in "ui" or array.min(initial=0) < 0 or array.max(initial=0) > 65535:
             raise Seg2Error(
-                f"{name}: pixel type {array.dtype} with values in [{array.min()}, {array.max()}]; expected "
+                f"{name}: pixel type {array.dtype} with values in [{array.min()}, {array.max()}]; "
+                "expected "
                 "8-bit or 16-bit unsigned integers, or floats in [0, 1]"
             )
         array = _to_uint8(array, uint16)
@@ -100,7 +103,10 @@ def to_uint8_image(array: np.ndarray, name: str = "image", uint16: str = "scale"
 
 def _is_16bit_colour(im) -> bool:
     """A 48/64-bit colour PNG, which PIL decodes to 8 bits by truncation."""
-    return any(str(getattr(t, "args", "")).startswith(("RGB;16", "RGBA;16")) for t in getattr(im, "tile", None) or [])
+    return any(
+        str(getattr(t, "args", "")).startswith(("RGB;16", "RGBA;16"))
+        for t in getattr(im, "tile", None) or []
+    )
 
 
 def _read_16bit_colour(path: str, orientation: int, uint16: str) -> np.ndarray:
@@ -109,7 +115,9 @@ def _read_16bit_colour(path: str, orientation: int, uint16: str) -> np.ndarray:
     import cv2
 
     if orientation != 1:
-        raise Seg2Error(f"{path}: 16-bit colour PNG with EXIF orientation {orientation}: rotate the file itself")
+        raise Seg2Error(
+            f"{path}: 16-bit colour PNG with EXIF orientation {orientation}: rotate the file itself"
+        )
     arr = cv2.imread(path, cv2.IMREAD_UNCHANGED)
     if arr is None or arr.ndim != 3:
         raise UnreadableFileError(path, "image", "cv2 cannot decode this 16-bit colour PNG")
@@ -142,7 +150,9 @@ def read_image_with_orientation(
     except FileNotFoundError as e:
         raise UnreadableFileError(path, "image", "no such file") from e
     except Image.DecompressionBombError as e:
-        raise UnreadableFileError(path, "image", f"{e}; raise the limit with max_pixels / --max-pixels") from e
+        raise UnreadableFileError(
+            path, "image", f"{e}; raise the limit with max_pixels / --max-pixels"
+        ) from e
     except (OSError, SyntaxError, ValueError) as e:
         raise UnreadableFileError(path, "image", str(e) or type(e).__name__) from e
     finally:
@@ -150,7 +160,9 @@ def read_image_with_orientation(
     return (np.ascontiguousarray(arr[:, :, ::-1]) if format == "BGR" else arr), orientation
 
 
-def read_image(path: str, format: str = "BGR", uint16: str = "scale", max_pixels: Optional[int] = None) -> np.ndarray:
+def read_image(
+    path: str, format: str = "BGR", uint16: str = "scale", max_pixels: Optional[int] = None
+) -> np.ndarray:
     """
     Read an image file as an (H, W, 3) uint8 array in ``format`` ("BGR" or "RGB"), as described
     in the module docstring.

@@ -55,7 +55,8 @@ def _check_mode(path: str, mode: str, expect_palette: bool, rgb: bool = False):
         if mode not in _RGB_MODES:
             raise Seg2Error(
                 f"{path}: label map has PIL mode {mode!r}; this dataset's label format is 'rgb' "
-                "(colour-coded masks: an RGB, RGBA or palette PNG whose colours are in the colour table)"
+                "(colour-coded masks: an RGB, RGBA or palette PNG whose colours are in the colour "
+                "table)"
             )
         return
     if mode not in _INDEX_MODES:
@@ -67,7 +68,8 @@ def _check_mode(path: str, mode: str, expect_palette: bool, rgb: bool = False):
     if expect_palette and mode != "P":
         raise Seg2Error(
             f"{path}: label map has PIL mode {mode!r} but this dataset's label PNGs are palette "
-            "('P') images, as Pascal VOC ships them; a grayscale copy may hold luminance instead of "
+            "('P') images, as Pascal VOC ships them; a grayscale copy may hold luminance instead "
+            "of "
             "class indices. Use the original PNGs, or load with require_palette=False if this file "
             "really holds class indices"
         )
@@ -147,7 +149,10 @@ def sem_seg_format(
     """
     if label_format == "index":
         if colors is not None or len(void_colors):
-            raise Seg2Error("label_format='index' decodes pixel values; colors / void_colors need label_format='rgb'")
+            raise Seg2Error(
+                "label_format='index' decodes pixel values; colors / void_colors need "
+                "label_format='rgb'"
+            )
         values = sorted({int(v) for v in void})
         if any(v < 0 for v in values):
             raise Seg2Error(f"void values must be non-negative pixel values, got {values}")
@@ -161,15 +166,24 @@ def sem_seg_format(
     if value_map:
         raise Seg2Error("value_map maps pixel values of index maps; label_format='rgb' has colors")
     if len(void):
-        raise Seg2Error("label_format='rgb' decodes colours: give void_colors instead of void values")
+        raise Seg2Error(
+            "label_format='rgb' decodes colours: give void_colors instead of void values"
+        )
     if not colors:
-        raise Seg2Error("label_format='rgb' needs colors: the (r, g, b) colour of each class, in class order")
+        raise Seg2Error(
+            "label_format='rgb' needs colors: the (r, g, b) colour of each class, in class order"
+        )
     colors = _color_list(colors, "colors")
     void_colors = _color_list(void_colors, "void_colors")
     if len(colors) > MAX_RGB_CLASSES:
-        raise Seg2Error(f"label_format='rgb' supports at most {MAX_RGB_CLASSES} classes, got {len(colors)} colours")
+        raise Seg2Error(
+            f"label_format='rgb' supports at most {MAX_RGB_CLASSES} classes, got {len(colors)} "
+            "colours"
+        )
     owner = {}
-    for name, i, c in [("class", i, c) for i, c in enumerate(colors)] + [("void colour", i, c) for i, c in enumerate(void_colors)]:
+    for name, i, c in [("class", i, c) for i, c in enumerate(colors)] + [
+        ("void colour", i, c) for i, c in enumerate(void_colors)
+    ]:
         key = tuple(c)
         if key in owner:
             raise Seg2Error(f"colour {key} is given twice: to {owner[key]} and to {name} {i}")
@@ -192,7 +206,11 @@ def _read_sbd_mat(path: str) -> np.ndarray:
             f"{path}: not an SBD class file: expected a struct 'GTcls' with a 2-D field "
             f"'Segmentation' (found variables {sorted(k for k in mat if not k.startswith('__'))})"
         )
-    return seg.astype(np.uint8) if seg.max(initial=0) < 256 and seg.min(initial=0) >= 0 else seg.astype(np.int64)
+    return (
+        seg.astype(np.uint8)
+        if seg.max(initial=0) < 256 and seg.min(initial=0) >= 0
+        else seg.astype(np.int64)
+    )
 
 
 def _pack(colors) -> np.ndarray:
@@ -219,13 +237,16 @@ def _color_lut(colors: tuple, void_colors: tuple) -> np.ndarray:
     return lut
 
 
-def _unknown_colors_error(path: str, codes: np.ndarray, bad: np.ndarray, num_colors: int) -> Seg2Error:
+def _unknown_colors_error(
+    path: str, codes: np.ndarray, bad: np.ndarray, num_colors: int
+) -> Seg2Error:
     values, counts = np.unique(codes[bad], return_counts=True)
     order = np.argsort(-counts, kind="stable")
     shown = ", ".join(f"{_unpack(values[i])} in {int(counts[i])} pixel(s)" for i in order[:10])
     more = f" and {len(values) - 10} more colour(s)" if len(values) > 10 else ""
     return Seg2Error(
-        f"{path}: RGB label map has colour(s) that are in no class or void colour of its label format "
+        f"{path}: RGB label map has colour(s) that are in no class or void colour of its label "
+        "format "
         f"({num_colors} colours): {shown}{more}; add them to colors or void_colors"
     )
 
@@ -245,8 +266,12 @@ def _decode_rgb(path: str, im: Image.Image, colors: tuple, void_colors: tuple) -
         bad = out == _UNKNOWN
         if bad.any():
             if (index[bad] >= n).any():
-                raise Seg2Error(f"{path}: palette label map uses entries beyond its {n}-colour palette")
-            raise _unknown_colors_error(path, entry_codes.take(index), bad, len(colors) + len(void_colors))
+                raise Seg2Error(
+                    f"{path}: palette label map uses entries beyond its {n}-colour palette"
+                )
+            raise _unknown_colors_error(
+                path, entry_codes.take(index), bad, len(colors) + len(void_colors)
+            )
         return out
     im.load()
     # PIL keeps RGB(A) pixels as 4 bytes: one copy gives every pixel as one uint32.
@@ -255,7 +280,8 @@ def _decode_rgb(path: str, im: Image.Image, colors: tuple, void_colors: tuple) -
         transparent = int(np.count_nonzero((raw >> 24) != 255))
         if transparent:
             raise Seg2Error(
-                f"{path}: RGBA label map has {transparent} pixel(s) that are not opaque; transparency "
+                f"{path}: RGBA label map has {transparent} pixel(s) that are not opaque; "
+                "transparency "
                 "has no class: save the mask as RGB with a void colour there"
             )
     codes = raw & 0xFFFFFF
@@ -332,9 +358,15 @@ def read_label_map(
         with Image.open(path) as im:
             _check_mode(path, im.mode, expect_palette, rgb=rgb)
             if rgb:
-                return _decode_rgb(path, im, tuple(map(tuple, colors)), tuple(map(tuple, void_colors)))
+                return _decode_rgb(
+                    path, im, tuple(map(tuple, colors)), tuple(map(tuple, void_colors))
+                )
             arr = np.asarray(im)
-    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors of a missing, empty or corrupt file
+    except (
+        OSError,
+        SyntaxError,
+        ValueError,
+    ) as e:  # PIL's errors of a missing, empty or corrupt file
         raise UnreadableFileError(path, "label map", str(e) or type(e).__name__) from e
     arr = arr.astype(np.int64) if arr.dtype != np.uint8 else arr
     return _map_values(arr, void, _pairs(value_map))
@@ -348,7 +380,9 @@ def _format_kwargs(fmt: Optional[dict], path: str) -> dict:
         return {"void": fmt.get("void", ()), "value_map": fmt.get("value_map")}
     if kind == "rgb":
         return {"colors": fmt["colors"], "void_colors": fmt.get("void_colors", ())}
-    raise Seg2Error(f"{path}: the record's sem_seg_format has type {kind!r}; expected 'index' or 'rgb'")
+    raise Seg2Error(
+        f"{path}: the record's sem_seg_format has type {kind!r}; expected 'index' or 'rgb'"
+    )
 
 
 def read_sem_seg(record: dict) -> np.ndarray:
@@ -431,7 +465,9 @@ def warn_ignore_only_sample(records: Sequence[dict], n: int = 3):
             continue
 
 
-def label_map_size(path: str, expect_palette: bool = False, sem_seg_format: Optional[dict] = None) -> Tuple[int, int]:
+def label_map_size(
+    path: str, expect_palette: bool = False, sem_seg_format: Optional[dict] = None
+) -> Tuple[int, int]:
     """(height, width) of a label-map PNG, reading only its header; checks its mode like
     :func:`read_label_map` does for an index map, or for ``sem_seg_format``'s kind of file."""
     if not os.path.isfile(path):

@@ -79,7 +79,9 @@ def coco_sem_seg_map(record: dict, ignore_label: int = IGNORE_LABEL) -> np.ndarr
 
 def label_map_path(out_dir: str, record: dict) -> str:
     """The label map of ``record`` in the folder ``out_dir``: ``<out_dir>/<image stem>.png``."""
-    return os.path.join(out_dir, os.path.splitext(os.path.basename(record["file_name"]))[0] + ".png")
+    return os.path.join(
+        out_dir, os.path.splitext(os.path.basename(record["file_name"]))[0] + ".png"
+    )
 
 
 def _write_one(args):
@@ -110,7 +112,8 @@ def _check_source(out_dir: str, source: Optional[dict]):
                 else ""
             )
             raise Seg2Error(
-                f"{out_dir} holds semantic maps made from other annotations{old}: {differ}. Delete the "
+                f"{out_dir} holds semantic maps made from other annotations{old}: {differ}. "
+                "Delete the "
                 "folder (it is a cache) to regenerate it."
             )
         return
@@ -149,13 +152,23 @@ def generate_coco_sem_seg(
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
-        raise Seg2Error(f"cannot create the semantic-map cache {out_dir!r}: {e.strerror or e}") from e
+        raise Seg2Error(
+            f"cannot create the semantic-map cache {out_dir!r}: {e.strerror or e}"
+        ) from e
     _check_source(out_dir, source)
     stems = Counter(os.path.basename(label_map_path(out_dir, r)) for r in records)
     clash = [s for s, n in stems.items() if n > 1]
     if clash:
-        raise Seg2Error(f"{out_dir}: several images share the file stem of {_short(clash)}; their maps would collide")
-    todo = [(r, p, ignore_label) for r in records for p in [label_map_path(out_dir, r)] if not os.path.isfile(p)]
+        raise Seg2Error(
+            f"{out_dir}: several images share the file stem of {_short(clash)}; their maps would "
+            "collide"
+        )
+    todo = [
+        (r, p, ignore_label)
+        for r in records
+        for p in [label_map_path(out_dir, r)]
+        if not os.path.isfile(p)
+    ]
     world, rank = comm.get_world_size(), comm.get_rank()
     mine = todo[rank::world] if world > 1 else todo
     if world > 1:  # the ranks of one machine share its cores
@@ -164,11 +177,18 @@ def generate_coco_sem_seg(
         # Temporary files of a killed generation (a map is renamed into place once written).
         remove_stale_tmp_files(out_dir)
     if mine:
-        logger.info(f"Writing {len(mine)} semantic maps to {out_dir} ({len(records) - len(todo)} already there) ...")
+        logger.info(
+            f"Writing {len(mine)} semantic maps to {out_dir} ({len(records) - len(todo)} already "
+            "there) ..."
+        )
     what = f"semantic maps to {out_dir}"
     if num_workers > 1 and len(mine) > 1:
         with mp.get_context("fork").Pool(num_workers) as pool:
-            written = sum(log_progress(pool.imap_unordered(_write_one, mine, chunksize=16), len(mine), what, logger))
+            written = sum(
+                log_progress(
+                    pool.imap_unordered(_write_one, mine, chunksize=16), len(mine), what, logger
+                )
+            )
     else:
         written = sum(log_progress(map(_write_one, mine), len(mine), what, logger))
     if world > 1:

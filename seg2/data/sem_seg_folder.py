@@ -52,7 +52,9 @@ def _image_size(path: str):
         raise Seg2Error(f"{path}: cannot read the image ({e})") from e
 
 
-def sem_seg_record(image_file: str, label_file: str, fmt: dict, image_id: Optional[str] = None) -> dict:
+def sem_seg_record(
+    image_file: str, label_file: str, fmt: dict, image_id: Optional[str] = None
+) -> dict:
     """
     One semantic segmentation record: ``file_name``, ``sem_seg_file_name``, ``sem_seg_format``,
     ``height``, ``width``, ``image_id`` (the image's file stem by default). Both files' headers are
@@ -62,14 +64,19 @@ def sem_seg_record(image_file: str, label_file: str, fmt: dict, image_id: Option
     height, width = _image_size(image_file)
     lh, lw = label_map_size(label_file, sem_seg_format=fmt)
     if (lh, lw) != (height, width):
-        raise Seg2Error(f"{label_file}: label map is {lw}x{lh} (WxH) but its image {image_file} is {width}x{height}")
+        raise Seg2Error(
+            f"{label_file}: label map is {lw}x{lh} (WxH) but its image {image_file} is "
+            f"{width}x{height}"
+        )
     return {
         "file_name": image_file,
         "sem_seg_file_name": label_file,
         "sem_seg_format": fmt,
         "height": height,
         "width": width,
-        "image_id": image_id if image_id is not None else os.path.splitext(os.path.basename(image_file))[0],
+        "image_id": image_id
+        if image_id is not None
+        else os.path.splitext(os.path.basename(image_file))[0],
     }
 
 
@@ -78,7 +85,10 @@ def _colors_from_palette(palette, num_classes: int):
     if isinstance(palette, str):
         with Image.open(palette) as im:
             if im.mode != "P":
-                raise Seg2Error(f"{palette}: has PIL mode {im.mode!r}; a palette is taken from a palette ('P') PNG")
+                raise Seg2Error(
+                    f"{palette}: has PIL mode {im.mode!r}; a palette is taken from a palette "
+                    "('P') PNG"
+                )
             palette = im.getpalette()
     try:
         return palette_colors(num_classes, palette)
@@ -96,7 +106,10 @@ def class_colors(class_names: Sequence[str], colors=None, palette=None) -> Optio
         return None
     table = list(colors) if colors is not None else _colors_from_palette(palette, len(class_names))
     if len(table) != len(class_names):
-        raise Seg2Error(f"colors has {len(table)} colours but there are {len(class_names)} class_names; give one per class")
+        raise Seg2Error(
+            f"colors has {len(table)} colours but there are {len(class_names)} class_names; give "
+            "one per class"
+        )
     return [tuple(int(v) for v in c) for c in table]
 
 
@@ -116,7 +129,9 @@ def sem_seg_folder_format(
     if label_format != "rgb":
         return sem_seg_format(label_format, void=void, void_colors=void_colors, value_map=value_map)
     if table is None:
-        raise Seg2Error("label_format='rgb' needs the colour of each class: colors=[(r, g, b), ...] or palette=")
+        raise Seg2Error(
+            "label_format='rgb' needs the colour of each class: colors=[(r, g, b), ...] or palette="
+        )
     return sem_seg_format(
         "rgb", void=void, colors=table, void_colors=void_colors, value_map=value_map
     )
@@ -143,7 +158,11 @@ def _files_by_stem(folder: str, extensions, exclude_suffix: Optional[str] = None
 
 
 def _unpaired_error(files: List[str], problem: str) -> Seg2Error:
-    more = f" (and {len(files) - 1} more: {', '.join(files[1:4])}{' ...' if len(files) > 4 else ''})" if len(files) > 1 else ""
+    more = (
+        f" (and {len(files) - 1} more: {', '.join(files[1:4])}{' ...' if len(files) > 4 else ''})"
+        if len(files) > 1
+        else ""
+    )
     return Seg2Error(f"{files[0]}: {problem}{more}")
 
 
@@ -205,23 +224,34 @@ def load_sem_seg_folder(
     )
     extensions = (image_ext,) if isinstance(image_ext, str) else tuple(image_ext)
     same_folder = os.path.abspath(image_root) == os.path.abspath(label_root)
-    images = _files_by_stem(image_root, extensions, exclude_suffix=label_ext if same_folder else None)
+    images = _files_by_stem(
+        image_root, extensions, exclude_suffix=label_ext if same_folder else None
+    )
     labels = _files_by_stem(label_root, (label_ext,))
     if not images:
         raise Seg2Error(f"{image_root}: no image files ({', '.join(extensions)})")
     unlabelled = [images[s] for s in images if s not in labels]
     if unlabelled:
-        raise _unpaired_error(unlabelled, f"image has no label file <stem>{label_ext} in {label_root}")
+        raise _unpaired_error(
+            unlabelled, f"image has no label file <stem>{label_ext} in {label_root}"
+        )
     orphans = [labels[s] for s in labels if s not in images]
     if orphans:
-        raise _unpaired_error(orphans, f"label file has no image ({', '.join(extensions)}) in {image_root}")
+        raise _unpaired_error(
+            orphans, f"label file has no image ({', '.join(extensions)}) in {image_root}"
+        )
     records = [sem_seg_record(images[s], labels[s], fmt, image_id=s) for s in sorted(images)]
     if check_labels:
         for r in records:
-            check_label_values(read_sem_seg(r), r["sem_seg_file_name"], len(class_names), IGNORE_LABEL)
+            check_label_values(
+                read_sem_seg(r), r["sem_seg_file_name"], len(class_names), IGNORE_LABEL
+            )
     else:  # 0/255 binary masks read with 255 as void: warned about now, not after training
         warn_ignore_only_sample(records)
-    logger.info(f"Loaded {len(records)} images with {label_format} label maps from {image_root} and {label_root}")
+    logger.info(
+        f"Loaded {len(records)} images with {label_format} label maps from {image_root} and "
+        f"{label_root}"
+    )
     return records
 
 

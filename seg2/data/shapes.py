@@ -78,7 +78,9 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return img
 
 
-def _shape_polygon(rng: np.random.Generator, cls: str, cx: float, cy: float, r: float) -> np.ndarray:
+def _shape_polygon(
+    rng: np.random.Generator, cls: str, cx: float, cy: float, r: float
+) -> np.ndarray:
     """Vertices (N, 2) of a convex shape of class ``cls`` centred at (cx, cy) with radius r."""
     theta0 = rng.uniform(0, 2 * np.pi)
     if cls == "circle":
@@ -99,7 +101,9 @@ def _rasterize(polygons, size: int) -> np.ndarray:
 
 def _mask_to_polygons(mask: np.ndarray):
     """Outer contours of ``mask`` as COCO polygons in continuous pixel coordinates."""
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    contours, _ = cv2.findContours(
+        mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+    )
     polygons = []
     for c in contours:
         c = c.reshape(-1, 2).astype(np.float64) + 0.5  # pixel centres -> continuous coordinates
@@ -220,7 +224,9 @@ def _save_palette_png(arr: np.ndarray, path: str):
     im.save(path, optimize=False)
 
 
-def _write_image(out: str, split: str, split_index: int, i: int, image_size: int, seed: int, max_instances: int):
+def _write_image(
+    out: str, split: str, split_index: int, i: int, image_size: int, seed: int, max_instances: int
+):
     """Render image ``i`` of ``split`` and write its JPEGs and PNGs under ``out``; then its record
     (COCO image entry, instances) to ``out/.parts``, last, so a record marks a finished image."""
     # One generator per image: an image does not depend on how many come before it.
@@ -251,7 +257,14 @@ def _coco_split(out: str, split: str, num_images: int, image_size: int, seed: in
         with open(_part_path(out, split, i)) as f:
             record = json.load(f)
         image_id = i + 1
-        images.append({"id": image_id, "file_name": record["name"] + ".jpg", "width": image_size, "height": image_size})
+        images.append(
+            {
+                "id": image_id,
+                "file_name": record["name"] + ".jpg",
+                "width": image_size,
+                "height": image_size,
+            }
+        )
         for cls, polygons in record["instances"]:
             rle = mask_util.merge(mask_util.frPyObjects(polygons, image_size, image_size))
             annotations.append(
@@ -267,10 +280,14 @@ def _coco_split(out: str, split: str, num_images: int, image_size: int, seed: in
             )
             ann_id += 1
     categories = [
-        {"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(SHAPES_CLASSES)
+        {"id": i + 1, "name": name, "supercategory": "shape"}
+        for i, name in enumerate(SHAPES_CLASSES)
     ]
     coco = {
-        "info": {"description": f"seg2_shapes {split}, seed {seed}", "version": str(GENERATOR_VERSION)},
+        "info": {
+            "description": f"seg2_shapes {split}, seed {seed}",
+            "version": str(GENERATOR_VERSION),
+        },
         "images": images,
         "annotations": annotations,
         "categories": categories,
@@ -278,7 +295,9 @@ def _coco_split(out: str, split: str, num_images: int, image_size: int, seed: in
     return coco, ann_id
 
 
-def _generate_into(out: str, splits: Dict[str, int], image_size: int, seed: int, max_instances: int):
+def _generate_into(
+    out: str, splits: Dict[str, int], image_size: int, seed: int, max_instances: int
+):
     """Write the whole tree into ``out``, skipping the images an interrupted run finished there."""
     voc = os.path.join(out, "VOC2012")
     for d in ("JPEGImages", "SegmentationClass", "SegmentationObject", "ImageSets/Segmentation"):
@@ -292,7 +311,10 @@ def _generate_into(out: str, splits: Dict[str, int], image_size: int, seed: int,
     ]
     todo = [j for j in jobs if not os.path.isfile(_part_path(out, j[0], j[2]))]
     if len(todo) < len(jobs):
-        logger.info(f"Resuming an interrupted generation: {len(jobs) - len(todo)} of {len(jobs)} images are there.")
+        logger.info(
+            f"Resuming an interrupted generation: {len(jobs) - len(todo)} of {len(jobs)} images "
+            "are there."
+        )
     for split in splits:
         os.makedirs(os.path.join(out, "coco", split), exist_ok=True)
     for split, split_index, i in log_progress(todo, len(todo), "seg2_shapes images", logger):
@@ -424,7 +446,9 @@ def _ensure_cache(root: str, params: dict, write: Callable[[str], None], what: s
         ) from e
     with lock:
         _lock(lock)  # concurrent generators take turns; the later ones find the cache done
-        problem = check_shapes_cache(root, params) if os.path.exists(root) else "it does not exist yet"
+        problem = (
+            check_shapes_cache(root, params) if os.path.exists(root) else "it does not exist yet"
+        )
         if problem is None:
             return root
         if os.path.exists(root):
@@ -460,7 +484,9 @@ def _newest_mtime(folder: str) -> float:
     for dirpath, dirnames, filenames in os.walk(folder):
         for n in dirnames + filenames:
             try:
-                newest = max(newest, os.stat(os.path.join(dirpath, n), follow_symlinks=False).st_mtime)
+                newest = max(
+                    newest, os.stat(os.path.join(dirpath, n), follow_symlinks=False).st_mtime
+                )
             except FileNotFoundError:
                 pass
     return newest
@@ -514,7 +540,10 @@ def remove_stale_generations(root: str) -> list:
         if not os.path.exists(e.path):
             removed.append(e.path)
     if removed:
-        logger.info(f"Removed {len(removed)} folder(s) left beside {root} by interrupted generations: {removed}")
+        logger.info(
+            f"Removed {len(removed)} folder(s) left beside {root} by interrupted generations: "
+            f"{removed}"
+        )
     return removed
 
 
@@ -534,7 +563,9 @@ def _replace_dir(tmp: str, root: str, params: dict):
             shutil.rmtree(tmp, ignore_errors=True)
             return  # another process finished first; its files are identical to ours
         # Move the bad cache aside first: rename is atomic, rmtree is not.
-        trash = tempfile.mkdtemp(prefix=".trash-" + os.path.basename(root) + "-", dir=os.path.dirname(tmp))
+        trash = tempfile.mkdtemp(
+            prefix=".trash-" + os.path.basename(root) + "-", dir=os.path.dirname(tmp)
+        )
         try:
             os.rename(root, os.path.join(trash, "old"))
         except FileNotFoundError:

@@ -46,7 +46,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-
 def voc_metadata(class_names: Sequence[str] = VOC_CLASSES) -> dict:
     """Metadata of a VOC-style dataset: thing classes, background + things as stuff classes,
     VOC's colour map and ignore label."""
@@ -69,7 +68,9 @@ def _read_id_list(path: str, what: str) -> List[str]:
     seen = {}
     for lineno, name in enumerate(names, start=1):
         if name in seen:
-            raise Seg2Error(f"{path}: image id {name!r} is listed twice (lines {seen[name]} and {lineno})")
+            raise Seg2Error(
+                f"{path}: image id {name!r} is listed twice (lines {seen[name]} and {lineno})"
+            )
         seen[name] = lineno
     if not names:
         raise Seg2Error(f"{path}: {what} lists no image")
@@ -79,7 +80,9 @@ def _read_id_list(path: str, what: str) -> List[str]:
 def read_voc_split(voc_root: str, split: str) -> List[str]:
     """The image ids of ``ImageSets/Segmentation/<split>.txt``; a missing or empty file, or an id
     listed twice, is an error naming the file."""
-    return _read_id_list(os.path.join(voc_root, "ImageSets", "Segmentation", split + ".txt"), f"split {split!r}")
+    return _read_id_list(
+        os.path.join(voc_root, "ImageSets", "Segmentation", split + ".txt"), f"split {split!r}"
+    )
 
 
 def _image_record(voc_root: str, name: str, split_file: str) -> dict:
@@ -97,7 +100,8 @@ def _image_record(voc_root: str, name: str, split_file: str) -> dict:
 def _check_same_size(record: dict, mask_path: str, mask_hw):
     if tuple(mask_hw) != (record["height"], record["width"]):
         raise Seg2Error(
-            f"{mask_path}: mask is {mask_hw[1]}x{mask_hw[0]} (WxH) but its image {record['file_name']} "
+            f"{mask_path}: mask is {mask_hw[1]}x{mask_hw[0]} (WxH) but its image "
+            f"{record['file_name']} "
             f"is {record['width']}x{record['height']}"
         )
 
@@ -138,7 +142,11 @@ def load_voc_sem_seg(
 
 
 def load_voc_sem_seg_train_aug(
-    voc_root: str, sbd_root: str, require_palette: bool = True, train_split: str = "train", val_split: str = "val"
+    voc_root: str,
+    sbd_root: str,
+    require_palette: bool = True,
+    train_split: str = "train",
+    val_split: str = "val",
 ) -> List[dict]:
     """
     The SBD-augmented VOC training set (``train_aug``, 10,582 images with the real data), as
@@ -166,7 +174,9 @@ def load_voc_sem_seg_train_aug(
         r = _image_record(voc_root, name, sbd_split_files)
         mat = os.path.join(sbd_root, "cls", name + ".mat")
         if not os.path.isfile(mat):
-            raise Seg2Error(f"{mat}: SBD class map for id {name!r} listed in {sbd_split_files} not found")
+            raise Seg2Error(
+                f"{mat}: SBD class map for id {name!r} listed in {sbd_split_files} not found"
+            )
         # The map's size is checked when the mapper reads it: loading 9k .mat files here would
         # make every DatasetCatalog.get take tens of seconds.
         r["sem_seg_file_name"] = mat
@@ -178,7 +188,9 @@ def load_voc_sem_seg_train_aug(
     return records
 
 
-def _instances_from_maps(obj: np.ndarray, cls: np.ndarray, obj_path: str, cls_path: str, num_things: int):
+def _instances_from_maps(
+    obj: np.ndarray, cls: np.ndarray, obj_path: str, cls_path: str, num_things: int
+):
     """Per-object RLE masks, XYXY boxes and contiguous classes from VOC's two label maps."""
     # One joint histogram of (object index, class value) pairs instead of a pass per object.
     # Background (0) and void borders (255) are not objects.
@@ -284,12 +296,16 @@ def register_voc_sem_seg(
         check = split != "train"
 
         def loader():
-            return load_voc_sem_seg(voc_root, split, require_palette, num_classes, check_labels=check)
+            return load_voc_sem_seg(
+                voc_root, split, require_palette, num_classes, check_labels=check
+            )
 
     else:
 
         def loader():
-            return load_voc_sem_seg_train_aug(voc_root, sbd_root, require_palette, train_split=split)
+            return load_voc_sem_seg_train_aug(
+                voc_root, sbd_root, require_palette, train_split=split
+            )
 
     meta = voc_metadata(class_names)
     meta.update(evaluator_type="sem_seg", dirname=voc_root, split=split)
@@ -312,7 +328,9 @@ def register_voc_instances(
     evaluation converts the records to a COCO JSON in the output folder (no JSON is needed).
     """
     meta = voc_metadata(class_names)
-    meta.update(evaluator_type="coco_sem_seg" if with_sem_seg else "coco", dirname=voc_root, split=split)
+    meta.update(
+        evaluator_type="coco_sem_seg" if with_sem_seg else "coco", dirname=voc_root, split=split
+    )
     register_dataset(
         name,
         lambda: load_voc_instances(voc_root, split, class_names, require_palette, with_sem_seg),

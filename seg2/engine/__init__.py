@@ -7,5 +7,10 @@ from .optimizer import build_optimizer
 from .resume import trim_metrics_json
 
 __all__ = [
-    "Seg2AMPTrainer", "Trainer", "build_optimizer", "check_same_tasks", "setup", "trim_metrics_json",
+    "Seg2AMPTrainer",
+    "Trainer",
+    "build_optimizer",
+    "check_same_tasks",
+    "setup",
+    "trim_metrics_json",
 ]

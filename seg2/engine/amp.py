@@ -54,7 +54,9 @@ class Seg2AMPTrainer(AMPTrainer):
         self.grad_scaler.scale(losses).backward()
         self.after_backward()
         if self.async_write_metrics:
-            self.concurrent_executor.submit(self._write_metrics, loss_dict, data_time, iter=self.iter)
+            self.concurrent_executor.submit(
+                self._write_metrics, loss_dict, data_time, iter=self.iter
+            )
         else:
             self._write_metrics(loss_dict, data_time)
         self.grad_scaler.step(self.optimizer)

@@ -1,11 +1,11 @@
 """seg2's trainer and the setup of a training run, for ``tools/train_net.py`` and users' own scripts.
 
-    from seg2.engine import Trainer, setup
+from seg2.engine import Trainer, setup
 
-    cfg = setup(args)  # args from detectron2's default_argument_parser()
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    trainer.train()
+cfg = setup(args)  # args from detectron2's default_argument_parser()
+trainer = Trainer(cfg)
+trainer.resume_or_load(resume=args.resume)
+trainer.train()
 """
 
 import logging
@@ -35,9 +35,15 @@ from ..utils import Seg2Error
 from ..utils.cli import check_device
 from ..utils.dist import check_same_in_all_processes
 from .amp import Seg2AMPTrainer
+from .data_order import (
+    RESUMABLE_SAMPLERS,
+    ResumableTrainLoader,
+    RNGStates,
+    build_resumable_sampler,
+    forked_rng,
+)
 from .hooks import BestModelTest, build_best_checkpoint_hooks, check_best_checkpoint_config
 from .optimizer import build_optimizer
-from .data_order import RESUMABLE_SAMPLERS, ResumableTrainLoader, RNGStates, build_resumable_sampler, forked_rng
 from .resume import trim_metrics_json
 from .run_lock import acquire_run_lock
 
@@ -48,7 +54,8 @@ class Trainer(DefaultTrainer):
     """DefaultTrainer with seg2's mapper (instances and label maps) and evaluator choice, keeping
     the best model by ``SEG2.BEST_CHECKPOINT`` (and testing it on its ``TEST_DATASETS`` after
     training); the optimizer of :func:`seg2.engine.optimizer.build_optimizer`;
-    ``SOLVER.AMP.ENABLED`` also trains on the CPU (bfloat16 autocast, :class:`Seg2AMPTrainer`); :meth:`test_with_TTA` evaluates with ``TEST.AUG``.
+    ``SOLVER.AMP.ENABLED`` also trains on the CPU (bfloat16 autocast, :class:`Seg2AMPTrainer`);
+    :meth:`test_with_TTA` evaluates with ``TEST.AUG``.
     The config goes through the resolve step (:func:`seg2.resolve_config`: class counts and
     ignore value checked against the datasets, class weights counted) before anything is built;
     a checkpoint that cannot be read is named in a :class:`seg2.Seg2Error`; a resumed run keeps
@@ -58,9 +65,13 @@ class Trainer(DefaultTrainer):
         cfg = resolve_config(cfg)
         # One run per OUTPUT_DIR (seg2.engine.run_lock), before anything is written there; the
         # main process holds it (shared with setup()'s in the same process) until train() ends.
-        self._run_lock = acquire_run_lock(cfg.OUTPUT_DIR) if comm.is_main_process() and cfg.OUTPUT_DIR else None
+        self._run_lock = (
+            acquire_run_lock(cfg.OUTPUT_DIR) if comm.is_main_process() and cfg.OUTPUT_DIR else None
+        )
         super().__init__(cfg)
-        if cfg.SOLVER.AMP.ENABLED:  # detectron2's AMPTrainer requires CUDA; this one defers to it there
+        if (
+            cfg.SOLVER.AMP.ENABLED
+        ):  # detectron2's AMPTrainer requires CUDA; this one defers to it there
             t = self._trainer
             self._trainer = Seg2AMPTrainer(t.model, t.data_loader, t.optimizer)
 
@@ -76,14 +87,27 @@ class Trainer(DefaultTrainer):
         if isinstance(self._trainer.data_loader, ResumableTrainLoader):
             extra["data_order"] = self._trainer.data_loader
         self.checkpointer = Seg2Checkpointer(
-            old.model, old.save_dir, save_to_disk=old.save_to_disk, strict=False, **old.checkpointables, **extra
+            old.model,
+            old.save_dir,
+            save_to_disk=old.save_to_disk,
+            strict=False,
+            **old.checkpointables,
+            **extra,
         )
         ret = super().build_hooks()
         # After the EvalHook, which puts the flattened results ("segm/AP") in the storage.
         at = next(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook)) + 1
-        check_best_checkpoint_config(self.cfg)  # in every process, so that none waits for a failed one
-        best = build_best_checkpoint_hooks(self.cfg, self.checkpointer) if comm.is_main_process() else []
-        if self.cfg.SEG2.BEST_CHECKPOINT.TEST_DATASETS:  # in every process: a distributed evaluation
+        check_best_checkpoint_config(
+            self.cfg
+        )  # in every process, so that none waits for a failed one
+        best = (
+            build_best_checkpoint_hooks(self.cfg, self.checkpointer)
+            if comm.is_main_process()
+            else []
+        )
+        if (
+            self.cfg.SEG2.BEST_CHECKPOINT.TEST_DATASETS
+        ):  # in every process: a distributed evaluation
             best.append(BestModelTest(self.cfg, type(self)))
         ret[at:at] = best
         return ret
@@ -96,12 +120,19 @@ class Trainer(DefaultTrainer):
         if isinstance(loader, ResumableTrainLoader):
             loader.restored = False
         super().resume_or_load(resume=resume)
-        if resume and self.start_iter > 0 and isinstance(loader, ResumableTrainLoader) and not loader.restored:
+        if (
+            resume
+            and self.start_iter > 0
+            and isinstance(loader, ResumableTrainLoader)
+            and not loader.restored
+        ):
             loader.start_at_iteration(self.start_iter)
             logging.getLogger(__name__).warning(
-                f"The checkpoint holds no train loader state (saved by an older seg2 or by detectron2): the data "
+                "The checkpoint holds no train loader state (saved by an older seg2 or by "
+                "detectron2): the data "
                 f"stream resumes at position {loader.position} (iteration {self.start_iter} x "
-                f"{loader.batch_size} images), exact only without DATALOADER.ASPECT_RATIO_GROUPING; the RNG "
+                f"{loader.batch_size} images), exact only without "
+                "DATALOADER.ASPECT_RATIO_GROUPING; the RNG "
                 "states are not restored, so the resumed run differs from an uninterrupted one"
             )
         if comm.is_main_process():
@@ -150,7 +181,9 @@ class Trainer(DefaultTrainer):
         logging.getLogger("seg2").info("Running inference with test-time augmentation ...")
         tta_model = build_tta_model(cfg, model)
         evaluators = [
-            cls.build_evaluator(cfg, name, output_folder=os.path.join(cfg.OUTPUT_DIR, "inference_TTA", name))
+            cls.build_evaluator(
+                cfg, name, output_folder=os.path.join(cfg.OUTPUT_DIR, "inference_TTA", name)
+            )
             for name in cfg.DATASETS.TEST
         ]
         res = cls.test(cfg, tta_model, evaluators)
@@ -168,22 +201,34 @@ class Trainer(DefaultTrainer):
         sampler = build_resumable_sampler(cfg, dataset)
         if sampler is None:
             logging.getLogger(__name__).warning(
-                f"DATALOADER.SAMPLER_TRAIN={cfg.DATALOADER.SAMPLER_TRAIN} has no seeded stream: detectron2's "
-                f"loader, whose data order a resume restarts (not exact; exact: {', '.join(RESUMABLE_SAMPLERS)})"
+                f"DATALOADER.SAMPLER_TRAIN={cfg.DATALOADER.SAMPLER_TRAIN} has no seeded stream: "
+                "detectron2's "
+                "loader, whose data order a resume restarts (not exact; exact: "
+                f"{', '.join(RESUMABLE_SAMPLERS)})"
             )
             return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset)
         world = comm.get_world_size()
         if cfg.SOLVER.IMS_PER_BATCH % world:
-            raise Seg2Error(f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} must be divisible by the number of "
-                            f"processes ({world})")
+            raise Seg2Error(
+                f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} must be divisible by the number "
+                "of "
+                f"processes ({world})"
+            )
         return ResumableTrainLoader(
-            dataset, mapper, sampler, cfg.SOLVER.IMS_PER_BATCH // world, num_workers=cfg.DATALOADER.NUM_WORKERS,
-            aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING, seed=cfg.SEED,
+            dataset,
+            mapper,
+            sampler,
+            cfg.SOLVER.IMS_PER_BATCH // world,
+            num_workers=cfg.DATALOADER.NUM_WORKERS,
+            aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+            seed=cfg.SEED,
         )
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(cfg, dataset_name, mapper=MultiTaskDatasetMapper(cfg, False))
+        return build_detection_test_loader(
+            cfg, dataset_name, mapper=MultiTaskDatasetMapper(cfg, False)
+        )
 
 
 def train_dataset_dicts(cfg) -> list:
@@ -200,23 +245,32 @@ def train_dataset_dicts(cfg) -> list:
     dicts = get_detection_dataset_dicts(
         names,
         filter_empty=False,
-        min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
+        min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE
+        if cfg.MODEL.KEYPOINT_ON
+        else 0,
         proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
         check_consistency=False,
     )
     with_instances = [d for d in dicts if "annotations" in d]
     if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS and with_instances:
         before = len(dicts)
-        dicts = [d for d in dicts if "annotations" not in d or any(a.get("iscrowd", 0) == 0 for a in d["annotations"])]
+        dicts = [
+            d
+            for d in dicts
+            if "annotations" not in d or any(a.get("iscrowd", 0) == 0 for a in d["annotations"])
+        ]
         logging.getLogger(__name__).info(
-            f"Removed {before - len(dicts)} images with annotations but no usable object; {len(dicts)} images left "
+            f"Removed {before - len(dicts)} images with annotations but no usable object; "
+            f"{len(dicts)} images left "
             f"({before - len(with_instances)} without annotations, kept for their semantic maps)."
         )
         with_instances = [d for d in dicts if "annotations" in d]
     classes = [MetadataCatalog.get(n).get("thing_classes") for n in names]
     classes = [c for c in classes if c is not None]
     if classes and any(c != classes[0] for c in classes):
-        raise Seg2Error(f"DATASETS.TRAIN={tuple(names)}: the datasets' thing_classes differ: {classes}")
+        raise Seg2Error(
+            f"DATASETS.TRAIN={tuple(names)}: the datasets' thing_classes differ: {classes}"
+        )
     if classes and with_instances:
         print_instances_class_histogram(with_instances, classes[0])
     if not dicts:
@@ -244,7 +298,9 @@ def check_same_tasks(cfg):
     that the other processes never join. One gather of a small dict, once; nothing in one process.
     """
     check_same_in_all_processes(
-        _task_set(cfg), "the task set", "every process must load the same config (the same --config-file and opts)"
+        _task_set(cfg),
+        "the task set",
+        "every process must load the same config (the same --config-file and opts)",
     )
 
 

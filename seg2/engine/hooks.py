@@ -44,7 +44,9 @@ class WeightedMetric(HookBase):
     hook: ``BestCheckpointer`` tracks one stored scalar only.
     """
 
-    def __init__(self, eval_period: int, name: str, metrics: Sequence[str], weights: Sequence[float]):
+    def __init__(
+        self, eval_period: int, name: str, metrics: Sequence[str], weights: Sequence[float]
+    ):
         self._period = eval_period
         self.name = name
         self.metrics = list(metrics)
@@ -61,12 +63,18 @@ class WeightedMetric(HookBase):
             return
         value = math.fsum(w * latest[m][0] for m, w in zip(self.metrics, self.weights))
         self.trainer.storage.put_scalar(self.name, value, smoothing_hint=False)
-        terms = " + ".join(f"{w:g} * {m} ({latest[m][0]:.4f})" for m, w in zip(self.metrics, self.weights))
+        terms = " + ".join(
+            f"{w:g} * {m} ({latest[m][0]:.4f})" for m, w in zip(self.metrics, self.weights)
+        )
         logger.info(f"{self.name} = {terms} = {value:.4f}")
 
     def after_step(self):
         next_iter = self.trainer.iter + 1
-        if self._period > 0 and next_iter % self._period == 0 and next_iter != self.trainer.max_iter:
+        if (
+            self._period > 0
+            and next_iter % self._period == 0
+            and next_iter != self.trainer.max_iter
+        ):
             self._combine()
 
     def after_train(self):
@@ -81,7 +89,8 @@ class BestModelTest(HookBase):
     ``SEG2.BEST_CHECKPOINT.TEST_DATASETS``: the model is chosen on ``DATASETS.TEST`` (a validation
     set) and reported once on data it was not chosen on. The results are logged, written to
     ``OUTPUT_DIR/model_best_test.json`` (with the iteration and the metric it was chosen by) and
-    kept as the trainer's ``best_model_test`` attribute. The trainer's own model stays the final one.
+    kept as the trainer's ``best_model_test`` attribute. The trainer's own model stays the final
+    one.
     Runs in every process (the evaluation is distributed); place it after ``BestCheckpointer``.
     """
 
@@ -106,7 +115,8 @@ class BestModelTest(HookBase):
         path = os.path.join(cfg.OUTPUT_DIR, "model_best.pth")
         if not os.path.isfile(path):
             logger.warning(
-                f"SEG2.BEST_CHECKPOINT.TEST_DATASETS: no {path} (was {best.METRIC} ever evaluated?); the best model "
+                f"SEG2.BEST_CHECKPOINT.TEST_DATASETS: no {path} (was {best.METRIC} ever "
+                "evaluated?); the best model "
                 f"is not evaluated on {list(cfg.DATASETS.TEST)}"
             )
             self.trainer.best_model_test = None
@@ -114,7 +124,8 @@ class BestModelTest(HookBase):
         model = self.trainer.model
         model = copy.deepcopy(model.module if isinstance(model, DistributedDataParallel) else model)
         saved_at = Seg2Checkpointer(model).load(path, checkpointables=[]).get("iteration", -1)
-        # BestCheckpointer saves the trainer's counter: k - 1 after k iterations, max_iter at the end
+        # BestCheckpointer saves the trainer's counter: k - 1 after k iterations, max_iter at the
+        # end
         iteration = min(saved_at + 1, self.trainer.max_iter)
         logger.info(
             f"Evaluating the best model by {best.METRIC} (after {iteration} iterations, {path}) on "
@@ -122,7 +133,9 @@ class BestModelTest(HookBase):
         )
         trainer_cls = self.trainer_cls
         evaluators = [
-            trainer_cls.build_evaluator(cfg, name, output_folder=os.path.join(cfg.OUTPUT_DIR, "inference_best", name))
+            trainer_cls.build_evaluator(
+                cfg, name, output_folder=os.path.join(cfg.OUTPUT_DIR, "inference_best", name)
+            )
             for name in cfg.DATASETS.TEST
         ]
         results = trainer_cls.test(cfg, model, evaluators)
@@ -153,18 +166,23 @@ def check_best_checkpoint_config(cfg) -> None:
         )
     if best.TEST_DATASETS and not best.METRIC:
         raise Seg2Error(
-            f"SEG2.BEST_CHECKPOINT.TEST_DATASETS={list(best.TEST_DATASETS)} evaluates the best model, but "
-            "SEG2.BEST_CHECKPOINT.METRIC is empty: name the metric that chooses it (e.g. 'sem_seg/mIoU')"
+            f"SEG2.BEST_CHECKPOINT.TEST_DATASETS={list(best.TEST_DATASETS)} evaluates the best "
+            "model, but "
+            "SEG2.BEST_CHECKPOINT.METRIC is empty: name the metric that chooses it (e.g. "
+            "'sem_seg/mIoU')"
         )
     overlap = sorted(set(best.TEST_DATASETS) & set(cfg.DATASETS.TEST))
     if overlap:
         raise Seg2Error(
-            f"SEG2.BEST_CHECKPOINT.TEST_DATASETS and DATASETS.TEST share {overlap}: the best model would be "
-            "reported on the data it was chosen on; choose on a validation set (DATASETS.TEST) and test on another"
+            f"SEG2.BEST_CHECKPOINT.TEST_DATASETS and DATASETS.TEST share {overlap}: the best "
+            "model would be "
+            "reported on the data it was chosen on; choose on a validation set (DATASETS.TEST) "
+            "and test on another"
         )
     if best.METRICS and not best.METRIC:
         raise Seg2Error(
-            "SEG2.BEST_CHECKPOINT.METRICS is set but SEG2.BEST_CHECKPOINT.METRIC is empty: name the "
+            "SEG2.BEST_CHECKPOINT.METRICS is set but SEG2.BEST_CHECKPOINT.METRIC is empty: name "
+            "the "
             "weighted sum there (e.g. 'combined/score') to keep the best model by it"
         )
 
@@ -185,7 +203,18 @@ def build_best_checkpoint_hooks(cfg, checkpointer) -> List[HookBase]:
     ret: List[HookBase] = []
     if best.METRICS:
         ret.append(WeightedMetric(period, best.METRIC, best.METRICS, best.WEIGHTS))
-    ret.append(hooks.BestCheckpointer(period, checkpointer, best.METRIC, mode=best.MODE, file_prefix="model_best"))
-    when = f"every {period} iterations and at the end" if period > 0 else "at the end (TEST.EVAL_PERIOD is 0)"
-    logger.info(f"Keeping the best model by {best.METRIC} ({best.MODE}), evaluated {when}, in model_best.pth")
+    ret.append(
+        hooks.BestCheckpointer(
+            period, checkpointer, best.METRIC, mode=best.MODE, file_prefix="model_best"
+        )
+    )
+    when = (
+        f"every {period} iterations and at the end"
+        if period > 0
+        else "at the end (TEST.EVAL_PERIOD is 0)"
+    )
+    logger.info(
+        f"Keeping the best model by {best.METRIC} ({best.MODE}), evaluated {when}, in "
+        "model_best.pth"
+    )
     return ret

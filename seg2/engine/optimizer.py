@@ -4,7 +4,8 @@ The optimizer of a seg2 run: detectron2's ``build_optimizer``, with the choice o
 
 detectron2 applies ``SOLVER.BIAS_LR_FACTOR`` and ``SOLVER.WEIGHT_DECAY_BIAS`` to every parameter
 named ``bias``, the shift of a BatchNorm included. Caffe sets them per layer (``lr_mult`` and
-``decay_mult`` of each ``param``): SegNet's prototxts double the learning rate of the conv biases and
+``decay_mult`` of each ``param``): SegNet's prototxts double the learning rate of the conv biases
+and
 take their weight decay away, but leave the BN layers' scale and shift at the defaults (learning
 rate and weight decay of the weights). ``"norm"`` gives a norm layer's bias the hyper-parameters of
 its weight (``SOLVER.BASE_LR``, ``SOLVER.WEIGHT_DECAY_NORM``), which reproduces that.
@@ -58,7 +59,9 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     """
     mode = cfg.SOLVER.NORM_BIAS_HYPERPARAMS
     if mode not in NORM_BIAS_HYPERPARAMS:
-        raise Seg2Error(f"SOLVER.NORM_BIAS_HYPERPARAMS={mode!r}: choose one of {list(NORM_BIAS_HYPERPARAMS)}")
+        raise Seg2Error(
+            f"SOLVER.NORM_BIAS_HYPERPARAMS={mode!r}: choose one of {list(NORM_BIAS_HYPERPARAMS)}"
+        )
     optimizer = d2_build_optimizer(cfg, model)  # gradient clipping and all, as detectron2 builds it
     norm_biases = {id(p) for p in norm_bias_parameters(model)} if mode == "norm" else set()
     if not norm_biases:
@@ -68,5 +71,7 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
         g["params"] = [p for p in g["params"] if id(p) not in norm_biases]
     optimizer.param_groups = [g for g in optimizer.param_groups if g["params"]]
     s = cfg.SOLVER
-    optimizer.add_param_group({"params": moved, "lr": s.BASE_LR, "weight_decay": s.WEIGHT_DECAY_NORM})
+    optimizer.add_param_group(
+        {"params": moved, "lr": s.BASE_LR, "weight_decay": s.WEIGHT_DECAY_NORM}
+    )
     return optimizer

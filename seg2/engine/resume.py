@@ -57,9 +57,14 @@ def trim_metrics_json(path: str, start_iter: int) -> Tuple[int, int]:
             f.truncate()
     if late or broken:
         logger.warning(
-            f"{path}: dropped {late} record(s) at iterations >= {start_iter}, which this run (starting at "
+            f"{path}: dropped {late} record(s) at iterations >= {start_iter}, which this run "
+            "(starting at "
             f"iteration {start_iter}) writes again"
-            + (f", and {broken} line(s) that are not JSON records (a write cut short)" if broken else "")
+            + (
+                f", and {broken} line(s) that are not JSON records (a write cut short)"
+                if broken
+                else ""
+            )
             + f"; {len(kept)} kept. The dropped lines are in {path}.dropped"
         )
     return len(kept), late + broken

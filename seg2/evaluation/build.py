@@ -85,7 +85,8 @@ def build_evaluator(cfg, dataset_name: str, output_dir: str = None):
     evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
     if evaluator_type not in EVALUATORS:
         raise Seg2Error(
-            f"dataset {dataset_name!r} has evaluator_type={evaluator_type!r}; seg2 evaluates {sorted(EVALUATORS)}"
+            f"dataset {dataset_name!r} has evaluator_type={evaluator_type!r}; seg2 evaluates "
+            f"{sorted(EVALUATORS)}"
         )
     predicted = model_tasks(cfg)
     chosen = {t: e for t, e in EVALUATORS[evaluator_type].items() if t in predicted}
@@ -95,7 +96,10 @@ def build_evaluator(cfg, dataset_name: str, output_dir: str = None):
             f"MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE!r} predicts"
         )
     for target in sorted(set(EVALUATORS[evaluator_type]) - set(chosen)):
-        logger.info(f"{dataset_name} ({evaluator_type}): {cfg.MODEL.META_ARCHITECTURE} predicts no {target}; not evaluated")
+        logger.info(
+            f"{dataset_name} ({evaluator_type}): {cfg.MODEL.META_ARCHITECTURE} predicts no "
+            f"{target}; not evaluated"
+        )
     evaluators = []
     for target, cls in chosen.items():
         if cls is MaskAPEvaluator and cfg.MODEL.KEYPOINT_ON:
@@ -111,7 +115,8 @@ def _check_package(cls, dataset_name):
         module, install = PACKAGES[cls]
         if importlib.util.find_spec(module) is None:
             raise Seg2Error(
-                f"dataset {dataset_name!r} is evaluated by detectron2's {cls.__name__}, which needs the "
+                f"dataset {dataset_name!r} is evaluated by detectron2's {cls.__name__}, which "
+                "needs the "
                 f"'{module}' package: {install}"
             )
 
@@ -121,13 +126,17 @@ def _make(cls, cfg, dataset_name, output_dir):
     iou_types = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
     if cls is MIoUEvaluator:
         boundary_iou = bool(ev_cfg.BOUNDARY_IOU) if ev_cfg else False
-        return MIoUEvaluator(dataset_name, distributed=True, output_dir=output_dir, boundary_iou=boundary_iou)
+        return MIoUEvaluator(
+            dataset_name, distributed=True, output_dir=output_dir, boundary_iou=boundary_iou
+        )
     if cls is MaskAPEvaluator:
         if cfg.TEST.DETECTIONS_PER_IMAGE > COCO_MAX_DETS_PER_IMAGE:
             logger.info(
                 f"{dataset_name}: AP counts the {COCO_MAX_DETS_PER_IMAGE} highest-scoring of the "
-                f"TEST.DETECTIONS_PER_IMAGE={cfg.TEST.DETECTIONS_PER_IMAGE} detections per image (COCO's "
-                "maxDets, as detectron2's train_net); MaskAPEvaluator(max_dets_per_image=...) counts more"
+                f"TEST.DETECTIONS_PER_IMAGE={cfg.TEST.DETECTIONS_PER_IMAGE} detections per image "
+                "(COCO's "
+                "maxDets, as detectron2's train_net); MaskAPEvaluator(max_dets_per_image=...) "
+                "counts more"
             )
         return MaskAPEvaluator(
             dataset_name,

@@ -25,10 +25,6 @@ from typing import Optional, Sequence
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
-from tabulate import tabulate
-
 from detectron2.data import MetadataCatalog
 from detectron2.data.datasets.coco import convert_to_coco_dict
 from detectron2.evaluation import DatasetEvaluator
@@ -36,6 +32,9 @@ from detectron2.evaluation.coco_evaluation import COCOevalMaxDets
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from tabulate import tabulate
 
 from ..utils import Seg2Error
 
@@ -56,7 +55,10 @@ class COCOevalOptMaxDets(COCOevalMaxDets, COCOeval_opt or COCOeval):
 
 
 # The same for a maxDets[2] other than COCO's 100, as detectron2's COCOEvaluator does.
-BACKENDS_MAX_DETS = {"pycocotools": COCOevalMaxDets, "detectron2_fast": COCOeval_opt and COCOevalOptMaxDets}
+BACKENDS_MAX_DETS = {
+    "pycocotools": COCOevalMaxDets,
+    "detectron2_fast": COCOeval_opt and COCOevalOptMaxDets,
+}
 # COCO's limit on detections per image (COCOeval's maxDets[2], detectron2's COCOEvaluator default).
 COCO_MAX_DETS_PER_IMAGE = 100
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -79,7 +81,9 @@ def coco_metrics(coco_eval, iou_type: str, class_names: Sequence[str], category_
             its column in ``coco_eval.eval["precision"]`` (ordered as ``coco_eval.params.catIds``).
     """
     stats = coco_eval.stats
-    results = OrderedDict((k, float(stats[i] * 100) if stats[i] >= 0 else float("nan")) for i, k in enumerate(AP_KEYS))
+    results = OrderedDict(
+        (k, float(stats[i] * 100) if stats[i] >= 0 else float("nan")) for i, k in enumerate(AP_KEYS)
+    )
     logger.info(f"Evaluation results for {iou_type}: \n" + create_small_table(results))
     if len(class_names) > 1:
         precisions = coco_eval.eval["precision"]  # (iou, recall, class, area range, max dets)
@@ -88,11 +92,19 @@ def coco_metrics(coco_eval, iou_type: str, class_names: Sequence[str], category_
         for name, cid in zip(class_names, category_ids):
             precision = precisions[:, :, column[cid], 0, -1]
             precision = precision[precision > -1]
-            per_class.append((name, float(np.mean(precision) * 100) if precision.size else float("nan")))
+            per_class.append(
+                (name, float(np.mean(precision) * 100) if precision.size else float("nan"))
+            )
         n_cols = min(6, len(per_class) * 2)
         flat = list(itertools.chain(*per_class))
         rows = itertools.zip_longest(*[flat[i::n_cols] for i in range(n_cols)])
-        table = tabulate(rows, tablefmt="pipe", floatfmt=".3f", headers=["category", "AP"] * (n_cols // 2), numalign="left")
+        table = tabulate(
+            rows,
+            tablefmt="pipe",
+            floatfmt=".3f",
+            headers=["category", "AP"] * (n_cols // 2),
+            numalign="left",
+        )
         logger.info(f"Per-category {iou_type} AP: \n" + table)
         results.update((f"AP-{name}", ap) for name, ap in per_class)
     max_dets = coco_eval.params.maxDets
@@ -125,7 +137,9 @@ def encode_masks(masks: torch.Tensor):
     if m.dtype == torch.bool:
         m = m.view(torch.uint8)
     elif m.dtype != torch.uint8:
-        raise ValueError(f"masks must be bool (or uint8 0/1), got {m.dtype}: threshold soft masks first")
+        raise ValueError(
+            f"masks must be bool (or uint8 0/1), got {m.dtype}: threshold soft masks first"
+        )
     elif int(m.max()) > 1:
         raise ValueError("uint8 masks must hold only 0 and 1")
     m = m.contiguous()
@@ -147,7 +161,9 @@ def encode_masks(masks: torch.Tensor):
         if packed_np is not None:  # occupied rows from the packed words: 8x fewer elements
             rows = np.flatnonzero(packed_np[i, :, first[i] : last[i]].max(axis=1))
         else:
-            rows = np.flatnonzero(arr[i, :, lo:hi].max(axis=1))  # uint8 max reduces faster than any()
+            rows = np.flatnonzero(
+                arr[i, :, lo:hi].max(axis=1)
+            )  # uint8 max reduces faster than any()
         y0, y1 = rows[0], rows[-1] + 1
         band = arr[i, y0:y1, lo:hi]
         cols = np.flatnonzero(band.max(axis=0))
@@ -184,10 +200,15 @@ def load_coco_gt(dataset_name: str) -> COCO:
         if json_file:
             local = PathManager.get_local_path(json_file)
             if not os.path.isfile(local):
-                raise Seg2Error(f"dataset {dataset_name!r}: metadata json_file {json_file} does not exist")
+                raise Seg2Error(
+                    f"dataset {dataset_name!r}: metadata json_file {json_file} does not exist"
+                )
             coco = COCO(local)
         else:
-            logger.info(f"{dataset_name!r} has no json_file: converting its records to COCO format in memory")
+            logger.info(
+                f"{dataset_name!r} has no json_file: converting its records to COCO format in "
+                "memory"
+            )
             coco = COCO()
             coco.dataset = convert_to_coco_dict(dataset_name)
             coco.createIndex()
@@ -195,7 +216,8 @@ def load_coco_gt(dataset_name: str) -> COCO:
         raise Seg2Error(f"dataset {dataset_name!r} has no images: nothing to evaluate AP on")
     if "annotations" not in coco.dataset:
         raise Seg2Error(
-            f"dataset {dataset_name!r}: {json_file} has no 'annotations' (a test-dev JSON?); AP needs ground truth"
+            f"dataset {dataset_name!r}: {json_file} has no 'annotations' (a test-dev JSON?); AP "
+            "needs ground truth"
         )
     return coco
 
@@ -252,17 +274,24 @@ class MaskAPEvaluator(DatasetEvaluator):
         """
         unknown = set(tasks) - {"bbox", "segm"}
         if unknown or not tasks:
-            raise ValueError(f"tasks={tuple(tasks)}: MaskAPEvaluator evaluates 'bbox' and/or 'segm'")
+            raise ValueError(
+                f"tasks={tuple(tasks)}: MaskAPEvaluator evaluates 'bbox' and/or 'segm'"
+            )
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}: choose one of {sorted(BACKENDS)}")
         if BACKENDS[backend] is None:
-            raise ValueError(f"backend={backend!r}: detectron2 was built without its C++ COCOeval_opt")
+            raise ValueError(
+                f"backend={backend!r}: detectron2 was built without its C++ COCOeval_opt"
+            )
         if segm_area not in ("mask", "box"):
             raise ValueError(f"segm_area={segm_area!r}: choose 'mask' or 'box'")
-        is_int = isinstance(max_dets_per_image, (int, np.integer)) and not isinstance(max_dets_per_image, bool)
+        is_int = isinstance(max_dets_per_image, (int, np.integer)) and not isinstance(
+            max_dets_per_image, bool
+        )
         if not is_int or max_dets_per_image < 10:
             raise ValueError(
-                f"max_dets_per_image={max_dets_per_image!r}: a number of detections per image >= 10 (COCOeval's "
+                f"max_dets_per_image={max_dets_per_image!r}: a number of detections per image >= "
+                "10 (COCOeval's "
                 "maxDets [1, 10, max_dets_per_image] are sorted: AP is taken at the largest)"
             )
         if save_predictions_json and not output_dir:
@@ -288,8 +317,10 @@ class MaskAPEvaluator(DatasetEvaluator):
         self._class_names = list(meta.get("thing_classes", None) or [c["name"] for c in cats])
         if len(self._class_names) != len(cats) or len(d2c) != len(cats):
             raise Seg2Error(
-                f"dataset {dataset_name!r}: its metadata has {len(self._class_names)} thing_classes and "
-                f"{len(d2c)} thing_dataset_id_to_contiguous_id entries but its COCO ground truth has "
+                f"dataset {dataset_name!r}: its metadata has {len(self._class_names)} "
+                "thing_classes and "
+                f"{len(d2c)} thing_dataset_id_to_contiguous_id entries but its COCO ground truth "
+                "has "
                 f"{len(cats)} categories; AP per class needs one name per category"
             )
         self.reset()
@@ -309,11 +340,19 @@ class MaskAPEvaluator(DatasetEvaluator):
         for inp, out in zip(inputs, outputs):
             image_id = inp["image_id"]
             if image_id not in self._coco_gt.imgs:
-                raise Seg2Error(f"image_id {image_id!r} ({inp.get('file_name', '?')}) is not in dataset {self._dataset_name!r}")
+                raise Seg2Error(
+                    f"image_id {image_id!r} ({inp.get('file_name', '?')}) is not in dataset "
+                    f"{self._dataset_name!r}"
+                )
             if image_id in self._seen:
-                raise ValueError(f"image_id {image_id!r} was processed twice; its detections would count twice")
+                raise ValueError(
+                    f"image_id {image_id!r} was processed twice; its detections would count twice"
+                )
             if "instances" not in out:
-                raise ValueError(f"image_id {image_id}: the model output has no 'instances' (keys: {sorted(out)})")
+                raise ValueError(
+                    f"image_id {image_id}: the model output has no 'instances' (keys: "
+                    f"{sorted(out)})"
+                )
             self._predictions.append(self._encode(image_id, out["instances"]))
             self._seen.add(image_id)
 
@@ -323,18 +362,23 @@ class MaskAPEvaluator(DatasetEvaluator):
         boxes = instances.pred_boxes.tensor.detach().to("cpu", torch.float32).clone()
         classes = instances.pred_classes.detach().to("cpu", torch.int64)
         if n and (torch.isnan(scores).any() or torch.isnan(boxes).any()):
-            raise ValueError(f"image_id {image_id}: NaN in scores or pred_boxes; refusing to score them")
+            raise ValueError(
+                f"image_id {image_id}: NaN in scores or pred_boxes; refusing to score them"
+            )
         num_classes = len(self._contiguous_to_dataset_id)
         if n and (int(classes.min()) < 0 or int(classes.max()) >= num_classes):
             bad = sorted({c for c in classes.tolist() if not 0 <= c < num_classes})
             raise ValueError(
-                f"image_id {image_id}: pred_classes {bad} outside the {num_classes} classes of dataset "
+                f"image_id {image_id}: pred_classes {bad} outside the {num_classes} classes of "
+                "dataset "
                 f"{self._dataset_name!r} (contiguous ids 0..{num_classes - 1})"
             )
         record = {
             "image_id": image_id,
             # XYXY -> XYWH in float32, as detectron2's instances_to_coco_json
-            "boxes": torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist() if n else [],
+            "boxes": torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+            if n
+            else [],
             "scores": scores.tolist(),
             "category_ids": self._contiguous_to_dataset_id[classes.numpy()].tolist(),
         }
@@ -345,7 +389,8 @@ class MaskAPEvaluator(DatasetEvaluator):
             img = self._coco_gt.imgs[image_id]
             if masks.dim() != 3 or tuple(masks.shape[1:]) != (img["height"], img["width"]):
                 raise ValueError(
-                    f"image_id {image_id}: pred_masks {tuple(masks.shape)} do not match the image size "
+                    f"image_id {image_id}: pred_masks {tuple(masks.shape)} do not match the image "
+                    "size "
                     f"{img['height']}x{img['width']}; paste masks at the original resolution "
                     "(detectron2's detector_postprocess)"
                 )
@@ -362,7 +407,10 @@ class MaskAPEvaluator(DatasetEvaluator):
         predictions = list(itertools.chain(*predictions))
         ids = [p["image_id"] for p in predictions]
         if len(set(ids)) != len(ids):
-            raise ValueError(f"MaskAPEvaluator({self._dataset_name!r}): some images were processed by two processes")
+            raise ValueError(
+                f"MaskAPEvaluator({self._dataset_name!r}): some images were processed by two "
+                "processes"
+            )
         return predictions
 
     def _results_api(self, predictions, task):
@@ -374,15 +422,26 @@ class MaskAPEvaluator(DatasetEvaluator):
             else:
                 areas = [b[2] * b[3] for b in p["boxes"]]
             for k, (box, score, cat) in enumerate(zip(p["boxes"], p["scores"], p["category_ids"])):
-                ann = {"image_id": p["image_id"], "category_id": cat, "score": score, "bbox": box,
-                       "area": areas[k], "iscrowd": 0, "id": len(anns) + 1}
+                ann = {
+                    "image_id": p["image_id"],
+                    "category_id": cat,
+                    "score": score,
+                    "bbox": box,
+                    "area": areas[k],
+                    "iscrowd": 0,
+                    "id": len(anns) + 1,
+                }
                 if task == "segm":
                     ann["segmentation"] = rles[k]
                 anns.append(ann)
         # What pycocotools' loadRes builds, without its copies and per-annotation recomputation.
         gt = self._coco_gt.dataset
         dt = COCO()
-        dt.dataset = {"images": list(gt["images"]), "categories": list(gt["categories"]), "annotations": anns}
+        dt.dataset = {
+            "images": list(gt["images"]),
+            "categories": list(gt["categories"]),
+            "annotations": anns,
+        }
         with contextlib.redirect_stdout(io.StringIO()):
             dt.createIndex()
         return dt
@@ -397,7 +456,9 @@ class MaskAPEvaluator(DatasetEvaluator):
         if predictions is None:
             return {}
         if not predictions:
-            logger.warning(f"MaskAPEvaluator({self._dataset_name!r}): no image was processed; no metrics")
+            logger.warning(
+                f"MaskAPEvaluator({self._dataset_name!r}): no image was processed; no metrics"
+            )
             return {}
         img_ids = sorted(p["image_id"] for p in predictions)
         results = OrderedDict()
@@ -413,8 +474,13 @@ class MaskAPEvaluator(DatasetEvaluator):
                 coco_eval.evaluate()
                 coco_eval.accumulate()
                 coco_eval.summarize()
-            logger.info(f"COCOeval ({self._backend}) {task} on {len(img_ids)} images of {self._dataset_name}:\n{out.getvalue()}")
-            results[task] = coco_metrics(coco_eval, task, self._class_names, self._contiguous_to_dataset_id.tolist())
+            logger.info(
+                f"COCOeval ({self._backend}) {task} on {len(img_ids)} images of "
+                f"{self._dataset_name}:\n{out.getvalue()}"
+            )
+            results[task] = coco_metrics(
+                coco_eval, task, self._class_names, self._contiguous_to_dataset_id.tolist()
+            )
             self.coco_evals[task] = coco_eval
         if self._output_dir:
             self._write(results, predictions)
@@ -427,18 +493,28 @@ class MaskAPEvaluator(DatasetEvaluator):
             "backend": self._backend,
             "segm_area": self._segm_area,
             "max_dets_per_image": self._max_dets[2],
-            "results": {t: {k: (None if np.isnan(v) else v) for k, v in r.items()} for t, r in results.items()},
+            "results": {
+                t: {k: (None if np.isnan(v) else v) for k, v in r.items()}
+                for t, r in results.items()
+            },
         }
         with PathManager.open(os.path.join(self._output_dir, "mask_ap_evaluation.json"), "w") as f:
             json.dump(payload, f, indent=1)
         if self._save_predictions_json:
             coco_results = []
             for p in predictions:
-                for k, (box, score, cat) in enumerate(zip(p["boxes"], p["scores"], p["category_ids"])):
+                for k, (box, score, cat) in enumerate(
+                    zip(p["boxes"], p["scores"], p["category_ids"])
+                ):
                     r = {"image_id": p["image_id"], "category_id": cat, "bbox": box, "score": score}
                     if "rles" in p:
                         rle = p["rles"][k]
-                        r["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("utf-8")}
+                        r["segmentation"] = {
+                            "size": rle["size"],
+                            "counts": rle["counts"].decode("utf-8"),
+                        }
                     coco_results.append(r)
-            with PathManager.open(os.path.join(self._output_dir, "coco_instances_results.json"), "w") as f:
+            with PathManager.open(
+                os.path.join(self._output_dir, "coco_instances_results.json"), "w"
+            ) as f:
                 json.dump(coco_results, f)

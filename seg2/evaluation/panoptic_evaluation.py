@@ -9,7 +9,8 @@ whole image, a Python loop over segment pairs) is slow. Here, per image, the pix
 into runs of equal (gt id, pred id) in raster order (panoptic maps are flat regions: a few percent
 of the pixels start a run), the run values are turned into small indices, one weighted
 ``np.bincount`` over ``gt_index * (K + 1) + pred_index`` gives every gt/pred intersection at once,
-and matching, void and crowd handling are array operations on that small matrix. The numbers equal panopticapi's
+and matching, void and crowd handling are array operations on that small matrix. The numbers equal
+panopticapi's
 (``tools/benchmarks/benchmark_pq.py`` checks it to 1e-9).
 
 COCO's rules (those of panopticapi/evaluation.py):
@@ -32,12 +33,11 @@ from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
-from PIL import Image
-
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
+from PIL import Image
 
 from ..utils import Seg2Error, UnreadableFileError
 

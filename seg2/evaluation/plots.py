@@ -1,10 +1,9 @@
 """PNG plots of semantic segmentation results (matplotlib's Agg canvas, no display needed)."""
 
 import numpy as np
+from detectron2.utils.file_io import PathManager
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-
-from detectron2.utils.file_io import PathManager
 
 
 def _save(fig: Figure, path: str):
@@ -31,7 +30,9 @@ def plot_confusion_matrix(conf: np.ndarray, class_names, path: str):
     fig = Figure(figsize=(side, side))
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the ground-truth class's pixels")
+    fig.colorbar(
+        im, ax=ax, fraction=0.046, pad=0.04, label="share of the ground-truth class's pixels"
+    )
     ax.set_xticks(range(n))
     ax.set_yticks(range(n))
     ax.set_xticklabels(class_names, rotation=90)
@@ -43,8 +44,15 @@ def plot_confusion_matrix(conf: np.ndarray, class_names, path: str):
         for i in range(n):
             for j in range(n):
                 if norm[i, j] >= 0.005:
-                    ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if norm[i, j] > 0.5 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        f"{norm[i, j]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black",
+                    )
     _save(fig, path)
 
 
@@ -64,7 +72,13 @@ def plot_per_class_iou(iou: np.ndarray, class_names, path: str):
     ax = fig.add_subplot(1, 1, 1)
     ax.bar(range(n), values, color="tab:blue")
     for i, v in enumerate(iou):
-        ax.text(i, (0 if np.isnan(v) else v) + 1, "n/a" if np.isnan(v) else f"{v:.1f}", ha="center", fontsize=7)
+        ax.text(
+            i,
+            (0 if np.isnan(v) else v) + 1,
+            "n/a" if np.isnan(v) else f"{v:.1f}",
+            ha="center",
+            fontsize=7,
+        )
     valid = iou[~np.isnan(iou)]
     if valid.size:
         ax.axhline(valid.mean(), color="tab:red", linestyle="--", label=f"mIoU {valid.mean():.2f}")

@@ -26,13 +26,12 @@ import numpy as np
 import pycocotools.mask as mask_util
 import torch
 import torch.nn.functional as F
-from tabulate import tabulate
-
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
+from tabulate import tabulate
 
 from ..data.label_map import read_sem_seg
 from ..utils import Seg2Error
@@ -108,7 +107,9 @@ def _boundary_dilation(h: int, w: int, dilation_ratio: float) -> int:
     return max(1, int(round(dilation_ratio * np.sqrt(h**2 + w**2))))
 
 
-def mask_to_boundary(mask: torch.Tensor, dilation_ratio: float = BOUNDARY_DILATION_RATIO, use_cv2=None):
+def mask_to_boundary(
+    mask: torch.Tensor, dilation_ratio: float = BOUNDARY_DILATION_RATIO, use_cv2=None
+):
     """
     detectron2's ``SemSegEvaluator._mask_to_boundary`` for an (H, W) uint8 label map:
     ``mask - erode(mask)`` where the erosion is a (2d+1)-square minimum filter over the map
@@ -122,7 +123,9 @@ def mask_to_boundary(mask: torch.Tensor, dilation_ratio: float = BOUNDARY_DILATI
             separable max-pooling in torch (runs on the mask's device). None: OpenCV for CPU masks.
     """
     if mask.dim() != 2 or mask.dtype != torch.uint8:
-        raise ValueError(f"mask_to_boundary expects an (H, W) uint8 map, got {tuple(mask.shape)} {mask.dtype}")
+        raise ValueError(
+            f"mask_to_boundary expects an (H, W) uint8 map, got {tuple(mask.shape)} {mask.dtype}"
+        )
     h, w = mask.shape
     d = _boundary_dilation(h, w, dilation_ratio)
     if use_cv2 is None:
@@ -154,7 +157,9 @@ def _boundary_numpy(m: np.ndarray) -> np.ndarray:
     return mask_to_boundary(torch.from_numpy(m), use_cv2=False).numpy()
 
 
-def sem_seg_to_coco_json(sem_seg: np.ndarray, file_name: str, contiguous_id_to_dataset_id: Optional[dict] = None):
+def sem_seg_to_coco_json(
+    sem_seg: np.ndarray, file_name: str, contiguous_id_to_dataset_id: Optional[dict] = None
+):
     """
     A predicted class map as COCO stuff results, one RLE per class present: the entries detectron2's
     ``SemSegEvaluator.encode_json_sem_seg`` writes to ``sem_seg_predictions.json``. That is a method
@@ -174,15 +179,20 @@ def sem_seg_to_coco_json(sem_seg: np.ndarray, file_name: str, contiguous_id_to_d
             category_id = contiguous_id_to_dataset_id[label]
         else:
             raise Seg2Error(
-                f"{file_name}: predicted class {label} has no entry in the metadata's stuff_dataset_id_to_contiguous_id"
+                f"{file_name}: predicted class {label} has no entry in the metadata's "
+                "stuff_dataset_id_to_contiguous_id"
             )
-        rle = mask_util.encode(np.array((sem_seg == label).astype(np.uint8)[:, :, None], order="F"))[0]
+        rle = mask_util.encode(
+            np.array((sem_seg == label).astype(np.uint8)[:, :, None], order="F")
+        )[0]
         rle["counts"] = rle["counts"].decode("utf-8")
         entries.append({"file_name": file_name, "category_id": category_id, "segmentation": rle})
     return entries
 
 
-def sem_seg_metrics(conf: np.ndarray, class_names, b_conf: Optional[np.ndarray] = None) -> Dict[str, float]:
+def sem_seg_metrics(
+    conf: np.ndarray, class_names, b_conf: Optional[np.ndarray] = None
+) -> Dict[str, float]:
     """
     detectron2's semantic segmentation metrics (percent) from a confusion matrix.
 
@@ -308,12 +318,16 @@ class MIoUEvaluator(DatasetEvaluator):
             )
         # What read_sem_seg needs of each record (not the whole record: COCO's carry instances).
         self._gt_records = {
-            r["file_name"]: {k: r[k] for k in ("sem_seg_file_name", "sem_seg_format") if k in r} for r in records
+            r["file_name"]: {k: r[k] for k in ("sem_seg_file_name", "sem_seg_format") if k in r}
+            for r in records
         }
 
         meta = MetadataCatalog.get(dataset_name)
         if not meta.get("stuff_classes"):
-            raise Seg2Error(f"dataset {dataset_name!r}: metadata has no 'stuff_classes'; mIoU needs the class names")
+            raise Seg2Error(
+                f"dataset {dataset_name!r}: metadata has no 'stuff_classes'; mIoU needs the class "
+                "names"
+            )
         self._class_names = list(meta.stuff_classes)
         self._num_classes = len(self._class_names)
         self._ignore_label = meta.get("ignore_label", None)
@@ -321,11 +335,15 @@ class MIoUEvaluator(DatasetEvaluator):
         self._contiguous_id_to_dataset_id = {v: k for k, v in c2d.items()} if c2d else None
         if boundary_iou and self._num_classes >= np.iinfo(np.uint8).max:
             raise ValueError(
-                f"boundary_iou=True: dataset {dataset_name!r} has {self._num_classes} classes; detectron2's "
+                f"boundary_iou=True: dataset {dataset_name!r} has {self._num_classes} classes; "
+                "detectron2's "
                 "boundary IoU works on uint8 maps and needs fewer than 255"
             )
         if save_predictions_json and not output_dir:
-            raise ValueError("save_predictions_json=True needs an output_dir to write sem_seg_predictions.json to")
+            raise ValueError(
+                "save_predictions_json=True needs an output_dir to write sem_seg_predictions.json "
+                "to"
+            )
         self.reset()
 
     def reset(self):
@@ -342,18 +360,22 @@ class MIoUEvaluator(DatasetEvaluator):
             record = self._gt_records[file_name]
         except KeyError:
             raise Seg2Error(
-                f"image {file_name} is not a record of dataset {self._dataset_name!r}: no ground truth to "
+                f"image {file_name} is not a record of dataset {self._dataset_name!r}: no ground "
+                "truth to "
                 "evaluate it against (inputs must carry the records' 'file_name')"
             ) from None
         return read_sem_seg(record), record["sem_seg_file_name"]
 
     def _check_logits(self, logits, file_name):
         if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
-            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            shape = (
+                tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            )
             raise ValueError(f"{file_name}: 'sem_seg' must be (C, H, W) logits, got {shape}")
         if logits.shape[0] != self._num_classes:
             raise ValueError(
-                f"{file_name}: 'sem_seg' has {logits.shape[0]} channels but dataset {self._dataset_name!r} has "
+                f"{file_name}: 'sem_seg' has {logits.shape[0]} channels but dataset "
+                f"{self._dataset_name!r} has "
                 f"{self._num_classes} stuff_classes"
             )
 
@@ -367,20 +389,26 @@ class MIoUEvaluator(DatasetEvaluator):
         for inp, out in zip(inputs, outputs):
             file_name = inp["file_name"]
             if "sem_seg" not in out:
-                raise ValueError(f"{file_name}: the model output has no 'sem_seg' (keys: {sorted(out)})")
+                raise ValueError(
+                    f"{file_name}: the model output has no 'sem_seg' (keys: {sorted(out)})"
+                )
             logits = out["sem_seg"]
             self._check_logits(logits, file_name)
             gt_np, gt_path = self._ground_truth(file_name)
             if tuple(gt_np.shape) != tuple(logits.shape[1:]):
                 raise ValueError(
-                    f"{file_name}: prediction is {tuple(logits.shape[1:])} (H, W) but its ground truth "
-                    f"{gt_path} is {tuple(gt_np.shape)}; resize predictions to the original image size "
+                    f"{file_name}: prediction is {tuple(logits.shape[1:])} (H, W) but its ground "
+                    "truth "
+                    f"{gt_path} is {tuple(gt_np.shape)}; resize predictions to the original image "
+                    "size "
                     "(detectron2's sem_seg_postprocess does it when inputs carry 'height'/'width')"
                 )
             x = _cpu_logits_numpy(logits)  # CPU: single-threaded numpy (see the module docstring)
             pred, has_nan = _argmax_numpy(x) if x is not None else argmax_channels(logits)
             if has_nan:
-                raise ValueError(f"{file_name}: 'sem_seg' logits contain NaN; refusing to score them")
+                raise ValueError(
+                    f"{file_name}: 'sem_seg' logits contain NaN; refusing to score them"
+                )
             if x is not None:
                 self._accumulate_numpy(pred, gt_np, file_name, gt_path)
             else:
@@ -541,7 +569,8 @@ class MIoUEvaluator(DatasetEvaluator):
     def evaluate(self):
         """
         Returns:
-            dict: ``{"sem_seg": {"mIoU", "fwIoU", "IoU-<class>", "mACC", "pACC", "ACC-<class>", ...}}``
+            dict: ``{"sem_seg": {"mIoU", "fwIoU", "IoU-<class>", "mACC", "pACC", "ACC-<class>",
+            ...}}``
             in percent on the main process; ``{}`` elsewhere and when nothing was processed.
             Where classes have no ground-truth pixel in the evaluated images, also
             ``classes_without_gt`` (their number) and ``noGT-<class>`` (1.0) for each; the
@@ -552,13 +581,19 @@ class MIoUEvaluator(DatasetEvaluator):
             return {}
         conf, b_conf, num_images, ignore_only, predictions = state
         if num_images == 0:
-            logger.warning(f"MIoUEvaluator({self._dataset_name!r}): no image was processed; no metrics")
+            logger.warning(
+                f"MIoUEvaluator({self._dataset_name!r}): no image was processed; no metrics"
+            )
             return {}
         with np.errstate(invalid="ignore", divide="ignore"):
             res = sem_seg_metrics(conf, self._class_names, b_conf)
         if conf.sum() == 0:
-            # detectron2 would report fwIoU 0 here; with no labelled pixel every metric is undefined.
-            logger.warning(f"MIoUEvaluator({self._dataset_name!r}): every processed pixel is ignored; metrics are NaN")
+            # detectron2 would report fwIoU 0 here; with no labelled pixel every metric is
+            # undefined.
+            logger.warning(
+                f"MIoUEvaluator({self._dataset_name!r}): every processed pixel is ignored; "
+                "metrics are NaN"
+            )
             res = {k: float("nan") for k in res}
         absent = [name for name, n in zip(self._class_names, conf.sum(axis=0)) if n == 0]
         self.classes_without_gt = absent
@@ -606,7 +641,11 @@ class MIoUEvaluator(DatasetEvaluator):
             if self._boundary_iou:
                 row.append(res[f"BoundaryIoU-{name}"])
             rows.append(row + [int(pos_gt[i])])
-        headers = ["class", "IoU", "ACC"] + (["BoundaryIoU"] if self._boundary_iou else []) + ["GT pixels"]
+        headers = (
+            ["class", "IoU", "ACC"]
+            + (["BoundaryIoU"] if self._boundary_iou else [])
+            + ["GT pixels"]
+        )
         table = tabulate(rows, headers=headers, tablefmt="pipe", floatfmt=".3f", numalign="left")
         summary = {k: res[k] for k in ("mIoU", "fwIoU", "mACC", "pACC")}
         logger.info(
@@ -627,9 +666,17 @@ class MIoUEvaluator(DatasetEvaluator):
         with PathManager.open(os.path.join(self._output_dir, "sem_seg_evaluation.json"), "w") as f:
             json.dump(payload, f, indent=1)
         if self._save_predictions_json:
-            with PathManager.open(os.path.join(self._output_dir, "sem_seg_predictions.json"), "w") as f:
+            with PathManager.open(
+                os.path.join(self._output_dir, "sem_seg_predictions.json"), "w"
+            ) as f:
                 json.dump(predictions, f)
         if self._plots:
             iou = np.array([res[f"IoU-{n}"] for n in self._class_names])
-            plot_confusion_matrix(conf, self._class_names, os.path.join(self._output_dir, "sem_seg_confusion_matrix.png"))
-            plot_per_class_iou(iou, self._class_names, os.path.join(self._output_dir, "sem_seg_iou_per_class.png"))
+            plot_confusion_matrix(
+                conf,
+                self._class_names,
+                os.path.join(self._output_dir, "sem_seg_confusion_matrix.png"),
+            )
+            plot_per_class_iou(
+                iou, self._class_names, os.path.join(self._output_dir, "sem_seg_iou_per_class.png")
+            )

@@ -3,9 +3,20 @@
 (:mod:`seg2.modeling.tiling`)."""
 
 from ..data.image import UINT16_MODES, read_image, to_uint8_image
-from ..modeling.tiling import BLEND_MODES, TiledSemSegInference, blend_window, reflect_indices, tile_starts
+from ..modeling.tiling import (
+    BLEND_MODES,
+    TiledSemSegInference,
+    blend_window,
+    reflect_indices,
+    tile_starts,
+)
 from .predictor import Seg2Predictor
-from .tta import MultiTaskRCNNWithTTA, ScaleRatioMapperTTA, SemanticSegmentorWithTTA, build_tta_model
+from .tta import (
+    MultiTaskRCNNWithTTA,
+    ScaleRatioMapperTTA,
+    SemanticSegmentorWithTTA,
+    build_tta_model,
+)
 
 __all__ = [
     "BLEND_MODES",

@@ -30,7 +30,8 @@ class Seg2Predictor:
     own mode: with ``TEST.TILING.ENABLED`` its semantic branch runs tile by tile
     (:class:`~seg2.modeling.tiling.TiledSemSegInference`); instances still come from the whole
     (resized) image. With ``TEST.AUG.ENABLED`` the outputs are test-time augmented
-    (:func:`seg2.inference.build_tta_model`; scales of the resized image, each tiled if tiling is on).
+    (:func:`seg2.inference.build_tta_model`; scales of the resized image, each tiled if tiling is
+    on).
     Images are converted as :func:`seg2.data.read_image` converts files for training.
 
     Example::
@@ -48,13 +49,19 @@ class Seg2Predictor:
         self.model = build_model(self.cfg)
         self.model.eval()
         self.tasks = model_tasks(self.cfg)
-        self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0]) if len(cfg.DATASETS.TEST) else None
+        self.metadata = (
+            MetadataCatalog.get(cfg.DATASETS.TEST[0]) if len(cfg.DATASETS.TEST) else None
+        )
         if cfg.MODEL.WEIGHTS:
             Seg2Checkpointer(self.model).load(cfg.MODEL.WEIGHTS)
-        self.aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)
+        self.aug = T.ResizeShortestEdge(
+            [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
+        )
         self.input_format = cfg.INPUT.FORMAT
         if self.input_format not in ("RGB", "BGR"):
-            raise Seg2Error(f"INPUT.FORMAT={self.input_format!r}: the predictor takes 'RGB' or 'BGR'")
+            raise Seg2Error(
+                f"INPUT.FORMAT={self.input_format!r}: the predictor takes 'RGB' or 'BGR'"
+            )
         # The model's own tiler (TEST.TILING); the predictor uses it directly only for "labels"
         # output at native resolution, computed band by band.
         self.tiler = getattr(self.model, "tiler", None)
@@ -66,7 +73,8 @@ class Seg2Predictor:
         """
         Args:
             original_image (ndarray): (H, W, 3) in BGR order as ``cv2.imread`` gives, or (H, W)
-                grayscale; uint8 or uint16 (scaled to 8 bit), see :func:`seg2.inference.to_uint8_image`.
+                grayscale; uint8 or uint16 (scaled to 8 bit), see
+                :func:`seg2.inference.to_uint8_image`.
             sem_seg_output (str): "logits": "sem_seg" is the (K, H, W) logits, as detectron2's
                 models give; "labels": "sem_seg_labels" is the (H, W) class-index map instead
                 (uint8 for K <= 256; with tiling at native resolution it is computed band by
@@ -86,14 +94,19 @@ class Seg2Predictor:
         if self.tiler is not None and tuple(resized) != (height, width):
             log_first_n(
                 logging.WARNING,
-                f"TEST.TILING: images are resized by INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST before tiling (e.g. "
+                "TEST.TILING: images are resized by INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST before "
+                "tiling (e.g. "
                 f"{width}x{height} -> {resized[1]}x{resized[0]}); INPUT.MIN_SIZE_TEST 0 tiles them "
                 "at their own resolution",
                 name=__name__,
             )
         if self.tta is not None:
             out = self.tta([inputs])[0]
-        elif self.tiler is not None and sem_seg_output == "labels" and tuple(resized) == (height, width):
+        elif (
+            self.tiler is not None
+            and sem_seg_output == "labels"
+            and tuple(resized) == (height, width)
+        ):
             # Class indices band by band: the (K, H, W) logits of a large image never exist at once.
             out = {}
             if "instances" in self.tasks:
@@ -104,7 +117,9 @@ class Seg2Predictor:
             out = self.model([inputs])[0]  # the model's own inference mode (whole image or tiles)
         if sem_seg_output == "labels" and "sem_seg" in out:
             logits = out.pop("sem_seg")
-            out["sem_seg_labels"] = logits.max(0).indices.to(torch.uint8 if logits.shape[0] <= 256 else torch.int64)
+            out["sem_seg_labels"] = logits.max(0).indices.to(
+                torch.uint8 if logits.shape[0] <= 256 else torch.int64
+            )
         return out
 
     def preprocess(self, original_image: np.ndarray) -> dict:

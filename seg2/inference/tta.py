@@ -34,7 +34,12 @@ from ..modeling.meta_arch.semantic_segmentor import semantic_inference
 from ..tasks import model_tasks
 from ..utils import Seg2Error
 
-__all__ = ["MultiTaskRCNNWithTTA", "ScaleRatioMapperTTA", "SemanticSegmentorWithTTA", "build_tta_model"]
+__all__ = [
+    "MultiTaskRCNNWithTTA",
+    "ScaleRatioMapperTTA",
+    "SemanticSegmentorWithTTA",
+    "build_tta_model",
+]
 
 # detectron2's default TEST.AUG.MIN_SIZES / MAX_SIZE: a config that changes them while
 # TEST.AUG.SCALE_RATIOS is set asks for two scale sets.
@@ -51,7 +56,9 @@ class ScaleRatioMapperTTA(DatasetMapperTTA):
     """
 
     @configurable
-    def __init__(self, ratios: Tuple[float, ...], min_size_test: int, max_size_test: int, flip: bool):
+    def __init__(
+        self, ratios: Tuple[float, ...], min_size_test: int, max_size_test: int, flip: bool
+    ):
         if not ratios or any(not r > 0 for r in ratios):
             raise Seg2Error(f"TEST.AUG.SCALE_RATIOS={tuple(ratios)}: expected positive ratios")
         self.ratios, self.flip = tuple(ratios), flip
@@ -84,7 +91,9 @@ class ScaleRatioMapperTTA(DatasetMapperTTA):
                 transforms = aug(aug_input)
                 d = copy.copy(dataset_dict)
                 d["transforms"] = transforms
-                d["image"] = torch.from_numpy(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
+                d["image"] = torch.from_numpy(
+                    np.ascontiguousarray(aug_input.image.transpose(2, 0, 1))
+                )
                 ret.append(d)
         return ret
 
@@ -95,12 +104,16 @@ def build_tta_mapper(cfg):
     aug = cfg.TEST.AUG
     if not aug.SCALE_RATIOS:
         if not aug.MIN_SIZES:
-            raise Seg2Error("TEST.AUG.MIN_SIZES=() with TEST.AUG.SCALE_RATIOS=(): test-time augmentation needs a scale")
+            raise Seg2Error(
+                "TEST.AUG.MIN_SIZES=() with TEST.AUG.SCALE_RATIOS=(): test-time augmentation "
+                "needs a scale"
+            )
         return DatasetMapperTTA(cfg)
     if tuple(aug.MIN_SIZES) != _D2_MIN_SIZES or aug.MAX_SIZE != _D2_MAX_SIZE:
         raise Seg2Error(
-            f"TEST.AUG.SCALE_RATIOS={tuple(aug.SCALE_RATIOS)} and TEST.AUG.MIN_SIZES={tuple(aug.MIN_SIZES)} / "
-            f"MAX_SIZE={aug.MAX_SIZE} both give the TTA scales: set TEST.AUG.SCALE_RATIOS \"()\" to use sizes in pixels"
+            f"TEST.AUG.SCALE_RATIOS={tuple(aug.SCALE_RATIOS)} and "
+            f"TEST.AUG.MIN_SIZES={tuple(aug.MIN_SIZES)} / "
+            f'MAX_SIZE={aug.MAX_SIZE} both give the TTA scales: set TEST.AUG.SCALE_RATIOS "()" to use sizes in pixels'
         )
     return ScaleRatioMapperTTA(cfg)
 
@@ -112,9 +125,12 @@ def _semantic_inference_of(model) -> Callable[[torch.Tensor], torch.Tensor]:
     if hasattr(model, "sem_seg_logits"):
         return lambda images: semantic_inference(model, images)
     if isinstance(model, SemanticSegmentor):
-        return lambda images: torch.stack([out["sem_seg"] for out in model([{"image": x} for x in images])])
+        return lambda images: torch.stack(
+            [out["sem_seg"] for out in model([{"image": x} for x in images])]
+        )
     raise ValueError(
-        f"{type(model).__name__} has no semantic TTA: it takes Seg2SemanticSegmentor, Seg2MultiTaskRCNN and "
+        f"{type(model).__name__} has no semantic TTA: it takes Seg2SemanticSegmentor, "
+        "Seg2MultiTaskRCNN and "
         "detectron2's SemanticSegmentor"
     )
 
@@ -159,7 +175,11 @@ class SemanticSegmentorWithTTA(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, model):
-        return {"model": model, "tta_mapper": build_tta_mapper(cfg), "input_format": cfg.INPUT.FORMAT}
+        return {
+            "model": model,
+            "tta_mapper": build_tta_mapper(cfg),
+            "input_format": cfg.INPUT.FORMAT,
+        }
 
     @torch.no_grad()
     def sem_seg(self, dataset_dict: dict) -> torch.Tensor:
@@ -167,7 +187,10 @@ class SemanticSegmentorWithTTA(nn.Module):
         its augmented versions of their logits, flipped back and resized to height x width."""
         height, width = dataset_dict["height"], dataset_dict["width"]
         augmented = self.tta_mapper(dataset_dict)
-        flips = [any(isinstance(t, HFlipTransform) for t in x.pop("transforms").transforms) for x in augmented]
+        flips = [
+            any(isinstance(t, HFlipTransform) for t in x.pop("transforms").transforms)
+            for x in augmented
+        ]
         # The augmented images of one size (a scale and its flip) run as one batch.
         by_size: Dict[tuple, List[int]] = {}
         for i, x in enumerate(augmented):
@@ -183,7 +206,9 @@ class SemanticSegmentorWithTTA(nn.Module):
         return total.div_(len(augmented))
 
     def forward(self, batched_inputs: List[dict]) -> List[dict]:
-        return [{"sem_seg": self.sem_seg(_with_image(x, self.input_format))} for x in batched_inputs]
+        return [
+            {"sem_seg": self.sem_seg(_with_image(x, self.input_format))} for x in batched_inputs
+        ]
 
 
 class MultiTaskRCNNWithTTA(GeneralizedRCNNWithTTA):
@@ -238,7 +263,8 @@ def build_tta_model(cfg, model) -> nn.Module:
     if "sem_seg" in tasks and "instances" in tasks:
         if not hasattr(model, "sem_seg_logits"):
             raise Seg2Error(
-                f"TEST.AUG.ENABLED: MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE!r} has no semantic TTA; "
+                f"TEST.AUG.ENABLED: MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE!r} has "
+                "no semantic TTA; "
                 "use Seg2MultiTaskRCNN for instances + semantic logits"
             )
         return MultiTaskRCNNWithTTA(cfg, model)
@@ -246,5 +272,7 @@ def build_tta_model(cfg, model) -> nn.Module:
         try:
             return SemanticSegmentorWithTTA(cfg, model)
         except ValueError as e:
-            raise Seg2Error(f"TEST.AUG.ENABLED: MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE!r}: {e}") from None
+            raise Seg2Error(
+                f"TEST.AUG.ENABLED: MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE!r}: {e}"
+            ) from None
     return GeneralizedRCNNWithTTA(cfg, model, tta_mapper=build_tta_mapper(cfg))

@@ -85,13 +85,17 @@ def draw_sem_seg_overlay(
     row, pad, swatch = 16, 6, 18
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     panel_w = 2 * pad + swatch + int(max(measure.textlength(t) for t in [title] + lines))
-    canvas = Image.new("RGB", (w + panel_w, max(h, pad * 2 + row * (len(lines) + 1))), (255, 255, 255))
+    canvas = Image.new(
+        "RGB", (w + panel_w, max(h, pad * 2 + row * (len(lines) + 1))), (255, 255, 255)
+    )
     canvas.paste(Image.fromarray(out), (0, 0))
     draw = ImageDraw.Draw(canvas)
     draw.text((w + pad, pad), title, fill=(0, 0, 0))
     for i, (c, line) in enumerate(zip(present, lines)):
         y = pad + row * (i + 1)
-        draw.rectangle([w + pad, y + 2, w + pad + 12, y + 12], fill=tuple(colors[c]), outline=(0, 0, 0))
+        draw.rectangle(
+            [w + pad, y + 2, w + pad + 12, y + 12], fill=tuple(colors[c]), outline=(0, 0, 0)
+        )
         draw.text((w + pad + swatch, y), line, fill=(0, 0, 0))
     return np.asarray(canvas)
 
@@ -110,7 +114,9 @@ def draw_panoptic(image_rgb: np.ndarray, panoptic_seg, segments_info, metadata) 
     return vis.draw_panoptic_seg(panoptic_seg, segments_info).get_image()
 
 
-def instances_to_coco_dataset(records: List[dict], metadata, categories: Optional[List[dict]] = None) -> dict:
+def instances_to_coco_dataset(
+    records: List[dict], metadata, categories: Optional[List[dict]] = None
+) -> dict:
     """
     A COCO-format dict ("images", "annotations" with "score", "categories") of predictions.
 
@@ -120,11 +126,23 @@ def instances_to_coco_dataset(records: List[dict], metadata, categories: Optiona
             (predicted contiguous ids are mapped back to the dataset's ids, as COCOEvaluator does).
     """
     names = list(metadata.get("thing_classes", [])) if metadata is not None else []
-    to_dataset = {v: k for k, v in (metadata.get("thing_dataset_id_to_contiguous_id", {}) if metadata is not None else {}).items()}
+    to_dataset = {
+        v: k
+        for k, v in (
+            metadata.get("thing_dataset_id_to_contiguous_id", {}) if metadata is not None else {}
+        ).items()
+    }
     images, annotations = [], []
     num_classes = len(names)
     for image_id, r in enumerate(records, start=1):
-        images.append({"id": image_id, "file_name": r["file_name"], "height": r["height"], "width": r["width"]})
+        images.append(
+            {
+                "id": image_id,
+                "file_name": r["file_name"],
+                "height": r["height"],
+                "width": r["width"],
+            }
+        )
         for ann in instances_to_coco_json(r["instances"], image_id):
             c = ann["category_id"]
             num_classes = max(num_classes, c + 1)
@@ -137,7 +155,10 @@ def instances_to_coco_dataset(records: List[dict], metadata, categories: Optiona
             annotations.append(ann)
     if categories is None:
         categories = [
-            {"id": to_dataset.get(i, i + 1 if not to_dataset else i), "name": names[i] if i < len(names) else f"class {i}"}
+            {
+                "id": to_dataset.get(i, i + 1 if not to_dataset else i),
+                "name": names[i] if i < len(names) else f"class {i}",
+            }
             for i in range(num_classes)
         ]
     return {"images": images, "annotations": annotations, "categories": categories}

@@ -67,7 +67,9 @@ PIXEL_LOSS_TERMS = ("cross_entropy", "hard_pixel_mining", "focal")
 
 
 # ---- the terms (logits (N, C, H, W), targets (N, H, W) long) ----------------------------------
-def _labelled(logits: torch.Tensor, targets: torch.Tensor, ignore_value: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _labelled(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_value: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """(P, C) logits and (P,) labels of the pixels not labelled ``ignore_value``."""
     valid = targets != ignore_value
     return logits.movedim(1, -1)[valid], targets[valid]
@@ -78,7 +80,9 @@ def _zero(logits: torch.Tensor) -> torch.Tensor:
     return logits.sum() * 0.0
 
 
-def _weighted_mean(values: torch.Tensor, weights: torch.Tensor, normalization: str = "weights") -> torch.Tensor:
+def _weighted_mean(
+    values: torch.Tensor, weights: torch.Tensor, normalization: str = "weights"
+) -> torch.Tensor:
     """``sum(w * v) / sum(w)`` ("weights"; 0 when every weight is 0, never NaN), or
     ``sum(w * v) / len(v)`` ("pixels")."""
     if normalization == "pixels":
@@ -100,7 +104,9 @@ def cross_entropy_loss(
         if not bool((targets != ignore_value).any()):
             return _zero(logits)
         return F.cross_entropy(logits, targets, ignore_index=ignore_value)
-    nll = F.cross_entropy(logits, targets, weight=class_weight, ignore_index=ignore_value, reduction="none")
+    nll = F.cross_entropy(
+        logits, targets, weight=class_weight, ignore_index=ignore_value, reduction="none"
+    )
     valid = targets != ignore_value
     if normalization == "pixels":
         return nll.sum() / valid.sum().clamp(min=1)
@@ -108,7 +114,12 @@ def cross_entropy_loss(
 
 
 def hard_pixel_mining_loss(
-    logits, targets, *, ignore_value: int = IGNORE_LABEL, top_k: float = 0.2, class_weight: Optional[torch.Tensor] = None
+    logits,
+    targets,
+    *,
+    ignore_value: int = IGNORE_LABEL,
+    top_k: float = 0.2,
+    class_weight: Optional[torch.Tensor] = None,
 ):
     """
     detectron2's ``DeepLabCE`` on the labelled pixels: the mean of the ``top_k`` fraction (at least
@@ -122,7 +133,9 @@ def hard_pixel_mining_loss(
     if top_k < 1.0:
         k = max(1, int(top_k * n))
         top_k = (k + 0.5) / n  # DeepLabCE keeps int(top_k * n) pixels: exactly k
-    return DeepLabCE(ignore_label=ignore_value, top_k_percent_pixels=top_k, weight=class_weight)(x, t)
+    return DeepLabCE(ignore_label=ignore_value, top_k_percent_pixels=top_k, weight=class_weight)(
+        x, t
+    )
 
 
 def focal_loss(
@@ -208,7 +221,8 @@ def parse_loss_type(loss_type: str) -> Tuple[str, ...]:
         raise InvalidArgument(
             "loss_type",
             loss_type,
-            f"{'no unknown term ' + str(unknown) if unknown else 'no repeated term'}: one of {list(LOSS_TERMS)} "
+            f"{'no unknown term ' + str(unknown) if unknown else 'no repeated term'}: one of "
+            f"{list(LOSS_TERMS)} "
             "or a sum of distinct ones such as 'cross_entropy+dice'",
         )
     return terms
@@ -258,20 +272,29 @@ class SemSegLoss(nn.Module):
         if not focal_gamma >= 0:
             raise InvalidArgument("focal_gamma", focal_gamma, ">= 0")
         if class_weight_normalization not in CLASS_WEIGHT_NORMALIZATIONS:
-            raise InvalidArgument("class_weight_normalization", class_weight_normalization, f"one of {list(CLASS_WEIGHT_NORMALIZATIONS)}")
+            raise InvalidArgument(
+                "class_weight_normalization",
+                class_weight_normalization,
+                f"one of {list(CLASS_WEIGHT_NORMALIZATIONS)}",
+            )
         if class_weight is not None:
             w = [float(v) for v in class_weight]
             if not w or any(not (0 <= v < float("inf")) for v in w) or not any(v > 0 for v in w):
-                raise InvalidArgument("class_weight", list(class_weight), "one finite value >= 0 per class, not all 0")
+                raise InvalidArgument(
+                    "class_weight", list(class_weight), "one finite value >= 0 per class, not all 0"
+                )
         self.class_weight_normalization = class_weight_normalization
         self.ignore_value, self.top_k, self.focal_gamma = ignore_value, top_k, focal_gamma
-        weight = None if class_weight is None else torch.as_tensor(class_weight, dtype=torch.float32)
+        weight = (
+            None if class_weight is None else torch.as_tensor(class_weight, dtype=torch.float32)
+        )
         self.register_buffer("class_weight", weight, persistent=False)
         self.unresolved_class_weighting = unresolved_class_weighting
 
     def extra_repr(self) -> str:
+        weighted = self.class_weight is not None
         return (
-            f"loss_type={self.loss_type!r}, ignore_value={self.ignore_value}, weighted={self.class_weight is not None}"
+            f"loss_type={self.loss_type!r}, ignore_value={self.ignore_value}, weighted={weighted}"
         )
 
     def _term(self, name: str) -> Callable:
@@ -280,9 +303,14 @@ class SemSegLoss(nn.Module):
             "cross_entropy": functools.partial(
                 cross_entropy_loss, class_weight=w, normalization=self.class_weight_normalization
             ),
-            "hard_pixel_mining": functools.partial(hard_pixel_mining_loss, top_k=self.top_k, class_weight=w),
+            "hard_pixel_mining": functools.partial(
+                hard_pixel_mining_loss, top_k=self.top_k, class_weight=w
+            ),
             "focal": functools.partial(
-                focal_loss, gamma=self.focal_gamma, class_weight=w, normalization=self.class_weight_normalization
+                focal_loss,
+                gamma=self.focal_gamma,
+                class_weight=w,
+                normalization=self.class_weight_normalization,
             ),
             "dice": dice_loss,
             "lovasz": lovasz_softmax_loss,
@@ -292,17 +320,24 @@ class SemSegLoss(nn.Module):
         """The loss of (N, C, H, W) logits against (N, H, W) targets of the same size."""
         if self.unresolved_class_weighting:
             raise Seg2Error(
-                f"MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING={self.unresolved_class_weighting!r} is counted from the training "
-                "labels by the resolve step before the model is built: train a model built from cfg = "
-                "seg2.resolve_config(cfg) (seg2's Trainer and tools do), or give MODEL.SEM_SEG_HEAD.CLASS_WEIGHT"
+                f"MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING={self.unresolved_class_weighting!r} is "
+                "counted from the training "
+                "labels by the resolve step before the model is built: train a model built from "
+                "cfg = "
+                "seg2.resolve_config(cfg) (seg2's Trainer and tools do), or give "
+                "MODEL.SEM_SEG_HEAD.CLASS_WEIGHT"
             )
         if self.class_weight is not None and self.class_weight.numel() != logits.shape[1]:
-            raise ValueError(f"{self.class_weight.numel()} class weights for {logits.shape[1]} classes")
+            raise ValueError(
+                f"{self.class_weight.numel()} class weights for {logits.shape[1]} classes"
+            )
         # In float32 under mixed precision (SOLVER.AMP): softmax, sums over many pixels and
         # Lovász's sort lose too much in float16/bfloat16 (CPU autocast keeps softmax in bf16).
         with torch.autocast(device_type=logits.device.type, enabled=False):
             logits = logits.float()
-            return sum(self._term(t)(logits, targets, ignore_value=self.ignore_value) for t in self.terms)
+            return sum(
+                self._term(t)(logits, targets, ignore_value=self.ignore_value) for t in self.terms
+            )
 
 
 # SemSegLoss's arguments -> their config keys.
@@ -325,15 +360,20 @@ def build_sem_seg_loss(cfg) -> SemSegLoss:
     """
     sem = cfg.MODEL.SEM_SEG_HEAD
     weights = list(sem.CLASS_WEIGHT) or None
-    if (weights is not None or sem.CLASS_WEIGHTING) and not set(parse_loss_type(sem.LOSS_TYPE)) & set(PIXEL_LOSS_TERMS):
+    if (weights is not None or sem.CLASS_WEIGHTING) and not set(
+        parse_loss_type(sem.LOSS_TYPE)
+    ) & set(PIXEL_LOSS_TERMS):
         key = "CLASS_WEIGHT" if weights is not None else "CLASS_WEIGHTING"
         raise Seg2Error(
-            f"MODEL.SEM_SEG_HEAD.{key} is set but MODEL.SEM_SEG_HEAD.LOSS_TYPE={sem.LOSS_TYPE!r} has no term it "
+            f"MODEL.SEM_SEG_HEAD.{key} is set but MODEL.SEM_SEG_HEAD.LOSS_TYPE={sem.LOSS_TYPE!r} "
+            "has no term it "
             f"weights ({list(PIXEL_LOSS_TERMS)}); Dice and Lovász weigh every present class equally"
         )
     with config_keys(LOSS_KEYS):
         if weights is not None and len(weights) != sem.NUM_CLASSES:
-            raise InvalidArgument("class_weight", weights, f"MODEL.SEM_SEG_HEAD.NUM_CLASSES={sem.NUM_CLASSES} values")
+            raise InvalidArgument(
+                "class_weight", weights, f"MODEL.SEM_SEG_HEAD.NUM_CLASSES={sem.NUM_CLASSES} values"
+            )
         return SemSegLoss(
             sem.LOSS_TYPE,
             ignore_value=sem.IGNORE_VALUE,

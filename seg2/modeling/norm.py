@@ -29,7 +29,8 @@ def check_norm(norm: str, channels: Iterable[int], key: str, channels_key: str) 
             ) from e
         except ValueError as e:
             hint = (
-                "GN is GroupNorm with 32 groups: every normalised channel count must be a multiple of 32"
+                "GN is GroupNorm with 32 groups: every normalised channel count must be a "
+                "multiple of 32"
                 if norm == "GN"
                 else str(e)
             )

@@ -12,10 +12,9 @@ from typing import Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from detectron2.modeling.poolers import ROIPooler
 from torch import nn
 from torchvision.ops import roi_align
-
-from detectron2.modeling.poolers import ROIPooler
 
 __all__ = ["POOLER_AGGREGATIONS", "BilinearROIPooling", "ExtendedROIPooler", "quantize_rois"]
 
@@ -28,7 +27,12 @@ POOLER_AGGREGATIONS = {
     "ROIAlignRotated": ("avg",),  # detectron2's, for rotated boxes
 }
 # (type, aggregation) pairs detectron2's ROIPooler builds itself.
-_DETECTRON2_POOLERS = {("ROIPool", "max"), ("ROIAlign", "avg"), ("ROIAlignV2", "avg"), ("ROIAlignRotated", "avg")}
+_DETECTRON2_POOLERS = {
+    ("ROIPool", "max"),
+    ("ROIAlign", "avg"),
+    ("ROIAlignV2", "avg"),
+    ("ROIAlignRotated", "avg"),
+}
 
 
 def quantize_rois(rois: torch.Tensor, spatial_scale: float) -> torch.Tensor:
@@ -81,12 +85,18 @@ class BilinearROIPooling(nn.Module):
             raise ValueError(f"aggregation={aggregation!r}: expected 'avg' or 'max'")
         if aggregation == "max" and sampling_ratio <= 0:
             raise ValueError(
-                f"max aggregation needs a fixed number of samples per bin, got sampling_ratio={sampling_ratio} "
-                "(adaptive); set a positive sampling ratio (the paper uses 2, i.e. 4 samples per bin)"
+                "max aggregation needs a fixed number of samples per bin, got "
+                f"sampling_ratio={sampling_ratio} "
+                "(adaptive); set a positive sampling ratio (the paper uses 2, i.e. 4 samples per "
+                "bin)"
             )
         if quantize and aligned:
-            raise ValueError("quantize=True (RoIWarp) uses the legacy pixel model: aligned must be False")
-        self.output_size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+            raise ValueError(
+                "quantize=True (RoIWarp) uses the legacy pixel model: aligned must be False"
+            )
+        self.output_size = (
+            (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+        )
         self.spatial_scale = spatial_scale
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
@@ -107,7 +117,9 @@ class BilinearROIPooling(nn.Module):
         if self.quantize:
             rois, scale = quantize_rois(rois, scale), 1.0
         if self.aggregation == "avg":
-            return roi_align(input, rois, self.output_size, scale, self.sampling_ratio, self.aligned)
+            return roi_align(
+                input, rois, self.output_size, scale, self.sampling_ratio, self.aligned
+            )
         # torchvision's roi_align only averages. With s samples per side, sample k of bin j lies at
         # start + (j + (k + 0.5) / s) * bin_size = start + (j * s + k + 0.5) * (bin_size / s): the
         # single centre sample of bin (j * s + k) when the same RoI is pooled to s times as many
@@ -115,13 +127,16 @@ class BilinearROIPooling(nn.Module):
         # exactly (forward and backward in torchvision's kernels), and a max over s x s blocks
         # is the max aggregation of the paper.
         s = self.sampling_ratio
-        fine = roi_align(input, rois, (self.output_size[0] * s, self.output_size[1] * s), scale, 1, self.aligned)
+        fine = roi_align(
+            input, rois, (self.output_size[0] * s, self.output_size[1] * s), scale, 1, self.aligned
+        )
         return F.max_pool2d(fine, kernel_size=s, stride=s)
 
     def extra_repr(self) -> str:
         return (
             f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
-            f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}, quantize={self.quantize}, "
+            f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}, "
+            f"quantize={self.quantize}, "
             f"aggregation={self.aggregation!r}"
         )
 
@@ -146,7 +161,8 @@ class ExtendedROIPooler(ROIPooler):
         Args:
             output_size (int or (int, int)): bins per RoI.
             scales (list[float]): 1 / stride of each feature level, as in ROIPooler.
-            sampling_ratio (int): bilinear samples per bin along each side (0: adaptive, average only).
+            sampling_ratio (int): bilinear samples per bin along each side (0: adaptive, average
+            only).
             pooler_type (str): one of ``POOLER_AGGREGATIONS``: "ROIPool", "ROIWarp", "ROIAlign",
                 "ROIAlignV2", "ROIAlignRotated".
             aggregation (str): "avg", "max", or "" for the type's natural one (max for ROIPool,
@@ -155,12 +171,15 @@ class ExtendedROIPooler(ROIPooler):
             canonical_level (int): as in ROIPooler.
         """
         if pooler_type not in POOLER_AGGREGATIONS:
-            raise ValueError(f"pooler_type={pooler_type!r}: expected one of {sorted(POOLER_AGGREGATIONS)}")
+            raise ValueError(
+                f"pooler_type={pooler_type!r}: expected one of {sorted(POOLER_AGGREGATIONS)}"
+            )
         choices = POOLER_AGGREGATIONS[pooler_type]
         aggregation = aggregation or choices[0]
         if aggregation not in choices:
             raise ValueError(
-                f"pooler_type={pooler_type!r} cannot aggregate by {aggregation!r}; it supports {list(choices)}"
+                f"pooler_type={pooler_type!r} cannot aggregate by {aggregation!r}; it supports "
+                f"{list(choices)}"
             )
         native = (pooler_type, aggregation) in _DETECTRON2_POOLERS
         # For new combinations let ROIPooler check the scales and set up the levels with a type it

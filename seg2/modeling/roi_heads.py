@@ -5,7 +5,8 @@ and ``MODEL.ROI_BOX_HEAD.POOLER_AGGREGATION`` / ``MODEL.ROI_MASK_HEAD.POOLER_AGG
 keys) may be ``max`` (Mask R-CNN, Table 2c).
 
 Select them with ``MODEL.ROI_HEADS.NAME``: ``ExtendedPoolerStandardROIHeads`` (FPN, C5) or
-``ExtendedPoolerRes5ROIHeads`` (C4). Everything else is detectron2's StandardROIHeads / Res5ROIHeads.
+``ExtendedPoolerRes5ROIHeads`` (C4). Everything else is detectron2's StandardROIHeads /
+Res5ROIHeads.
 """
 
 from detectron2.modeling import ROI_HEADS_REGISTRY
@@ -38,9 +39,14 @@ def build_extended_pooler(cfg, head: str, input_shape) -> ExtendedROIPooler:
     if aggregation and aggregation not in choices:
         raise Seg2Error(
             f"MODEL.{head}.POOLER_AGGREGATION={aggregation!r} is not available for "
-            f"MODEL.{head}.POOLER_TYPE={pooler_type!r}; it supports {list(choices)} ('' = {choices[0]})"
+            f"MODEL.{head}.POOLER_TYPE={pooler_type!r}; it supports {list(choices)} ('' = "
+            f"{choices[0]})"
         )
-    if (aggregation or choices[0]) == "max" and pooler_type != "ROIPool" and node.POOLER_SAMPLING_RATIO <= 0:
+    if (
+        (aggregation or choices[0]) == "max"
+        and pooler_type != "ROIPool"
+        and node.POOLER_SAMPLING_RATIO <= 0
+    ):
         raise Seg2Error(
             f"MODEL.{head}.POOLER_AGGREGATION='max' needs MODEL.{head}.POOLER_SAMPLING_RATIO > 0 "
             f"(got {node.POOLER_SAMPLING_RATIO}, adaptive); the paper uses 2 (4 samples per bin)"
@@ -95,7 +101,8 @@ class ExtendedPoolerRes5ROIHeads(Res5ROIHeads):
         if cfg.MODEL.ROI_MASK_HEAD.POOLER_AGGREGATION:
             raise Seg2Error(
                 f"MODEL.ROI_MASK_HEAD.POOLER_AGGREGATION={cfg.MODEL.ROI_MASK_HEAD.POOLER_AGGREGATION!r} has no "
-                f"effect with MODEL.ROI_HEADS.NAME={cfg.MODEL.ROI_HEADS.NAME!r}: C4 box and mask heads share one "
+                f"effect with MODEL.ROI_HEADS.NAME={cfg.MODEL.ROI_HEADS.NAME!r}: C4 box and mask "
+                "heads share one "
                 "pooler; set MODEL.ROI_BOX_HEAD.POOLER_AGGREGATION instead"
             )
         ret = super().from_config(_with_detectron2_pooler_types(cfg), input_shape)

@@ -76,7 +76,11 @@ class TilingSpec:
     def __post_init__(self):
         checks = (
             ("tile_size", self.tile_size >= 1, ">= 1"),
-            ("stride", 1 <= self.stride <= self.tile_size, f"in 1 .. tile size ({self.tile_size}); a larger stride leaves gaps"),
+            (
+                "stride",
+                1 <= self.stride <= self.tile_size,
+                f"in 1 .. tile size ({self.tile_size}); a larger stride leaves gaps",
+            ),
             ("batch_size", self.batch_size >= 1, ">= 1"),
             ("blend", self.blend in BLEND_MODES, f"one of {BLEND_MODES}"),
             ("margin", self.margin >= 0, ">= 0"),
@@ -97,7 +101,13 @@ def _spec_of(cfg) -> Dict:
     """The checked :class:`TilingSpec` arguments of ``TEST.TILING``."""
     t = cfg.TEST.TILING
     with config_keys(TILING_KEYS):
-        spec = TilingSpec(tile_size=t.TILE_SIZE, stride=t.STRIDE, batch_size=t.BATCH_SIZE, blend=t.BLEND, margin=t.MARGIN)
+        spec = TilingSpec(
+            tile_size=t.TILE_SIZE,
+            stride=t.STRIDE,
+            batch_size=t.BATCH_SIZE,
+            blend=t.BLEND,
+            margin=t.MARGIN,
+        )
     return dataclasses.asdict(spec)
 
 
@@ -170,14 +180,21 @@ class _Stitcher:
     buffer rows are zeroed for the rows below.
     """
 
-    def __init__(self, num_classes, height, width, norm_y, norm_x, keep_logits, band, device, dtype):
+    def __init__(
+        self, num_classes, height, width, norm_y, norm_x, keep_logits, band, device, dtype
+    ):
         self.norm_y, self.norm_x = norm_y, norm_x
         self.keep_logits = keep_logits
         self.height = height
         self.band = height if keep_logits else band
         self.buf = torch.zeros(num_classes, self.band, width, device=device, dtype=dtype)
         if not keep_logits:
-            self.labels = torch.empty(height, width, dtype=torch.uint8 if num_classes <= 256 else torch.int64, device=device)
+            self.labels = torch.empty(
+                height,
+                width,
+                dtype=torch.uint8 if num_classes <= 256 else torch.int64,
+                device=device,
+            )
         self.base = 0  # first image row not finished yet
 
     def _segments(self, y0: int, y1: int):
@@ -193,11 +210,16 @@ class _Stitcher:
     def add(self, logits: torch.Tensor, weight: torch.Tensor, y0: int, x0: int):
         """Adds ``logits * weight`` ((K, th, tw) and (th, tw)) at image position (y0, x0)."""
         # A tile reaching past the bottom/right border: keep the part inside the image.
-        th, tw = min(logits.shape[1], self.height - y0), min(logits.shape[2], self.buf.shape[2] - x0)
+        th, tw = (
+            min(logits.shape[1], self.height - y0),
+            min(logits.shape[2], self.buf.shape[2] - x0),
+        )
         assert y0 >= self.base and y0 + th - self.base <= self.band, "tile outside the open band"
         for r, y, n in self._segments(y0, y0 + th):
             i = y - y0
-            self.buf[:, r : r + n, x0 : x0 + tw].addcmul_(logits[:, i : i + n, :tw], weight[i : i + n, :tw])
+            self.buf[:, r : r + n, x0 : x0 + tw].addcmul_(
+                logits[:, i : i + n, :tw], weight[i : i + n, :tw]
+            )
 
     def _normalise(self, part: torch.Tensor, y0: int, y1: int):
         part.div_(self.norm_y[y0:y1].view(1, -1, 1)).div_(self.norm_x.view(1, 1, -1))
@@ -209,7 +231,8 @@ class _Stitcher:
         for r, y, n in self._segments(self.base, upto):
             part = self.buf[:, r : r + n]
             self._normalise(part, y, y + n)
-            # max(0).indices: argmax, first index on ties, several times faster than argmax(0) on CPU
+            # max(0).indices: argmax, first index on ties, several times faster than argmax(0) on
+            # CPU
             self.labels[y : y + n] = part.max(0).indices.to(self.labels.dtype)
             part.zero_()
         self.base = upto
@@ -233,7 +256,16 @@ class TiledSemSegInference:
     """
 
     @configurable
-    def __init__(self, model, *, tile_size: int, stride: int, batch_size: int = 4, blend: str = "gaussian", margin: int = 0):
+    def __init__(
+        self,
+        model,
+        *,
+        tile_size: int,
+        stride: int,
+        batch_size: int = 4,
+        blend: str = "gaussian",
+        margin: int = 0,
+    ):
         """
         Args:
             model (nn.Module): in eval mode, with ``sem_seg_logits(images, context)`` (seg2's
@@ -249,14 +281,20 @@ class TiledSemSegInference:
         spec = TilingSpec(tile_size, stride, batch_size, blend, margin)
         if not hasattr(model, "sem_seg_logits"):
             raise InvalidArgument(
-                "model", type(model).__name__, "a model with sem_seg_logits(images, context): Seg2SemanticSegmentor or "
-                "Seg2MultiTaskRCNN (which run any semantic head, detectron2's too)"
+                "model",
+                type(model).__name__,
+                "a model with sem_seg_logits(images, context): Seg2SemanticSegmentor or "
+                "Seg2MultiTaskRCNN (which run any semantic head, detectron2's too)",
             )
         self.model = model
         self.sem_seg_logits = model.sem_seg_logits
         # Period of the network's pooling grid: its largest feature stride.
-        self.period = max((s.stride or 1 for s in model.backbone.output_shape().values()), default=1)
-        self.tile_size, self.stride, self.batch_size, self.blend, self.margin = dataclasses.astuple(spec)
+        self.period = max(
+            (s.stride or 1 for s in model.backbone.output_shape().values()), default=1
+        )
+        self.tile_size, self.stride, self.batch_size, self.blend, self.margin = dataclasses.astuple(
+            spec
+        )
 
     @classmethod
     def from_config(cls, cfg, model):
@@ -279,7 +317,11 @@ class TiledSemSegInference:
 
     def _weights(self, side: int, starts: Sequence[int], length: int, device):
         # One tile along a side: weight 1, so that a single tile is returned bit-exactly.
-        w = blend_window(side, self.blend) if len(starts) > 1 else torch.ones(side, dtype=torch.float64)
+        w = (
+            blend_window(side, self.blend)
+            if len(starts) > 1
+            else torch.ones(side, dtype=torch.float64)
+        )
         norm = torch.zeros(length, dtype=torch.float64)
         for s in starts:
             norm[s : s + side] += w[: length - s]
@@ -361,7 +403,17 @@ class TiledSemSegInference:
                 nxt = cut(chunks[k + 1])
             if stitcher is None:
                 band = self._band_rows(tiles, self.batch_size, th, height)
-                stitcher = _Stitcher(logits.shape[1], height, width, norm_y, norm_x, output == "logits", band, device, logits.dtype)
+                stitcher = _Stitcher(
+                    logits.shape[1],
+                    height,
+                    width,
+                    norm_y,
+                    norm_x,
+                    output == "logits",
+                    band,
+                    device,
+                    logits.dtype,
+                )
             for (y, x), tile_logits in zip(chunk, logits):
                 stitcher.add(tile_logits, w2d, y, x)
             del logits

@@ -28,7 +28,14 @@ from detectron2.layers import Conv2d, get_norm
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["UPSAMPLE_MODES", "Upsample", "bilinear_kernel", "match_size", "center_crop", "max_unpool"]
+__all__ = [
+    "UPSAMPLE_MODES",
+    "Upsample",
+    "bilinear_kernel",
+    "match_size",
+    "center_crop",
+    "max_unpool",
+]
 
 UPSAMPLE_MODES = ("deconv", "bilinear", "nearest_conv", "bilinear_conv", "unpool")
 
@@ -122,7 +129,10 @@ class Upsample(nn.Module):
         if mode == "deconv":
             k = 2 * factor if kernel_size is None else int(kernel_size)
             if k < factor or (k - factor) % 2:
-                raise ValueError(f"transposed-conv kernel {k} does not fit factor {factor}: need k >= factor, k - factor even")
+                raise ValueError(
+                    f"transposed-conv kernel {k} does not fit factor {factor}: need k >= factor, "
+                    "k - factor even"
+                )
             self.deconv = nn.ConvTranspose2d(
                 in_channels, out_channels, k, stride=factor, padding=(k - factor) // 2, bias=bias
             )
@@ -130,7 +140,11 @@ class Upsample(nn.Module):
             self.deconv.weight.requires_grad_(learnable)
         elif mode in ("nearest_conv", "bilinear_conv"):
             self.conv = Conv2d(
-                in_channels, out_channels, kernel_size=3, padding=1, bias=not norm,
+                in_channels,
+                out_channels,
+                kernel_size=3,
+                padding=1,
+                bias=not norm,
                 norm=get_norm(norm, out_channels),
             )
             weight_init.c2_msra_fill(self.conv)
@@ -145,7 +159,9 @@ class Upsample(nn.Module):
             if self.in_channels == self.out_channels:
                 w.zero_()
                 k, f = w.shape[-1], self.factor
-                if k > 2 * f and (k - 2 * f) % 2 == 0:  # this factor's 2f x 2f bilinear filter, centred
+                if (
+                    k > 2 * f and (k - 2 * f) % 2 == 0
+                ):  # this factor's 2f x 2f bilinear filter, centred
                     kernel = F.pad(bilinear_kernel(2 * f), ((k - 2 * f) // 2,) * 4).to(w)
                 else:
                     kernel = bilinear_kernel(k).to(w)
@@ -156,7 +172,9 @@ class Upsample(nn.Module):
             if self.deconv.bias is not None:
                 self.deconv.bias.zero_()
 
-    def forward(self, x, output_size: Optional[Sequence[int]] = None, indices: Optional[torch.Tensor] = None):
+    def forward(
+        self, x, output_size: Optional[Sequence[int]] = None, indices: Optional[torch.Tensor] = None
+    ):
         """
         Args:
             x (Tensor): (N, C, H, W).
@@ -171,7 +189,9 @@ class Upsample(nn.Module):
         elif self.mode == "unpool":
             if indices is None:
                 raise ValueError("up-sampling mode 'unpool' needs the encoder's pooling indices")
-            size = output_size if output_size is not None else [s * self.factor for s in x.shape[-2:]]
+            size = (
+                output_size if output_size is not None else [s * self.factor for s in x.shape[-2:]]
+            )
             x = max_unpool(x, indices, size)
         else:
             interp = "nearest" if self.mode == "nearest_conv" else "bilinear"

@@ -19,7 +19,14 @@ from typing import Callable, Optional
 
 from . import Seg2Error
 
-__all__ = ["add_debug_argument", "check_device", "check_num_gpus", "debug_enabled", "seg2_error_message", "run_tool"]
+__all__ = [
+    "add_debug_argument",
+    "check_device",
+    "check_num_gpus",
+    "debug_enabled",
+    "seg2_error_message",
+    "run_tool",
+]
 
 DEBUG_ENV = "SEG2_DEBUG"
 # torch re-raises an exception of a DataLoader worker (torch._utils.ExceptionWrapper) or of a
@@ -27,13 +34,17 @@ DEBUG_ENV = "SEG2_DEBUG"
 # traceback as its message; the original message follows the last "<module>.Seg2Error: " line
 # (the exception object itself does not cross the process boundary).
 _WORKER = re.compile(r"\ACaught \w+ in (DataLoader worker process \d+)\.")
-_LAST_SEG2_ERROR = re.compile(r"^(?:[\w.]+\.)?(?:Seg2Error|UnreadableFileError|InvalidArgument): ", re.MULTILINE)
+_LAST_SEG2_ERROR = re.compile(
+    r"^(?:[\w.]+\.)?(?:Seg2Error|UnreadableFileError|InvalidArgument): ", re.MULTILINE
+)
 
 
 def add_debug_argument(parser):
     """Add ``--debug`` (print the traceback of a Seg2Error too) to an argparse parser."""
     parser.add_argument(
-        "--debug", action="store_true", help=f"print the traceback of a seg2 error too (or set {DEBUG_ENV}=1)"
+        "--debug",
+        action="store_true",
+        help=f"print the traceback of a seg2 error too (or set {DEBUG_ENV}=1)",
     )
     return parser
 
@@ -59,7 +70,7 @@ def seg2_error_message(exc: BaseException) -> Optional[str]:
     matches = list(_LAST_SEG2_ERROR.finditer(text))
     if not matches:
         return text
-    message = text[matches[-1].end():].strip()
+    message = text[matches[-1].end() :].strip()
     worker = _WORKER.match(text)
     return f"{message} (in {worker.group(1)})" if worker else message
 
@@ -77,8 +88,14 @@ def _yaml_error_message(exc: BaseException) -> Optional[str]:
     if not isinstance(exc, yaml.YAMLError):
         return None
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-    where = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "a config file"
-    problem = " ".join(str(p) for p in (getattr(exc, "context", None), getattr(exc, "problem", None)) if p)
+    where = (
+        f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}"
+        if mark is not None
+        else "a config file"
+    )
+    problem = " ".join(
+        str(p) for p in (getattr(exc, "context", None), getattr(exc, "problem", None)) if p
+    )
     return f"bad YAML in {where}: {problem or type(exc).__name__}"
 
 
@@ -90,11 +107,15 @@ def check_device(device: str, key: str = "MODEL.DEVICE") -> None:
     if not str(device).startswith("cuda"):
         return
     if not torch.cuda.is_available():
-        raise Seg2Error(f"{key}={device}, but torch finds no CUDA device on this machine "
-                        f"(torch.cuda.is_available() is False): set {key} cpu")
+        raise Seg2Error(
+            f"{key}={device}, but torch finds no CUDA device on this machine "
+            f"(torch.cuda.is_available() is False): set {key} cpu"
+        )
     index = str(device).partition(":")[2]
     if index and int(index) >= torch.cuda.device_count():
-        raise Seg2Error(f"{key}={device}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise Seg2Error(
+            f"{key}={device}, but this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
 
 
 def check_num_gpus(num_gpus: int) -> None:
@@ -105,8 +126,10 @@ def check_num_gpus(num_gpus: int) -> None:
 
     have = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if num_gpus > 1 and num_gpus > have:
-        raise Seg2Error(f"--num-gpus {num_gpus}, but torch finds {have} CUDA device(s) on this machine: "
-                        f"use --num-gpus {max(have, 1)}")
+        raise Seg2Error(
+            f"--num-gpus {num_gpus}, but torch finds {have} CUDA device(s) on this machine: "
+            f"use --num-gpus {max(have, 1)}"
+        )
 
 
 class _DropSeg2Tracebacks(logging.Filter):

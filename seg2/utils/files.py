@@ -35,7 +35,9 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator:
     folder = os.path.dirname(os.path.abspath(path))
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     while True:
-        tmp = os.path.join(folder, f"{TMP_PREFIX}{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}")
+        tmp = os.path.join(
+            folder, f"{TMP_PREFIX}{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}"
+        )
         try:
             fd = os.open(tmp, flags, 0o666)
             break
@@ -70,11 +72,16 @@ def remove_stale_tmp_files(folder: str, max_age_s: float = 600.0) -> List[str]:
         if not e.name.startswith(TMP_PREFIX):
             continue
         try:
-            if e.is_file(follow_symlinks=False) and now - e.stat(follow_symlinks=False).st_mtime > max_age_s:
+            if (
+                e.is_file(follow_symlinks=False)
+                and now - e.stat(follow_symlinks=False).st_mtime > max_age_s
+            ):
                 os.remove(e.path)
                 removed.append(e.path)
         except FileNotFoundError:
             pass  # removed by a concurrent run
     if removed:
-        logger.info(f"Removed {len(removed)} temporary file(s) left in {folder} by an interrupted run")
+        logger.info(
+            f"Removed {len(removed)} temporary file(s) left in {folder} by an interrupted run"
+        )
     return removed

@@ -194,8 +194,10 @@ def write_report(rows: List[dict], study: str, output_dir: str, command: str) ->
         g = verdict["gaps"]
         left_out = verdict["incomplete_seeds"]
         text += (
-            f"\nPaper's ordering (every RoIAlign variant above RoIPool and RoIWarp in mask AP): holds in "
-            f"{verdict['holds_in_seeds']} of {verdict['seeds']} seeds in which every variant finished"
+            "\nPaper's ordering (every RoIAlign variant above RoIPool and RoIWarp in mask AP): "
+            "holds in "
+            f"{verdict['holds_in_seeds']} of {verdict['seeds']} seeds in which every variant "
+            "finished"
             + (f" (left out: seed {', '.join(map(str, left_out))})" if left_out else "")
             + f". RoIAlign minus the others (mean of the variants' means), mask AP / AP50 / AP75: "
             f"{g['mask_AP']:+.1f} / {g['mask_AP50']:+.1f} / {g['mask_AP75']:+.1f} "

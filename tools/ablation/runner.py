@@ -134,8 +134,10 @@ def check_same_protocol(cfgs: Dict[str, object], study: str = None):
         diff = sorted(k for k in set(flat) | set(ref_flat) if flat.get(k) != ref_flat.get(k))
         if diff:
             raise Seg2Error(
-                f"{name} and {ref_name} differ in more than the {study} study varies: {', '.join(diff)} "
-                f"(e.g. {diff[0]}: {flat.get(diff[0])!r} vs {ref_flat.get(diff[0])!r}); an ablation compares "
+                f"{name} and {ref_name} differ in more than the {study} study varies: "
+                f"{', '.join(diff)} "
+                f"(e.g. {diff[0]}: {flat.get(diff[0])!r} vs {ref_flat.get(diff[0])!r}); an "
+                "ablation compares "
                 "variants trained with identical schedule and data"
             )
 
@@ -265,14 +267,17 @@ def check_run_folder(cfg, rerun_changed: bool = False):
         if comm.is_main_process():
             shutil.move(folder, f"{folder}.old{k}")
             logger.warning(
-                f"{folder}: made with another setting ({diffs[0]}); moved to {folder}.old{k}, running again"
+                f"{folder}: made with another setting ({diffs[0]}); moved to {folder}.old{k}, "
+                "running again"
             )
         comm.synchronize()
         return
     more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
     raise Seg2Error(
-        f"{folder}: a run made with another setting: {'; '.join(diffs[:3])}{more}; its figures would be "
-        "reported under this study's header: choose another --output-dir, or --rerun-changed to move such "
+        f"{folder}: a run made with another setting: {'; '.join(diffs[:3])}{more}; its figures "
+        "would be "
+        "reported under this study's header: choose another --output-dir, or --rerun-changed to "
+        "move such "
         "folders aside and run them again"
     )
 
@@ -294,7 +299,8 @@ def run_variant(name: str, cfg, study: str) -> dict:
     trainer = AblationTrainer(cfg)
     trainer.resume_or_load(resume=True)
     logger.info(
-        f"{name} seed {cfg.SEED}: training from iteration {trainer.start_iter} to {cfg.SOLVER.MAX_ITER}"
+        f"{name} seed {cfg.SEED}: training from iteration {trainer.start_iter} to "
+        f"{cfg.SOLVER.MAX_ITER}"
     )
     status = "finished"
     try:
@@ -338,7 +344,8 @@ def evaluation_protocol(cfg) -> str:
     if best.TEST_DATASETS:
         return (
             f"{', '.join(best.TEST_DATASETS)}: the checkpoint with the best {best.METRIC} on "
-            f"{', '.join(cfg.DATASETS.TEST)} (evaluated every {cfg.TEST.EVAL_PERIOD} iterations and at the end)"
+            f"{', '.join(cfg.DATASETS.TEST)} (evaluated every {cfg.TEST.EVAL_PERIOD} iterations "
+            "and at the end)"
         )
     return f"{', '.join(cfg.DATASETS.TEST)}: the final model"
 

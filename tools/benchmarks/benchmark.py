@@ -3,9 +3,11 @@
 Speed and peak memory of a seg2 config: training iterations/s, inference images/s, and tiled
 against whole-image semantic inference of large images. Prints a table and writes JSON.
 
-    python3 tools/benchmarks/benchmark.py --config-file configs/quickstart/unet_tiny_shapes_cpu.yaml \
+    python3 tools/benchmarks/benchmark.py --config-file
+    configs/quickstart/unet_tiny_shapes_cpu.yaml \
         --tasks train inference --warmup 2 --iters 10 --json output/benchmark.json
-    python3 tools/benchmarks/benchmark.py --config-file configs/quickstart/unet_tiny_shapes_cpu.yaml \
+    python3 tools/benchmarks/benchmark.py --config-file
+    configs/quickstart/unet_tiny_shapes_cpu.yaml \
         --tasks tiling --sizes 4096 8192 --whole-max-size 4096 \
         TEST.TILING.TILE_SIZE 512 TEST.TILING.STRIDE 384 TEST.TILING.BATCH_SIZE 4
 
@@ -59,7 +61,9 @@ def benchmark_inference(cfg, warmup: int = 2, iters: int = 10) -> Dict[str, floa
     predictor = Seg2Predictor(cfg)
     records = DatasetCatalog.get(cfg.DATASETS.TEST[0])
     images = [read_image(r["file_name"], "BGR") for r in records[: min(warmup + iters, 8)]]
-    result = time_iterations(lambda i: predictor(images[i % len(images)]), warmup, iters, cfg.MODEL.DEVICE)
+    result = time_iterations(
+        lambda i: predictor(images[i % len(images)]), warmup, iters, cfg.MODEL.DEVICE
+    )
     result["image_size"] = list(images[0].shape[:2])
     return result
 
@@ -78,7 +82,10 @@ def tiling_bounds(tiler: TiledSemSegInference, height: int, width: int) -> Dict[
     stride_x = xs[1] - xs[0] if len(xs) > 1 else tw
     return {
         "overlap_bound": (th / stride_y) * (tw / stride_x),
-        "pixel_bound": len(tiles) * (th + top + bottom) * (tw + left + right) / float(height * width),
+        "pixel_bound": len(tiles)
+        * (th + top + bottom)
+        * (tw + left + right)
+        / float(height * width),
     }
 
 
@@ -114,6 +121,7 @@ def benchmark_tiling(
         steps = {}
         for mode in [m for m in modes if m != "whole" or size <= whole_max_size]:
             if mode == "whole":
+
                 def run(image=image):
                     with torch.no_grad():
                         model([{"image": image}])[0]["sem_seg"].max(0).indices
@@ -162,22 +170,38 @@ def benchmark_tiling(
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="seg2 benchmark: train it/s, inference images/s, tiled inference")
+    p = argparse.ArgumentParser(
+        description="seg2 benchmark: train it/s, inference images/s, tiled inference"
+    )
     p.add_argument("--config-file", required=True, metavar="FILE")
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=["train", "inference"])
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     p.add_argument("--iters", type=int, default=10, help="timed iterations")
-    p.add_argument("--sizes", type=int, nargs="+", default=[4096], help="tiling: square image sides")
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="tiling: cases to run")
     p.add_argument(
-        "--tiling-warmup", type=int, default=1,
+        "--sizes", type=int, nargs="+", default=[4096], help="tiling: square image sides"
+    )
+    p.add_argument(
+        "--modes", nargs="+", choices=MODES, default=list(MODES), help="tiling: cases to run"
+    )
+    p.add_argument(
+        "--tiling-warmup",
+        type=int,
+        default=1,
         help="tiling: untimed runs per case first (0 times the first call: cuDNN autotuning, allocator)",
     )
-    p.add_argument("--tiling-iters", type=int, default=1, help="tiling: timed rounds, the cases taking turns")
-    p.add_argument("--whole-max-size", type=int, default=4096, help="tiling: largest side also run whole")
-    p.add_argument("--json", default="", help="write the results here (default OUTPUT_DIR/benchmark.json)")
+    p.add_argument(
+        "--tiling-iters", type=int, default=1, help="tiling: timed rounds, the cases taking turns"
+    )
+    p.add_argument(
+        "--whole-max-size", type=int, default=4096, help="tiling: largest side also run whole"
+    )
+    p.add_argument(
+        "--json", default="", help="write the results here (default OUTPUT_DIR/benchmark.json)"
+    )
     add_debug_argument(p)
-    p.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
+    p.add_argument(
+        "opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ..."
+    )
     return p
 
 
@@ -194,7 +218,8 @@ def format_table(results) -> str:
             r = results[name]
             unit = "it/s" if name == "train" else "img/s"
             lines.append(
-                f"{name:<22} {r['per_second']:>11.3f} {unit:<4} {r['seconds_per_iter']:>9.3f} {r['peak_mb']:>9.0f} {r['start_mb']:>9.0f}"
+                f"{name:<22} {r['per_second']:>11.3f} {unit:<4} {r['seconds_per_iter']:>9.3f} "
+                f"{r['peak_mb']:>9.0f} {r['start_mb']:>9.0f}"
             )
     rows = results.get("tiling", [])
     whole = {r["size"]: r for r in rows if r["mode"] == "whole"}
@@ -205,9 +230,13 @@ def format_table(results) -> str:
             w = whole[r["size"]]
             ratio = r["seconds_per_iter"] / w["seconds_per_iter"]
             extra = (
-                f"  time x{ratio:.2f} of whole (x{ratio / r['overlap_bound']:.2f} of the overlap bound "
-                f"{r['overlap_bound']:.2f}, x{ratio / r['pixel_bound']:.2f} of the tile-pixel bound {r['pixel_bound']:.2f}), "
-                f"peak-start x{(r['peak_mb'] - r['start_mb']) / max(w['peak_mb'] - w['start_mb'], 1e-9):.3f} of whole"
+                f"  time x{ratio:.2f} of whole (x{ratio / r['overlap_bound']:.2f} of the overlap "
+                "bound "
+                f"{r['overlap_bound']:.2f}, x{ratio / r['pixel_bound']:.2f} of the tile-pixel "
+                f"bound {r['pixel_bound']:.2f}), "
+                "peak-start "
+                f"x{(r['peak_mb'] - r['start_mb']) / max(w['peak_mb'] - w['start_mb'], 1e-9):.3f} "
+                "of whole"
             )
         lines.append(
             f"{name:<22} {1.0 / r['seconds_per_iter']:>11.3f} img/s {r['seconds_per_iter']:>9.2f} "
@@ -236,9 +265,16 @@ def run(args) -> int:
         results["inference"] = benchmark_inference(cfg, args.warmup, args.iters)
     if "tiling" in args.tasks:
         t = cfg.TEST.TILING
-        results["tiling_config"] = {k: t[k] for k in ("TILE_SIZE", "STRIDE", "BATCH_SIZE", "BLEND", "MARGIN")}
+        results["tiling_config"] = {
+            k: t[k] for k in ("TILE_SIZE", "STRIDE", "BATCH_SIZE", "BLEND", "MARGIN")
+        }
         results["tiling"] = benchmark_tiling(
-            cfg, args.sizes, args.whole_max_size, args.tiling_warmup, args.tiling_iters, modes=args.modes
+            cfg,
+            args.sizes,
+            args.whole_max_size,
+            args.tiling_warmup,
+            args.tiling_iters,
+            modes=args.modes,
         )
     print(format_table(results))
     path = args.json or os.path.join(cfg.OUTPUT_DIR, "benchmark.json")

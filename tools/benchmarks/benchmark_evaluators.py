@@ -34,15 +34,14 @@ import tracemalloc
 import cv2
 import numpy as np
 import torch
-from PIL import Image
-
 from detectron2.evaluation import COCOEvaluator, SemSegEvaluator
 from detectron2.structures import Boxes, Instances
+from PIL import Image
+from timing import rss_mb, time_round_robin, timed
 
 from seg2.data import register_dataset
 from seg2.evaluation import MaskAPEvaluator, MIoUEvaluator
 from seg2.evaluation.coco_evaluation import encode_masks
-from timing import rss_mb, time_round_robin, timed
 
 
 class SemSegEvaluatorWideBoundary(SemSegEvaluator):
@@ -89,9 +88,16 @@ def _label_maps(folder, n_distinct, h, w, num_classes, seed=0):
 def _sem_seg_setup(folder, n_images, h, w, num_classes, n_distinct=4, name=None):
     n_distinct = max(1, min(n_distinct, n_images))
     maps = _label_maps(folder, n_distinct, h, w, num_classes)
-    records = [{"file_name": f"img_{i}.jpg", "sem_seg_file_name": maps[i % n_distinct][0]} for i in range(n_images)]
+    records = [
+        {"file_name": f"img_{i}.jpg", "sem_seg_file_name": maps[i % n_distinct][0]}
+        for i in range(n_images)
+    ]
     name = name or f"bench_sem_seg_{h}x{w}x{num_classes}_{n_images}"
-    register_dataset(name, lambda: records, {"stuff_classes": [f"class{c}" for c in range(num_classes)], "ignore_label": 255})
+    register_dataset(
+        name,
+        lambda: records,
+        {"stuff_classes": [f"class{c}" for c in range(num_classes)], "ignore_label": 255},
+    )
     gen = torch.Generator().manual_seed(0)
     logits = []
     for _, gt in maps:
@@ -184,27 +190,49 @@ def bench_miou(args):
         if args.check_boundary:
             for setup in setups:
                 _boundary_check(*setup)
-    print(f"\nmIoU, median per-image process() time over {args.images} images taking turns, "
-          f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs")
-    print("| spinning processes | load avg (1 min) | size | boundary IoU | SemSegEvaluator ms/img "
-          "| MIoUEvaluator ms/img | speed-up | max abs diff mIoU..ACC |")
+    print(
+        f"\nmIoU, median per-image process() time over {args.images} images taking turns, "
+        f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs"
+    )
+    print(
+        "| spinning processes | load avg (1 min) | size | boundary IoU | SemSegEvaluator ms/img "
+        "| MIoUEvaluator ms/img | speed-up | max abs diff mIoU..ACC |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.1f} | {r[5]:.1f} | {r[6]:.1f}x "
-              f"| {r[7]:.1e} |")
+        print(
+            f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.1f} | {r[5]:.1f} | {r[6]:.1f}x "
+            f"| {r[7]:.1e} |"
+        )
 
 
 def bench_memory(args):
     h, w, c = (int(v) for v in args.size.split("x"))
     with tempfile.TemporaryDirectory() as folder:
-        name, inputs, logits = _sem_seg_setup(folder, args.images, h, w, c, name="bench_sem_seg_memory")
-        print(f"\nmemory over a run at {h}x{w}, {c} classes (tracemalloc: Python and numpy allocations; RSS: process)")
-        print("| evaluator | images | traced after 10% (MB) | traced at end (MB) | traced peak (MB) | RSS after 10% / at end (MB) |")
+        name, inputs, logits = _sem_seg_setup(
+            folder, args.images, h, w, c, name="bench_sem_seg_memory"
+        )
+        print(
+            f"\nmemory over a run at {h}x{w}, {c} classes (tracemalloc: Python and numpy "
+            "allocations; RSS: process)"
+        )
+        print(
+            "| evaluator | images | traced after 10% (MB) | traced at end (MB) | traced peak (MB) "
+            "| RSS after 10% / at end (MB) |"
+        )
         print("|---|---|---|---|---|---|")
         for label, n, make in (
             ("MIoUEvaluator", args.images, lambda: MIoUEvaluator(name, distributed=False)),
-            ("MIoUEvaluator, boundary IoU", args.images, lambda: MIoUEvaluator(name, distributed=False, boundary_iou=True)),
-            ("SemSegEvaluator", args.reference_images, lambda: SemSegEvaluator(name, distributed=False)),
+            (
+                "MIoUEvaluator, boundary IoU",
+                args.images,
+                lambda: MIoUEvaluator(name, distributed=False, boundary_iou=True),
+            ),
+            (
+                "SemSegEvaluator",
+                args.reference_images,
+                lambda: SemSegEvaluator(name, distributed=False),
+            ),
         ):
             if n <= 0:
                 continue
@@ -220,7 +248,10 @@ def bench_memory(args):
             tracemalloc.stop()
             rss_end = rss_mb()
             ev.evaluate()
-            print(f"| {label} | {n} | {early[0]:.2f} | {current / 2**20:.2f} | {peak / 2**20:.2f} | {early[1]:.0f} / {rss_end:.0f} |")
+            print(
+                f"| {label} | {n} | {early[0]:.2f} | {current / 2**20:.2f} | {peak / 2**20:.2f} | "
+                f"{early[1]:.0f} / {rss_end:.0f} |"
+            )
             del ev
 
 
@@ -245,17 +276,32 @@ def _ap_setup(folder, n_images, h, w, n_gt, n_det, num_classes, seed=0):
             m = _ellipse(h, w, rng)
             cat = int(rng.integers(1, num_classes + 1))
             rle = encode_masks(torch.from_numpy(m[None]).bool())[0]
-            anns.append({"id": len(anns) + 1, "image_id": img_id, "category_id": cat, "iscrowd": 0,
-                         "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()},
-                         "area": float(m.sum()), "bbox": [float(v) for v in cv2.boundingRect(m)]})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": img_id,
+                    "category_id": cat,
+                    "iscrowd": 0,
+                    "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()},
+                    "area": float(m.sum()),
+                    "bbox": [float(v) for v in cv2.boundingRect(m)],
+                }
+            )
             gt_masks[img_id].append((m, cat))
     json_file = os.path.join(folder, "bench_instances.json")
     cats = [{"id": c, "name": f"class{c}"} for c in range(1, num_classes + 1)]
     with open(json_file, "w") as f:
         json.dump({"images": images, "annotations": anns, "categories": cats}, f)
     name = "bench_instances"
-    register_dataset(name, lambda: [], {"json_file": json_file, "thing_classes": [c["name"] for c in cats],
-                                        "thing_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(cats)}})
+    register_dataset(
+        name,
+        lambda: [],
+        {
+            "json_file": json_file,
+            "thing_classes": [c["name"] for c in cats],
+            "thing_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(cats)},
+        },
+    )
     inputs, outputs = [], []
     for img_id in range(1, n_images + 1):
         masks, classes = [], []
@@ -272,7 +318,9 @@ def _ap_setup(folder, n_images, h, w, n_gt, n_det, num_classes, seed=0):
         boxes = [cv2.boundingRect(m.numpy().astype(np.uint8)) for m in masks]
         inst = Instances((h, w))
         inst.pred_masks = masks
-        inst.pred_boxes = Boxes(torch.tensor([[x, y, x + bw, y + bh] for x, y, bw, bh in boxes], dtype=torch.float32))
+        inst.pred_boxes = Boxes(
+            torch.tensor([[x, y, x + bw, y + bh] for x, y, bw, bh in boxes], dtype=torch.float32)
+        )
         inst.scores = torch.from_numpy(rng.random(n_det).astype(np.float32))
         inst.pred_classes = torch.tensor(classes)
         inputs.append({"image_id": img_id, "file_name": f"{img_id}.jpg"})
@@ -295,44 +343,86 @@ def _run_ap(evaluator, inputs, outputs):
 def bench_ap(args):
     h, w = (int(v) for v in args.image_size.split("x"))
     with tempfile.TemporaryDirectory() as folder:
-        name, inputs, outputs = _ap_setup(folder, args.images, h, w, args.gt, args.detections, args.classes)
-        # segm_area="mask" sizes segm detections as COCOEvaluator does, so every key can be compared.
+        name, inputs, outputs = _ap_setup(
+            folder, args.images, h, w, args.gt, args.detections, args.classes
+        )
+        # segm_area="mask" sizes segm detections as COCOEvaluator does, so every key can be
+        # compared.
         pairs = [
-            ("COCOEvaluator (use_fast_impl=True)", lambda: COCOEvaluator(name, tasks=("bbox", "segm"), distributed=False),
-             "MaskAPEvaluator (detectron2_fast)", lambda: MaskAPEvaluator(name, distributed=False, segm_area="mask")),
-            ("COCOEvaluator (use_fast_impl=False)",
-             lambda: COCOEvaluator(name, tasks=("bbox", "segm"), distributed=False, use_fast_impl=False),
-             "MaskAPEvaluator (pycocotools)",
-             lambda: MaskAPEvaluator(name, distributed=False, backend="pycocotools", segm_area="mask")),
+            (
+                "COCOEvaluator (use_fast_impl=True)",
+                lambda: COCOEvaluator(name, tasks=("bbox", "segm"), distributed=False),
+                "MaskAPEvaluator (detectron2_fast)",
+                lambda: MaskAPEvaluator(name, distributed=False, segm_area="mask"),
+            ),
+            (
+                "COCOEvaluator (use_fast_impl=False)",
+                lambda: COCOEvaluator(
+                    name, tasks=("bbox", "segm"), distributed=False, use_fast_impl=False
+                ),
+                "MaskAPEvaluator (pycocotools)",
+                lambda: MaskAPEvaluator(
+                    name, distributed=False, backend="pycocotools", segm_area="mask"
+                ),
+            ),
         ]
-        print(f"\nmask/box AP: {args.images} images {h}x{w}, {args.detections} detections and {args.gt} objects per image, "
-              f"{args.classes} classes, torch threads {torch.get_num_threads()}; process + evaluate (bbox and segm)")
-        print("| reference | seconds (process + evaluate) | seg2 | seconds (process + evaluate) | speed-up | max abs AP diff |")
+        print(
+            f"\nmask/box AP: {args.images} images {h}x{w}, {args.detections} detections and "
+            f"{args.gt} objects per image, "
+            f"{args.classes} classes, torch threads {torch.get_num_threads()}; process + evaluate "
+            "(bbox and segm)"
+        )
+        print(
+            "| reference | seconds (process + evaluate) | seg2 | seconds (process + evaluate) | "
+            "speed-up | max abs AP diff |"
+        )
         print("|---|---|---|---|---|---|")
         for ref_label, make_ref, our_label, make_ours in pairs:
             ref, rp, re_ = _run_ap(make_ref(), inputs, outputs)
             ours, op, oe = _run_ap(make_ours(), inputs, outputs)
             diff = max(_max_diff(ours[t], ref[t]) for t in ("bbox", "segm"))
-            print(f"| {ref_label} | {rp + re_:.2f} ({rp:.2f} + {re_:.2f}) | {our_label} | {op + oe:.2f} ({op:.2f} + {oe:.2f}) | "
-                  f"{(rp + re_) / (op + oe):.1f}x | {diff:.1e} |")
-            print(f"|   AP segm / bbox | {ref['segm']['AP']:.4f} / {ref['bbox']['AP']:.4f} | | {ours['segm']['AP']:.4f} / {ours['bbox']['AP']:.4f} | | |")
+            print(
+                f"| {ref_label} | {rp + re_:.2f} ({rp:.2f} + {re_:.2f}) | {our_label} | "
+                f"{op + oe:.2f} ({op:.2f} + {oe:.2f}) | "
+                f"{(rp + re_) / (op + oe):.1f}x | {diff:.1e} |"
+            )
+            print(
+                f"|   AP segm / bbox | {ref['segm']['AP']:.4f} / {ref['bbox']['AP']:.4f} | | "
+                f"{ours['segm']['AP']:.4f} / {ours['bbox']['AP']:.4f} | | |"
+            )
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads (0, the default: one per core, as in training)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (0, the default: one per core, as in training)",
+    )
     sub = parser.add_subparsers(dest="bench", required=True)
     p = sub.add_parser("miou")
     p.add_argument("--images", type=int, default=8, help="timed images per row (per evaluator)")
     p.add_argument("--sizes", nargs="+", default=["512x512x21"], help="HxWxCLASSES")
-    p.add_argument("--load", type=int, nargs="+", default=[0, 2],
-                   help="a row per value: this many spinning processes started by the benchmark")
-    p.add_argument("--check-boundary", action="store_true",
-                   help="also compare boundary IoU with detectron2's on int64 maps (untimed)")
+    p.add_argument(
+        "--load",
+        type=int,
+        nargs="+",
+        default=[0, 2],
+        help="a row per value: this many spinning processes started by the benchmark",
+    )
+    p.add_argument(
+        "--check-boundary",
+        action="store_true",
+        help="also compare boundary IoU with detectron2's on int64 maps (untimed)",
+    )
     p = sub.add_parser("memory")
     p.add_argument("--images", type=int, default=500)
-    p.add_argument("--reference-images", type=int, default=100, help="images for SemSegEvaluator (0: skip it)")
+    p.add_argument(
+        "--reference-images", type=int, default=100, help="images for SemSegEvaluator (0: skip it)"
+    )
     p.add_argument("--size", default="256x256x21", help="HxWxCLASSES")
     p = sub.add_parser("ap")
     p.add_argument("--images", type=int, default=20)

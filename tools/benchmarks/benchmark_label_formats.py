@@ -8,9 +8,11 @@ training mapper (:class:`~seg2.data.MultiTaskDatasetMapper`: image read, label r
 CamVid's 480x360), images/s, and the time ratio against the index masks. The formats take turns
 pass by pass (best of ``--repeats``) so that load from other jobs hits them alike.
 
-    OMP_NUM_THREADS=1 python3 tools/benchmarks/benchmark_label_formats.py [--root datasets/CamVid] [--images 64]
+    OMP_NUM_THREADS=1 python3 tools/benchmarks/benchmark_label_formats.py [--root datasets/CamVid]
+    [--images 64]
 
-``--root`` defaults to ``$DETECTRON2_DATASETS/CamVid``, else the team's ``../shared/datasets/CamVid_mini``.
+``--root`` defaults to ``$DETECTRON2_DATASETS/CamVid``, else the team's
+``../shared/datasets/CamVid_mini``.
 """
 
 import argparse
@@ -27,7 +29,14 @@ from PIL import Image
 from timing import best_of_rounds
 
 import seg2
-from seg2.data import CAMVID_CLASSES, CAMVID_COLORS, CAMVID_VOID_LABEL, MultiTaskDatasetMapper, load_camvid, read_sem_seg
+from seg2.data import (
+    CAMVID_CLASSES,
+    CAMVID_COLORS,
+    CAMVID_VOID_LABEL,
+    MultiTaskDatasetMapper,
+    load_camvid,
+    read_sem_seg,
+)
 from seg2.data.label_map import sem_seg_format
 from seg2.utils import Seg2Error
 
@@ -37,7 +46,11 @@ VOID_COLOR = (0, 0, 0)
 
 def _default_root():
     full = os.path.join(os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")), "CamVid")
-    return full if os.path.isdir(full) else os.path.join(REPO, "..", "shared", "datasets", "CamVid_mini")
+    return (
+        full
+        if os.path.isdir(full)
+        else os.path.join(REPO, "..", "shared", "datasets", "CamVid_mini")
+    )
 
 
 def _format_records(records, out_dir):
@@ -57,16 +70,24 @@ def _format_records(records, out_dir):
         p.putpalette(palette)
         p.save(os.path.join(out_dir, "P", name))
         Image.fromarray(colours[label]).save(os.path.join(out_dir, "RGB", name))
-        by_format["palette ('P')"].append(dict(r, sem_seg_file_name=os.path.join(out_dir, "P", name)))
-        by_format["RGB"].append(dict(r, sem_seg_file_name=os.path.join(out_dir, "RGB", name), sem_seg_format=rgb_format))
+        by_format["palette ('P')"].append(
+            dict(r, sem_seg_file_name=os.path.join(out_dir, "P", name))
+        )
+        by_format["RGB"].append(
+            dict(r, sem_seg_file_name=os.path.join(out_dir, "RGB", name), sem_seg_format=rgb_format)
+        )
     return by_format
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--root", default=_default_root(), help="a CamVid folder (SegNet's layout)")
     parser.add_argument("--split", default="train")
-    parser.add_argument("--images", type=int, default=64, help="at most this many images of the split")
+    parser.add_argument(
+        "--images", type=int, default=64, help="at most this many images of the split"
+    )
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -87,18 +108,30 @@ def main():
             for rs in by_format.values():
                 mapper(rs[0])
         except Seg2Error as e:
-            sys.exit(f"the mapper cannot read this label format ({e}); it must read label maps with read_sem_seg(record)")
+            sys.exit(
+                f"the mapper cannot read this label format ({e}); it must read label maps with "
+                "read_sem_seg(record)"
+            )
         for rs in by_format.values():  # every format decodes to the same class map
-            assert all(np.array_equal(read_sem_seg(a), read_sem_seg(b)) for a, b in zip(by_format["RGB"], rs))
+            assert all(
+                np.array_equal(read_sem_seg(a), read_sem_seg(b))
+                for a, b in zip(by_format["RGB"], rs)
+            )
 
         # one untimed round first warms caches (files, the colour table)
-        decode = best_of_rounds({k: lambda rs=rs: [read_sem_seg(r) for r in rs] for k, rs in by_format.items()},
-                                args.repeats)
-        mapped = best_of_rounds({k: lambda rs=rs: [mapper(r) for r in rs] for k, rs in by_format.items()},
-                                args.repeats)
+        decode = best_of_rounds(
+            {k: lambda rs=rs: [read_sem_seg(r) for r in rs] for k, rs in by_format.items()},
+            args.repeats,
+        )
+        mapped = best_of_rounds(
+            {k: lambda rs=rs: [mapper(r) for r in rs] for k, rs in by_format.items()}, args.repeats
+        )
         n, ref = len(records), "index ('L')"
         print(f"{n} CamVid {args.split} images of 480x360 from {args.root}, best of {args.repeats}")
-        print(f"{'label files':16s} {'decode ms/map':>13s} {'ratio':>6s} {'mapper img/s':>13s} {'time ratio':>10s}")
+        print(
+            f"{'label files':16s} {'decode ms/map':>13s} {'ratio':>6s} {'mapper img/s':>13s} "
+            f"{'time ratio':>10s}"
+        )
         for name in by_format:
             print(
                 f"{name:16s} {1e3 * decode[name] / n:13.2f} {decode[name] / decode[ref]:6.2f} "

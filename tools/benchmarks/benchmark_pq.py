@@ -229,7 +229,6 @@ def evaluators(gt_json, gt_folder, pred_json, pred_folder):
     """detectron2's COCOPanopticEvaluator (PNG encoding in process(), panopticapi's pq_compute on
     all cores in evaluate()) and seg2's Seg2PanopticEvaluator, on the same model outputs."""
     import torch
-
     from detectron2.data import MetadataCatalog
     from detectron2.evaluation import COCOPanopticEvaluator
 
@@ -306,9 +305,9 @@ def main():
 
     sys.path.insert(0, os.path.abspath(args.panopticapi))
     from panopticapi import evaluation
+    from timing import timed  # tools/benchmarks/timing.py: this script's folder is on sys.path
 
     from seg2.evaluation.panoptic_evaluation import pq_compute
-    from timing import timed  # tools/benchmarks/timing.py: this script's folder is on sys.path
 
     with tempfile.TemporaryDirectory(prefix="seg2_bench_pq") as root:
         t0 = time.perf_counter()

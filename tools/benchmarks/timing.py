@@ -4,12 +4,14 @@ a script's folder is first on ``sys.path``) and by ``tools/ablation/`` and ``too
 (``from benchmarks.timing import ...``).
 
 * :func:`sync` / :func:`timed`: one call, between CUDA synchronisations.
-* :func:`time_iterations`: ``warmup`` untimed then ``iters`` timed calls of one step, with peak memory.
+* :func:`time_iterations`: ``warmup`` untimed then ``iters`` timed calls of one step, with peak
+memory.
 * :func:`time_round_robin`: several steps taking turns, repeat by repeat, so that load from other
   jobs on a shared machine hits all of them alike; the caller compares the timings as ratios.
   :func:`best_of_rounds`: the best time of each, numpy seeded alike per round.
 * :func:`train_step` / :func:`inference_step`: the step functions of a detectron2 model (training:
-  forward, summed losses, backward, optimizer step; inference: forward under ``no_grad``), in float32
+  forward, summed losses, backward, optimizer step; inference: forward under ``no_grad``), in
+  float32
   or under ``torch.autocast`` (float16 on a GPU with a ``GradScaler``, as detectron2's AMP trainer).
 * :class:`PeakMemory`: ``torch.cuda.max_memory_allocated`` on a GPU; on the CPU the process's peak
   resident set size (``VmHWM``), reset before each measurement through ``/proc/self/clear_refs``

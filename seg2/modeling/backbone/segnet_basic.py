@@ -44,18 +44,29 @@ class SegNetBasicEncoder(Backbone):
                 f"{num_stages} stages, {channels} channels"
             )
         # Caffe's LRN across channels: x / (1 + alpha / n * sum of n squares) ** beta, as torch's.
-        self.lrn = nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0) if input_lrn else nn.Identity()
+        self.lrn = (
+            nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0) if input_lrn else nn.Identity()
+        )
         self.stages = nn.ModuleList()
         self._out_feature_channels, self._out_feature_strides = {}, {}
         cin = in_channels
         for i in range(1, num_stages + 1):
             conv = Conv2d(
-                cin, channels, kernel_size, padding=kernel_size // 2, bias=True,
-                norm=get_norm(norm, channels), activation=F.relu,
+                cin,
+                channels,
+                kernel_size,
+                padding=kernel_size // 2,
+                bias=True,
+                norm=get_norm(norm, channels),
+                activation=F.relu,
             )
             caffe_msra_fill(conv)
             self.stages.append(conv)
-            for name, stride in ((f"conv{i}", 2 ** (i - 1)), (f"pool{i}", 2**i), (f"pool{i}_indices", 2**i)):
+            for name, stride in (
+                (f"conv{i}", 2 ** (i - 1)),
+                (f"pool{i}", 2**i),
+                (f"pool{i}_indices", 2**i),
+            ):
                 self._out_feature_channels[name] = channels
                 self._out_feature_strides[name] = stride
             cin = channels
@@ -77,7 +88,9 @@ class SegNetBasicEncoder(Backbone):
 
     def output_shape(self):
         return {
-            f: ShapeSpec(channels=self._out_feature_channels[f], stride=self._out_feature_strides[f])
+            f: ShapeSpec(
+                channels=self._out_feature_channels[f], stride=self._out_feature_strides[f]
+            )
             for f in self._out_features
         }
 

@@ -16,7 +16,9 @@ __all__ = ["UNetEncoder", "conv3x3_block", "build_unet_encoder_backbone"]
 PADDING_MODES = ("valid", "same")
 
 
-def conv3x3_block(in_channels: int, out_channels: int, padding_mode: str, norm: str = "", num_convs: int = 2):
+def conv3x3_block(
+    in_channels: int, out_channels: int, padding_mode: str, norm: str = "", num_convs: int = 2
+):
     """U-Net's step: ``num_convs`` 3x3 convs + ReLU, unpadded ("valid") or padded by 1 ("same")."""
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding_mode!r}")
@@ -102,7 +104,9 @@ def build_unet_encoder_backbone(cfg, input_shape: ShapeSpec):
     enc = cfg.MODEL.UNET_ENCODER
     check_norm(enc.NORM, enc.CHANNELS, "MODEL.UNET_ENCODER.NORM", "MODEL.UNET_ENCODER.CHANNELS")
     if enc.PADDING not in PADDING_MODES:
-        raise Seg2Error(f"MODEL.UNET_ENCODER.PADDING={enc.PADDING!r}: must be one of {PADDING_MODES}")
+        raise Seg2Error(
+            f"MODEL.UNET_ENCODER.PADDING={enc.PADDING!r}: must be one of {PADDING_MODES}"
+        )
     try:
         return UNetEncoder(
             in_channels=input_shape.channels,

@@ -32,7 +32,9 @@ class FCConv2d(nn.Linear):
         self.in_channels, self.kernel_size, self.padding = in_channels, kernel_size, padding
 
     def forward(self, x):
-        w = self.weight.view(self.out_features, self.in_channels, self.kernel_size, self.kernel_size)
+        w = self.weight.view(
+            self.out_features, self.in_channels, self.kernel_size, self.kernel_size
+        )
         return F.conv2d(x, w, self.bias, padding=self.padding)
 
     def extra_repr(self):
@@ -56,7 +58,7 @@ def vgg_feature_offsets(num_stages: int = 5, fcn_pad100: bool = False) -> Dict[s
         offset += 0.5 * stride  # 2x2 max-pool, stride 2
         offsets[f"pool{i}"] = offsets[f"pool{i}_indices"] = offset
     fc6_pad = 0 if fcn_pad100 else 3
-    offsets["fc7"] = offset + (3 - fc6_pad) * 2 ** num_stages  # fc6: 7x7 conv
+    offsets["fc7"] = offset + (3 - fc6_pad) * 2**num_stages  # fc6: 7x7 conv
     return offsets
 
 
@@ -112,7 +114,9 @@ class VGG(Backbone):
         features = make_layers(layer_cfg, batch_norm=bool(norm))
         first = features[0]
         if in_channels != 3 or fcn_pad100:
-            features[0] = nn.Conv2d(in_channels, first.out_channels, 3, padding=100 if fcn_pad100 else 1)
+            features[0] = nn.Conv2d(
+                in_channels, first.out_channels, 3, padding=100 if fcn_pad100 else 1
+            )
         for i, layer in enumerate(features):
             if isinstance(layer, nn.BatchNorm2d) and norm != "BN":
                 features[i] = get_norm(norm, layer.num_features)
@@ -125,7 +129,8 @@ class VGG(Backbone):
         self.features = features
         self.fc_dim = fc_dim
         if fc_dim > 0:
-            # Named and numbered as torchvision's classifier: fc6, relu, dropout, fc7, relu, dropout.
+            # Named and numbered as torchvision's classifier: fc6, relu, dropout, fc7, relu,
+            # dropout.
             self.classifier = nn.Sequential(
                 FCConv2d(stage_channels[-1], fc_dim, 7, padding=0 if fcn_pad100 else 3),
                 nn.ReLU(inplace=True),
@@ -143,7 +148,11 @@ class VGG(Backbone):
 
         self._out_feature_strides, self._out_feature_channels = {}, {}
         for i, c in enumerate(stage_channels, start=1):
-            for name, stride in ((f"conv{i}", 2 ** (i - 1)), (f"pool{i}", 2**i), (f"pool{i}_indices", 2**i)):
+            for name, stride in (
+                (f"conv{i}", 2 ** (i - 1)),
+                (f"pool{i}", 2**i),
+                (f"pool{i}_indices", 2**i),
+            ):
                 self._out_feature_strides[name], self._out_feature_channels[name] = stride, c
         if fc_dim > 0:
             self._out_feature_strides["fc7"], self._out_feature_channels["fc7"] = 32, fc_dim

@@ -47,7 +47,9 @@ class BaseSemSegHead(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.ignore_value, self.loss_weight = ignore_value, loss_weight
-        self.loss = loss if loss is not None else SemSegLoss("cross_entropy", ignore_value=ignore_value)
+        self.loss = (
+            loss if loss is not None else SemSegLoss("cross_entropy", ignore_value=ignore_value)
+        )
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -78,7 +80,9 @@ class BaseSemSegHead(nn.Module):
 
     def losses(self, logits, targets) -> Dict[str, torch.Tensor]:
         """``{"loss_sem_seg"}`` of the logits against the targets (:func:`sem_seg_loss`)."""
-        return sem_seg_loss(logits, targets, self.loss, ignore_value=self.ignore_value, loss_weight=self.loss_weight)
+        return sem_seg_loss(
+            logits, targets, self.loss, ignore_value=self.ignore_value, loss_weight=self.loss_weight
+        )
 
 
 def sem_seg_loss(
@@ -111,7 +115,9 @@ def check_upsample_mode(mode: str, key: str, no_unpool: Optional[str] = None) ->
     ``no_unpool``: the reason why this head cannot "unpool", which then is an error too.
     """
     if mode not in UPSAMPLE_MODES:
-        raise Seg2Error(f"{key}={mode!r}: unknown up-sampling mode; choose one of {list(UPSAMPLE_MODES)}")
+        raise Seg2Error(
+            f"{key}={mode!r}: unknown up-sampling mode; choose one of {list(UPSAMPLE_MODES)}"
+        )
     if mode == "unpool" and no_unpool:
         raise Seg2Error(f"{key}='unpool': {no_unpool}")
     return mode

@@ -26,7 +26,8 @@ class Seg2DeepLabV3PlusHead(DeepLabV3PlusHead):
     up-samplings, and it up-samples its output by ``scale_factor=common_stride``, so its loss
     needs targets of exactly that size and it assumes the shallowest feature is at
     ``COMMON_STRIDE``; and it sizes ASPP's image pooling to ``INPUT.CROP.SIZE``, which fails on
-    test images of other sizes (seg2 pools globally, as the paper at test time). seg2's heads share :class:`seg2.modeling.upsample.Upsample` and one
+    test images of other sizes (seg2 pools globally, as the paper at test time). seg2's heads share
+    :class:`seg2.modeling.upsample.Upsample` and one
     output convention (stride-1 logits from the input's pixel (0, 0), cropped to the targets, no
     loss on a batch with no labelled pixel), which the multi-task model relies on. The layers and
     their parameter names are detectron2's, so its DeepLab checkpoints load. The loss is seg2's
@@ -34,12 +35,15 @@ class Seg2DeepLabV3PlusHead(DeepLabV3PlusHead):
     """
 
     @configurable
-    def __init__(self, input_shape, *, upsample: str = "bilinear", loss: Optional[nn.Module] = None, **kwargs):
+    def __init__(
+        self, input_shape, *, upsample: str = "bilinear", loss: Optional[nn.Module] = None, **kwargs
+    ):
         """
         Args:
             input_shape, kwargs: as detectron2's ``DeepLabV3PlusHead``.
             upsample (str): up-sampling mode of the decoder and of the output (DeepLab: bilinear).
-            loss (nn.Module or None): ``(logits, targets) -> loss`` (see :mod:`seg2.modeling.losses`);
+            loss (nn.Module or None): ``(logits, targets) -> loss`` (see
+            :mod:`seg2.modeling.losses`);
                 None: the terms of ``loss_type`` without ``ignore_value``.
         """
         loss_type = kwargs.pop("loss_type", "cross_entropy")
@@ -47,7 +51,9 @@ class Seg2DeepLabV3PlusHead(DeepLabV3PlusHead):
         super().__init__(input_shape, loss_type="cross_entropy", **kwargs)
         self.loss_type = loss_type
         if not self.decoder_only:
-            self.loss = loss if loss is not None else SemSegLoss(loss_type, ignore_value=self.ignore_value)
+            self.loss = (
+                loss if loss is not None else SemSegLoss(loss_type, ignore_value=self.ignore_value)
+            )
         strides = {f: s.stride for f, s in input_shape.items()}
         aspp_channels = self.decoder[self.in_features[-1]]["project_conv"].project.out_channels
         # decoder_up[f]: from the deeper decoder output to feature f's stride (the ASPP output
@@ -58,7 +64,11 @@ class Seg2DeepLabV3PlusHead(DeepLabV3PlusHead):
         for f in self.in_features[:-1][::-1]:
             self.decoder_up[f] = Upsample(upsample, strides[prev] // strides[f], cur)
             stage = self.decoder[f]["fuse_conv"]
-            cur = stage[-1].out_channels if isinstance(stage, nn.Sequential) else stage.pointwise.out_channels
+            cur = (
+                stage[-1].out_channels
+                if isinstance(stage, nn.Sequential)
+                else stage.pointwise.out_channels
+            )
             prev = f
         out_channels = self.predictor.out_channels if not self.decoder_only else cur
         self.final_up = final_upsample(upsample, strides[self.in_features[0]], out_channels)
@@ -107,6 +117,8 @@ class Seg2DeepLabV3PlusHead(DeepLabV3PlusHead):
         if self.decoder_only:
             return y
         if self.training:
-            losses = sem_seg_loss(y, targets, self.loss, ignore_value=self.ignore_value, loss_weight=self.loss_weight)
+            losses = sem_seg_loss(
+                y, targets, self.loss, ignore_value=self.ignore_value, loss_weight=self.loss_weight
+            )
             return None, losses
         return y, {}

@@ -84,14 +84,17 @@ class FCNHead(BaseSemSegHead):
     def from_config(cls, cfg, input_shape):
         names, strides = nested_features(input_shape, cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES)
         no_unpool = "FCN has no pooling indices to unpool score maps with"
-        mode = check_upsample_mode(cfg.MODEL.FCN_HEAD.UPSAMPLE, "MODEL.FCN_HEAD.UPSAMPLE", no_unpool=no_unpool)
+        mode = check_upsample_mode(
+            cfg.MODEL.FCN_HEAD.UPSAMPLE, "MODEL.FCN_HEAD.UPSAMPLE", no_unpool=no_unpool
+        )
         shapes = {f: input_shape[f] for f in names}
         fcn = cfg.MODEL.FCN_HEAD
         factors = [b // a for a, b in zip(strides[:-1], strides[1:])] + [strides[0]]
         m = fcn.DECONV_KERNEL_MULTIPLE
         if mode == "deconv" and (m < 1 or any(f > 1 and (m - 1) * f % 2 for f in factors)):
             raise Seg2Error(
-                f"MODEL.FCN_HEAD.DECONV_KERNEL_MULTIPLE={m}: a transposed conv of factor f gets an m*f kernel, "
+                f"MODEL.FCN_HEAD.DECONV_KERNEL_MULTIPLE={m}: a transposed conv of factor f gets "
+                "an m*f kernel, "
                 f"which needs m >= 1 and (m - 1) * f even; the factors here are {factors}"
             )
         ret = super().from_config(cfg, input_shape)
@@ -116,7 +119,9 @@ class FCNHead(BaseSemSegHead):
             skip = self.score[f](features[f])
             shift = (offset - self.offsets[f]) / stride
             if shift != int(shift):
-                raise ValueError(f"FCN: feature {f!r} is not aligned with the deeper map (shift {shift} pixels)")
+                raise ValueError(
+                    f"FCN: feature {f!r} is not aligned with the deeper map (shift {shift} pixels)"
+                )
             shift = int(shift)
             if shift >= 0:  # skip pixel (shift) sits where x's pixel 0 does: crop the skip
                 skip = skip[..., shift:, shift:]
@@ -129,6 +134,9 @@ class FCNHead(BaseSemSegHead):
         offset = offset - stride / 2 + 0.5
         start = -offset
         if start < 0 or start != int(start):
-            raise ValueError(f"FCN: the output starts at input coordinate {offset}, it cannot be cropped to the input")
+            raise ValueError(
+                f"FCN: the output starts at input coordinate {offset}, it cannot be cropped to "
+                "the input"
+            )
         start = int(start)
         return x[..., start:, start:]

@@ -75,31 +75,47 @@ class SegNetHead(BaseSemSegHead):
             kwargs: ``ignore_value``, ``loss_weight``, ``loss``: see :class:`BaseSemSegHead`.
         """
         super().__init__(num_classes=num_classes, **kwargs)
-        maps = sorted((f for f in input_shape if not f.endswith(INDICES_SUFFIX)), key=lambda f: input_shape[f].stride)
+        maps = sorted(
+            (f for f in input_shape if not f.endswith(INDICES_SUFFIX)),
+            key=lambda f: input_shape[f].stride,
+        )
         indices = {input_shape[f].stride: f for f in input_shape if f.endswith(INDICES_SUFFIX)}
         self.in_features = maps
         self.decoder_input, stages = maps[-1], maps[:-1][::-1]  # stages deepest first
         if skip not in SKIP_MODES:
             raise ValueError(f"skip must be one of {SKIP_MODES}, got {skip!r}")
         if len(num_convs) != len(stages):
-            raise ValueError(f"{len(stages)} decoder stages ({stages}) need {len(stages)} conv counts, got {list(num_convs)}")
+            raise ValueError(
+                f"{len(stages)} decoder stages ({stages}) need {len(stages)} conv counts, got "
+                f"{list(num_convs)}"
+            )
         self.stages, self.up, self.indices_of = stages, nn.ModuleDict(), {}
         self.decoder, self.skip = nn.ModuleDict(), nn.ModuleDict() if skip == "add" else None
         activation = F.relu if decoder_relu else None
-        cur, stride = input_shape[self.decoder_input].channels, input_shape[self.decoder_input].stride
+        cur, stride = (
+            input_shape[self.decoder_input].channels,
+            input_shape[self.decoder_input].stride,
+        )
         for i, f in enumerate(stages):
             c = input_shape[f].channels
             factor = stride // input_shape[f].stride
             if upsample == "unpool" and factor > 1:
                 if stride not in indices:
-                    raise ValueError(f"'unpool' into {f!r} needs pooling indices at stride {stride}; got {indices}")
+                    raise ValueError(
+                        f"'unpool' into {f!r} needs pooling indices at stride {stride}; got "
+                        f"{indices}"
+                    )
                 self.indices_of[f] = indices[stride]
             self.up[f] = Upsample(upsample, factor, cur)
             if self.skip is not None:
                 self.skip[f] = nn.Identity() if c == cur else Conv2d(c, cur, kernel_size=1)
             last_stage = i == len(stages) - 1
             classifier_here = last_stage and not separate_classifier
-            out = num_classes if classifier_here else (c if last_stage else input_shape[stages[i + 1]].channels)
+            out = (
+                num_classes
+                if classifier_here
+                else (c if last_stage else input_shape[stages[i + 1]].channels)
+            )
             layers = []
             for j in range(num_convs[i]):
                 cin = cur if j == 0 else c
@@ -108,8 +124,13 @@ class SegNetHead(BaseSemSegHead):
                     continue
                 cout = out if j == num_convs[i] - 1 else c
                 conv = Conv2d(
-                    cin, cout, kernel_size, padding=kernel_size // 2, bias=True,
-                    norm=get_norm(norm, cout), activation=activation,
+                    cin,
+                    cout,
+                    kernel_size,
+                    padding=kernel_size // 2,
+                    bias=True,
+                    norm=get_norm(norm, cout),
+                    activation=activation,
                 )
                 caffe_msra_fill(conv)
                 layers.append(conv)
@@ -134,20 +155,25 @@ class SegNetHead(BaseSemSegHead):
         shapes = {f: input_shape[f] for f in cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES}
         maps = [f for f in shapes if not f.endswith(INDICES_SUFFIX)]
         if len(maps) < 2:
-            raise Seg2Error(f"{key}={list(shapes)}: SegNet needs the encoder stages and the decoder input")
+            raise Seg2Error(
+                f"{key}={list(shapes)}: SegNet needs the encoder stages and the decoder input"
+            )
         if mode == "unpool":
             have = {shapes[f].stride for f in shapes if f.endswith(INDICES_SUFFIX)}
             strides = sorted(shapes[f].stride for f in maps)
             need = [s for a, s in zip(strides[:-1], strides[1:]) if s > a]
             if not set(need) <= have:
                 raise Seg2Error(
-                    f"MODEL.SEGNET_HEAD.UPSAMPLE='unpool' needs pooling indices at strides {need}, but "
-                    f"{key}={list(shapes)} has them at {sorted(have)}: add the backbone's '*_indices' features "
+                    "MODEL.SEGNET_HEAD.UPSAMPLE='unpool' needs pooling indices at strides "
+                    f"{need}, but "
+                    f"{key}={list(shapes)} has them at {sorted(have)}: add the backbone's "
+                    "'*_indices' features "
                     "(VGG: pool1_indices ... pool5_indices) or choose another up-sampling mode"
                 )
         if len(head.NUM_CONVS) != len(maps) - 1:
             raise Seg2Error(
-                f"MODEL.SEGNET_HEAD.NUM_CONVS={list(head.NUM_CONVS)}: {key} gives {len(maps) - 1} decoder stages"
+                f"MODEL.SEGNET_HEAD.NUM_CONVS={list(head.NUM_CONVS)}: {key} gives {len(maps) - 1} "
+                "decoder stages"
             )
         if head.SKIP not in SKIP_MODES:
             raise Seg2Error(f"MODEL.SEGNET_HEAD.SKIP={head.SKIP!r}: must be one of {SKIP_MODES}")
@@ -157,7 +183,8 @@ class SegNetHead(BaseSemSegHead):
         stages = sorted(maps, key=lambda f: shapes[f].stride)[:-1]
         check_norm(
             head.NORM, [shapes[f].channels for f in stages], "MODEL.SEGNET_HEAD.NORM",
-            f"the backbone's channels of the encoder stages {stages} (MODEL.SEM_SEG_HEAD.IN_FEATURES)",
+            f"the backbone's channels of the encoder stages {stages} "
+            "(MODEL.SEM_SEG_HEAD.IN_FEATURES)",
         )  # fmt: skip
         ret = super().from_config(cfg, input_shape)
         ret.update(

@@ -2,11 +2,11 @@
 
 from typing import Dict, List, Optional
 
+import torch
 from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from torch import nn
-import torch
 
 from ...utils import Seg2Error
 from ..backbone.unet_encoder import PADDING_MODES, conv3x3_block
@@ -66,9 +66,15 @@ class UNetHead(BaseSemSegHead):
             # The skip's channels: the paper's halving (1024 -> 512 -> ... -> 64) on its encoder.
             decoder_channels = [input_shape[f].channels for f in skips]
         if len(decoder_channels) != len(skips):
-            raise ValueError(f"{len(skips)} up steps need {len(skips)} decoder channels, got {list(decoder_channels)}")
+            raise ValueError(
+                f"{len(skips)} up steps need {len(skips)} decoder channels, got "
+                f"{list(decoder_channels)}"
+            )
         self.up, self.convs = nn.ModuleDict(), nn.ModuleDict()
-        cur, stride = input_shape[self.in_features[-1]].channels, input_shape[self.in_features[-1]].stride
+        cur, stride = (
+            input_shape[self.in_features[-1]].channels,
+            input_shape[self.in_features[-1]].stride,
+        )
         for f, c in zip(skips, decoder_channels):
             factor = stride // input_shape[f].stride
             # The paper's up-conv is a 2x2 transposed conv (kernel = factor), with a bias.
@@ -85,11 +91,15 @@ class UNetHead(BaseSemSegHead):
         no_unpool = "U-Net's up path has no pooling indices"
         mode = check_upsample_mode(head.UPSAMPLE, "MODEL.UNET_HEAD.UPSAMPLE", no_unpool=no_unpool)
         if head.PADDING not in PADDING_MODES:
-            raise Seg2Error(f"MODEL.UNET_HEAD.PADDING={head.PADDING!r}: must be one of {PADDING_MODES}")
+            raise Seg2Error(
+                f"MODEL.UNET_HEAD.PADDING={head.PADDING!r}: must be one of {PADDING_MODES}"
+            )
         if head.DECODER_CHANNELS and len(head.DECODER_CHANNELS) != len(names) - 1:
             raise Seg2Error(
-                f"MODEL.UNET_HEAD.DECODER_CHANNELS={list(head.DECODER_CHANNELS)}: {len(names) - 1} up steps "
-                f"(MODEL.SEM_SEG_HEAD.IN_FEATURES={names}) need {len(names) - 1} values, or [] for the skips' channels"
+                f"MODEL.UNET_HEAD.DECODER_CHANNELS={list(head.DECODER_CHANNELS)}: "
+                f"{len(names) - 1} up steps "
+                f"(MODEL.SEM_SEG_HEAD.IN_FEATURES={names}) need {len(names) - 1} values, or [] "
+                "for the skips' channels"
             )
         if head.DECODER_CHANNELS:
             channels, channels_key = head.DECODER_CHANNELS, "MODEL.UNET_HEAD.DECODER_CHANNELS"

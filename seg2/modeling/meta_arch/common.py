@@ -15,11 +15,18 @@ def check_registered(cfg):
     """A :class:`Seg2Error` naming the config key when the backbone or head name is unknown."""
     for key, name, registry, registry_name in (
         ("MODEL.BACKBONE.NAME", cfg.MODEL.BACKBONE.NAME, BACKBONE_REGISTRY, "BACKBONE_REGISTRY"),
-        ("MODEL.SEM_SEG_HEAD.NAME", cfg.MODEL.SEM_SEG_HEAD.NAME, SEM_SEG_HEADS_REGISTRY, "SEM_SEG_HEADS_REGISTRY"),
+        (
+            "MODEL.SEM_SEG_HEAD.NAME",
+            cfg.MODEL.SEM_SEG_HEAD.NAME,
+            SEM_SEG_HEADS_REGISTRY,
+            "SEM_SEG_HEADS_REGISTRY",
+        ),
     ):
         if name not in registry:
             known = sorted(k for k, _ in registry)
-            raise Seg2Error(f"{key}={name!r} is not registered in detectron2's {registry_name}; known: {known}")
+            raise Seg2Error(
+                f"{key}={name!r} is not registered in detectron2's {registry_name}; known: {known}"
+            )
     check_head_loss(cfg)
 
 
@@ -36,11 +43,16 @@ def check_head_loss(cfg):
     head = cfg.MODEL.SEM_SEG_HEAD
     if issubclass(SEM_SEG_HEADS_REGISTRY.get(head.NAME), (BaseSemSegHead, Seg2DeepLabV3PlusHead)):
         return
-    asked = [f"LOSS_TYPE={head.LOSS_TYPE!r}"] if any(t in head.LOSS_TYPE for t in _SEG2_LOSS_TYPES) else []
+    asked = (
+        [f"LOSS_TYPE={head.LOSS_TYPE!r}"]
+        if any(t in head.LOSS_TYPE for t in _SEG2_LOSS_TYPES)
+        else []
+    )
     asked += [f"{k}={head.get(k)!r}" for k in ("CLASS_WEIGHT", "CLASS_WEIGHTING") if head.get(k)]
     if asked:
         raise Seg2Error(
-            f"MODEL.SEM_SEG_HEAD.NAME={head.NAME!r} is not a seg2 head and ignores MODEL.SEM_SEG_HEAD."
+            f"MODEL.SEM_SEG_HEAD.NAME={head.NAME!r} is not a seg2 head and ignores "
+            "MODEL.SEM_SEG_HEAD."
             f"{', '.join(asked)}: use one of seg2's heads (FCNHead, UNetHead, SegNetHead, "
             "Seg2DeepLabV3PlusHead) or leave these keys at their defaults"
         )
@@ -52,8 +64,10 @@ def check_head_features(cfg, backbone_shape):
     missing = [f for f in wanted if f not in backbone_shape]
     if missing:
         raise Seg2Error(
-            f"MODEL.SEM_SEG_HEAD.IN_FEATURES={wanted}: backbone {cfg.MODEL.BACKBONE.NAME!r} gives no {missing}; "
-            f"it gives {sorted(backbone_shape)} (set them in its OUT_FEATURES, e.g. MODEL.RESNETS.OUT_FEATURES)"
+            f"MODEL.SEM_SEG_HEAD.IN_FEATURES={wanted}: backbone {cfg.MODEL.BACKBONE.NAME!r} gives "
+            f"no {missing}; "
+            f"it gives {sorted(backbone_shape)} (set them in its OUT_FEATURES, e.g. "
+            "MODEL.RESNETS.OUT_FEATURES)"
         )
 
 

@@ -12,9 +12,9 @@ from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
+from ...tasks import META_ARCH_TASKS
 from ...utils import Seg2Error
 from ...utils.dist import check_same_in_all_processes
-from ...tasks import META_ARCH_TASKS
 from ..tiling import TiledSemSegInference, tiling_from_config
 from .common import check_head_features, check_registered, sem_seg_targets
 from .semantic_segmentor import inner_size, needs_no_padding
@@ -74,9 +74,12 @@ class Seg2MultiTaskRCNN(GeneralizedRCNN):
             kwargs: the arguments of detectron2's ``GeneralizedRCNN``.
         """
         super().__init__(**kwargs)
-        if getattr(sem_seg_head, "valid_padding", False) or getattr(self.backbone, "valid_padding", False):
+        if getattr(sem_seg_head, "valid_padding", False) or getattr(
+            self.backbone, "valid_padding", False
+        ):
             raise Seg2Error(
-                "Seg2MultiTaskRCNN needs 'same' padding (MODEL.UNET_HEAD.PADDING / MODEL.UNET_ENCODER.PADDING): "
+                "Seg2MultiTaskRCNN needs 'same' padding (MODEL.UNET_HEAD.PADDING / "
+                "MODEL.UNET_ENCODER.PADDING): "
                 "'valid' outputs are smaller than the image the detector sees"
             )
         self.sem_seg_head = sem_seg_head
@@ -94,7 +97,8 @@ class Seg2MultiTaskRCNN(GeneralizedRCNN):
         self.combine_stuff_area_thresh = combine_stuff_area_thresh
         self.combine_instances_score_thresh = combine_instances_score_thresh
         # Loss names per task, as the branches return them; the detection names are learnt from the
-        # first batch that runs the RPN and RoI heads (they depend on the heads: cascade, keypoints).
+        # first batch that runs the RPN and RoI heads (they depend on the heads: cascade,
+        # keypoints).
         self._loss_keys = {"sem_seg": ("loss_sem_seg",), "instances": None}
         self._loss_keys_checked = False
         # A model with synchronised batch norm makes collective calls in its forward and backward
@@ -148,7 +152,11 @@ class Seg2MultiTaskRCNN(GeneralizedRCNN):
         """
         if not self.training:
             return self.inference(batched_inputs)
-        keep_all = self.keep_all_branches if self.keep_all_branches is not None else comm.get_world_size() > 1
+        keep_all = (
+            self.keep_all_branches
+            if self.keep_all_branches is not None
+            else comm.get_world_size() > 1
+        )
         if self._communicates is None:
             self._communicates = _communicates(self)
         images = self.preprocess_image(batched_inputs)
@@ -157,7 +165,12 @@ class Seg2MultiTaskRCNN(GeneralizedRCNN):
 
         ignore = self.sem_seg_head.ignore_value
         targets = sem_seg_targets(batched_inputs, images.tensor.shape[-2:], ignore, self.device)
-        if keep_all and self._communicates and targets is not None and not bool((targets != ignore).any()):
+        if (
+            keep_all
+            and self._communicates
+            and targets is not None
+            and not bool((targets != ignore).any())
+        ):
             targets = None  # no labelled pixel: the head runs once, in the weight-0 pass below
         sem_seg_losses = {}
         if targets is not None:
@@ -166,8 +179,12 @@ class Seg2MultiTaskRCNN(GeneralizedRCNN):
                 self._loss_keys["sem_seg"] = tuple(sem_seg_losses)
         if not sem_seg_losses and keep_all:
             if self._communicates:
-                stand_in = torch.full_like(images.tensor[:, 0], 1 if ignore == 0 else 0, dtype=torch.long)
-                sem_seg_losses = {k: v * 0.0 for k, v in self.sem_seg_head(features, stand_in)[1].items()}
+                stand_in = torch.full_like(
+                    images.tensor[:, 0], 1 if ignore == 0 else 0, dtype=torch.long
+                )
+                sem_seg_losses = {
+                    k: v * 0.0 for k, v in self.sem_seg_head(features, stand_in)[1].items()
+                }
             else:
                 zero = _zero_gradient_term([self.sem_seg_head], features)
                 sem_seg_losses = {k: zero for k in self._loss_keys["sem_seg"]}
@@ -210,8 +227,11 @@ class Seg2MultiTaskRCNN(GeneralizedRCNN):
             # Learn the loss names (first time) / make the collective calls: run the RPN and RoI
             # heads on images without objects (detectron2 supports empty targets) at weight 0.
             empty = [
-                Instances(size, gt_boxes=Boxes(images.tensor.new_zeros((0, 4))),
-                          gt_classes=torch.zeros(0, dtype=torch.long, device=self.device))
+                Instances(
+                    size,
+                    gt_boxes=Boxes(images.tensor.new_zeros((0, 4))),
+                    gt_classes=torch.zeros(0, dtype=torch.long, device=self.device),
+                )
                 for size in images.image_sizes
             ]
             _, losses = self._instance_losses(images, features, empty)
@@ -233,7 +253,9 @@ class Seg2MultiTaskRCNN(GeneralizedRCNN):
             "every process must build the same model from the same config",
         )
 
-    def sem_seg_logits(self, images: torch.Tensor, context: Tuple[int, int, int, int] = (0, 0, 0, 0)) -> torch.Tensor:
+    def sem_seg_logits(
+        self, images: torch.Tensor, context: Tuple[int, int, int, int] = (0, 0, 0, 0)
+    ) -> torch.Tensor:
         """
         Stride-1 semantic logits of a batch of raw images, as :meth:`inference` computes them:
         ``preprocess_image`` (normalisation, padding to the backbone's size divisibility),
@@ -280,7 +302,9 @@ class Seg2MultiTaskRCNN(GeneralizedRCNN):
             proposals, _ = self.proposal_generator(images, features, None)
             instances, _ = self.roi_heads(images, features, proposals, None)
         else:
-            instances = self.roi_heads.forward_with_given_boxes(features, [x.to(self.device) for x in detected_instances])
+            instances = self.roi_heads.forward_with_given_boxes(
+                features, [x.to(self.device) for x in detected_instances]
+            )
         tiled = sem_seg and self.tiler is not None
         sem_seg_results = self.sem_seg_head(features, None)[0] if sem_seg and not tiled else None
         if not do_postprocess:
@@ -328,10 +352,14 @@ class Seg2MultiTaskRCNN(GeneralizedRCNN):
 def _communicates(module: torch.nn.Module) -> bool:
     """Whether a module makes collective calls in its forward and backward passes
     (synchronised batch norm)."""
-    return any(isinstance(m, (torch.nn.SyncBatchNorm, NaiveSyncBatchNorm)) for m in module.modules())
+    return any(
+        isinstance(m, (torch.nn.SyncBatchNorm, NaiveSyncBatchNorm)) for m in module.modules()
+    )
 
 
-def _zero_gradient_term(modules: Iterable[torch.nn.Module], features: Dict[str, torch.Tensor]) -> torch.Tensor:
+def _zero_gradient_term(
+    modules: Iterable[torch.nn.Module], features: Dict[str, torch.Tensor]
+) -> torch.Tensor:
     """
     0 x (the sum of the trainable parameters of ``modules`` and of the floating-point
     ``features``): a loss of value 0 whose gradient is 0 for each of them. One sum per tensor;
@@ -339,7 +367,9 @@ def _zero_gradient_term(modules: Iterable[torch.nn.Module], features: Dict[str, 
     """
     sums = [p.sum().float() for m in modules for p in m.parameters() if p.requires_grad]
     # float32 sums: under autocast the features are half precision
-    sums += [f.sum().float() for f in features.values() if f.is_floating_point() and f.requires_grad]
+    sums += [
+        f.sum().float() for f in features.values() if f.is_floating_point() and f.requires_grad
+    ]
     if not sums:
         return torch.zeros(())
     return torch.stack(sums).sum() * 0.0

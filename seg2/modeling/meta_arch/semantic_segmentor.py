@@ -4,13 +4,18 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from detectron2.config import configurable
-from detectron2.modeling import META_ARCH_REGISTRY, SemanticSegmentor, build_backbone, build_sem_seg_head
+from detectron2.modeling import (
+    META_ARCH_REGISTRY,
+    SemanticSegmentor,
+    build_backbone,
+    build_sem_seg_head,
+)
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 from torch.func import functional_call
 
-from ...utils import Seg2Error
 from ...tasks import META_ARCH_TASKS
+from ...utils import Seg2Error
 from ..tiling import TiledSemSegInference, mirror_window, tiling_from_config
 from .common import check_head_features, check_registered, sem_seg_targets
 
@@ -27,7 +32,10 @@ def inner_size(images: torch.Tensor, context: Tuple[int, int, int, int]) -> Tupl
     top, bottom, left, right = context
     h, w = images.shape[-2] - top - bottom, images.shape[-1] - left - right
     if min(context) < 0 or h < 1 or w < 1:
-        raise ValueError(f"context {tuple(context)} (top, bottom, left, right) does not fit a {tuple(images.shape[-2:])} input")
+        raise ValueError(
+            f"context {tuple(context)} (top, bottom, left, right) does not fit a "
+            f"{tuple(images.shape[-2:])} input"
+        )
     return h, w
 
 
@@ -59,7 +67,9 @@ class Seg2SemanticSegmentor(SemanticSegmentor):
     tiles_in_inference = True
 
     @configurable
-    def __init__(self, *, backbone, sem_seg_head, pixel_mean, pixel_std, tiling: Optional[dict] = None):
+    def __init__(
+        self, *, backbone, sem_seg_head, pixel_mean, pixel_std, tiling: Optional[dict] = None
+    ):
         """
         Args:
             backbone (Backbone): a detectron2 backbone.
@@ -69,8 +79,13 @@ class Seg2SemanticSegmentor(SemanticSegmentor):
             tiling (dict or None): :class:`~seg2.modeling.tiling.TilingSpec` arguments: infer
                 tile by tile; None or empty: whole images.
         """
-        super().__init__(backbone=backbone, sem_seg_head=sem_seg_head, pixel_mean=pixel_mean, pixel_std=pixel_std)
-        self.overlap_tile = bool(getattr(backbone, "valid_padding", False) or getattr(sem_seg_head, "valid_padding", False))
+        super().__init__(
+            backbone=backbone, sem_seg_head=sem_seg_head, pixel_mean=pixel_mean, pixel_std=pixel_std
+        )
+        self.overlap_tile = bool(
+            getattr(backbone, "valid_padding", False)
+            or getattr(sem_seg_head, "valid_padding", False)
+        )
         self._tile_cache: Dict[int, Tuple[int, int]] = {}
         self.tiler = TiledSemSegInference(self, **tiling) if tiling else None
 
@@ -96,8 +111,14 @@ class Seg2SemanticSegmentor(SemanticSegmentor):
         was_training = self.training
         self.eval()
         try:
-            b_state = {k: torch.empty_like(v, device="meta") for k, v in self.backbone.state_dict(keep_vars=True).items()}
-            h_state = {k: torch.empty_like(v, device="meta") for k, v in self.sem_seg_head.state_dict(keep_vars=True).items()}
+            b_state = {
+                k: torch.empty_like(v, device="meta")
+                for k, v in self.backbone.state_dict(keep_vars=True).items()
+            }
+            h_state = {
+                k: torch.empty_like(v, device="meta")
+                for k, v in self.sem_seg_head.state_dict(keep_vars=True).items()
+            }
             features = functional_call(self.backbone, b_state, (x,))
             out = functional_call(self.sem_seg_head, h_state, (features,))[0]
             return int(out.shape[-2]) if out.shape[-2] == out.shape[-1] else None
@@ -133,7 +154,8 @@ class Seg2SemanticSegmentor(SemanticSegmentor):
                 self._tile_cache[size] = (p, (p - out) // 2)
                 return self._tile_cache[size]
         raise Seg2Error(
-            f"no input size up to {size + _MAX_TILE_SEARCH} gives a 'valid'-padding output of {size} pixels; "
+            f"no input size up to {size + _MAX_TILE_SEARCH} gives a 'valid'-padding output of "
+            f"{size} pixels; "
             "check MODEL.UNET_ENCODER / MODEL.UNET_HEAD"
         )
 
@@ -152,13 +174,22 @@ class Seg2SemanticSegmentor(SemanticSegmentor):
             bb = self.backbone
             if isinstance(images, torch.Tensor) and needs_no_padding(images.shape[-2:], bb):
                 return images  # a batch that needs no padding: no copy (tiles of a fitting size)
-            return ImageList.from_tensors(list(images), bb.size_divisibility, padding_constraints=bb.padding_constraints).tensor
+            return ImageList.from_tensors(
+                list(images), bb.size_divisibility, padding_constraints=bb.padding_constraints
+            ).tensor
         top, bottom, left, right = context
         (ph, mh) = self.tile_geometry(max(im.shape[-2] for im in images) - top - bottom)
         (pw, mw) = self.tile_geometry(max(im.shape[-1] for im in images) - left - right)
-        return torch.stack([mirror_window(im, (top - mh, top - mh + ph), (left - mw, left - mw + pw)) for im in images])
+        return torch.stack(
+            [
+                mirror_window(im, (top - mh, top - mh + ph), (left - mw, left - mw + pw))
+                for im in images
+            ]
+        )
 
-    def sem_seg_logits(self, images: torch.Tensor, context: Tuple[int, int, int, int] = (0, 0, 0, 0)) -> torch.Tensor:
+    def sem_seg_logits(
+        self, images: torch.Tensor, context: Tuple[int, int, int, int] = (0, 0, 0, 0)
+    ) -> torch.Tensor:
         """
         Stride-1 semantic logits of a batch of raw images: normalisation, the backbone's padding
         (or a "valid" network's mirrored overlap-tile context), backbone, head, crop. The model's
@@ -195,21 +226,33 @@ class Seg2SemanticSegmentor(SemanticSegmentor):
         """
         if not self.training:
             return self.inference(batched_inputs)
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        images = [
+            (x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs
+        ]
         tensor = self._network_input(images)
         # "valid": outputs cover the largest image; otherwise the padded input.
-        target_size = [max(im.shape[d] for im in images) for d in (-2, -1)] if self.overlap_tile else tensor.shape[-2:]
-        targets = sem_seg_targets(batched_inputs, target_size, self.sem_seg_head.ignore_value, self.device)
+        target_size = (
+            [max(im.shape[d] for im in images) for d in (-2, -1)]
+            if self.overlap_tile
+            else tensor.shape[-2:]
+        )
+        targets = sem_seg_targets(
+            batched_inputs, target_size, self.sem_seg_head.ignore_value, self.device
+        )
         if targets is None:
             raise Seg2Error(
-                f"{type(self).__name__} trains on label maps, but no image of this batch has 'sem_seg' "
-                f"(e.g. {batched_inputs[0].get('file_name', '?')}); its dataset needs sem_seg_file_name"
+                f"{type(self).__name__} trains on label maps, but no image of this batch has "
+                "'sem_seg' "
+                f"(e.g. {batched_inputs[0].get('file_name', '?')}); its dataset needs "
+                "sem_seg_file_name"
             )
         _, losses = self.sem_seg_head(self.backbone(tensor), targets)
         # A batch whose pixels are all ignore_value has no loss; report 0 rather than fail.
         return losses or {"loss_sem_seg": torch.zeros((), device=self.device, requires_grad=True)}
 
-    def inference(self, batched_inputs: List[Dict[str, torch.Tensor]]) -> List[Dict[str, torch.Tensor]]:
+    def inference(
+        self, batched_inputs: List[Dict[str, torch.Tensor]]
+    ) -> List[Dict[str, torch.Tensor]]:
         """``[{"sem_seg": (K, height, width) logits}]``: :func:`semantic_inference` of each group
         of same-size images, resized to the input's "height" x "width" (default: its own size)."""
         by_size: Dict[Tuple[int, int], List[int]] = {}
@@ -217,9 +260,14 @@ class Seg2SemanticSegmentor(SemanticSegmentor):
             by_size.setdefault(tuple(x["image"].shape[-2:]), []).append(i)
         processed: List[Dict[str, torch.Tensor]] = [{} for _ in batched_inputs]
         for (h, w), index in by_size.items():
-            logits = semantic_inference(self, torch.stack([batched_inputs[i]["image"] for i in index]))
+            logits = semantic_inference(
+                self, torch.stack([batched_inputs[i]["image"] for i in index])
+            )
             for i, result in zip(index, logits):
-                height, width = batched_inputs[i].get("height", h), batched_inputs[i].get("width", w)
+                height, width = (
+                    batched_inputs[i].get("height", h),
+                    batched_inputs[i].get("width", w),
+                )
                 processed[i]["sem_seg"] = sem_seg_postprocess(result, (h, w), height, width)
         return processed
 
