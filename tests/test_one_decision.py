@@ -13,6 +13,7 @@ import seg2
 from seg2 import Seg2Error
 from seg2.data import MultiTaskDatasetMapper, read_image
 from seg2.inference import Seg2Predictor
+from seg2.utils import UnreadableFileError
 
 from seg2_model_helpers import tiny_semantic_cfg
 
@@ -166,3 +167,14 @@ def test_resolve_step_leaves_plain_values_and_is_idempotent():
         Seg2Error, match="DATASETS.TEST names 'seg2_shapes_vall'.*Did you mean 'seg2_shapes_val'"
     ):
         seg2.resolve_config(bad)
+
+
+def test_image_beyond_the_pixel_limit_is_named(tmp_path):
+    """PIL's decompression-bomb guard: one line naming the file and how to raise the limit (an
+    UnreadableFileError, so training counts and skips such a file and evaluation stops)."""
+    Image.fromarray(_rgb(20, 20)).save(tmp_path / "big.png")
+    with pytest.raises(
+        UnreadableFileError, match=r"big\.png: cannot read the image \(.*max_pixels"
+    ):
+        read_image(str(tmp_path / "big.png"), max_pixels=100)  # 400 pixels > 2 x 100
+    assert read_image(str(tmp_path / "big.png"), max_pixels=0).shape == (20, 20, 3)  # 0: no limit
