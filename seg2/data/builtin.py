@@ -46,28 +46,34 @@ from .voc_palette import palette_colors
 SHAPES_DATASETS = tuple(f"seg2_shapes_{split}" for split in sorted(DEFAULT_SPLITS))
 
 
+def _shapes_cache(root: str, split: str, generate, what: str, current=lambda params: True) -> dict:
+    """
+    The parameters of the shapes cache under ``root`` after ``generate`` made or repaired it: a
+    cache made with other parameters keeps them (and is repaired with them if damaged); a missing
+    or outdated one (``current`` False) is generated with the defaults. A :class:`Seg2Error` when
+    it has no ``split``.
+    """
+    params = read_shapes_params(root)
+    if params is None or not current(params):
+        generate(root)
+        params = read_shapes_params(root)
+    else:
+        keys = ("splits", "image_size", "seed", "max_instances")
+        generate(root, **{k: params[k] for k in keys})
+    if split not in params["splits"]:
+        raise Seg2Error(
+            f"{root}: the {what} cache has the splits {sorted(params['splits'])}, not {split!r}"
+        )
+    return params
+
+
 def load_shapes(root: str, split: str):
     """
     Load ``split`` of the shapes dataset under ``root`` as dataset dicts. A cache made with other
     parameters (e.g. by ``generate_shapes(root, image_size=256)``) is used as it is, and repaired
     with its own parameters if damaged; a missing one is generated with the defaults.
     """
-    params = read_shapes_params(root)
-    if params is None:
-        generate_shapes(root)
-        params = read_shapes_params(root)
-    else:
-        generate_shapes(
-            root,
-            splits=params["splits"],
-            image_size=params["image_size"],
-            seed=params["seed"],
-            max_instances=params["max_instances"],
-        )
-    if split not in params["splits"]:
-        raise Seg2Error(
-            f"{root}: the shapes cache has the splits {sorted(params['splits'])}, not {split!r}"
-        )
+    _shapes_cache(root, split, generate_shapes, "shapes")
     return load_coco_with_sem_seg(
         os.path.join(root, "coco", "annotations", f"instances_{split}.json"),
         os.path.join(root, "coco", split),
@@ -127,23 +133,13 @@ def load_shapes_panoptic(root: str, split: str):
     the defaults; a cache made with other parameters is used as it is, as :func:`load_shapes`
     does) as separated-layout records (:func:`seg2.data.load_coco_panoptic_separated`).
     """
-    params = read_shapes_params(root)
-    if params is None or params.get("panoptic_generator_version") != PANOPTIC_GENERATOR_VERSION:
-        generate_shapes_panoptic(root)
-        params = read_shapes_params(root)
-    else:
-        generate_shapes_panoptic(
-            root,
-            splits=params["splits"],
-            image_size=params["image_size"],
-            seed=params["seed"],
-            max_instances=params["max_instances"],
-        )
-    if split not in params["splits"]:
-        raise Seg2Error(
-            f"{root}: the panoptic shapes cache has the splits {sorted(params['splits'])}, "
-            f"not {split!r}"
-        )
+    _shapes_cache(
+        root,
+        split,
+        generate_shapes_panoptic,
+        "panoptic shapes",
+        current=lambda p: p.get("panoptic_generator_version") == PANOPTIC_GENERATOR_VERSION,
+    )
     paths = _shapes_panoptic_paths(root, split)
     return load_coco_panoptic_separated(dataset_name=f"seg2_shapes_panoptic_{split}", **paths)
 
